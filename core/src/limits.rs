@@ -1,0 +1,54 @@
+//! Every bound Verge enforces, in one place.
+//!
+//! Inputs from the network and from users are checked against these before any work is done
+//! on them, so a hostile or buggy client costs the node a bounded amount of memory and CPU.
+//! The node may be configured with lower values for some of them, never higher.
+
+/// Longest document id in bytes. Long enough for URLs, user ids and automerge-repo ids.
+pub const DOC_ID_BYTES_MAX: usize = 256;
+
+/// Largest JSON request body (`PUT`, `PATCH`). A document larger than this is edited with ops.
+pub const REQUEST_BODY_BYTES_MAX: usize = 1024 * 1024;
+
+/// Largest sync message accepted on `POST /v1/sync/{id}`: a client bootstrapping a document
+/// sends its whole history once, so this is the document limit.
+pub const SYNC_MESSAGE_BYTES_MAX: usize = DOC_BYTES_MAX;
+
+/// Largest stored document (snapshot plus incremental changes). Documents are replicated and
+/// held in memory whole, so they stay small; larger data belongs in many documents.
+pub const DOC_BYTES_MAX: usize = 4 * 1024 * 1024;
+
+/// Most ops in one `PATCH`; they form one change, applied atomically.
+pub const OPS_PER_WRITE_MAX: usize = 1000;
+
+/// Most elements in an op path.
+pub const PATH_DEPTH_MAX: usize = 32;
+
+/// Deepest nesting of a JSON value written into a document (objects and arrays).
+pub const JSON_DEPTH_MAX: usize = 32;
+
+/// Longest map key in bytes.
+pub const KEY_BYTES_MAX: usize = 1024;
+
+/// Default and largest page of `GET /v1/docs`.
+pub const LIST_LIMIT_DEFAULT: usize = 100;
+/// See [`LIST_LIMIT_DEFAULT`].
+pub const LIST_LIMIT_MAX: usize = 1000;
+
+/// Longest time to live of a document: ten years, in seconds.
+pub const TTL_SECONDS_MAX: u64 = 10 * 365 * 24 * 3600;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_are_consistent() {
+        // A sync message must be able to carry a whole document, and a document must hold
+        // at least one maximal request.
+        assert!(SYNC_MESSAGE_BYTES_MAX >= DOC_BYTES_MAX);
+        assert!(DOC_BYTES_MAX >= REQUEST_BODY_BYTES_MAX);
+        assert!(LIST_LIMIT_DEFAULT <= LIST_LIMIT_MAX);
+        assert!(PATH_DEPTH_MAX <= JSON_DEPTH_MAX);
+    }
+}
