@@ -136,8 +136,19 @@ pub fn apply(
         validate_document(map)?;
     }
     let lifecycle = Lifecycle::of(doc);
+    let expired = lifecycle.expired(now_ms);
     let mut tx = doc.transaction();
     let result = (|| {
+        if expired {
+            // An expired document reads as absent; writing it starts again from empty.
+            let keys: Vec<String> = tx.keys(ROOT).collect();
+            for key in keys.iter().filter(|k| !k.starts_with(RESERVED_KEY_PREFIX)) {
+                tx.delete(ROOT, key.as_str()).map_err(internal)?;
+            }
+            if expiry == Expiry::Keep {
+                tx.delete(ROOT, EXPIRES_AT_KEY).map_err(internal)?;
+            }
+        }
         match write {
             Write::Ops(ops) => {
                 for (index, op) in ops.iter().enumerate() {
@@ -164,7 +175,7 @@ pub fn apply(
         }
         match expiry {
             Expiry::Keep => {}
-            Expiry::Clear if lifecycle.expires_at_ms.is_some() => {
+            Expiry::Clear if lifecycle.expires_at_ms.is_some() && !expired => {
                 tx.delete(ROOT, EXPIRES_AT_KEY).map_err(internal)?
             }
             Expiry::Clear => {}
@@ -345,7 +356,7 @@ fn apply_op<T: Transactable>(tx: &mut T, op: &Op) -> Result<(), String> {
                 .filter(|(v, _)| matches!(v, Value::Scalar(s) if matches!(s.as_ref(), ScalarValue::Counter(_))))
                 .count();
             if counters != values.len() {
-                return Err("inc needs a counter, the value there is not one".to_owned());
+                return Err("inc needs a counter; the value there is not one (numbers written by set or PUT are plain numbers: create counters with inc)".to_owned());
             }
             if values.len() > 1 {
                 // Replicas created this counter concurrently. Automerge would add `by` to each
@@ -883,6 +894,28 @@ mod tests {
         apply(&mut doc, &ops(json!([])), Expiry::Clear, 1_000).expect("apply");
         assert_eq!(Lifecycle::of(&doc).expires_at_ms, None);
         assert_eq!(to_json(&doc), json!({"a": 2}), "lifecycle keys are hidden");
+    }
+
+    #[test]
+    fn writing_an_expired_document_starts_from_empty() {
+        let mut doc = new_document(actor(1));
+        apply(
+            &mut doc,
+            &ops(json!([{"op": "set", "path": ["a"], "value": 1}])),
+            Expiry::At(5_000),
+            1_000,
+        )
+        .expect("apply");
+        apply(
+            &mut doc,
+            &ops(json!([{"op": "set", "path": ["b"], "value": 2}])),
+            Expiry::Keep,
+            6_000,
+        )
+        .expect("apply");
+        assert!(is_live(&doc, 6_000));
+        assert_eq!(to_json(&doc), json!({"b": 2}));
+        assert_eq!(Lifecycle::of(&doc).expires_at_ms, None);
     }
 
     #[test]

@@ -1,0 +1,320 @@
+//! Node configuration: defaults, then `verge.toml`, then `VERGE_*` environment, then flags.
+//!
+//! With no file, no environment and no flags a node runs alone on loopback with its data in
+//! `./verge-data`, which is what a developer trying Verge wants.
+
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Default data directory, relative to the working directory.
+pub const DEFAULT_DATA_DIR: &str = "verge-data";
+/// Default API address: loopback, so a node started by hand is not exposed.
+pub const DEFAULT_API_ADDR: &str = "127.0.0.1:7070";
+/// File read from the working directory when `--config` is not given.
+pub const DEFAULT_CONFIG_FILE: &str = "verge.toml";
+/// Largest config file accepted.
+const CONFIG_FILE_BYTES_MAX: u64 = 1024 * 1024;
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+/// Flags of `verge node`; each can also come from its `VERGE_*` variable.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct NodeArgs {
+    /// Config file (TOML). Without it, ./verge.toml is read when present.
+    #[arg(long, env = "VERGE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Directory holding the database and node files.
+    #[arg(long, env = "VERGE_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address of the HTTP API (port 0 picks a free port, written to DATA_DIR/api.addr).
+    #[arg(long, env = "VERGE_API_ADDR", value_name = "ADDR")]
+    pub api_addr: Option<String>,
+    /// Name of this node in status and logs (default: generated once and kept in the data dir).
+    #[arg(long, env = "VERGE_NODE_ID", value_name = "ID")]
+    pub node_id: Option<String>,
+    /// Log format.
+    #[arg(long, env = "VERGE_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// Storage tunables (`[storage]` in the file).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Memory budget for documents held in memory, in bytes.
+    pub cache_bytes: usize,
+    /// Writes that may wait for the writer before new ones are refused with 503.
+    pub write_queue: usize,
+    /// Most writes committed in one transaction.
+    pub batch_max: usize,
+    /// Change rows after which a document's snapshot is rewritten.
+    pub compact_after_changes: u64,
+    /// Seconds between scans for expired documents and old tombstones.
+    pub purge_interval_s: u64,
+    /// Seconds a tombstone is kept so that the delete reaches every replica.
+    pub tombstone_retention_s: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            cache_bytes: 256 * 1024 * 1024,
+            write_queue: 8192,
+            batch_max: 1024,
+            compact_after_changes: 256,
+            purge_interval_s: 60,
+            tombstone_retention_s: 7 * 24 * 3600,
+        }
+    }
+}
+
+/// The file's shape.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    node_id: Option<String>,
+    data_dir: Option<PathBuf>,
+    api_addr: Option<String>,
+    log_format: Option<LogFormat>,
+    #[serde(default)]
+    storage: StorageConfig,
+}
+
+/// A fully resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Explicit node id; `None` means the one kept in the data dir.
+    pub node_id: Option<String>,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// API listen address.
+    pub api_addr: SocketAddr,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Storage tunables.
+    pub storage: StorageConfig,
+    /// The file that was read, if any.
+    pub source: Option<PathBuf>,
+}
+
+/// Why the configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with its location.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("invalid setting {key}: {message}")]
+    Invalid {
+        /// The setting.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Resolves flags and environment (already merged by clap) over the file over defaults.
+    pub fn resolve(args: &NodeArgs) -> Result<Self, ConfigError> {
+        let (file, source) = match &args.config {
+            Some(path) => (read_file(path)?, Some(path.clone())),
+            None if Path::new(DEFAULT_CONFIG_FILE).is_file() => {
+                let path = PathBuf::from(DEFAULT_CONFIG_FILE);
+                (read_file(&path)?, Some(path))
+            }
+            None => (FileConfig::default(), None),
+        };
+        let api_addr = args
+            .api_addr
+            .clone()
+            .or(file.api_addr)
+            .unwrap_or_else(|| DEFAULT_API_ADDR.to_owned());
+        let api_addr = api_addr.parse().map_err(|e| ConfigError::Invalid {
+            key: "api_addr",
+            message: format!("{api_addr:?} is not an IP:port address ({e})"),
+        })?;
+        let node_id = args.node_id.clone().or(file.node_id);
+        if let Some(id) = &node_id
+            && (id.is_empty() || id.len() > 64 || !id.bytes().all(verge_core::doc_id::is_id_byte))
+        {
+            return Err(ConfigError::Invalid {
+                key: "node_id",
+                message: format!("{id:?} must be 1-64 bytes of [A-Za-z0-9._~:/@+-]"),
+            });
+        }
+        let storage = file.storage;
+        validate_storage(&storage)?;
+        Ok(Self {
+            node_id,
+            data_dir: args
+                .data_dir
+                .clone()
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            api_addr,
+            log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+            storage,
+            source,
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let read_err = |source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let len = fs::metadata(path).map_err(read_err)?.len();
+    if len > CONFIG_FILE_BYTES_MAX {
+        return Err(ConfigError::Parse {
+            path: path.to_owned(),
+            message: format!("file is {len} bytes, larger than {CONFIG_FILE_BYTES_MAX}"),
+        });
+    }
+    let text = fs::read_to_string(path).map_err(read_err)?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+fn validate_storage(s: &StorageConfig) -> Result<(), ConfigError> {
+    let check = |ok: bool, key: &'static str, message: &str| {
+        if ok {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.to_owned(),
+            })
+        }
+    };
+    check(
+        s.cache_bytes >= 1024 * 1024,
+        "storage.cache_bytes",
+        "must be at least 1 MiB",
+    )?;
+    check(
+        (1..=1_000_000).contains(&s.write_queue),
+        "storage.write_queue",
+        "must be 1..=1000000",
+    )?;
+    check(
+        (1..=65_536).contains(&s.batch_max),
+        "storage.batch_max",
+        "must be 1..=65536",
+    )?;
+    check(
+        s.compact_after_changes >= 1,
+        "storage.compact_after_changes",
+        "must be at least 1",
+    )?;
+    check(
+        s.purge_interval_s >= 1,
+        "storage.purge_interval_s",
+        "must be at least 1",
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let path = dir.join("verge.toml");
+        fs::write(&path, text).expect("write config");
+        path
+    }
+
+    #[test]
+    fn defaults_without_anything() {
+        let c = Config::resolve(&NodeArgs::default()).expect("defaults resolve");
+        assert_eq!(c.api_addr.to_string(), DEFAULT_API_ADDR);
+        assert_eq!(c.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+        assert_eq!(c.storage, StorageConfig::default());
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write(
+            dir.path(),
+            "api_addr = \"127.0.0.1:9000\"\nnode_id = \"edge-1\"\n[storage]\nbatch_max = 7\n",
+        );
+        let args = NodeArgs {
+            config: Some(path),
+            api_addr: Some("127.0.0.1:9001".into()),
+            ..NodeArgs::default()
+        };
+        let c = Config::resolve(&args).expect("resolves");
+        assert_eq!(c.api_addr.to_string(), "127.0.0.1:9001");
+        assert_eq!(c.node_id.as_deref(), Some("edge-1"));
+        assert_eq!(c.storage.batch_max, 7);
+    }
+
+    #[test]
+    fn rejects_bad_files_and_values() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let unknown = write(dir.path(), "colour = \"blue\"\n");
+        let err = Config::resolve(&NodeArgs {
+            config: Some(unknown),
+            ..NodeArgs::default()
+        })
+        .expect_err("unknown key");
+        assert!(err.to_string().contains("colour"), "{err}");
+        let bad_addr = NodeArgs {
+            api_addr: Some("nowhere".into()),
+            ..NodeArgs::default()
+        };
+        assert!(matches!(
+            Config::resolve(&bad_addr),
+            Err(ConfigError::Invalid {
+                key: "api_addr",
+                ..
+            })
+        ));
+        let bad_id = NodeArgs {
+            node_id: Some("a b".into()),
+            ..NodeArgs::default()
+        };
+        assert!(matches!(
+            Config::resolve(&bad_id),
+            Err(ConfigError::Invalid { key: "node_id", .. })
+        ));
+        let missing = NodeArgs {
+            config: Some(dir.path().join("absent.toml")),
+            ..NodeArgs::default()
+        };
+        assert!(matches!(
+            Config::resolve(&missing),
+            Err(ConfigError::Read { .. })
+        ));
+    }
+}

@@ -1,0 +1,669 @@
+//! The document service: every read, write and sync of a node goes through here.
+//!
+//! A write locks the document's slot, applies the change to the in-memory `Automerge`, queues
+//! the change bytes for the writer while still holding the lock (so the queue order is the
+//! document's change order), releases the lock and waits for the durable commit before it
+//! answers. Reads are served from memory and may include writes whose commit is in flight.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use automerge::sync::{Message, State as SyncState, SyncDoc};
+use automerge::{ActorId, Automerge, ChangeHash};
+use bytes::Bytes;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use verge_core::document::{self, Lifecycle, load_document, new_document};
+use verge_core::limits::{DOC_BYTES_MAX, SYNC_MESSAGE_BYTES_MAX};
+use verge_core::{ApplyError, DocId, Expiry, Write, heads_to_hex};
+
+use crate::cache::{DocCache, MEMORY_PER_DOC, MEMORY_PER_STORED_BYTE};
+use crate::clock::Clock;
+use crate::metrics::Metrics;
+use crate::store::writer::{CommitError, Job, QueueSlot, WriterHandle};
+use crate::store::{DocMeta, Mutation, Store, StoreError};
+
+/// Change events buffered per watcher before it is told it lagged.
+pub const WATCH_BUFFER: usize = 4096;
+/// Documents waiting for compaction; more are picked up by their next write.
+pub const COMPACTION_QUEUE: usize = 1024;
+
+/// Tunables of the document service.
+#[derive(Debug, Clone)]
+pub struct DocumentsConfig {
+    /// Memory budget of loaded documents.
+    pub cache_bytes: usize,
+    /// Incremental change rows after which a document's snapshot is rewritten.
+    pub compact_after_changes: u64,
+}
+
+/// Why a document operation failed. Each maps to one API error code.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DocError {
+    /// The document does not exist, was deleted or expired.
+    #[error("document {0} not found")]
+    NotFound(DocId),
+    /// The write would grow the document past its limit.
+    #[error("{0}")]
+    TooLarge(String),
+    /// The write does not fit the document.
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    /// The sync message is malformed or its changes do not apply.
+    #[error("invalid sync message: {0}")]
+    InvalidSync(String),
+    /// The write queue is full.
+    #[error("the write queue is full; retry with back-off")]
+    Overloaded,
+    /// The node is draining.
+    #[error("the node is shutting down")]
+    ShuttingDown,
+    /// Storage failed; the write was not acknowledged.
+    #[error("storage error: {0}")]
+    Storage(String),
+}
+
+impl From<StoreError> for DocError {
+    fn from(e: StoreError) -> Self {
+        DocError::Storage(e.to_string())
+    }
+}
+
+/// A committed change, as published to watchers.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChangeEvent {
+    /// The document.
+    pub id: String,
+    /// Its heads after the change.
+    pub heads: Vec<String>,
+    /// Whether the change deleted it.
+    pub deleted: bool,
+}
+
+/// One page of a listing.
+#[derive(Debug, Serialize)]
+pub struct ListPage {
+    /// The documents, in id order.
+    pub docs: Vec<ListedDoc>,
+    /// Pass as `cursor` to get the next page; `None` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// A document in a listing.
+#[derive(Debug, Serialize)]
+pub struct ListedDoc {
+    /// Its id.
+    pub id: String,
+    /// Its heads.
+    pub heads: Vec<String>,
+    /// Bytes stored.
+    pub size_bytes: u64,
+    /// Last write.
+    pub updated_at_ms: i64,
+    /// Expiry.
+    pub expires_at_ms: Option<i64>,
+}
+
+/// What a sync request answers.
+#[derive(Debug)]
+pub struct SyncReply {
+    /// The node's sync message, empty when it has nothing to say.
+    pub message: Vec<u8>,
+    /// Bytes of changes the request carried that were new to the node.
+    pub applied_changes: usize,
+}
+
+struct Slot {
+    doc: Automerge,
+    meta: DocMeta,
+    /// The serialized `GET` response, rebuilt after a change.
+    read_cache: Option<Bytes>,
+    compaction_queued: bool,
+}
+
+/// A document's place in memory. `slot` is `None` until first loaded.
+struct Entry {
+    id: DocId,
+    slot: Mutex<Option<Slot>>,
+    poisoned: Arc<AtomicBool>,
+}
+
+/// The document service of a node.
+pub struct Documents {
+    store: Arc<Store>,
+    writer: WriterHandle,
+    cache: Mutex<DocCache<Entry>>,
+    actor: Mutex<ActorId>,
+    rng: Mutex<StdRng>,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+    events: broadcast::Sender<Arc<ChangeEvent>>,
+    compaction_tx: mpsc::Sender<DocId>,
+    config: DocumentsConfig,
+}
+
+impl std::fmt::Debug for Documents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Documents")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a document lock is a bug; the data behind it is still the last
+    // consistent state (every mutation completes or rolls back before unlocking).
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Documents {
+    /// Creates the service. `rng_seed` seeds actor ids; the returned receiver feeds
+    /// [`Documents::run_compactor`].
+    pub fn new(
+        store: Arc<Store>,
+        writer: WriterHandle,
+        clock: Arc<dyn Clock>,
+        metrics: Arc<Metrics>,
+        config: DocumentsConfig,
+        rng_seed: u64,
+    ) -> (Arc<Self>, mpsc::Receiver<DocId>) {
+        let mut rng = StdRng::seed_from_u64(rng_seed);
+        let actor = ActorId::from(rng.random::<[u8; 16]>());
+        let (events, _) = broadcast::channel(WATCH_BUFFER);
+        let (compaction_tx, compaction_rx) = mpsc::channel(COMPACTION_QUEUE);
+        let docs = Arc::new(Self {
+            store,
+            writer,
+            cache: Mutex::new(DocCache::new(config.cache_bytes)),
+            actor: Mutex::new(actor),
+            rng: Mutex::new(rng),
+            clock,
+            metrics,
+            events,
+            compaction_tx,
+            config,
+        });
+        (docs, compaction_rx)
+    }
+
+    /// The actor this node writes new changes as.
+    pub fn actor(&self) -> ActorId {
+        lock(&self.actor).clone()
+    }
+
+    /// Subscribes to committed changes.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<ChangeEvent>> {
+        self.events.subscribe()
+    }
+
+    /// Jobs waiting for the writer.
+    pub fn queue_depth(&self) -> usize {
+        self.writer.depth()
+    }
+
+    /// Documents stored, tombstones included.
+    pub fn doc_count(&self) -> Result<u64, DocError> {
+        Ok(self.store.doc_count()?)
+    }
+
+    fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    fn entry(&self, id: &DocId) -> Arc<Entry> {
+        let mut cache = lock(&self.cache);
+        if let Some(entry) = cache.get(id) {
+            self.metrics.cache_hits.inc();
+            return entry;
+        }
+        self.metrics.cache_misses.inc();
+        let entry = Arc::new(Entry {
+            id: id.clone(),
+            slot: Mutex::new(None),
+            poisoned: Arc::new(AtomicBool::new(false)),
+        });
+        cache.insert(id.clone(), Arc::clone(&entry), MEMORY_PER_DOC);
+        self.publish_cache_gauges(&cache);
+        entry
+    }
+
+    fn publish_cache_gauges(&self, cache: &DocCache<Entry>) {
+        self.metrics.cache_docs.set(cache.len() as i64);
+        self.metrics.cache_bytes.set(cache.bytes() as i64);
+    }
+
+    fn resize(&self, entry: &Entry, meta: &DocMeta) {
+        let size = MEMORY_PER_DOC
+            + usize::try_from(meta.size_bytes).unwrap_or(usize::MAX / 16) * MEMORY_PER_STORED_BYTE;
+        let mut cache = lock(&self.cache);
+        cache.resize(&entry.id, size);
+        self.publish_cache_gauges(&cache);
+    }
+
+    /// Drops an entry whose in-memory state is no longer trusted, and writes as a new actor
+    /// from now on: changes of the failed write may have been seen by readers, and reusing
+    /// their sequence numbers for different changes would break every replica that saw them.
+    fn discard(&self, entry: &Arc<Entry>) {
+        entry.poisoned.store(true, Ordering::Release);
+        lock(&self.cache).remove_if_same(&entry.id, entry);
+        let fresh = ActorId::from(lock(&self.rng).random::<[u8; 16]>());
+        *lock(&self.actor) = fresh;
+        tracing::warn!(doc = %entry.id, "discarded the in-memory copy of a document after a failed write");
+    }
+
+    /// Locks an entry's slot, loading the document from the store on first use.
+    fn load<'a>(&self, entry: &'a Entry) -> Result<MutexGuard<'a, Option<Slot>>, DocError> {
+        let mut guard = lock(&entry.slot);
+        if guard.is_none() {
+            let slot = match self.store.load(&entry.id)? {
+                Some(stored) => {
+                    let doc = load_document(&stored.bytes, self.actor()).map_err(|e| {
+                        DocError::Storage(format!("document {} does not load: {e}", entry.id))
+                    })?;
+                    Slot {
+                        doc,
+                        meta: stored.meta,
+                        read_cache: None,
+                        compaction_queued: false,
+                    }
+                }
+                None => Slot {
+                    doc: new_document(self.actor()),
+                    meta: DocMeta::default(),
+                    read_cache: None,
+                    compaction_queued: false,
+                },
+            };
+            self.resize(entry, &slot.meta);
+            *guard = Some(slot);
+        }
+        Ok(guard)
+    }
+
+    fn reserve(&self) -> Result<QueueSlot, DocError> {
+        self.writer.try_reserve().map_err(|e| match e {
+            mpsc::error::TrySendError::Full(()) => {
+                self.metrics.write_queue_full.inc();
+                DocError::Overloaded
+            }
+            mpsc::error::TrySendError::Closed(()) => DocError::ShuttingDown,
+        })
+    }
+
+    /// Reads a live document as the JSON body of `GET /v1/docs/{id}`.
+    pub fn read(&self, id: &DocId) -> Result<Bytes, DocError> {
+        self.metrics.reads.inc();
+        let now = self.now_ms();
+        let entry = self.entry(id);
+        let mut guard = self.load(&entry)?;
+        let slot = guard.as_mut().expect("load fills the slot");
+        if !slot.meta.live(now) {
+            return Err(DocError::NotFound(id.clone()));
+        }
+        if let Some(body) = &slot.read_cache {
+            return Ok(body.clone());
+        }
+        #[derive(Serialize)]
+        struct Body<'a> {
+            id: &'a str,
+            heads: Vec<String>,
+            doc: serde_json::Value,
+            expires_at_ms: Option<i64>,
+        }
+        let body = Body {
+            id: id.as_str(),
+            heads: heads_to_hex(&slot.meta.heads),
+            doc: document::to_json(&slot.doc),
+            expires_at_ms: slot.meta.expires_at_ms,
+        };
+        let bytes =
+            Bytes::from(serde_json::to_vec(&body).map_err(|e| DocError::Storage(e.to_string()))?);
+        slot.read_cache = Some(bytes.clone());
+        Ok(bytes)
+    }
+
+    /// Applies a write and returns the heads once it is durable.
+    ///
+    /// `size_hint` is the size of the request that carried the write; a write is refused when
+    /// the document plus that much would exceed [`DOC_BYTES_MAX`].
+    pub async fn write(
+        &self,
+        id: &DocId,
+        write: &Write,
+        expiry: Expiry,
+        size_hint: usize,
+    ) -> Result<Vec<ChangeHash>, DocError> {
+        let now = self.now_ms();
+        let entry = self.entry(id);
+        let queue_slot = self.reserve()?;
+        let pending = {
+            let mut guard = self.load(&entry)?;
+            if entry.poisoned.load(Ordering::Acquire) {
+                drop(guard);
+                self.discard(&entry);
+                return Err(DocError::Storage(
+                    "an earlier write to this document failed; retry".into(),
+                ));
+            }
+            let slot = guard.as_mut().expect("load fills the slot");
+            let live = slot.meta.live(now);
+            if matches!(write, Write::Delete) && !live {
+                return Err(DocError::NotFound(id.clone()));
+            }
+            let projected = slot.meta.size_bytes.saturating_add(size_hint as u64);
+            if projected > DOC_BYTES_MAX as u64 {
+                return Err(DocError::TooLarge(format!(
+                    "document {id} holds {} bytes; this write could take it past the {DOC_BYTES_MAX} byte limit",
+                    slot.meta.size_bytes
+                )));
+            }
+            let before = slot.doc.get_heads();
+            let hash = document::apply(&mut slot.doc, write, expiry, now)?;
+            if hash.is_none() && !live {
+                // Writing nothing to an absent document still creates it.
+                let time_s = now.div_euclid(1000);
+                slot.doc.empty_commit(
+                    automerge::transaction::CommitOptions::default().with_time(time_s),
+                );
+            }
+            let changes: Vec<Vec<u8>> = slot
+                .doc
+                .get_changes(&before)
+                .into_iter()
+                .map(|c| c.raw_bytes().to_vec())
+                .collect();
+            if changes.is_empty() {
+                return Ok(slot.doc.get_heads());
+            }
+            self.enqueue_changes(&entry, slot, changes, now, queue_slot)
+        };
+        self.finish(&entry, pending).await
+    }
+
+    /// Records new in-memory changes of `slot` in its metadata and queues them for the writer.
+    /// Called with the slot locked, so queue order is change order.
+    fn enqueue_changes(
+        &self,
+        entry: &Arc<Entry>,
+        slot: &mut Slot,
+        changes: Vec<Vec<u8>>,
+        now: i64,
+        queue_slot: QueueSlot,
+    ) -> Pending {
+        let added: u64 = changes.iter().map(|c| c.len() as u64).sum();
+        let lifecycle = Lifecycle::of(&slot.doc);
+        let meta = &mut slot.meta;
+        let first_seq = meta.next_seq;
+        meta.heads = slot.doc.get_heads();
+        meta.size_bytes += added;
+        meta.updated_at_ms = now;
+        meta.deleted = lifecycle.deleted;
+        meta.expires_at_ms = lifecycle.expires_at_ms;
+        meta.next_seq += changes.len() as u64;
+        meta.change_rows += changes.len() as u64;
+        slot.read_cache = None;
+        let (ack_tx, ack_rx) = oneshot::channel();
+        queue_slot.send(Job {
+            mutation: Mutation::Append {
+                id: entry.id.clone(),
+                first_seq,
+                changes,
+                meta: meta.clone(),
+            },
+            poisoned: Arc::clone(&entry.poisoned),
+            ack: Some(ack_tx),
+        });
+        if meta.change_rows >= self.config.compact_after_changes && !slot.compaction_queued {
+            slot.compaction_queued = self.compaction_tx.try_send(entry.id.clone()).is_ok();
+        }
+        self.resize(entry, &slot.meta);
+        Pending {
+            ack: ack_rx,
+            event: ChangeEvent {
+                id: entry.id.to_string(),
+                heads: heads_to_hex(&slot.meta.heads),
+                deleted: slot.meta.deleted,
+            },
+            heads: slot.meta.heads.clone(),
+        }
+    }
+
+    /// Waits for the durable commit of queued changes, then tells watchers.
+    async fn finish(
+        &self,
+        entry: &Arc<Entry>,
+        pending: Pending,
+    ) -> Result<Vec<ChangeHash>, DocError> {
+        let outcome = pending.ack.await.unwrap_or(Err(CommitError::Stopped));
+        match outcome {
+            Ok(()) => {
+                self.metrics.writes.inc();
+                let _ = self.events.send(Arc::new(pending.event));
+                Ok(pending.heads)
+            }
+            Err(e) => {
+                self.discard(entry);
+                Err(match e {
+                    CommitError::Stopped => DocError::ShuttingDown,
+                    other => DocError::Storage(other.to_string()),
+                })
+            }
+        }
+    }
+
+    /// Answers one Automerge sync message from a fresh sync state, persisting any changes it
+    /// carried before answering.
+    pub async fn sync(&self, id: &DocId, body: &[u8]) -> Result<SyncReply, DocError> {
+        self.metrics.sync_requests.inc();
+        self.metrics.sync_bytes_received.inc_by(body.len() as u64);
+        if body.len() > SYNC_MESSAGE_BYTES_MAX {
+            return Err(DocError::TooLarge(format!(
+                "sync message exceeds {SYNC_MESSAGE_BYTES_MAX} bytes"
+            )));
+        }
+        let message = Message::decode(body).map_err(|e| DocError::InvalidSync(e.to_string()))?;
+        let incoming: usize = message.changes.iter().map(<[u8]>::len).sum();
+        let now = self.now_ms();
+        let entry = self.entry(id);
+        let queue_slot = if incoming > 0 {
+            Some(self.reserve()?)
+        } else {
+            None
+        };
+        let (reply, pending, applied) = {
+            let mut guard = self.load(&entry)?;
+            if entry.poisoned.load(Ordering::Acquire) {
+                drop(guard);
+                self.discard(&entry);
+                return Err(DocError::Storage(
+                    "an earlier write to this document failed; retry".into(),
+                ));
+            }
+            let slot = guard.as_mut().expect("load fills the slot");
+            if slot.meta.size_bytes.saturating_add(incoming as u64) > DOC_BYTES_MAX as u64 {
+                return Err(DocError::TooLarge(format!(
+                    "document {id} holds {} bytes; these changes could take it past the {DOC_BYTES_MAX} byte limit",
+                    slot.meta.size_bytes
+                )));
+            }
+            let before = slot.doc.get_heads();
+            let mut state = SyncState::new();
+            if let Err(e) = slot.doc.receive_sync_message(&mut state, message) {
+                // Some of the message's changes may have been applied before the failure.
+                drop(guard);
+                self.discard(&entry);
+                return Err(DocError::InvalidSync(e.to_string()));
+            }
+            let changes: Vec<Vec<u8>> = slot
+                .doc
+                .get_changes(&before)
+                .into_iter()
+                .map(|c| c.raw_bytes().to_vec())
+                .collect();
+            let applied = changes.iter().map(Vec::len).sum();
+            let pending = match (changes.is_empty(), queue_slot) {
+                (false, Some(queue_slot)) => {
+                    Some(self.enqueue_changes(&entry, slot, changes, now, queue_slot))
+                }
+                (false, None) => {
+                    // Unreachable in practice: changes arrive only in a message that carried
+                    // bytes. Refuse rather than acknowledge something not durable.
+                    drop(guard);
+                    self.discard(&entry);
+                    return Err(DocError::InvalidSync(
+                        "changes applied without a queue slot".into(),
+                    ));
+                }
+                (true, _) => None,
+            };
+            let reply = slot
+                .doc
+                .generate_sync_message(&mut state)
+                .map(Message::encode)
+                .unwrap_or_default();
+            (reply, pending, applied)
+        };
+        if let Some(pending) = pending {
+            self.finish(&entry, pending).await?;
+        }
+        self.metrics.sync_bytes_sent.inc_by(reply.len() as u64);
+        Ok(SyncReply {
+            message: reply,
+            applied_changes: applied,
+        })
+    }
+
+    /// Lists live documents whose ids start with `prefix`, after `cursor`.
+    pub fn list(
+        &self,
+        prefix: &str,
+        cursor: Option<&DocId>,
+        limit: usize,
+    ) -> Result<ListPage, DocError> {
+        let now = self.now_ms();
+        let mut docs = Vec::with_capacity(limit.min(1024));
+        let mut more = false;
+        self.store
+            .scan_meta(prefix, cursor.map(DocId::as_str), |id, meta| {
+                if !meta.live(now) {
+                    return true;
+                }
+                if docs.len() == limit {
+                    more = true;
+                    return false;
+                }
+                docs.push(ListedDoc {
+                    id: id.to_owned(),
+                    heads: heads_to_hex(&meta.heads),
+                    size_bytes: meta.size_bytes,
+                    updated_at_ms: meta.updated_at_ms,
+                    expires_at_ms: meta.expires_at_ms,
+                });
+                true
+            })?;
+        let next_cursor = if more {
+            docs.last().map(|d| d.id.clone())
+        } else {
+            None
+        };
+        Ok(ListPage { docs, next_cursor })
+    }
+
+    /// Folds a document's change rows into a new snapshot. Runs in the background.
+    pub async fn compact(&self, id: &DocId) -> Result<(), DocError> {
+        let Some(queue_slot) = self.writer.reserve().await else {
+            return Err(DocError::ShuttingDown);
+        };
+        let entry = self.entry(id);
+        let mut guard = self.load(&entry)?;
+        let slot = guard.as_mut().expect("load fills the slot");
+        slot.compaction_queued = false;
+        if slot.meta.change_rows == 0 || entry.poisoned.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let snapshot = slot.doc.save();
+        let up_to_seq = slot.meta.next_seq.saturating_sub(1);
+        slot.meta.snapshot_bytes = snapshot.len() as u64;
+        slot.meta.size_bytes = snapshot.len() as u64;
+        slot.meta.change_rows = 0;
+        queue_slot.send(Job {
+            mutation: Mutation::Compact {
+                id: id.clone(),
+                snapshot,
+                up_to_seq,
+                meta: slot.meta.clone(),
+            },
+            poisoned: Arc::clone(&entry.poisoned),
+            ack: None,
+        });
+        self.metrics.compactions.inc();
+        self.resize(&entry, &slot.meta);
+        Ok(())
+    }
+
+    /// Compacts documents as their ids arrive, until the channel closes.
+    pub async fn run_compactor(self: Arc<Self>, mut rx: mpsc::Receiver<DocId>) {
+        while let Some(id) = rx.recv().await {
+            if let Err(e) = self.compact(&id).await {
+                tracing::warn!(doc = %id, error = %e, "compaction failed");
+            }
+        }
+    }
+
+    /// Purges documents expired at `now`, and tombstones older than `tombstone_retention_ms`.
+    /// Returns how many were purged.
+    pub async fn purge_expired(&self, tombstone_retention_ms: i64) -> Result<usize, DocError> {
+        let now = self.now_ms();
+        let purgeable = |meta: &DocMeta| {
+            meta.expires_at_ms.is_some_and(|at| at <= now)
+                || (meta.deleted
+                    && meta.updated_at_ms.saturating_add(tombstone_retention_ms) <= now)
+        };
+        let mut candidates = Vec::new();
+        self.store.scan_meta("", None, |id, meta| {
+            if purgeable(&meta) {
+                candidates.push(id.to_owned());
+            }
+            true
+        })?;
+        let mut purged = 0;
+        for id in candidates {
+            let Ok(id) = DocId::new(id) else { continue };
+            let Some(queue_slot) = self.writer.reserve().await else {
+                return Err(DocError::ShuttingDown);
+            };
+            let entry = self.entry(&id);
+            let mut guard = self.load(&entry)?;
+            let slot = guard.as_mut().expect("load fills the slot");
+            if !purgeable(&slot.meta) {
+                continue; // Written since the scan.
+            }
+            // Later writes to this id start a new document. A fresh actor keeps its changes
+            // distinct from the purged history that other replicas may still hold.
+            let actor = ActorId::from(lock(&self.rng).random::<[u8; 16]>());
+            *slot = Slot {
+                doc: new_document(actor),
+                meta: DocMeta::default(),
+                read_cache: None,
+                compaction_queued: false,
+            };
+            queue_slot.send(Job {
+                mutation: Mutation::Purge { id: id.clone() },
+                poisoned: Arc::clone(&entry.poisoned),
+                ack: None,
+            });
+            self.metrics.purged_docs.inc();
+            purged += 1;
+        }
+        Ok(purged)
+    }
+}
+
+struct Pending {
+    ack: oneshot::Receiver<Result<(), CommitError>>,
+    event: ChangeEvent,
+    heads: Vec<ChangeHash>,
+}

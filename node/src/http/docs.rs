@@ -1,0 +1,215 @@
+//! Document routes: read, write, list and sync.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value as Json_, json};
+use verge_core::limits::{LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, TTL_SECONDS_MAX};
+use verge_core::{DocId, Expiry, Op, Write, heads_to_hex};
+
+use super::{ApiError, AppState};
+
+type IdPath = Result<Path<String>, PathRejection>;
+type Params = Result<Query<HashMap<String, String>>, QueryRejection>;
+type Body = Result<Bytes, BytesRejection>;
+
+fn doc_id(state: &AppState, path: IdPath) -> Result<DocId, ApiError> {
+    let Path(raw) = path.map_err(|e| {
+        state.metrics.decode_error("id");
+        ApiError::invalid_id(format!("document id: {e}"))
+    })?;
+    DocId::new(raw).map_err(|e| {
+        state.metrics.decode_error("id");
+        ApiError::invalid_id(e.to_string())
+    })
+}
+
+fn body_bytes(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(format!("request body too large: {}", e.body_text()))
+        } else {
+            state.metrics.decode_error("body");
+            ApiError::invalid_json(format!("request body: {}", e.body_text()))
+        }
+    })
+}
+
+fn json_body(state: &AppState, body: Body) -> Result<(Json_, usize), ApiError> {
+    let bytes = body_bytes(state, body)?;
+    let value = serde_json::from_slice(&bytes).map_err(|e| {
+        state.metrics.decode_error("json");
+        ApiError::invalid_json(format!("request body is not valid JSON: {e}"))
+    })?;
+    Ok((value, bytes.len()))
+}
+
+fn params(state: &AppState, query: Params) -> Result<HashMap<String, String>, ApiError> {
+    query.map(|Query(q)| q).map_err(|e| {
+        state.metrics.decode_error("query");
+        ApiError::invalid_query(e.body_text())
+    })
+}
+
+fn expiry(state: &AppState, params: &HashMap<String, String>) -> Result<Expiry, ApiError> {
+    let Some(raw) = params.get("ttl") else {
+        return Ok(Expiry::Keep);
+    };
+    let seconds: u64 = raw
+        .parse()
+        .ok()
+        .filter(|s| *s <= TTL_SECONDS_MAX)
+        .ok_or_else(|| {
+            ApiError::invalid_query(format!(
+                "ttl must be 0..={TTL_SECONDS_MAX} seconds, got {raw:?}"
+            ))
+        })?;
+    if seconds == 0 {
+        return Ok(Expiry::Clear);
+    }
+    // Bounded by TTL_SECONDS_MAX, so the product fits.
+    Ok(Expiry::At(
+        state.clock.now_ms().saturating_add(seconds as i64 * 1000),
+    ))
+}
+
+fn reject_unknown_params(
+    params: &HashMap<String, String>,
+    allowed: &[&str],
+) -> Result<(), ApiError> {
+    match params.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(ApiError::invalid_query(format!(
+            "unknown query parameter {k:?}"
+        ))),
+        None => Ok(()),
+    }
+}
+
+fn written(id: &DocId, heads: &[automerge::ChangeHash]) -> Response {
+    Json(json!({ "id": id.as_str(), "heads": heads_to_hex(heads) })).into_response()
+}
+
+/// `GET /v1/docs/{id}`.
+pub async fn read(State(state): State<Arc<AppState>>, path: IdPath) -> Result<Response, ApiError> {
+    let id = doc_id(&state, path)?;
+    let body = state.docs.read(&id)?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+/// `PUT /v1/docs/{id}`: replace the document by a diff.
+pub async fn replace(
+    State(state): State<Arc<AppState>>,
+    path: IdPath,
+    query: Params,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let id = doc_id(&state, path)?;
+    let params = params(&state, query)?;
+    reject_unknown_params(&params, &["ttl"])?;
+    let expiry = expiry(&state, &params)?;
+    let (value, size) = json_body(&state, body)?;
+    let Json_::Object(map) = value else {
+        state.metrics.decode_error("document");
+        return Err(ApiError::invalid_document(
+            "a document must be a JSON object",
+        ));
+    };
+    let heads = state
+        .docs
+        .write(&id, &Write::Replace(map), expiry, size)
+        .await?;
+    Ok(written(&id, &heads))
+}
+
+/// `PATCH /v1/docs/{id}`: apply ops.
+pub async fn patch(
+    State(state): State<Arc<AppState>>,
+    path: IdPath,
+    query: Params,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let id = doc_id(&state, path)?;
+    let params = params(&state, query)?;
+    reject_unknown_params(&params, &["ttl"])?;
+    let expiry = expiry(&state, &params)?;
+    let (value, size) = json_body(&state, body)?;
+    let ops = Op::parse_patch(&value).map_err(|e| {
+        state.metrics.decode_error("ops");
+        ApiError::invalid_op(e.to_string())
+    })?;
+    let heads = state
+        .docs
+        .write(&id, &Write::Ops(ops), expiry, size)
+        .await?;
+    Ok(written(&id, &heads))
+}
+
+/// `DELETE /v1/docs/{id}`: write a tombstone.
+pub async fn delete(
+    State(state): State<Arc<AppState>>,
+    path: IdPath,
+) -> Result<Response, ApiError> {
+    let id = doc_id(&state, path)?;
+    let heads = state
+        .docs
+        .write(&id, &Write::Delete, Expiry::Keep, 0)
+        .await?;
+    Ok(written(&id, &heads))
+}
+
+/// `GET /v1/docs?prefix=&limit=&cursor=`.
+pub async fn list(State(state): State<Arc<AppState>>, query: Params) -> Result<Response, ApiError> {
+    let params = params(&state, query)?;
+    reject_unknown_params(&params, &["prefix", "limit", "cursor"])?;
+    let prefix = params.get("prefix").map_or("", String::as_str);
+    if prefix.len() > verge_core::limits::DOC_ID_BYTES_MAX {
+        return Err(ApiError::invalid_query(
+            "prefix is longer than a document id can be",
+        ));
+    }
+    let limit = match params.get("limit") {
+        None => LIST_LIMIT_DEFAULT,
+        Some(raw) => raw
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=LIST_LIMIT_MAX).contains(n))
+            .ok_or_else(|| {
+                ApiError::invalid_query(format!("limit must be 1..={LIST_LIMIT_MAX}, got {raw:?}"))
+            })?,
+    };
+    let cursor =
+        match params.get("cursor").filter(|c| !c.is_empty()) {
+            None => None,
+            Some(raw) => Some(DocId::new(raw.as_str()).map_err(|e| {
+                ApiError::invalid_query(format!("cursor is not a document id: {e}"))
+            })?),
+        };
+    let page = state.docs.list(prefix, cursor.as_ref(), limit)?;
+    Ok(Json(page).into_response())
+}
+
+/// `POST /v1/sync/{id}`: one Automerge sync message in, one out.
+pub async fn sync(
+    State(state): State<Arc<AppState>>,
+    path: IdPath,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let id = doc_id(&state, path)?;
+    let bytes = body_bytes(&state, body)?;
+    let reply = state.docs.sync(&id, &bytes).await.inspect_err(|e| {
+        if matches!(e, crate::documents::DocError::InvalidSync(_)) {
+            state.metrics.decode_error("sync");
+        }
+    })?;
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        reply.message,
+    )
+        .into_response())
+}

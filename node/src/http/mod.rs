@@ -1,0 +1,95 @@
+//! The HTTP API of a node (`/v1`, probes and metrics). See docs/api.md.
+
+mod docs;
+mod error;
+mod node;
+mod watch;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use verge_core::limits::{REQUEST_BODY_BYTES_MAX, SYNC_MESSAGE_BYTES_MAX};
+
+pub use error::ApiError;
+
+use crate::clock::Clock;
+use crate::documents::Documents;
+use crate::metrics::Metrics;
+
+/// What every handler can reach.
+#[derive(Debug)]
+pub struct AppState {
+    /// The document service.
+    pub docs: Arc<Documents>,
+    /// The node's metrics.
+    pub metrics: Arc<Metrics>,
+    /// The node's id.
+    pub node_id: String,
+    /// The address the API listens on.
+    pub api_addr: String,
+    /// Wall clock.
+    pub clock: Arc<dyn Clock>,
+    /// When the node started, milliseconds since the Unix epoch.
+    pub started_at_ms: i64,
+    /// Whether `/readyz` answers ready: storage is open and the node is not draining.
+    pub ready: AtomicBool,
+}
+
+/// Builds the router over `state`.
+///
+/// `stop` turns `true` when the node starts draining; long-lived responses (watch streams) end
+/// then, so that draining does not wait for them.
+pub fn router(state: Arc<AppState>, stop: tokio::sync::watch::Receiver<bool>) -> Router {
+    let docs = Router::new()
+        .route("/v1/docs", get(docs::list))
+        .route(
+            "/v1/docs/{*id}",
+            get(docs::read)
+                .put(docs::replace)
+                .patch(docs::patch)
+                .delete(docs::delete),
+        )
+        .layer(DefaultBodyLimit::max(REQUEST_BODY_BYTES_MAX));
+    let sync = Router::new()
+        .route("/v1/sync/{*id}", post(docs::sync))
+        .layer(DefaultBodyLimit::max(SYNC_MESSAGE_BYTES_MAX));
+    Router::new()
+        .merge(docs)
+        .merge(sync)
+        .route("/v1/watch", get(watch::watch).layer(axum::Extension(stop)))
+        .route("/v1/status", get(node::status))
+        .route("/healthz", get(node::healthz))
+        .route("/readyz", get(node::readyz))
+        .route("/metrics", get(node::metrics))
+        .fallback(node::not_found)
+        .method_not_allowed_fallback(node::method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            count_requests,
+        ))
+        .with_state(state)
+}
+
+/// Counts every request by route template and status.
+async fn count_requests(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let response = next.run(request).await;
+    let labels = vec![
+        ("route", route),
+        ("status", response.status().as_u16().to_string()),
+    ];
+    state.metrics.http_requests.get_or_create(&labels).inc();
+    response
+}

@@ -1,0 +1,75 @@
+//! Node-level routes: status, probes, metrics and the fallbacks.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use serde_json::json;
+
+use super::{ApiError, AppState};
+
+/// `GET /v1/status`.
+pub async fn status(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, ApiError> {
+    let docs = state.docs.doc_count().map_err(ApiError::from)?;
+    Ok(Json(json!({
+        "node_id": state.node_id,
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_ms": state.clock.now_ms().saturating_sub(state.started_at_ms),
+        "actor": state.docs.actor().to_hex_string(),
+        "docs": docs,
+        "write_queue_depth": state.docs.queue_depth(),
+        "members": [{
+            "node_id": state.node_id,
+            "addr": state.api_addr,
+            "state": "self",
+            "rtt_ms": null,
+            "lag_changes": 0,
+        }],
+    })))
+}
+
+/// `GET /healthz`: the process is up.
+pub async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// `GET /readyz`: storage is open and the node serves.
+pub async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    if state.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    state
+        .metrics
+        .write_queue_depth
+        .set(state.docs.queue_depth() as i64);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+}
+
+/// Any route that does not exist.
+pub async fn not_found() -> ApiError {
+    ApiError::not_found("no such route; see docs/api.md")
+}
+
+/// A route that exists, called with the wrong method.
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not take that method",
+    )
+}

@@ -1,0 +1,75 @@
+//! `GET /v1/watch`: committed changes as server-sent events.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Extension;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use futures_util::stream::{self, Stream};
+use serde_json::json;
+use tokio::sync::broadcast::error::RecvError;
+
+use super::{ApiError, AppState};
+use crate::metrics::Metrics;
+
+/// Interval of keep-alive comments on an idle stream.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// Decrements the watcher gauge when a stream ends.
+struct WatcherGuard(Arc<Metrics>);
+
+impl Drop for WatcherGuard {
+    fn drop(&mut self) {
+        self.0.watchers.dec();
+    }
+}
+
+/// `GET /v1/watch?prefix=P`.
+pub async fn watch(
+    State(state): State<Arc<AppState>>,
+    Extension(stop): Extension<tokio::sync::watch::Receiver<bool>>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let Query(params) = query.map_err(|e| ApiError::invalid_query(e.body_text()))?;
+    if let Some(k) = params.keys().find(|k| k.as_str() != "prefix") {
+        return Err(ApiError::invalid_query(format!(
+            "unknown query parameter {k:?}"
+        )));
+    }
+    let prefix = params.get("prefix").cloned().unwrap_or_default();
+    let rx = state.docs.subscribe();
+    state.metrics.watchers.inc();
+    let guard = WatcherGuard(Arc::clone(&state.metrics));
+    let events = stream::unfold(
+        (rx, prefix, guard, stop),
+        |(mut rx, prefix, guard, mut stop)| async move {
+            loop {
+                let received = tokio::select! {
+                    received = rx.recv() => received,
+                    _ = stop.wait_for(|stop| *stop) => return None,
+                };
+                match received {
+                    Ok(event) if event.id.starts_with(&prefix) => {
+                        let data = serde_json::to_string(&*event).unwrap_or_default();
+                        let sse = Event::default().event("change").data(data);
+                        return Some((Ok(sse), (rx, prefix, guard, stop)));
+                    }
+                    Ok(_) => continue,
+                    Err(RecvError::Lagged(missed)) => {
+                        guard.0.watch_lagged.inc_by(missed);
+                        let sse = Event::default()
+                            .event("lagged")
+                            .data(json!({ "missed": missed }).to_string());
+                        return Some((Ok(sse), (rx, prefix, guard, stop)));
+                    }
+                    Err(RecvError::Closed) => return None,
+                }
+            }
+        },
+    );
+    Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
+}

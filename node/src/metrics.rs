@@ -1,0 +1,218 @@
+//! Prometheus metrics of a node, served at `/metrics`.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of a request counter: route template and status code.
+pub type RequestLabels = Vec<(&'static str, String)>;
+/// Labels naming what kind of input failed to decode.
+pub type KindLabels = Vec<(&'static str, &'static str)>;
+
+/// Every metric a node exports. Cheap to update from any thread.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// HTTP requests by route and status.
+    pub http_requests: Family<RequestLabels, Counter>,
+    /// Acknowledged document writes (PUT, PATCH, DELETE).
+    pub writes: Counter,
+    /// Document reads.
+    pub reads: Counter,
+    /// Sync requests served.
+    pub sync_requests: Counter,
+    /// Sync message bytes received.
+    pub sync_bytes_received: Counter,
+    /// Sync message bytes sent.
+    pub sync_bytes_sent: Counter,
+    /// Inputs rejected while decoding, by kind (json, ops, sync, id, query).
+    pub decode_errors: Family<KindLabels, Counter>,
+    /// Jobs waiting for the writer.
+    pub write_queue_depth: Gauge,
+    /// Writes refused because the queue was full.
+    pub write_queue_full: Counter,
+    /// Durable transactions: how many writes each carried.
+    pub commit_batch_size: Histogram,
+    /// Durable transactions: how long each took, fsync included.
+    pub commit_seconds: Histogram,
+    /// Transactions that failed.
+    pub commit_errors: Counter,
+    /// Documents held in memory.
+    pub cache_docs: Gauge,
+    /// Estimated bytes of documents held in memory.
+    pub cache_bytes: Gauge,
+    /// Document lookups served from memory.
+    pub cache_hits: Counter,
+    /// Document lookups that loaded from disk.
+    pub cache_misses: Counter,
+    /// Snapshots written by compaction.
+    pub compactions: Counter,
+    /// Documents purged after expiry or tombstone retention.
+    pub purged_docs: Counter,
+    /// Open watch streams.
+    pub watchers: Gauge,
+    /// Watch events dropped because a watcher was too slow.
+    pub watch_lagged: Counter,
+}
+
+impl Metrics {
+    /// Creates and registers every metric under the `verge_` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("verge");
+        let m = Self {
+            http_requests: Family::default(),
+            writes: Counter::default(),
+            reads: Counter::default(),
+            sync_requests: Counter::default(),
+            sync_bytes_received: Counter::default(),
+            sync_bytes_sent: Counter::default(),
+            decode_errors: Family::default(),
+            write_queue_depth: Gauge::default(),
+            write_queue_full: Counter::default(),
+            commit_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            commit_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            commit_errors: Counter::default(),
+            cache_docs: Gauge::default(),
+            cache_bytes: Gauge::default(),
+            cache_hits: Counter::default(),
+            cache_misses: Counter::default(),
+            compactions: Counter::default(),
+            purged_docs: Counter::default(),
+            watchers: Gauge::default(),
+            watch_lagged: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "http_requests",
+            "HTTP requests by route and status",
+            m.http_requests.clone(),
+        );
+        registry.register("writes", "Acknowledged document writes", m.writes.clone());
+        registry.register("reads", "Document reads", m.reads.clone());
+        registry.register(
+            "sync_requests",
+            "Sync requests served",
+            m.sync_requests.clone(),
+        );
+        registry.register(
+            "sync_received_bytes",
+            "Sync message bytes received",
+            m.sync_bytes_received.clone(),
+        );
+        registry.register(
+            "sync_sent_bytes",
+            "Sync message bytes sent",
+            m.sync_bytes_sent.clone(),
+        );
+        registry.register(
+            "decode_errors",
+            "Inputs rejected while decoding, by kind",
+            m.decode_errors.clone(),
+        );
+        registry.register(
+            "write_queue_depth",
+            "Writes waiting for the writer",
+            m.write_queue_depth.clone(),
+        );
+        registry.register(
+            "write_queue_full",
+            "Writes refused because the queue was full",
+            m.write_queue_full.clone(),
+        );
+        registry.register(
+            "commit_batch_size",
+            "Writes per durable transaction",
+            m.commit_batch_size.clone(),
+        );
+        registry.register(
+            "commit_seconds",
+            "Duration of durable transactions",
+            m.commit_seconds.clone(),
+        );
+        registry.register(
+            "commit_errors",
+            "Failed durable transactions",
+            m.commit_errors.clone(),
+        );
+        registry.register(
+            "cache_docs",
+            "Documents held in memory",
+            m.cache_docs.clone(),
+        );
+        registry.register(
+            "cache_bytes",
+            "Estimated bytes of documents in memory",
+            m.cache_bytes.clone(),
+        );
+        registry.register(
+            "cache_hits",
+            "Document lookups served from memory",
+            m.cache_hits.clone(),
+        );
+        registry.register(
+            "cache_misses",
+            "Document lookups loaded from disk",
+            m.cache_misses.clone(),
+        );
+        registry.register(
+            "compactions",
+            "Snapshots written by compaction",
+            m.compactions.clone(),
+        );
+        registry.register(
+            "purged_docs",
+            "Documents purged after expiry or tombstone retention",
+            m.purged_docs.clone(),
+        );
+        registry.register("watchers", "Open watch streams", m.watchers.clone());
+        registry.register(
+            "watch_lagged",
+            "Watch events dropped for slow watchers",
+            m.watch_lagged.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// Counts an input rejected while decoding.
+    pub fn decode_error(&self, kind: &'static str) {
+        self.decode_errors
+            .get_or_create(&vec![("kind", kind)])
+            .inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_registered_metrics() {
+        let m = Metrics::new();
+        m.writes.inc();
+        m.decode_error("json");
+        let text = m.render();
+        assert!(text.contains("verge_writes_total 1"), "{text}");
+        assert!(
+            text.contains("verge_decode_errors_total{kind=\"json\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("# EOF"));
+    }
+}

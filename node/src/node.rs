@@ -1,0 +1,201 @@
+//! Starting, running and stopping a node.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use rand::RngCore;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::clock::{Clock, SystemClock};
+use crate::config::Config;
+use crate::documents::{Documents, DocumentsConfig};
+use crate::http::{self, AppState};
+use crate::metrics::Metrics;
+use crate::store::{Store, StoreError, writer};
+
+/// File in the data directory holding the API's bound address while the node runs.
+pub const API_ADDR_FILE: &str = "api.addr";
+/// How long shutdown waits for open requests before it stops waiting.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a node could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// Storage could not be opened.
+    #[error("opening storage in {dir}: {source}")]
+    Store {
+        /// The data directory.
+        dir: PathBuf,
+        /// The error.
+        source: StoreError,
+    },
+    /// A socket or file operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// Runs a node until `shutdown` resolves, then drains: stops accepting requests, lets open ones
+/// finish, commits every queued write and closes the store.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), NodeError> {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let store_err = |source| NodeError::Store {
+        dir: config.data_dir.clone(),
+        source,
+    };
+    let store = Arc::new(Store::open(&config.data_dir).map_err(store_err)?);
+    let node_id = resolve_node_id(&config, &store).map_err(store_err)?;
+    let addr_file = config.data_dir.join(API_ADDR_FILE);
+    let _ = std::fs::remove_file(&addr_file);
+
+    let metrics = Arc::new(Metrics::new());
+    let (writer, writer_thread) = writer::spawn(
+        Arc::clone(&store),
+        config.storage.write_queue,
+        config.storage.batch_max,
+        Arc::clone(&metrics),
+    )
+    .map_err(|source| NodeError::Io {
+        context: "starting the writer thread".into(),
+        source,
+    })?;
+    let (docs, compaction_rx) = Documents::new(
+        Arc::clone(&store),
+        writer,
+        Arc::clone(&clock),
+        Arc::clone(&metrics),
+        DocumentsConfig {
+            cache_bytes: config.storage.cache_bytes,
+            compact_after_changes: config.storage.compact_after_changes,
+        },
+        rand::rng().next_u64(),
+    );
+    let background = vec![
+        tokio::spawn(Arc::clone(&docs).run_compactor(compaction_rx)),
+        spawn_purger(Arc::clone(&docs), &config),
+    ];
+
+    let listener = TcpListener::bind(config.api_addr)
+        .await
+        .map_err(|source| NodeError::Io {
+            context: format!("binding the API to {}", config.api_addr),
+            source,
+        })?;
+    let api_addr = listener.local_addr().map_err(|source| NodeError::Io {
+        context: "reading the API address".into(),
+        source,
+    })?;
+    let state = Arc::new(AppState {
+        docs: Arc::clone(&docs),
+        metrics,
+        node_id: node_id.clone(),
+        api_addr: api_addr.to_string(),
+        started_at_ms: clock.now_ms(),
+        clock,
+        ready: AtomicBool::new(false),
+    });
+    std::fs::write(&addr_file, format!("{api_addr}\n")).map_err(|source| NodeError::Io {
+        context: format!("writing {}", addr_file.display()),
+        source,
+    })?;
+    state.ready.store(true, Ordering::Release);
+    tracing::info!(
+        node_id = %node_id,
+        api_addr = %api_addr,
+        data_dir = %config.data_dir.display(),
+        actor = %docs.actor(),
+        config = ?config.source,
+        "node serving"
+    );
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let drain_state = Arc::clone(&state);
+    let router = http::router(Arc::clone(&state), stop_rx.clone());
+    let mut server = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                shutdown.await;
+                drain_state.ready.store(false, Ordering::Release);
+                tracing::info!("shutting down: draining requests and the write queue");
+                let _ = stop_tx.send(true);
+            })
+            .await
+    });
+    let mut stop_rx = stop_rx;
+    tokio::select! {
+        result = &mut server => report_server_end(result),
+        _ = stop_rx.wait_for(|stop| *stop) => {
+            match tokio::time::timeout(DRAIN_TIMEOUT, &mut server).await {
+                Ok(result) => report_server_end(result),
+                Err(_) => {
+                    tracing::warn!("open requests did not finish in {DRAIN_TIMEOUT:?}; closing them");
+                    server.abort();
+                }
+            }
+        }
+    }
+    for task in background {
+        task.abort();
+    }
+    drop(state);
+    drop(docs);
+    // Every handle to the writer is gone now, so it commits what is queued and stops.
+    let joined = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+    if !matches!(joined, Ok(Ok(()))) {
+        tracing::error!("the writer thread failed while draining");
+    }
+    let _ = std::fs::remove_file(&addr_file);
+    tracing::info!("node stopped");
+    Ok(())
+}
+
+fn report_server_end(result: Result<std::io::Result<()>, tokio::task::JoinError>) {
+    match result {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "the API server failed"),
+        Err(e) => tracing::error!(error = %e, "the API server task failed"),
+    }
+}
+
+fn spawn_purger(docs: Arc<Documents>, config: &Config) -> JoinHandle<()> {
+    let interval = Duration::from_secs(config.storage.purge_interval_s);
+    let retention_ms = i64::try_from(config.storage.tombstone_retention_s.saturating_mul(1000))
+        .unwrap_or(i64::MAX);
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            match docs.purge_expired(retention_ms).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(purged = n, "purged expired documents and old tombstones"),
+                Err(e) => tracing::warn!(error = %e, "purge failed"),
+            }
+        }
+    })
+}
+
+/// The configured node id, else the one kept in the store, else a new one kept from now on.
+fn resolve_node_id(config: &Config, store: &Store) -> Result<String, StoreError> {
+    if let Some(id) = &config.node_id {
+        return Ok(id.clone());
+    }
+    if let Some(id) = store.node_value("node_id")? {
+        return Ok(String::from_utf8_lossy(&id).into_owned());
+    }
+    let id = format!("node-{:08x}", rand::rng().next_u32());
+    store.set_node_value("node_id", id.as_bytes())?;
+    Ok(id)
+}

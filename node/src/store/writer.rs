@@ -1,0 +1,145 @@
+//! The single writer: group commit of every mutation into durable redb transactions.
+//!
+//! Request handlers apply a change in memory, reserve a slot in a bounded queue and wait for an
+//! acknowledgement. One thread drains the queue: everything waiting when it wakes (up to
+//! `batch_max`) goes into one transaction, committed with an fsync, and then every job of the
+//! batch is acknowledged. Concurrent writes thus share one fsync, and throughput is bound by
+//! Automerge CPU rather than by the disk.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Mutation, Store, StoreError};
+use crate::metrics::Metrics;
+
+/// Why a queued mutation was not made durable.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum CommitError {
+    /// The batch's transaction failed; nothing of it is on disk.
+    #[error("storage commit failed: {0}")]
+    Storage(String),
+    /// An earlier write to the same document failed, and this one was built on it.
+    #[error("an earlier write to this document failed to commit")]
+    Poisoned,
+    /// The writer has stopped (the node is shutting down).
+    #[error("the writer has stopped")]
+    Stopped,
+}
+
+/// A mutation waiting for the writer.
+#[derive(Debug)]
+pub struct Job {
+    /// What to write.
+    pub mutation: Mutation,
+    /// Set by the writer when this document's in-memory state can no longer be trusted
+    /// because a write to it failed; later jobs sharing the flag fail without being written.
+    pub poisoned: Arc<AtomicBool>,
+    /// Receives the outcome once the batch committed (or failed).
+    pub ack: Option<oneshot::Sender<Result<(), CommitError>>>,
+}
+
+/// The sending side of the write queue.
+#[derive(Debug, Clone)]
+pub struct WriterHandle {
+    tx: mpsc::Sender<Job>,
+}
+
+/// A reserved place in the write queue. Reserving before applying a change in memory means a
+/// full queue rejects the write before it touches the document.
+pub type QueueSlot = mpsc::OwnedPermit<Job>;
+
+impl WriterHandle {
+    /// Reserves a slot, failing at once when the queue is full or the writer stopped.
+    pub fn try_reserve(&self) -> Result<QueueSlot, mpsc::error::TrySendError<()>> {
+        self.tx.clone().try_reserve_owned().map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => mpsc::error::TrySendError::Full(()),
+            mpsc::error::TrySendError::Closed(_) => mpsc::error::TrySendError::Closed(()),
+        })
+    }
+
+    /// Reserves a slot, waiting for room (used by background work, which may wait).
+    pub async fn reserve(&self) -> Option<QueueSlot> {
+        self.tx.clone().reserve_owned().await.ok()
+    }
+
+    /// Jobs waiting in the queue.
+    pub fn depth(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+}
+
+/// Starts the writer thread. It runs until every [`WriterHandle`] is dropped and the queue is
+/// empty, so dropping the handles is how shutdown drains pending writes.
+pub fn spawn(
+    store: Arc<Store>,
+    queue_capacity: usize,
+    batch_max: usize,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<(WriterHandle, thread::JoinHandle<()>)> {
+    let (tx, rx) = mpsc::channel(queue_capacity);
+    let join = thread::Builder::new()
+        .name("verge-writer".into())
+        .spawn(move || run(store, rx, batch_max.max(1), metrics))?;
+    Ok((WriterHandle { tx }, join))
+}
+
+fn run(store: Arc<Store>, mut rx: mpsc::Receiver<Job>, batch_max: usize, metrics: Arc<Metrics>) {
+    let mut batch: Vec<Job> = Vec::with_capacity(batch_max);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < batch_max {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        metrics.write_queue_depth.set(rx.len() as i64);
+        commit_batch(&store, &mut batch, &metrics);
+    }
+    tracing::debug!("writer drained and stopped");
+}
+
+fn commit_batch(store: &Store, batch: &mut Vec<Job>, metrics: &Metrics) {
+    let (live, poisoned): (Vec<Job>, Vec<Job>) = batch
+        .drain(..)
+        .partition(|job| !job.poisoned.load(Ordering::Acquire));
+    for job in poisoned {
+        if let Some(ack) = job.ack {
+            let _ = ack.send(Err(CommitError::Poisoned));
+        }
+    }
+    if live.is_empty() {
+        return;
+    }
+    let started = Instant::now();
+    let mutations: Vec<&Mutation> = live.iter().map(|j| &j.mutation).collect();
+    let result = store.commit(&mutations);
+    metrics
+        .commit_seconds
+        .observe(started.elapsed().as_secs_f64());
+    metrics.commit_batch_size.observe(live.len() as f64);
+    let outcome = match result {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            metrics.commit_errors.inc();
+            tracing::error!(error = %e, jobs = live.len(), "commit failed; the batch's writes are not acknowledged");
+            for job in &live {
+                job.poisoned.store(true, Ordering::Release);
+            }
+            Err(match e {
+                StoreError::Engine(e) => CommitError::Storage(e.to_string()),
+                other => CommitError::Storage(other.to_string()),
+            })
+        }
+    };
+    for job in live {
+        if let Some(ack) = job.ack {
+            let _ = ack.send(outcome.clone());
+        }
+    }
+}
