@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what building and testing Verge needs, idempotently: the pinned Rust toolchain with
+# rustfmt and clippy, and the wasm32 target. Safe to run any number of times.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want=$(sed -n 's/^channel *= *"\(.*\)"/\1/p' rust-toolchain.toml)
+if ! rustup run "$want" rustc --version >/dev/null 2>&1; then
+    # No network toolchain downloads here: when the machine's stable toolchain is the pinned
+    # version, register it under the pinned name.
+    have=$(rustc +stable --version | awk '{print $2}')
+    if [ "$have" = "$want" ]; then
+        rustup toolchain link "$want" "$(rustc +stable --print sysroot)"
+    else
+        rustup toolchain install "$want" --profile minimal --component rustfmt,clippy
+    fi
+fi
+if ! rustup run "$want" rustc --print target-libdir --target wasm32-unknown-unknown 2>/dev/null | xargs -r test -d; then
+    rustup target add --toolchain "$want" wasm32-unknown-unknown 2>/dev/null \
+        || rustup target add --toolchain stable wasm32-unknown-unknown
+fi
+echo "setup: rust $(rustc --version | awk '{print $2}') with wasm32-unknown-unknown ready"

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, the wasm32 build of core, and every test.
+# This is what CI runs (.ci/run) and what the README's second command runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/setup.sh
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "format"
+cargo fmt --all -- --check
+
+step "lints"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "core builds for wasm32"
+cargo build -p verge-core --target wasm32-unknown-unknown --locked
+
+step "tests"
+cargo test --workspace --locked
