@@ -124,14 +124,22 @@ pub enum ApplyError {
     InvalidDocument(String),
 }
 
+/// The outcome of [`apply`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    /// The new change's hash, or `None` when the write changed nothing.
+    pub change: Option<ChangeHash>,
+    /// The document's lifecycle after the write (saves reading it back).
+    pub lifecycle: Lifecycle,
+}
+
 /// Applies `write` to `doc` as one change stamped with `now_ms`. On error nothing is changed.
-/// Returns the new change's hash, or `None` when the write changed nothing.
 pub fn apply(
     doc: &mut Automerge,
     write: &Write,
     expiry: Expiry,
     now_ms: i64,
-) -> Result<Option<ChangeHash>, ApplyError> {
+) -> Result<Applied, ApplyError> {
     if let Write::Replace(map) = write {
         validate_document(map)?;
     }
@@ -186,8 +194,32 @@ pub fn apply(
     match result {
         Ok(()) => {
             let time_s = now_ms.div_euclid(1000);
-            let (hash, _) = tx.commit_with(CommitOptions::default().with_time(time_s));
-            Ok(hash)
+            let (change, _) = tx.commit_with(CommitOptions::default().with_time(time_s));
+            // This change's ops supersede every lifecycle value this replica has seen, so the
+            // new state follows from the old one and the write alone.
+            let lifecycle = match (write, expiry) {
+                (Write::Delete, _) => Lifecycle {
+                    deleted: true,
+                    expires_at_ms: None,
+                },
+                (_, Expiry::At(at)) => Lifecycle {
+                    deleted: false,
+                    expires_at_ms: Some(at),
+                },
+                (_, Expiry::Clear) => Lifecycle {
+                    deleted: false,
+                    expires_at_ms: None,
+                },
+                (_, Expiry::Keep) => Lifecycle {
+                    deleted: false,
+                    expires_at_ms: if expired {
+                        None
+                    } else {
+                        lifecycle.expires_at_ms
+                    },
+                },
+            };
+            Ok(Applied { change, lifecycle })
         }
         Err(e) => {
             tx.rollback();
@@ -696,7 +728,23 @@ mod tests {
     }
 
     fn write(doc: &mut Automerge, w: Write) -> Option<ChangeHash> {
-        apply(doc, &w, Expiry::Keep, 1_000).expect("write applies")
+        checked_apply(doc, &w, Expiry::Keep, 1_000).expect("write applies")
+    }
+
+    /// `apply`, asserting that the lifecycle it reports is the one the document holds.
+    fn checked_apply(
+        doc: &mut Automerge,
+        w: &Write,
+        expiry: Expiry,
+        now_ms: i64,
+    ) -> Result<Option<ChangeHash>, ApplyError> {
+        let applied = apply(doc, w, expiry, now_ms)?;
+        assert_eq!(
+            applied.lifecycle,
+            Lifecycle::of(doc),
+            "reported lifecycle after {w:?} {expiry:?}"
+        );
+        Ok(applied.change)
     }
 
     #[test]
@@ -891,7 +939,7 @@ mod tests {
         )
         .expect("apply");
         assert_eq!(Lifecycle::of(&doc).expires_at_ms, Some(5_000));
-        apply(&mut doc, &ops(json!([])), Expiry::Clear, 1_000).expect("apply");
+        checked_apply(&mut doc, &ops(json!([])), Expiry::Clear, 1_000).expect("apply");
         assert_eq!(Lifecycle::of(&doc).expires_at_ms, None);
         assert_eq!(to_json(&doc), json!({"a": 2}), "lifecycle keys are hidden");
     }
@@ -974,7 +1022,7 @@ mod tests {
         for op in batch {
             // Ops that do not fit the current state (e.g. `inc` after a `set`) are rejected
             // whole; convergence must hold either way.
-            let _ = apply(doc, &ops(json!([op])), Expiry::Keep, 1_000);
+            let _ = checked_apply(doc, &ops(json!([op])), Expiry::Keep, 1_000);
         }
     }
 

@@ -281,10 +281,14 @@ mod tests {
 
     #[test]
     fn example_file_matches_the_defaults() {
-        let file: FileConfig = toml::from_str(include_str!("../../examples/verge.toml")).expect("example parses");
+        let file: FileConfig =
+            toml::from_str(include_str!("../../examples/verge.toml")).expect("example parses");
         assert_eq!(file.storage, StorageConfig::default());
         assert_eq!(file.api_addr.as_deref(), Some(DEFAULT_API_ADDR));
-        assert_eq!(file.data_dir, Some(PathBuf::from(format!("./{DEFAULT_DATA_DIR}"))));
+        assert_eq!(
+            file.data_dir,
+            Some(PathBuf::from(format!("./{DEFAULT_DATA_DIR}")))
+        );
         assert_eq!(file.log_format, Some(LogFormat::Text));
     }
 

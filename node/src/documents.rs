@@ -360,25 +360,33 @@ impl Documents {
                     slot.meta.size_bytes
                 )));
             }
-            let before = slot.doc.get_heads();
-            let hash = document::apply(&mut slot.doc, write, expiry, now)?;
-            if hash.is_none() && !live {
+            let applied = document::apply(&mut slot.doc, write, expiry, now)?;
+            if applied.change.is_none() {
+                if live {
+                    return Ok(slot.meta.heads.clone());
+                }
                 // Writing nothing to an absent document still creates it.
                 let time_s = now.div_euclid(1000);
                 slot.doc.empty_commit(
                     automerge::transaction::CommitOptions::default().with_time(time_s),
                 );
             }
-            let changes: Vec<Vec<u8>> = slot
+            // The change just made is this actor's latest.
+            let change = slot
                 .doc
-                .get_changes(&before)
-                .into_iter()
+                .get_last_local_change()
                 .map(|c| c.raw_bytes().to_vec())
-                .collect();
-            if changes.is_empty() {
-                return Ok(slot.doc.get_heads());
-            }
-            self.enqueue_changes(&entry, slot, changes, now, queue_slot)
+                .ok_or_else(|| {
+                    DocError::Storage("a committed change is missing from its document".into())
+                })?;
+            self.enqueue_changes(
+                &entry,
+                slot,
+                vec![change],
+                applied.lifecycle,
+                now,
+                queue_slot,
+            )
         };
         self.finish(&entry, pending).await
     }
@@ -390,11 +398,11 @@ impl Documents {
         entry: &Arc<Entry>,
         slot: &mut Slot,
         changes: Vec<Vec<u8>>,
+        lifecycle: Lifecycle,
         now: i64,
         queue_slot: QueueSlot,
     ) -> Pending {
         let added: u64 = changes.iter().map(|c| c.len() as u64).sum();
-        let lifecycle = Lifecycle::of(&slot.doc);
         let meta = &mut slot.meta;
         let first_seq = meta.next_seq;
         meta.heads = slot.doc.get_heads();
@@ -506,7 +514,8 @@ impl Documents {
             let applied = changes.iter().map(Vec::len).sum();
             let pending = match (changes.is_empty(), queue_slot) {
                 (false, Some(queue_slot)) => {
-                    Some(self.enqueue_changes(&entry, slot, changes, now, queue_slot))
+                    let lifecycle = Lifecycle::of(&slot.doc);
+                    Some(self.enqueue_changes(&entry, slot, changes, lifecycle, now, queue_slot))
                 }
                 (false, None) => {
                     // Unreachable in practice: changes arrive only in a message that carried

@@ -7,6 +7,11 @@ use tracing_subscriber::EnvFilter;
 use verge_node::cli::{BenchArgs, ClientCommand, ClientOpts};
 use verge_node::config::{Config, LogFormat, NodeArgs};
 
+/// Request handling allocates many small short-lived buffers (JSON, Automerge ops, HTTP
+/// headers); mimalloc serves them markedly faster than the system allocator.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Verge: replicated edge state on Automerge documents.
 #[derive(Debug, Parser)]
 #[command(name = "verge", version, about)]
