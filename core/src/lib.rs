@@ -5,11 +5,14 @@
 //! and a simulated run replays exactly from its seed. This crate builds for
 //! `wasm32-unknown-unknown`.
 
+pub mod anti_entropy;
 pub mod doc_id;
+pub mod gossip;
 pub mod document;
 pub mod heads;
 pub mod limits;
 pub mod ops;
+pub mod wire;
 
 pub use doc_id::{DocId, DocIdError};
 pub use document::{ApplyError, Expiry, Lifecycle, Write, apply, to_json};

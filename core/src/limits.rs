@@ -38,6 +38,12 @@ pub const LIST_LIMIT_MAX: usize = 1000;
 /// Longest time to live of a document: ten years, in seconds.
 pub const TTL_SECONDS_MAX: u64 = 10 * 365 * 24 * 3600;
 
+/// Most changes in one broadcast batch between nodes.
+pub const WIRE_CHANGES_PER_BATCH_MAX: usize = 65_536;
+
+/// Most document digests in one anti-entropy sync request.
+pub const WIRE_DIGESTS_PER_MESSAGE_MAX: usize = 100_000;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -35,9 +35,8 @@ const MAX_EVENT_BYTES: usize = 1024 * 1024;
 const MAX_PAGE: u64 = verge_core::limits::LIST_LIMIT_MAX as u64;
 
 /// A client command of the `verge` binary. Flatten it into the top-level subcommands.
-///
-/// (`about = None` keeps this comment out of the parent command's help: clap applies the doc
-/// comment of a flattened enum to the command it is flattened into.)
+// `about = None`: clap applies the doc comment of a flattened enum to the command it is
+// flattened into, and this one must not become the help text of `verge`.
 #[derive(Debug, Clone, clap::Subcommand)]
 #[command(about = None, long_about = None)]
 pub enum ClientCommand {
@@ -485,7 +484,7 @@ async fn watch(client: &ApiClient, prefix: Option<&str>) -> Result<(), CliError>
         return Err(api_error(&ApiResponse { status, body }));
     }
     let lost = |detail: String| {
-        CliError::Transport(TransportError::Unreachable {
+        CliError::Transport(TransportError::Lost {
             url: client.endpoint().to_string(),
             detail,
         })

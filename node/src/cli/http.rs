@@ -43,34 +43,38 @@ impl Endpoint {
     pub(crate) fn parse(url: &str) -> Result<Self, String> {
         let uri: Uri = url
             .parse()
-            .map_err(|e| format!("invalid --url {url:?}: {e}"))?;
+            .map_err(|e| format!("invalid --url (or VERGE_URL) {url:?}: {e}"))?;
         match uri.scheme() {
             Some(s) if *s == Scheme::HTTP => {}
             Some(s) if *s == Scheme::HTTPS => {
                 return Err(format!(
-                    "invalid --url {url:?}: https is not supported by this client; \
+                    "invalid --url (or VERGE_URL) {url:?}: https is not supported by this client; \
                      use http:// (or a TLS-terminating proxy)"
                 ));
             }
-            Some(s) => return Err(format!("invalid --url {url:?}: unsupported scheme {s}")),
+            Some(s) => {
+                return Err(format!(
+                    "invalid --url (or VERGE_URL) {url:?}: unsupported scheme {s}"
+                ));
+            }
             None => {
                 return Err(format!(
-                    "invalid --url {url:?}: expected an absolute URL such as http://127.0.0.1:7070"
+                    "invalid --url (or VERGE_URL) {url:?}: expected an absolute URL such as http://127.0.0.1:7070"
                 ));
             }
         }
         let authority = uri
             .authority()
             .cloned()
-            .ok_or_else(|| format!("invalid --url {url:?}: missing host"))?;
+            .ok_or_else(|| format!("invalid --url (or VERGE_URL) {url:?}: missing host"))?;
         if authority.as_str().contains('@') {
             return Err(format!(
-                "invalid --url {url:?}: credentials in the URL are not supported; use --token"
+                "invalid --url (or VERGE_URL) {url:?}: credentials in the URL are not supported; use --token"
             ));
         }
         if uri.query().is_some() {
             return Err(format!(
-                "invalid --url {url:?}: a query string is not allowed"
+                "invalid --url (or VERGE_URL) {url:?}: a query string is not allowed"
             ));
         }
         let base_path = uri.path().trim_end_matches('/').to_owned();
@@ -126,7 +130,10 @@ pub(crate) fn bearer(token: &str) -> Result<HeaderValue, String> {
             v.set_sensitive(true);
             v
         })
-        .map_err(|_| "invalid --token: it must be visible ASCII without control characters".into())
+        .map_err(|_| {
+            "invalid --token (or VERGE_TOKEN): it must be visible ASCII without control characters"
+                .into()
+        })
 }
 
 /// Why a request produced no HTTP response.
@@ -137,6 +144,13 @@ pub(crate) enum TransportError {
         /// The base URL.
         url: String,
         /// What went wrong, with its causes.
+        detail: String,
+    },
+    /// The connection broke or went silent after the node had answered (the watch stream).
+    Lost {
+        /// The base URL.
+        url: String,
+        /// What happened.
         detail: String,
     },
     /// The node did not answer within the timeout.
@@ -158,6 +172,9 @@ impl fmt::Display for TransportError {
         match self {
             Self::Unreachable { url, detail } => {
                 write!(f, "could not reach the node at {url}: {detail}")
+            }
+            Self::Lost { url, detail } => {
+                write!(f, "lost the connection to the node at {url}: {detail}")
             }
             Self::Timeout { url, after } => write!(
                 f,

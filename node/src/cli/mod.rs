@@ -2,7 +2,8 @@
 //! (`get`, `put`, `patch`, `del`, `ls`, `inc`, `watch`, `status`) and the `bench` load tool.
 //!
 //! They live in the node crate so the single `verge` binary carries them, but they use nothing
-//! of the server: only the HTTP contract of docs/api.md. `main.rs` wires them in as
+//! of the server: only the HTTP contract of docs/api.md (and the id alphabet and limits of
+//! `verge-core`). `main.rs` wires them in as
 //!
 //! ```text
 //! enum Command { Node(NodeArgs), #[command(flatten)] Client(cli::ClientCommand), Bench(cli::BenchArgs) }
@@ -10,7 +11,7 @@
 //!
 //! with `#[command(flatten)] client: cli::ClientOpts` on the top-level parser (its flags are
 //! global, so `verge get ID --url ...` and `verge --url ... get ID` both work), then calls
-//! [`run`] or [`bench`].
+//! [`run`] or [`bench()`].
 
 mod bench;
 mod client;
@@ -22,8 +23,8 @@ pub use client::{ClientCommand, run};
 
 /// Where the client commands and the bench find the node, shared by all of them so scripts can
 /// set `VERGE_URL` / `VERGE_TOKEN` once.
-///
-/// (`about = None`: see [`ClientCommand`]; this comment must not become the parent's help.)
+// `about = None`: clap applies the doc comment of a flattened item to the command it is
+// flattened into, and this one must not become the help text of `verge`.
 #[derive(Debug, Clone, clap::Args)]
 #[command(about = None, long_about = None)]
 pub struct ClientOpts {

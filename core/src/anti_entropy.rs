@@ -1,0 +1,251 @@
+//! Finding which documents two nodes disagree on, at a cost that grows with the difference.
+//!
+//! Each document is summarised by a 32-byte digest of its id and heads. Two nodes reconcile
+//! their digest sets with range-based set reconciliation (negentropy): equal ranges are
+//! dismissed by one fingerprint, so 100,000 documents of which 10 differ cost a few kilobytes.
+//! The digests that differ name the documents to run Automerge sync on. Everything here is
+//! pure: the node owns the sockets and decides when to reconcile.
+
+use std::collections::{BTreeMap, HashMap};
+
+use automerge::ChangeHash;
+use negentropy::{Id, Negentropy, NegentropyStorageVector};
+use sha2::{Digest, Sha256};
+
+use crate::doc_id::DocId;
+
+/// Largest negentropy message; more differences take more round trips, never bigger frames.
+pub const RECONCILE_FRAME_BYTES: u64 = 60 * 1024;
+/// Most reconciliation round trips in one session before it gives up (and retries later).
+pub const RECONCILE_ROUNDS_MAX: usize = 64;
+
+/// A document's digest: equal digests mean equal id and equal heads.
+pub fn digest(doc: &DocId, heads: &[ChangeHash]) -> [u8; 32] {
+    let mut sorted: Vec<&ChangeHash> = heads.iter().collect();
+    sorted.sort();
+    let mut h = Sha256::new();
+    h.update((doc.as_str().len() as u64).to_be_bytes());
+    h.update(doc.as_str().as_bytes());
+    for head in sorted {
+        h.update(head.0);
+    }
+    h.finalize().into()
+}
+
+/// The digests of every document a node holds, kept current as documents change.
+#[derive(Debug, Default, Clone)]
+pub struct DigestIndex {
+    by_doc: BTreeMap<DocId, [u8; 32]>,
+    by_digest: HashMap<[u8; 32], DocId>,
+}
+
+impl DigestIndex {
+    /// An empty index.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records a document's current heads.
+    pub fn update(&mut self, doc: &DocId, heads: &[ChangeHash]) {
+        let d = digest(doc, heads);
+        if let Some(old) = self.by_doc.insert(doc.clone(), d) {
+            self.by_digest.remove(&old);
+        }
+        self.by_digest.insert(d, doc.clone());
+    }
+
+    /// Forgets a purged document.
+    pub fn remove(&mut self, doc: &DocId) {
+        if let Some(old) = self.by_doc.remove(doc) {
+            self.by_digest.remove(&old);
+        }
+    }
+
+    /// The document with this digest, if held here.
+    pub fn doc_for(&self, digest: &[u8; 32]) -> Option<&DocId> {
+        self.by_digest.get(digest)
+    }
+
+    /// Documents held.
+    pub fn len(&self) -> usize {
+        self.by_doc.len()
+    }
+
+    /// Whether no document is held.
+    pub fn is_empty(&self) -> bool {
+        self.by_doc.is_empty()
+    }
+
+    /// A sealed negentropy storage of every digest.
+    pub fn storage(&self) -> NegentropyStorageVector {
+        let mut storage = NegentropyStorageVector::with_capacity(self.by_doc.len());
+        for d in self.by_doc.values() {
+            // Inserting into an unsealed storage cannot fail.
+            let _ = storage.insert(0, Id::from_byte_array(*d));
+        }
+        let _ = storage.seal();
+        storage
+    }
+}
+
+/// Why reconciliation failed: the peer sent a malformed message or took too many rounds.
+#[derive(Debug, thiserror::Error)]
+#[error("reconciliation: {0}")]
+pub struct ReconcileError(String);
+
+/// The initiating side of a reconciliation session.
+pub struct Initiator {
+    ne: Negentropy<'static, NegentropyStorageVector>,
+    rounds: usize,
+    /// Digests held here and not by the peer.
+    pub have: Vec<[u8; 32]>,
+    /// Digests held by the peer and not here.
+    pub need: Vec<[u8; 32]>,
+}
+
+impl std::fmt::Debug for Initiator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Initiator").field("rounds", &self.rounds).finish_non_exhaustive()
+    }
+}
+
+impl Initiator {
+    /// Starts a session over `storage`; returns the session and the first message.
+    pub fn start(storage: NegentropyStorageVector) -> Result<(Self, Vec<u8>), ReconcileError> {
+        let mut ne = Negentropy::owned(storage, RECONCILE_FRAME_BYTES).map_err(|e| ReconcileError(e.to_string()))?;
+        let first = ne.initiate().map_err(|e| ReconcileError(e.to_string()))?;
+        Ok((Self { ne, rounds: 0, have: Vec::new(), need: Vec::new() }, first))
+    }
+
+    /// Handles the responder's reply: `Some(next)` to send, or `None` when reconciliation is
+    /// complete and [`Initiator::have`] and [`Initiator::need`] are final.
+    pub fn step(&mut self, reply: &[u8]) -> Result<Option<Vec<u8>>, ReconcileError> {
+        self.rounds += 1;
+        if self.rounds > RECONCILE_ROUNDS_MAX {
+            return Err(ReconcileError(format!("more than {RECONCILE_ROUNDS_MAX} rounds")));
+        }
+        let (mut have, mut need) = (Vec::new(), Vec::new());
+        let next = self.ne.reconcile_with_ids(reply, &mut have, &mut need).map_err(|e| ReconcileError(e.to_string()))?;
+        self.have.extend(have.iter().map(|id| *id.as_bytes()));
+        self.need.extend(need.iter().map(|id| *id.as_bytes()));
+        Ok(next)
+    }
+
+    /// Round trips so far.
+    pub fn rounds(&self) -> usize {
+        self.rounds
+    }
+}
+
+/// The responding side: answers each message of a session over its own storage.
+pub struct Responder {
+    ne: Negentropy<'static, NegentropyStorageVector>,
+}
+
+impl std::fmt::Debug for Responder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Responder").finish_non_exhaustive()
+    }
+}
+
+impl Responder {
+    /// A responder over `storage`.
+    pub fn new(storage: NegentropyStorageVector) -> Result<Self, ReconcileError> {
+        Ok(Self { ne: Negentropy::owned(storage, RECONCILE_FRAME_BYTES).map_err(|e| ReconcileError(e.to_string()))? })
+    }
+
+    /// Answers one message.
+    pub fn reply(&mut self, message: &[u8]) -> Result<Vec<u8>, ReconcileError> {
+        self.ne.reconcile(message).map_err(|e| ReconcileError(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn index(n: usize, differing: &[usize], salt: u8) -> DigestIndex {
+        let mut idx = DigestIndex::new();
+        for i in 0..n {
+            let doc = DocId::new(format!("doc/{i}")).expect("valid");
+            let head = if differing.contains(&i) { [salt; 32] } else { [0; 32] };
+            idx.update(&doc, &[ChangeHash(head)]);
+        }
+        idx
+    }
+
+    fn reconcile(a: &DigestIndex, b: &DigestIndex) -> (Initiator, usize) {
+        let (mut init, mut msg) = Initiator::start(a.storage()).expect("start");
+        let mut resp = Responder::new(b.storage()).expect("responder");
+        let mut bytes = msg.len();
+        loop {
+            let reply = resp.reply(&msg).expect("reply");
+            bytes += reply.len();
+            match init.step(&reply).expect("step") {
+                Some(next) => {
+                    bytes += next.len();
+                    msg = next;
+                }
+                None => return (init, bytes),
+            }
+        }
+    }
+
+    #[test]
+    fn finds_exactly_the_differing_documents() {
+        let differing = [3, 500, 9_999];
+        let a = index(10_000, &differing, 1);
+        let b = index(10_000, &differing, 2);
+        let (init, bytes) = reconcile(&a, &b);
+        let mut docs: Vec<String> = init.have.iter().map(|d| a.doc_for(d).expect("local digest").to_string()).collect();
+        docs.sort();
+        assert_eq!(docs, ["doc/3", "doc/500", "doc/9999"]);
+        let mut theirs: Vec<String> = init.need.iter().map(|d| b.doc_for(d).expect("remote digest").to_string()).collect();
+        theirs.sort();
+        assert_eq!(theirs, ["doc/3", "doc/500", "doc/9999"]);
+        assert!(bytes < 20_000, "{bytes} bytes exchanged");
+    }
+
+    #[test]
+    fn documents_only_one_side_holds() {
+        let mut a = index(100, &[], 0);
+        let b = index(100, &[], 0);
+        a.update(&DocId::new("only/a").expect("valid"), &[ChangeHash([5; 32])]);
+        let (init, _) = reconcile(&a, &b);
+        assert_eq!(init.have.len(), 1);
+        assert!(init.need.is_empty());
+    }
+
+    #[test]
+    fn equal_sets_need_one_round_trip() {
+        let a = index(1_000, &[], 0);
+        let (init, bytes) = reconcile(&a, &a.clone());
+        assert!(init.have.is_empty() && init.need.is_empty());
+        assert_eq!(init.rounds(), 1);
+        assert!(bytes < 1_000, "{bytes}");
+    }
+
+    #[test]
+    fn index_tracks_updates_and_removals() {
+        let mut idx = DigestIndex::new();
+        let doc = DocId::new("x").expect("valid");
+        idx.update(&doc, &[ChangeHash([1; 32])]);
+        let old = digest(&doc, &[ChangeHash([1; 32])]);
+        idx.update(&doc, &[ChangeHash([2; 32])]);
+        assert!(idx.doc_for(&old).is_none());
+        assert_eq!(idx.len(), 1);
+        idx.remove(&doc);
+        assert!(idx.is_empty());
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        let a = index(10, &[], 0);
+        let mut resp = Responder::new(a.storage()).expect("responder");
+        for junk in [&[][..], &[0x61], &[0x61, 0xff, 0xff, 0xff], &[0x00; 64]] {
+            let _ = resp.reply(junk);
+        }
+        let (mut init, _) = Initiator::start(a.storage()).expect("start");
+        let _ = init.step(&[0x61, 0x00, 0x05]);
+    }
+}
