@@ -105,16 +105,27 @@ pub struct Initiator {
 
 impl std::fmt::Debug for Initiator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Initiator").field("rounds", &self.rounds).finish_non_exhaustive()
+        f.debug_struct("Initiator")
+            .field("rounds", &self.rounds)
+            .finish_non_exhaustive()
     }
 }
 
 impl Initiator {
     /// Starts a session over `storage`; returns the session and the first message.
     pub fn start(storage: NegentropyStorageVector) -> Result<(Self, Vec<u8>), ReconcileError> {
-        let mut ne = Negentropy::owned(storage, RECONCILE_FRAME_BYTES).map_err(|e| ReconcileError(e.to_string()))?;
+        let mut ne = Negentropy::owned(storage, RECONCILE_FRAME_BYTES)
+            .map_err(|e| ReconcileError(e.to_string()))?;
         let first = ne.initiate().map_err(|e| ReconcileError(e.to_string()))?;
-        Ok((Self { ne, rounds: 0, have: Vec::new(), need: Vec::new() }, first))
+        Ok((
+            Self {
+                ne,
+                rounds: 0,
+                have: Vec::new(),
+                need: Vec::new(),
+            },
+            first,
+        ))
     }
 
     /// Handles the responder's reply: `Some(next)` to send, or `None` when reconciliation is
@@ -122,10 +133,15 @@ impl Initiator {
     pub fn step(&mut self, reply: &[u8]) -> Result<Option<Vec<u8>>, ReconcileError> {
         self.rounds += 1;
         if self.rounds > RECONCILE_ROUNDS_MAX {
-            return Err(ReconcileError(format!("more than {RECONCILE_ROUNDS_MAX} rounds")));
+            return Err(ReconcileError(format!(
+                "more than {RECONCILE_ROUNDS_MAX} rounds"
+            )));
         }
         let (mut have, mut need) = (Vec::new(), Vec::new());
-        let next = self.ne.reconcile_with_ids(reply, &mut have, &mut need).map_err(|e| ReconcileError(e.to_string()))?;
+        let next = self
+            .ne
+            .reconcile_with_ids(reply, &mut have, &mut need)
+            .map_err(|e| ReconcileError(e.to_string()))?;
         self.have.extend(have.iter().map(|id| *id.as_bytes()));
         self.need.extend(need.iter().map(|id| *id.as_bytes()));
         Ok(next)
@@ -151,12 +167,17 @@ impl std::fmt::Debug for Responder {
 impl Responder {
     /// A responder over `storage`.
     pub fn new(storage: NegentropyStorageVector) -> Result<Self, ReconcileError> {
-        Ok(Self { ne: Negentropy::owned(storage, RECONCILE_FRAME_BYTES).map_err(|e| ReconcileError(e.to_string()))? })
+        Ok(Self {
+            ne: Negentropy::owned(storage, RECONCILE_FRAME_BYTES)
+                .map_err(|e| ReconcileError(e.to_string()))?,
+        })
     }
 
     /// Answers one message.
     pub fn reply(&mut self, message: &[u8]) -> Result<Vec<u8>, ReconcileError> {
-        self.ne.reconcile(message).map_err(|e| ReconcileError(e.to_string()))
+        self.ne
+            .reconcile(message)
+            .map_err(|e| ReconcileError(e.to_string()))
     }
 }
 
@@ -168,7 +189,11 @@ mod tests {
         let mut idx = DigestIndex::new();
         for i in 0..n {
             let doc = DocId::new(format!("doc/{i}")).expect("valid");
-            let head = if differing.contains(&i) { [salt; 32] } else { [0; 32] };
+            let head = if differing.contains(&i) {
+                [salt; 32]
+            } else {
+                [0; 32]
+            };
             idx.update(&doc, &[ChangeHash(head)]);
         }
         idx
@@ -197,10 +222,18 @@ mod tests {
         let a = index(10_000, &differing, 1);
         let b = index(10_000, &differing, 2);
         let (init, bytes) = reconcile(&a, &b);
-        let mut docs: Vec<String> = init.have.iter().map(|d| a.doc_for(d).expect("local digest").to_string()).collect();
+        let mut docs: Vec<String> = init
+            .have
+            .iter()
+            .map(|d| a.doc_for(d).expect("local digest").to_string())
+            .collect();
         docs.sort();
         assert_eq!(docs, ["doc/3", "doc/500", "doc/9999"]);
-        let mut theirs: Vec<String> = init.need.iter().map(|d| b.doc_for(d).expect("remote digest").to_string()).collect();
+        let mut theirs: Vec<String> = init
+            .need
+            .iter()
+            .map(|d| b.doc_for(d).expect("remote digest").to_string())
+            .collect();
         theirs.sort();
         assert_eq!(theirs, ["doc/3", "doc/500", "doc/9999"]);
         assert!(bytes < 20_000, "{bytes} bytes exchanged");
@@ -210,7 +243,10 @@ mod tests {
     fn documents_only_one_side_holds() {
         let mut a = index(100, &[], 0);
         let b = index(100, &[], 0);
-        a.update(&DocId::new("only/a").expect("valid"), &[ChangeHash([5; 32])]);
+        a.update(
+            &DocId::new("only/a").expect("valid"),
+            &[ChangeHash([5; 32])],
+        );
         let (init, _) = reconcile(&a, &b);
         assert_eq!(init.have.len(), 1);
         assert!(init.need.is_empty());

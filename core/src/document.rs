@@ -364,7 +364,10 @@ fn apply_op<T: Transactable>(tx: &mut T, op: &Op) -> Result<(), String> {
             prop => write_value(tx, &target.obj, prop, value, false),
         },
         Op::Del { .. } => match prop_of(&target, last)? {
-            Prop::Seq(n) if n >= tx.length(&target.obj) => Ok(()),
+            Prop::Seq(n) if n >= tx.length(&target.obj) => {
+                let len = tx.length(&target.obj);
+                Err(format!("index {n} is out of range for a list of {len}"))
+            }
             prop => {
                 if tx.get(&target.obj, prop.clone()).map_err(err)?.is_some() {
                     tx.delete(&target.obj, prop).map_err(err)?;

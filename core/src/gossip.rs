@@ -25,7 +25,13 @@ impl Batcher {
     /// A batcher that sends `window_ms` after the first change, or as soon as `bytes_max`
     /// bytes are waiting.
     pub fn new(window_ms: i64, bytes_max: usize) -> Self {
-        Self { window_ms, bytes_max, pending: BTreeMap::new(), bytes: 0, opened_at_ms: None }
+        Self {
+            window_ms,
+            bytes_max,
+            pending: BTreeMap::new(),
+            bytes: 0,
+            opened_at_ms: None,
+        }
     }
 
     /// Adds changes; returns `true` when the batch is full and should be taken now.
@@ -50,7 +56,10 @@ impl Batcher {
     pub fn take(&mut self) -> Vec<DocChanges> {
         self.opened_at_ms = None;
         self.bytes = 0;
-        std::mem::take(&mut self.pending).into_iter().map(|(doc, changes)| DocChanges { doc, changes }).collect()
+        std::mem::take(&mut self.pending)
+            .into_iter()
+            .map(|(doc, changes)| DocChanges { doc, changes })
+            .collect()
     }
 
     /// Whether nothing is waiting.
@@ -70,7 +79,10 @@ pub struct FanoutPolicy {
 
 impl Default for FanoutPolicy {
     fn default() -> Self {
-        Self { full_fanout_max: 8, fanout: 4 }
+        Self {
+            full_fanout_max: 8,
+            fanout: 4,
+        }
     }
 }
 
@@ -85,7 +97,11 @@ impl FanoutPolicy {
         random: &mut impl FnMut(usize) -> usize,
     ) -> Vec<P> {
         if peers.len() <= self.full_fanout_max {
-            return if hops == 0 { peers.to_vec() } else { Vec::new() };
+            return if hops == 0 {
+                peers.to_vec()
+            } else {
+                Vec::new()
+            };
         }
         if hops >= HOPS_MAX {
             return Vec::new();
@@ -122,9 +138,16 @@ mod tests {
         assert!(b.due(15));
         let batch = b.take();
         assert_eq!(batch.len(), 2);
-        assert_eq!(batch[0].changes.len(), 2, "changes of one document stay together, in order");
+        assert_eq!(
+            batch[0].changes.len(),
+            2,
+            "changes of one document stay together, in order"
+        );
         assert!(b.is_empty());
-        assert!(b.push(20, id("c"), vec![vec![0; 100]]), "full batches go at once");
+        assert!(
+            b.push(20, id("c"), vec![vec![0; 100]]),
+            "full batches go at once"
+        );
     }
 
     #[test]
@@ -138,11 +161,16 @@ mod tests {
 
     #[test]
     fn large_clusters_get_a_random_subset_excluding_the_sender() {
-        let policy = FanoutPolicy { full_fanout_max: 8, fanout: 4 };
+        let policy = FanoutPolicy {
+            full_fanout_max: 8,
+            fanout: 4,
+        };
         let peers: Vec<u32> = (0..30).collect();
         let mut state = 7usize;
         let mut rnd = |n: usize| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (state >> 33) % n
         };
         for _ in 0..100 {

@@ -7,8 +7,8 @@
 
 pub mod anti_entropy;
 pub mod doc_id;
-pub mod gossip;
 pub mod document;
+pub mod gossip;
 pub mod heads;
 pub mod limits;
 pub mod ops;

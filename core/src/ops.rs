@@ -152,7 +152,7 @@ pub enum Op {
         /// The value; objects and arrays become nested maps and lists.
         value: Json,
     },
-    /// Delete a map key or a list element; deleting what is absent does nothing.
+    /// Delete a map key (a missing key is no error) or a list element (the index must exist).
     Del {
         /// What to delete.
         path: Path,

@@ -23,7 +23,10 @@ const fn config() -> bincode::config::Configuration<
     bincode::config::Varint,
     bincode::config::Limit<FRAME_BYTES_MAX>,
 > {
-    bincode::config::standard().with_big_endian().with_variable_int_encoding().with_limit::<FRAME_BYTES_MAX>()
+    bincode::config::standard()
+        .with_big_endian()
+        .with_variable_int_encoding()
+        .with_limit::<FRAME_BYTES_MAX>()
 }
 
 /// One message between two nodes.
@@ -94,7 +97,9 @@ impl<Context> Decode<Context> for DocId {
 }
 
 impl<'de, Context> BorrowDecode<'de, Context> for DocId {
-    fn borrow_decode<D: BorrowDecoder<'de, Context = Context>>(decoder: &mut D) -> Result<Self, DecodeError> {
+    fn borrow_decode<D: BorrowDecoder<'de, Context = Context>>(
+        decoder: &mut D,
+    ) -> Result<Self, DecodeError> {
         let raw = String::borrow_decode(decoder)?;
         DocId::new(raw).map_err(|e| DecodeError::OtherString(e.to_string()))
     }
@@ -174,10 +179,14 @@ impl PeerMessage {
             PeerMessage::Changes(batch) => {
                 let n: usize = batch.docs.iter().map(|d| d.changes.len()).sum();
                 if n > WIRE_CHANGES_PER_BATCH_MAX {
-                    return Err(WireError::Limit(format!("batch of {n} changes exceeds {WIRE_CHANGES_PER_BATCH_MAX}")));
+                    return Err(WireError::Limit(format!(
+                        "batch of {n} changes exceeds {WIRE_CHANGES_PER_BATCH_MAX}"
+                    )));
                 }
             }
-            PeerMessage::SyncRequest { digests } if digests.len() > WIRE_DIGESTS_PER_MESSAGE_MAX => {
+            PeerMessage::SyncRequest { digests }
+                if digests.len() > WIRE_DIGESTS_PER_MESSAGE_MAX =>
+            {
                 return Err(WireError::Limit(format!(
                     "{} digests exceed {WIRE_DIGESTS_PER_MESSAGE_MAX}",
                     digests.len()
@@ -200,7 +209,8 @@ mod tests {
 
     fn round_trip(m: &PeerMessage) -> PeerMessage {
         let frame = m.to_frame().expect("encodes");
-        let len = PeerMessage::check_len(frame[..4].try_into().expect("4 bytes")).expect("length ok");
+        let len =
+            PeerMessage::check_len(frame[..4].try_into().expect("4 bytes")).expect("length ok");
         assert_eq!(len, frame.len() - 4);
         PeerMessage::from_body(&frame[4..]).expect("decodes")
     }
@@ -211,13 +221,26 @@ mod tests {
             PeerMessage::Changes(ChangeBatch {
                 batch_id: 7,
                 hops: 1,
-                docs: vec![DocChanges { doc: id("cart/1"), changes: vec![vec![1, 2, 3], vec![]] }],
+                docs: vec![DocChanges {
+                    doc: id("cart/1"),
+                    changes: vec![vec![1, 2, 3], vec![]],
+                }],
             }),
             PeerMessage::Persisted { batch_id: u64::MAX },
-            PeerMessage::Reconcile { message: vec![0x61; 100] },
-            PeerMessage::SyncRequest { digests: vec![[9; 32]] },
-            PeerMessage::DocSync { doc: id("a"), message: Some(vec![0x42]) },
-            PeerMessage::DocSync { doc: id("a"), message: None },
+            PeerMessage::Reconcile {
+                message: vec![0x61; 100],
+            },
+            PeerMessage::SyncRequest {
+                digests: vec![[9; 32]],
+            },
+            PeerMessage::DocSync {
+                doc: id("a"),
+                message: Some(vec![0x42]),
+            },
+            PeerMessage::DocSync {
+                doc: id("a"),
+                message: None,
+            },
             PeerMessage::Membership(vec![1; 10]),
         ];
         for m in &messages {
@@ -227,15 +250,34 @@ mod tests {
 
     #[test]
     fn refuses_bad_frames() {
-        assert!(matches!(PeerMessage::check_len([0, 0, 0, 0]), Err(WireError::Empty)));
-        assert!(matches!(PeerMessage::check_len([0xff; 4]), Err(WireError::TooLarge(_))));
+        assert!(matches!(
+            PeerMessage::check_len([0, 0, 0, 0]),
+            Err(WireError::Empty)
+        ));
+        assert!(matches!(
+            PeerMessage::check_len([0xff; 4]),
+            Err(WireError::TooLarge(_))
+        ));
         assert!(matches!(PeerMessage::from_body(&[]), Err(WireError::Empty)));
-        assert!(matches!(PeerMessage::from_body(&[9, 0]), Err(WireError::Version(9))));
-        let mut frame = PeerMessage::Persisted { batch_id: 1 }.to_frame().expect("encodes");
+        assert!(matches!(
+            PeerMessage::from_body(&[9, 0]),
+            Err(WireError::Version(9))
+        ));
+        let mut frame = PeerMessage::Persisted { batch_id: 1 }
+            .to_frame()
+            .expect("encodes");
         frame.push(0);
-        assert!(matches!(PeerMessage::from_body(&frame[4..]), Err(WireError::Trailing(1))));
+        assert!(matches!(
+            PeerMessage::from_body(&frame[4..]),
+            Err(WireError::Trailing(1))
+        ));
         // An invalid document id inside a valid encoding.
-        let bad = PeerMessage::DocSync { doc: id("a"), message: None }.to_frame().expect("encodes");
+        let bad = PeerMessage::DocSync {
+            doc: id("a"),
+            message: None,
+        }
+        .to_frame()
+        .expect("encodes");
         let mut body = bad[4..].to_vec();
         if let Some(pos) = body.iter().position(|b| *b == b'a') {
             body[pos] = b' ';
@@ -246,8 +288,13 @@ mod tests {
     #[test]
     fn refuses_oversized_counts() {
         let digests = vec![[0u8; 32]; WIRE_DIGESTS_PER_MESSAGE_MAX + 1];
-        let frame = PeerMessage::SyncRequest { digests }.to_frame().expect("encodes");
-        assert!(matches!(PeerMessage::from_body(&frame[4..]), Err(WireError::Limit(_))));
+        let frame = PeerMessage::SyncRequest { digests }
+            .to_frame()
+            .expect("encodes");
+        assert!(matches!(
+            PeerMessage::from_body(&frame[4..]),
+            Err(WireError::Limit(_))
+        ));
     }
 
     proptest! {

@@ -6,15 +6,16 @@
 //! answers. Reads are served from memory and may include writes whose commit is in flight.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use automerge::sync::{Message, State as SyncState, SyncDoc};
+use automerge::sync::{BloomFilter, Message, State as SyncState, SyncDoc};
 use automerge::{ActorId, Automerge, ChangeHash};
 use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use tokio::sync::{broadcast, mpsc, oneshot};
+use verge_core::anti_entropy::DigestIndex;
 use verge_core::document::{self, Lifecycle, load_document, new_document};
 use verge_core::limits::{DOC_BYTES_MAX, SYNC_MESSAGE_BYTES_MAX};
 use verge_core::{ApplyError, DocId, Expiry, Write, heads_to_hex};
@@ -143,6 +144,8 @@ pub struct Documents {
     events: broadcast::Sender<Arc<ChangeEvent>>,
     compaction_tx: mpsc::Sender<DocId>,
     config: DocumentsConfig,
+    digests: Mutex<DigestIndex>,
+    feed: OnceLock<mpsc::Sender<LocalChange>>,
 }
 
 impl std::fmt::Debug for Documents {
@@ -185,8 +188,39 @@ impl Documents {
             events,
             compaction_tx,
             config,
+            digests: Mutex::new(DigestIndex::new()),
+            feed: OnceLock::new(),
         });
         (docs, compaction_rx)
+    }
+
+    /// Hands changes made here to replication. Set once, when replication starts.
+    pub fn set_feed(&self, feed: mpsc::Sender<LocalChange>) {
+        let _ = self.feed.set(feed);
+    }
+
+    /// Fills the digest index from the store; called once at start-up.
+    pub fn load_digests(&self) -> Result<usize, DocError> {
+        let mut index = DigestIndex::new();
+        self.store.scan_meta("", None, |id, meta| {
+            if let Ok(id) = DocId::new(id) {
+                index.update(&id, &meta.heads);
+            }
+            true
+        })?;
+        let n = index.len();
+        *lock(&self.digests) = index;
+        Ok(n)
+    }
+
+    /// A sealed negentropy storage of every document's digest, for anti-entropy.
+    pub fn digest_storage(&self) -> negentropy::NegentropyStorageVector {
+        lock(&self.digests).storage()
+    }
+
+    /// The document with this digest, if this node holds it at those heads.
+    pub fn doc_for_digest(&self, digest: &[u8; 32]) -> Option<DocId> {
+        lock(&self.digests).doc_for(digest).cloned()
     }
 
     /// The actor this node writes new changes as.
@@ -335,6 +369,7 @@ impl Documents {
         write: &Write,
         expiry: Expiry,
         size_hint: usize,
+        waiter: Option<Arc<ReplicaWaiter>>,
     ) -> Result<Vec<ChangeHash>, DocError> {
         let now = self.now_ms();
         let entry = self.entry(id);
@@ -388,7 +423,7 @@ impl Documents {
                 queue_slot,
             )
         };
-        self.finish(&entry, pending).await
+        self.finish(&entry, pending, Origin::Client, waiter).await
     }
 
     /// Records new in-memory changes of `slot` in its metadata and queues them for the writer.
@@ -414,6 +449,7 @@ impl Documents {
         meta.change_rows += changes.len() as u64;
         slot.read_cache = None;
         let (ack_tx, ack_rx) = oneshot::channel();
+        let broadcast = changes.clone();
         queue_slot.send(Job {
             mutation: Mutation::Append {
                 id: entry.id.clone(),
@@ -436,20 +472,38 @@ impl Documents {
                 deleted: slot.meta.deleted,
             },
             heads: slot.meta.heads.clone(),
+            changes: broadcast,
         }
     }
 
-    /// Waits for the durable commit of queued changes, then tells watchers.
+    /// Waits for the durable commit of queued changes, then tells watchers and, for changes
+    /// made here, the replication feed.
     async fn finish(
         &self,
         entry: &Arc<Entry>,
         pending: Pending,
+        origin: Origin,
+        waiter: Option<Arc<ReplicaWaiter>>,
     ) -> Result<Vec<ChangeHash>, DocError> {
         let outcome = pending.ack.await.unwrap_or(Err(CommitError::Stopped));
         match outcome {
             Ok(()) => {
                 self.metrics.writes.inc();
+                lock(&self.digests).update(&entry.id, &pending.heads);
                 let _ = self.events.send(Arc::new(pending.event));
+                if origin == Origin::Client
+                    && let Some(feed) = self.feed.get()
+                {
+                    let change = LocalChange {
+                        doc: entry.id.clone(),
+                        changes: pending.changes,
+                        waiter,
+                    };
+                    if feed.try_send(change).is_err() {
+                        // Anti-entropy repairs what the broadcast misses.
+                        self.metrics.broadcast_dropped.inc();
+                    }
+                }
                 Ok(pending.heads)
             }
             Err(e) => {
@@ -473,10 +527,60 @@ impl Documents {
             )));
         }
         let message = Message::decode(body).map_err(|e| DocError::InvalidSync(e.to_string()))?;
-        let incoming: usize = message.changes.iter().map(<[u8]>::len).sum();
+        let mut state = SyncState::new();
+        let (reply, applied) = self
+            .exchange(id, &mut state, Some(message), Origin::Client)
+            .await?;
+        // When we hold every head the client announced, our answer's `have` has `last_sync` =
+        // those heads, and a peer only looks for its own changes *after* `last_sync` that are
+        // missing from the Bloom filter: ours never qualify, so the filter is dead weight. From
+        // a fresh state it covers every change the client lacks, the whole history (~1.3 B per
+        // change) when the client opens from empty. An empty filter means the same to any
+        // Automerge peer and costs nothing.
+        let knows_their_heads = state.their_heads.as_ref() == Some(&state.shared_heads);
+        let reply = reply
+            .map(|mut reply| {
+                if knows_their_heads {
+                    for have in &mut reply.have {
+                        have.bloom = BloomFilter::default();
+                    }
+                }
+                reply.encode()
+            })
+            .unwrap_or_default();
+        self.metrics.sync_bytes_sent.inc_by(reply.len() as u64);
+        Ok(SyncReply {
+            message: reply,
+            applied_changes: applied,
+        })
+    }
+
+    /// One step of a node-to-node sync session: applies the peer's message (durably) and
+    /// returns the next message for the peer, if any. The session's state lives with the caller.
+    pub async fn peer_sync_step(
+        &self,
+        id: &DocId,
+        state: &mut SyncState,
+        incoming: Option<Message>,
+    ) -> Result<Option<Message>, DocError> {
+        Ok(self.exchange(id, state, incoming, Origin::Peer).await?.0)
+    }
+
+    /// Receives `incoming` (if any) into the document, persists the changes it added, and
+    /// generates the next message. Returns that message and the bytes of new changes.
+    async fn exchange(
+        &self,
+        id: &DocId,
+        state: &mut SyncState,
+        incoming: Option<Message>,
+        origin: Origin,
+    ) -> Result<(Option<Message>, usize), DocError> {
+        let incoming_bytes: usize = incoming
+            .as_ref()
+            .map_or(0, |m| m.changes.iter().map(<[u8]>::len).sum());
         let now = self.now_ms();
         let entry = self.entry(id);
-        let queue_slot = if incoming > 0 {
+        let queue_slot = if incoming_bytes > 0 {
             Some(self.reserve()?)
         } else {
             None
@@ -491,15 +595,16 @@ impl Documents {
                 ));
             }
             let slot = guard.as_mut().expect("load fills the slot");
-            if slot.meta.size_bytes.saturating_add(incoming as u64) > DOC_BYTES_MAX as u64 {
+            if slot.meta.size_bytes.saturating_add(incoming_bytes as u64) > DOC_BYTES_MAX as u64 {
                 return Err(DocError::TooLarge(format!(
                     "document {id} holds {} bytes; these changes could take it past the {DOC_BYTES_MAX} byte limit",
                     slot.meta.size_bytes
                 )));
             }
             let before = slot.doc.get_heads();
-            let mut state = SyncState::new();
-            if let Err(e) = slot.doc.receive_sync_message(&mut state, message) {
+            if let Some(message) = incoming
+                && let Err(e) = slot.doc.receive_sync_message(state, message)
+            {
                 // Some of the message's changes may have been applied before the failure.
                 drop(guard);
                 self.discard(&entry);
@@ -528,21 +633,66 @@ impl Documents {
                 }
                 (true, _) => None,
             };
-            let reply = slot
-                .doc
-                .generate_sync_message(&mut state)
-                .map(Message::encode)
-                .unwrap_or_default();
+            let reply = slot.doc.generate_sync_message(state);
             (reply, pending, applied)
         };
         if let Some(pending) = pending {
-            self.finish(&entry, pending).await?;
+            self.finish(&entry, pending, origin, None).await?;
         }
-        self.metrics.sync_bytes_sent.inc_by(reply.len() as u64);
-        Ok(SyncReply {
-            message: reply,
-            applied_changes: applied,
-        })
+        Ok((reply, applied))
+    }
+
+    /// Applies changes received from a peer's broadcast and makes them durable. Returns the
+    /// changes that were new here (empty when all were known: a duplicate delivery).
+    pub async fn apply_remote(
+        &self,
+        id: &DocId,
+        changes: &[Vec<u8>],
+    ) -> Result<Vec<Vec<u8>>, DocError> {
+        let incoming: usize = changes.iter().map(Vec::len).sum();
+        let now = self.now_ms();
+        let entry = self.entry(id);
+        let queue_slot = self.reserve()?;
+        let pending = {
+            let mut guard = self.load(&entry)?;
+            if entry.poisoned.load(Ordering::Acquire) {
+                drop(guard);
+                self.discard(&entry);
+                return Err(DocError::Storage(
+                    "an earlier write to this document failed; retry".into(),
+                ));
+            }
+            let slot = guard.as_mut().expect("load fills the slot");
+            if slot.meta.size_bytes.saturating_add(incoming as u64) > DOC_BYTES_MAX as u64 {
+                return Err(DocError::TooLarge(format!(
+                    "document {id} would exceed {DOC_BYTES_MAX} bytes"
+                )));
+            }
+            let before = slot.doc.get_heads();
+            for change in changes {
+                if let Err(e) = slot.doc.load_incremental(change) {
+                    drop(guard);
+                    self.discard(&entry);
+                    return Err(DocError::InvalidSync(format!(
+                        "a broadcast change does not apply: {e}"
+                    )));
+                }
+            }
+            let new: Vec<Vec<u8>> = slot
+                .doc
+                .get_changes(&before)
+                .into_iter()
+                .map(|c| c.raw_bytes().to_vec())
+                .collect();
+            if new.is_empty() {
+                return Ok(new);
+            }
+            let lifecycle = Lifecycle::of(&slot.doc);
+            self.enqueue_changes(&entry, slot, new, lifecycle, now, queue_slot)
+        };
+        let new = pending.changes.clone();
+        self.finish(&entry, pending, Origin::Peer, None).await?;
+        Ok(new)
     }
 
     /// Lists live documents whose ids start with `prefix`, after `cursor`.
@@ -664,6 +814,7 @@ impl Documents {
                 poisoned: Arc::clone(&entry.poisoned),
                 ack: None,
             });
+            lock(&self.digests).remove(&id);
             self.metrics.purged_docs.inc();
             purged += 1;
         }
@@ -675,4 +826,59 @@ struct Pending {
     ack: oneshot::Receiver<Result<(), CommitError>>,
     event: ChangeEvent,
     heads: Vec<ChangeHash>,
+    changes: Vec<Vec<u8>>,
+}
+
+/// Where a change came from, which decides whether this node broadcasts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// An API client: this node is the change's origin in the cluster.
+    Client,
+    /// A peer: replication already carries it.
+    Peer,
+}
+
+/// Changes committed here, handed to replication for broadcast.
+#[derive(Debug)]
+pub struct LocalChange {
+    /// The document.
+    pub doc: DocId,
+    /// The encoded changes.
+    pub changes: Vec<Vec<u8>>,
+    /// Counts the peers that persisted the changes, for `?replicas=N`.
+    pub waiter: Option<Arc<ReplicaWaiter>>,
+}
+
+/// Counts peer acknowledgements of one write.
+#[derive(Debug, Default)]
+pub struct ReplicaWaiter {
+    acked: std::sync::atomic::AtomicUsize,
+    notify: tokio::sync::Notify,
+}
+
+impl ReplicaWaiter {
+    /// Records that one more peer persisted the write.
+    pub fn ack(&self) {
+        self.acked.fetch_add(1, Ordering::AcqRel);
+        self.notify.notify_waiters();
+    }
+
+    /// Peers that persisted the write so far.
+    pub fn acked(&self) -> usize {
+        self.acked.load(Ordering::Acquire)
+    }
+
+    /// Waits until `n` peers persisted the write or `timeout` passes; returns the count.
+    pub async fn wait(&self, n: usize, timeout: std::time::Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.notify.notified();
+            if self.acked() >= n {
+                return self.acked();
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.acked();
+            }
+        }
+    }
 }

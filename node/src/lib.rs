@@ -12,5 +12,5 @@ pub mod documents;
 pub mod http;
 pub mod metrics;
 pub mod node;
-pub mod tls;
 pub mod store;
+pub mod tls;

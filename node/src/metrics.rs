@@ -56,6 +56,26 @@ pub struct Metrics {
     pub watchers: Gauge,
     /// Watch events dropped because a watcher was too slow.
     pub watch_lagged: Counter,
+    /// Local changes not broadcast because the replication queue was full.
+    pub broadcast_dropped: Counter,
+    /// Broadcast batches sent to peers.
+    pub gossip_batches_sent: Counter,
+    /// Broadcast batches received from peers.
+    pub gossip_batches_received: Counter,
+    /// Changes received from peers that were new here.
+    pub gossip_changes_applied: Counter,
+    /// Frames or connections from peers refused (bad TLS, malformed frames), by kind.
+    pub peer_refused: Family<KindLabels, Counter>,
+    /// Anti-entropy sessions run, by outcome.
+    pub anti_entropy_sessions: Family<KindLabels, Counter>,
+    /// Documents synced by anti-entropy.
+    pub anti_entropy_docs: Counter,
+    /// Bytes of reconciliation messages exchanged.
+    pub anti_entropy_bytes: Counter,
+    /// Peers currently reachable.
+    pub peers_up: Gauge,
+    /// Peers currently unreachable.
+    pub peers_down: Gauge,
 }
 
 impl Metrics {
@@ -83,6 +103,16 @@ impl Metrics {
             purged_docs: Counter::default(),
             watchers: Gauge::default(),
             watch_lagged: Counter::default(),
+            broadcast_dropped: Counter::default(),
+            gossip_batches_sent: Counter::default(),
+            gossip_batches_received: Counter::default(),
+            gossip_changes_applied: Counter::default(),
+            peer_refused: Family::default(),
+            anti_entropy_sessions: Family::default(),
+            anti_entropy_docs: Counter::default(),
+            anti_entropy_bytes: Counter::default(),
+            peers_up: Gauge::default(),
+            peers_down: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -173,7 +203,65 @@ impl Metrics {
             "Watch events dropped for slow watchers",
             m.watch_lagged.clone(),
         );
+        registry.register(
+            "broadcast_dropped",
+            "Local changes not broadcast because the replication queue was full",
+            m.broadcast_dropped.clone(),
+        );
+        registry.register(
+            "gossip_batches_sent",
+            "Broadcast batches sent to peers",
+            m.gossip_batches_sent.clone(),
+        );
+        registry.register(
+            "gossip_batches_received",
+            "Broadcast batches received from peers",
+            m.gossip_batches_received.clone(),
+        );
+        registry.register(
+            "gossip_changes_applied",
+            "Changes from peers that were new here",
+            m.gossip_changes_applied.clone(),
+        );
+        registry.register(
+            "peer_refused",
+            "Peer connections or frames refused, by kind",
+            m.peer_refused.clone(),
+        );
+        registry.register(
+            "anti_entropy_sessions",
+            "Anti-entropy sessions, by outcome",
+            m.anti_entropy_sessions.clone(),
+        );
+        registry.register(
+            "anti_entropy_docs",
+            "Documents synced by anti-entropy",
+            m.anti_entropy_docs.clone(),
+        );
+        registry.register(
+            "anti_entropy_bytes",
+            "Bytes of reconciliation messages exchanged",
+            m.anti_entropy_bytes.clone(),
+        );
+        registry.register("peers_up", "Peers currently reachable", m.peers_up.clone());
+        registry.register(
+            "peers_down",
+            "Peers currently unreachable",
+            m.peers_down.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    /// Counts a refused peer connection or frame.
+    pub fn peer_refused(&self, kind: &'static str) {
+        self.peer_refused.get_or_create(&vec![("kind", kind)]).inc();
+    }
+
+    /// Counts an anti-entropy session by outcome.
+    pub fn anti_entropy_session(&self, outcome: &'static str) {
+        self.anti_entropy_sessions
+            .get_or_create(&vec![("outcome", outcome)])
+            .inc();
     }
 
     /// Counts an input rejected while decoding.

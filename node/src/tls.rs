@@ -73,12 +73,19 @@ pub struct TlsFiles {
 impl TlsFiles {
     /// The files a node creates for itself in `dir` when none are configured.
     pub fn in_dir(dir: &Path) -> Self {
-        Self { ca: dir.join("ca.pem"), cert: dir.join("node.pem"), key: dir.join("node.key") }
+        Self {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("node.pem"),
+            key: dir.join("node.key"),
+        }
     }
 }
 
 fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), TlsError> {
-    let io = |source| TlsError::Io { path: path.to_owned(), source };
+    let io = |source| TlsError::Io {
+        path: path.to_owned(),
+        source,
+    };
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent).map_err(io)?;
     }
@@ -94,10 +101,16 @@ fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), TlsError>
 }
 
 fn read_file(path: &Path) -> Result<String, TlsError> {
-    let io = |source| TlsError::Io { path: path.to_owned(), source };
+    let io = |source| TlsError::Io {
+        path: path.to_owned(),
+        source,
+    };
     let len = fs::metadata(path).map_err(io)?.len();
     if len > PEM_FILE_BYTES_MAX {
-        return Err(TlsError::Invalid { path: path.to_owned(), message: format!("{len} bytes is too large for a PEM file") });
+        return Err(TlsError::Invalid {
+            path: path.to_owned(),
+            message: format!("{len} bytes is too large for a PEM file"),
+        });
     }
     fs::read_to_string(path).map_err(io)
 }
@@ -107,14 +120,23 @@ pub fn create_ca(dir: &Path) -> Result<(PathBuf, PathBuf), TlsError> {
     let (cert_path, key_path) = (dir.join("ca.pem"), dir.join("ca.key"));
     for p in [&cert_path, &key_path] {
         if p.exists() {
-            return Err(TlsError::Invalid { path: p.clone(), message: "already exists; remove it to create a new CA".into() });
+            return Err(TlsError::Invalid {
+                path: p.clone(),
+                message: "already exists; remove it to create a new CA".into(),
+            });
         }
     }
     let key = KeyPair::generate_for(&PKCS_ED25519)?;
     let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params.distinguished_name.push(DnType::CommonName, "Verge cluster CA");
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "Verge cluster CA");
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     let cert = params.self_signed(&key)?;
     write_file(&cert_path, &cert.pem(), false)?;
     write_file(&key_path, &key.serialize_pem(), true)?;
@@ -124,24 +146,41 @@ pub fn create_ca(dir: &Path) -> Result<(PathBuf, PathBuf), TlsError> {
 /// Creates a node certificate signed by the CA in `dir`: writes `dir/NAME.pem` and
 /// `dir/NAME.key`. Refuses to overwrite.
 pub fn create_node_cert(dir: &Path, name: &str) -> Result<(PathBuf, PathBuf), TlsError> {
-    if name.is_empty() || name.len() > 64 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.') {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    {
         return Err(TlsError::Invalid {
             path: dir.to_owned(),
             message: format!("node name {name:?} must be 1-64 characters of [A-Za-z0-9.-]"),
         });
     }
     let (ca_cert, ca_key) = (dir.join("ca.pem"), dir.join("ca.key"));
-    let (cert_path, key_path) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+    let (cert_path, key_path) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    );
     for p in [&cert_path, &key_path] {
         if p.exists() {
-            return Err(TlsError::Invalid { path: p.clone(), message: "already exists".into() });
+            return Err(TlsError::Invalid {
+                path: p.clone(),
+                message: "already exists".into(),
+            });
         }
     }
     let ca_key_pem = read_file(&ca_key)?;
-    let signing = KeyPair::from_pem(&ca_key_pem)
-        .map_err(|e| TlsError::Invalid { path: ca_key.clone(), message: format!("not a private key: {e}") })?;
-    let issuer = Issuer::from_ca_cert_pem(&read_file(&ca_cert)?, signing)
-        .map_err(|e| TlsError::Invalid { path: ca_cert.clone(), message: format!("not a CA certificate: {e}") })?;
+    let signing = KeyPair::from_pem(&ca_key_pem).map_err(|e| TlsError::Invalid {
+        path: ca_key.clone(),
+        message: format!("not a private key: {e}"),
+    })?;
+    let issuer = Issuer::from_ca_cert_pem(&read_file(&ca_cert)?, signing).map_err(|e| {
+        TlsError::Invalid {
+            path: ca_cert.clone(),
+            message: format!("not a CA certificate: {e}"),
+        }
+    })?;
     let (cert, key) = node_cert(name, &issuer)?;
     write_file(&cert_path, &cert, false)?;
     write_file(&key_path, &key, true)?;
@@ -153,7 +192,10 @@ fn node_cert(name: &str, issuer: &Issuer<'_, KeyPair>) -> Result<(String, String
     let mut params = CertificateParams::new(vec![CLUSTER_SERVER_NAME.to_owned(), name.to_owned()])?;
     params.distinguished_name.push(DnType::CommonName, name);
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
     let cert = params.signed_by(&key, issuer)?;
     Ok((cert.pem(), key.serialize_pem()))
 }
@@ -161,7 +203,11 @@ fn node_cert(name: &str, issuer: &Issuer<'_, KeyPair>) -> Result<(String, String
 /// Returns the configured files, or creates a CA and a node certificate in `dir` on first use
 /// so that a node started without configuration has working TLS. Peers of such a node need
 /// certificates from the CA it created (`dir/ca.pem`, `dir/ca.key`).
-pub fn ensure_node_files(configured: Option<TlsFiles>, dir: &Path, node_name: &str) -> Result<TlsFiles, TlsError> {
+pub fn ensure_node_files(
+    configured: Option<TlsFiles>,
+    dir: &Path,
+    node_name: &str,
+) -> Result<TlsFiles, TlsError> {
     if let Some(files) = configured {
         return Ok(files);
     }
@@ -172,11 +218,27 @@ pub fn ensure_node_files(configured: Option<TlsFiles>, dir: &Path, node_name: &s
     if !dir.join("ca.key").exists() {
         create_ca(dir)?;
     }
-    let signing = KeyPair::from_pem(&read_file(&dir.join("ca.key"))?)
-        .map_err(|e| TlsError::Invalid { path: dir.join("ca.key"), message: e.to_string() })?;
-    let issuer = Issuer::from_ca_cert_pem(&read_file(&files.ca)?, signing)
-        .map_err(|e| TlsError::Invalid { path: files.ca.clone(), message: e.to_string() })?;
-    let name: String = node_name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '-' }).collect();
+    let signing =
+        KeyPair::from_pem(&read_file(&dir.join("ca.key"))?).map_err(|e| TlsError::Invalid {
+            path: dir.join("ca.key"),
+            message: e.to_string(),
+        })?;
+    let issuer = Issuer::from_ca_cert_pem(&read_file(&files.ca)?, signing).map_err(|e| {
+        TlsError::Invalid {
+            path: files.ca.clone(),
+            message: e.to_string(),
+        }
+    })?;
+    let name: String = node_name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
     let (cert, key) = node_cert(&name, &issuer)?;
     write_file(&files.cert, &cert, false)?;
     write_file(&files.key, &key, true)?;
@@ -201,19 +263,25 @@ pub fn provider() -> Arc<CryptoProvider> {
 impl NodeTls {
     /// Loads the files and builds both configurations.
     pub fn load(files: &TlsFiles) -> Result<Self, TlsError> {
-        let invalid = |path: &Path, message: String| TlsError::Invalid { path: path.to_owned(), message };
+        let invalid = |path: &Path, message: String| TlsError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
         let ca_pem = read_file(&files.ca)?;
         let mut roots = RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
             let cert = cert.map_err(|e| invalid(&files.ca, format!("bad PEM: {e}")))?;
-            roots.add(cert).map_err(|e| invalid(&files.ca, format!("not a usable CA certificate: {e}")))?;
+            roots
+                .add(cert)
+                .map_err(|e| invalid(&files.ca, format!("not a usable CA certificate: {e}")))?;
         }
         if roots.is_empty() {
             return Err(invalid(&files.ca, "no certificate in file".into()));
         }
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(read_file(&files.cert)?.as_bytes())
-            .collect::<Result<_, _>>()
-            .map_err(|e| invalid(&files.cert, format!("bad PEM: {e}")))?;
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(read_file(&files.cert)?.as_bytes())
+                .collect::<Result<_, _>>()
+                .map_err(|e| invalid(&files.cert, format!("bad PEM: {e}")))?;
         if chain.is_empty() {
             return Err(invalid(&files.cert, "no certificate in file".into()));
         }
@@ -221,7 +289,9 @@ impl NodeTls {
             .map_err(|e| invalid(&files.key, format!("no private key: {e}")))?;
         let roots = Arc::new(roots);
         let provider = provider();
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::clone(&roots), Arc::clone(&provider)).build()?;
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::clone(&roots), Arc::clone(&provider))
+                .build()?;
         let mut server = ServerConfig::builder_with_provider(Arc::clone(&provider))
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
@@ -232,7 +302,10 @@ impl NodeTls {
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)?;
         client.alpn_protocols = vec![ALPN.to_vec()];
-        Ok(Self { server: Arc::new(server), client: Arc::new(client) })
+        Ok(Self {
+            server: Arc::new(server),
+            client: Arc::new(client),
+        })
     }
 }
 
@@ -246,7 +319,12 @@ mod tests {
         create_ca(dir.path()).expect("ca");
         assert!(create_ca(dir.path()).is_err(), "never overwrites a CA");
         let (cert, key) = create_node_cert(dir.path(), "edge-1").expect("node cert");
-        let tls = NodeTls::load(&TlsFiles { ca: dir.path().join("ca.pem"), cert, key }).expect("loads");
+        let tls = NodeTls::load(&TlsFiles {
+            ca: dir.path().join("ca.pem"),
+            cert,
+            key,
+        })
+        .expect("loads");
         assert_eq!(tls.server.alpn_protocols, vec![ALPN.to_vec()]);
         assert!(create_node_cert(dir.path(), "bad name").is_err());
     }

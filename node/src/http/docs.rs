@@ -14,6 +14,12 @@ use verge_core::limits::{LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, TTL_SECONDS_MAX};
 use verge_core::{DocId, Expiry, Op, Write, heads_to_hex};
 
 use super::{ApiError, AppState};
+use crate::documents::ReplicaWaiter;
+
+/// Most peers a write may wait for.
+pub const REPLICAS_MAX: usize = 16;
+/// How long a write waits for `?replicas=N` peers.
+pub const REPLICAS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 type IdPath = Result<Path<String>, PathRejection>;
 type Params = Result<Query<HashMap<String, String>>, QueryRejection>;
@@ -95,6 +101,62 @@ fn written(id: &DocId, heads: &[automerge::ChangeHash]) -> Response {
     Json(json!({ "id": id.as_str(), "heads": heads_to_hex(heads) })).into_response()
 }
 
+/// A prefix is a possibly empty beginning of a document id.
+pub(super) fn check_prefix(prefix: &str) -> Result<(), ApiError> {
+    if prefix.len() > verge_core::limits::DOC_ID_BYTES_MAX {
+        return Err(ApiError::invalid_query(
+            "prefix is longer than a document id can be",
+        ));
+    }
+    if let Some(b) = prefix.bytes().find(|b| !verge_core::doc_id::is_id_byte(*b)) {
+        return Err(ApiError::invalid_query(format!(
+            "prefix has byte 0x{b:02x}, outside the document id alphabet [A-Za-z0-9._~:/@+-]"
+        )));
+    }
+    Ok(())
+}
+
+/// Writes, then with `?replicas=N` waits until `N` peers persisted the change.
+async fn write_with_replicas(
+    state: &AppState,
+    id: &DocId,
+    write: &Write,
+    expiry: Expiry,
+    size: usize,
+    params: &HashMap<String, String>,
+) -> Result<Vec<automerge::ChangeHash>, ApiError> {
+    let replicas = match params.get("replicas") {
+        None => 0,
+        Some(raw) => raw
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n <= REPLICAS_MAX)
+            .ok_or_else(|| {
+                ApiError::invalid_query(format!("replicas must be 0..={REPLICAS_MAX}, got {raw:?}"))
+            })?,
+    };
+    if replicas == 0 {
+        return Ok(state.docs.write(id, write, expiry, size, None).await?);
+    }
+    let waiter = Arc::new(ReplicaWaiter::default());
+    let heads = state
+        .docs
+        .write(id, write, expiry, size, Some(Arc::clone(&waiter)))
+        .await?;
+    let acked = waiter.wait(replicas, REPLICAS_TIMEOUT).await;
+    if acked < replicas {
+        return Err(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "replication_timeout",
+            format!(
+                "the write is durable on this node but only {acked} of the {replicas} peers asked for persisted it within {} s; it will still replicate",
+                REPLICAS_TIMEOUT.as_secs()
+            ),
+        ));
+    }
+    Ok(heads)
+}
+
 /// `GET /v1/docs/{id}`.
 pub async fn read(State(state): State<Arc<AppState>>, path: IdPath) -> Result<Response, ApiError> {
     let id = doc_id(&state, path)?;
@@ -111,7 +173,7 @@ pub async fn replace(
 ) -> Result<Response, ApiError> {
     let id = doc_id(&state, path)?;
     let params = params(&state, query)?;
-    reject_unknown_params(&params, &["ttl"])?;
+    reject_unknown_params(&params, &["ttl", "replicas"])?;
     let expiry = expiry(&state, &params)?;
     let (value, size) = json_body(&state, body)?;
     let Json_::Object(map) = value else {
@@ -120,10 +182,8 @@ pub async fn replace(
             "a document must be a JSON object",
         ));
     };
-    let heads = state
-        .docs
-        .write(&id, &Write::Replace(map), expiry, size)
-        .await?;
+    let heads =
+        write_with_replicas(&state, &id, &Write::Replace(map), expiry, size, &params).await?;
     Ok(written(&id, &heads))
 }
 
@@ -136,17 +196,14 @@ pub async fn patch(
 ) -> Result<Response, ApiError> {
     let id = doc_id(&state, path)?;
     let params = params(&state, query)?;
-    reject_unknown_params(&params, &["ttl"])?;
+    reject_unknown_params(&params, &["ttl", "replicas"])?;
     let expiry = expiry(&state, &params)?;
     let (value, size) = json_body(&state, body)?;
     let ops = Op::parse_patch(&value).map_err(|e| {
         state.metrics.decode_error("ops");
         ApiError::invalid_op(e.to_string())
     })?;
-    let heads = state
-        .docs
-        .write(&id, &Write::Ops(ops), expiry, size)
-        .await?;
+    let heads = write_with_replicas(&state, &id, &Write::Ops(ops), expiry, size, &params).await?;
     Ok(written(&id, &heads))
 }
 
@@ -154,12 +211,12 @@ pub async fn patch(
 pub async fn delete(
     State(state): State<Arc<AppState>>,
     path: IdPath,
+    query: Params,
 ) -> Result<Response, ApiError> {
     let id = doc_id(&state, path)?;
-    let heads = state
-        .docs
-        .write(&id, &Write::Delete, Expiry::Keep, 0)
-        .await?;
+    let params = params(&state, query)?;
+    reject_unknown_params(&params, &["replicas"])?;
+    let heads = write_with_replicas(&state, &id, &Write::Delete, Expiry::Keep, 0, &params).await?;
     Ok(written(&id, &heads))
 }
 
@@ -168,11 +225,7 @@ pub async fn list(State(state): State<Arc<AppState>>, query: Params) -> Result<R
     let params = params(&state, query)?;
     reject_unknown_params(&params, &["prefix", "limit", "cursor"])?;
     let prefix = params.get("prefix").map_or("", String::as_str);
-    if prefix.len() > verge_core::limits::DOC_ID_BYTES_MAX {
-        return Err(ApiError::invalid_query(
-            "prefix is longer than a document id can be",
-        ));
-    }
+    check_prefix(prefix)?;
     let limit = match params.get("limit") {
         None => LIST_LIMIT_DEFAULT,
         Some(raw) => raw

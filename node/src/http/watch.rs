@@ -41,6 +41,7 @@ pub async fn watch(
         )));
     }
     let prefix = params.get("prefix").cloned().unwrap_or_default();
+    super::docs::check_prefix(&prefix)?;
     let rx = state.docs.subscribe();
     state.metrics.watchers.inc();
     let guard = WatcherGuard(Arc::clone(&state.metrics));
@@ -54,7 +55,13 @@ pub async fn watch(
                 };
                 match received {
                     Ok(event) if event.id.starts_with(&prefix) => {
-                        let data = serde_json::to_string(&*event).unwrap_or_default();
+                        let data = match serde_json::to_string(&*event) {
+                            Ok(data) => data,
+                            Err(e) => {
+                                tracing::error!(error = %e, "a change event does not serialise; skipped");
+                                continue;
+                            }
+                        };
                         let sse = Event::default().event("change").data(data);
                         return Some((Ok(sse), (rx, prefix, guard, stop)));
                     }

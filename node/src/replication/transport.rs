@@ -1,0 +1,214 @@
+//! QUIC between nodes: one endpoint per node, mutual TLS, one cached connection per peer.
+//!
+//! The endpoint's single UDP socket both accepts and dials, so the remote address of any
+//! connection is the peer's gossip address. Dialling a peer that is down backs off
+//! exponentially; a dead connection is noticed within [`IDLE_TIMEOUT`] thanks to keep-alives.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{ClientConfig, Connection, Endpoint, EndpointConfig, RecvStream, SendStream, ServerConfig, TransportConfig, VarInt};
+use tokio::time::Instant;
+use verge_core::wire::{PeerMessage, WireError};
+
+use crate::tls::{NodeTls, CLUSTER_SERVER_NAME};
+
+/// A connection with no traffic for this long is dead.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+/// Keep-alive interval, well under the idle timeout so live links never time out.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(1);
+/// First and largest wait between dial attempts to an unreachable peer.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// See [`BACKOFF_MIN`].
+pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Most concurrent streams a peer may open on one connection.
+pub const STREAMS_PER_CONNECTION_MAX: u32 = 256;
+/// How long a dial may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A transport failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// The peer is in back-off after failed dials.
+    #[error("peer {0} is unreachable (backing off)")]
+    BackingOff(SocketAddr),
+    /// Dialling failed.
+    #[error("connecting to {addr}: {message}")]
+    Connect {
+        /// The peer.
+        addr: SocketAddr,
+        /// Why.
+        message: String,
+    },
+    /// The connection or stream failed.
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// Writing failed.
+    #[error("write: {0}")]
+    Write(#[from] quinn::WriteError),
+    /// Reading failed.
+    #[error("read: {0}")]
+    Read(#[from] quinn::ReadExactError),
+    /// The peer sent a malformed frame.
+    #[error("frame: {0}")]
+    Wire(#[from] WireError),
+    /// Socket setup failed.
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+    /// TLS setup failed.
+    #[error("tls: {0}")]
+    Tls(String),
+    /// The peer did not answer in time.
+    #[error("timed out")]
+    Timeout,
+}
+
+#[derive(Debug)]
+struct PeerSlot {
+    conn: Option<Connection>,
+    backoff: Duration,
+    retry_at: Option<Instant>,
+}
+
+/// The QUIC endpoint of a node and its outgoing connections.
+#[derive(Debug)]
+pub struct Transport {
+    endpoint: Endpoint,
+    client: ClientConfig,
+    peers: Mutex<HashMap<SocketAddr, PeerSlot>>,
+}
+
+fn transport_config() -> Arc<TransportConfig> {
+    let mut t = TransportConfig::default();
+    t.max_idle_timeout(Some(IDLE_TIMEOUT.try_into().expect("a few seconds fit a QUIC idle timeout")));
+    t.keep_alive_interval(Some(KEEP_ALIVE));
+    t.max_concurrent_bidi_streams(VarInt::from_u32(STREAMS_PER_CONNECTION_MAX));
+    t.max_concurrent_uni_streams(VarInt::from_u32(STREAMS_PER_CONNECTION_MAX));
+    Arc::new(t)
+}
+
+impl Transport {
+    /// Binds the endpoint on `addr` with the node's TLS configuration.
+    pub fn bind(addr: SocketAddr, tls: &NodeTls) -> Result<Self, TransportError> {
+        let server_crypto = QuicServerConfig::try_from(Arc::clone(&tls.server)).map_err(|e| TransportError::Tls(e.to_string()))?;
+        let mut server = ServerConfig::with_crypto(Arc::new(server_crypto));
+        server.transport_config(transport_config());
+        let client_crypto = QuicClientConfig::try_from(Arc::clone(&tls.client)).map_err(|e| TransportError::Tls(e.to_string()))?;
+        let mut client = ClientConfig::new(Arc::new(client_crypto));
+        client.transport_config(transport_config());
+        let socket = std::net::UdpSocket::bind(addr)?;
+        let endpoint = Endpoint::new(EndpointConfig::default(), Some(server), socket, Arc::new(quinn::TokioRuntime))?;
+        Ok(Self { endpoint, client, peers: Mutex::new(HashMap::new()) })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
+        Ok(self.endpoint.local_addr()?)
+    }
+
+    /// The endpoint, for accepting connections.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// The live connection to `addr` if one is cached.
+    pub fn cached(&self, addr: SocketAddr) -> Option<Connection> {
+        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers.get(&addr).and_then(|s| s.conn.clone()).filter(|c| c.close_reason().is_none())
+    }
+
+    /// The connection to `addr`: the cached one, or a new one dialled now. Honours back-off.
+    pub async fn connection(&self, addr: SocketAddr) -> Result<Connection, TransportError> {
+        {
+            let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+            let slot = peers.entry(addr).or_insert(PeerSlot { conn: None, backoff: BACKOFF_MIN, retry_at: None });
+            if let Some(conn) = &slot.conn {
+                if conn.close_reason().is_none() {
+                    return Ok(conn.clone());
+                }
+                slot.conn = None;
+            }
+            if slot.retry_at.is_some_and(|t| Instant::now() < t) {
+                return Err(TransportError::BackingOff(addr));
+            }
+        }
+        let result = self.dial(addr).await;
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = peers.entry(addr).or_insert(PeerSlot { conn: None, backoff: BACKOFF_MIN, retry_at: None });
+        match result {
+            Ok(conn) => {
+                // Another task may have dialled concurrently; keep one connection.
+                if let Some(existing) = slot.conn.as_ref().filter(|c| c.close_reason().is_none()) {
+                    conn.close(VarInt::from_u32(0), b"duplicate");
+                    return Ok(existing.clone());
+                }
+                slot.conn = Some(conn.clone());
+                slot.backoff = BACKOFF_MIN;
+                slot.retry_at = None;
+                Ok(conn)
+            }
+            Err(e) => {
+                slot.retry_at = Some(Instant::now() + slot.backoff);
+                slot.backoff = (slot.backoff * 2).min(BACKOFF_MAX);
+                Err(e)
+            }
+        }
+    }
+
+    async fn dial(&self, addr: SocketAddr) -> Result<Connection, TransportError> {
+        let connecting = self
+            .endpoint
+            .connect_with(self.client.clone(), addr, CLUSTER_SERVER_NAME)
+            .map_err(|e| TransportError::Connect { addr, message: e.to_string() })?;
+        match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) => Err(TransportError::Connect { addr, message: e.to_string() }),
+            Err(_) => Err(TransportError::Timeout),
+        }
+    }
+
+    /// Forgets the back-off of `addr` so the next call dials at once (after a peer is seen
+    /// alive again).
+    pub fn reset_backoff(&self, addr: SocketAddr) {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = peers.get_mut(&addr) {
+            slot.backoff = BACKOFF_MIN;
+            slot.retry_at = None;
+        }
+    }
+
+    /// Closes every connection and the endpoint.
+    pub fn close(&self) {
+        self.endpoint.close(VarInt::from_u32(0), b"node stopping");
+    }
+}
+
+/// Writes one frame.
+pub async fn write_frame(send: &mut SendStream, message: &PeerMessage) -> Result<(), TransportError> {
+    let frame = message.to_frame()?;
+    send.write_all(&frame).await?;
+    Ok(())
+}
+
+/// Reads one frame; `None` at a clean end of stream.
+pub async fn read_frame(recv: &mut RecvStream) -> Result<Option<PeerMessage>, TransportError> {
+    let mut prefix = [0u8; 4];
+    match recv.read_exact(&mut prefix).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let len = PeerMessage::check_len(prefix)?;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body).await?;
+    Ok(Some(PeerMessage::from_body(&body)?))
+}
+
+/// Finishes a send stream, ignoring a peer that already went away.
+pub fn finish(mut send: SendStream) {
+    let _ = send.finish();
+}

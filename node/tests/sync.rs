@@ -1,0 +1,310 @@
+//! A document edited over HTTP and through a separate Rust Automerge replica syncing with
+//! `POST /v1/sync/{id}` converges.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use automerge::sync::{Message, State as SyncState, SyncDoc};
+use automerge::transaction::Transactable;
+use automerge::{AutoCommit, AutoSerde, ObjType, ROOT, ReadDoc, ScalarValue, Value as AmValue};
+use serde_json::{Value, json};
+
+use common::{Node, heads_of};
+
+/// Rounds of the sync loop before the test gives up.
+const MAX_ROUNDS: usize = 10;
+
+/// Syncs `replica` with document `id` on the node until the replica has nothing more to send.
+/// Returns the number of round trips.
+///
+/// Each call is a new sync session, as for a client that syncs now and then (an edge function
+/// invocation): the state is reloaded from its persisted form, which keeps the shared heads and
+/// forgets in-flight bookkeeping. Without that, a replica with no local changes whose previous
+/// session ended in agreement generates no message at all and never learns of changes made on
+/// the node since (Automerge expects the peer to push them on a live connection).
+fn sync(node: &Node, id: &str, replica: &mut AutoCommit, state: &mut SyncState) -> usize {
+    *state = SyncState::decode(&state.encode()).expect("sync state round-trips");
+    for round in 0..MAX_ROUNDS {
+        let Some(msg) = replica.sync().generate_sync_message(state) else {
+            return round;
+        };
+        let r = node.req("POST", &format!("/v1/sync/{id}"), &msg.encode());
+        assert_eq!(
+            r.status,
+            200,
+            "sync round {round} of {id}: {}",
+            r.describe()
+        );
+        let ct = r.header("content-type").unwrap_or("");
+        assert!(
+            ct.starts_with("application/octet-stream"),
+            "sync response content-type {ct:?}"
+        );
+        let reply = Message::decode(&r.body).unwrap_or_else(|e| {
+            panic!(
+                "sync round {round}: the node's reply does not decode: {e:?} ({} bytes)",
+                r.body.len()
+            )
+        });
+        replica
+            .sync()
+            .receive_sync_message(state, reply)
+            .unwrap_or_else(|e| {
+                panic!("sync round {round}: the replica rejects the node's reply: {e}")
+            });
+    }
+    panic!("sync of {id} did not finish in {MAX_ROUNDS} rounds");
+}
+
+/// The replica's document as JSON, without Verge's reserved root keys (`_verge…`, which hold
+/// the tombstone and expiry and which the HTTP view hides).
+fn replica_json(replica: &AutoCommit) -> Value {
+    let mut v = serde_json::to_value(AutoSerde::from(replica)).unwrap();
+    if let Some(o) = v.as_object_mut() {
+        o.retain(|k, _| !k.starts_with("_verge"));
+    }
+    v
+}
+
+/// The replica's heads as sorted hex strings.
+fn replica_heads(replica: &mut AutoCommit) -> Vec<String> {
+    let mut h: Vec<String> = replica.get_heads().iter().map(|h| h.to_string()).collect();
+    h.sort();
+    h
+}
+
+/// GET over HTTP: (doc JSON, sorted heads).
+fn http_doc(node: &Node, id: &str) -> (Value, Vec<String>) {
+    let body = node.get_doc(id).ok_json(&format!("GET {id}"));
+    (body["doc"].clone(), heads_of(&body, &format!("GET {id}")))
+}
+
+/// Reads a counter at a root key of the replica.
+fn replica_counter(replica: &AutoCommit, key: &str) -> Option<i64> {
+    match replica.get(ROOT, key).unwrap() {
+        Some((AmValue::Scalar(s), _)) => match s.as_ref() {
+            ScalarValue::Counter(c) => Some(i64::from(c)),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+#[test]
+fn http_edits_and_replica_edits_converge() {
+    let node = Node::start("test-sync1");
+    let id = "s/1";
+    let r = node.patch_doc(
+        id,
+        json!([
+            { "op": "set", "path": ["title"], "value": "hello" },
+            { "op": "inc", "path": ["n"], "by": 5 },
+            { "op": "push", "path": ["items"], "value": "a" }
+        ]),
+    );
+    r.ok_json("PATCH s/1");
+
+    // A fresh replica pulls the document.
+    let mut replica = AutoCommit::new();
+    let mut state = SyncState::new();
+    sync(&node, id, &mut replica, &mut state);
+    let (http, http_heads) = http_doc(&node, id);
+    assert_eq!(http, json!({ "title": "hello", "n": 5, "items": ["a"] }));
+    assert_eq!(replica_json(&replica), http, "replica after the first sync");
+    assert_eq!(
+        replica_heads(&mut replica),
+        http_heads,
+        "heads after the first sync"
+    );
+    assert_eq!(
+        replica_counter(&replica, "n"),
+        Some(5),
+        "the HTTP inc must arrive as an Automerge counter"
+    );
+
+    // The replica edits locally: a new key, the HTTP-created counter, the list.
+    replica.put(ROOT, "from_replica", "yes").unwrap();
+    replica.increment(ROOT, "n", 3).unwrap();
+    let items = match replica.get(ROOT, "items").unwrap() {
+        Some((AmValue::Object(ObjType::List), obj)) => obj,
+        other => panic!("items is not a list in the replica: {other:?}"),
+    };
+    replica.insert(&items, 1, "b").unwrap();
+    replica.commit();
+    sync(&node, id, &mut replica, &mut state);
+    let (http, http_heads) = http_doc(&node, id);
+    assert_eq!(
+        http,
+        json!({ "title": "hello", "n": 8, "items": ["a", "b"], "from_replica": "yes" }),
+        "HTTP must show the replica's edits"
+    );
+    assert_eq!(
+        replica_heads(&mut replica),
+        http_heads,
+        "heads after pushing the replica's edits"
+    );
+
+    // HTTP keeps working on the synced document.
+    node.patch_doc(id, json!([{ "op": "inc", "path": ["n"], "by": 1 }]))
+        .ok_json("PATCH after sync");
+    sync(&node, id, &mut replica, &mut state);
+    assert_eq!(replica_counter(&replica, "n"), Some(9));
+    let (http, http_heads) = http_doc(&node, id);
+    assert_eq!(replica_json(&replica), http);
+    assert_eq!(replica_heads(&mut replica), http_heads);
+}
+
+#[test]
+fn concurrent_edits_on_both_sides_converge() {
+    let node = Node::start("test-sync2");
+    let id = "s/conc";
+    node.put_doc(id, &json!({ "base": 1 })).ok_json("PUT");
+    node.patch_doc(id, json!([{ "op": "inc", "path": ["n"], "by": 5 }]))
+        .ok_json("PATCH inc");
+    let mut replica = AutoCommit::new();
+    let mut state = SyncState::new();
+    sync(&node, id, &mut replica, &mut state);
+    assert_eq!(replica_counter(&replica, "n"), Some(5));
+
+    // Both sides edit without syncing: different keys, the same counter, the same key.
+    node.patch_doc(
+        id,
+        json!([
+            { "op": "set", "path": ["h"], "value": "http" },
+            { "op": "inc", "path": ["n"], "by": 10 },
+            { "op": "set", "path": ["both"], "value": "from-http" }
+        ]),
+    )
+    .ok_json("concurrent PATCH");
+    replica.put(ROOT, "r", "rep").unwrap();
+    replica.increment(ROOT, "n", 1).unwrap();
+    replica.put(ROOT, "both", "from-replica").unwrap();
+    replica.delete(ROOT, "base").unwrap();
+    replica.commit();
+    // And a second round of edits on both sides before syncing.
+    node.patch_doc(id, json!([{ "op": "set", "path": ["h2"], "value": 2 }]))
+        .ok_json("second concurrent PATCH");
+    replica.put(ROOT, "r2", 2).unwrap();
+    replica.commit();
+
+    sync(&node, id, &mut replica, &mut state);
+    let (http, http_heads) = http_doc(&node, id);
+    let rep = replica_json(&replica);
+    assert_eq!(rep, http, "replica and node must materialise the same JSON");
+    for key in ["h", "r", "h2", "r2"] {
+        assert!(
+            http.get(key).is_some(),
+            "key {key} missing after convergence: {http}"
+        );
+    }
+    assert!(
+        http.get("base").is_none(),
+        "the replica's delete must reach the node: {http}"
+    );
+    assert_eq!(
+        http["n"],
+        json!(16),
+        "counter increments from both sides add up: {http}"
+    );
+    assert!(
+        http["both"] == json!("from-http") || http["both"] == json!("from-replica"),
+        "conflicting key: {http}"
+    );
+    assert_eq!(
+        replica_heads(&mut replica),
+        http_heads,
+        "heads after the final round"
+    );
+    assert!(
+        http_heads.len() == 1 || http_heads.len() == 2,
+        "heads: {http_heads:?}"
+    );
+
+    // A second, independent replica starting from nothing gets the same state.
+    let mut other = AutoCommit::new();
+    let mut other_state = SyncState::new();
+    sync(&node, id, &mut other, &mut other_state);
+    assert_eq!(replica_json(&other), http);
+    assert_eq!(replica_heads(&mut other), http_heads);
+}
+
+#[test]
+fn syncing_a_new_document_from_the_replica_creates_it() {
+    let node = Node::start("test-sync3");
+    let id = "new/doc-1";
+    node.get_doc(id)
+        .assert_error(404, "not_found", "before the sync");
+
+    // Syncing an empty replica does not create the document.
+    let mut empty = AutoCommit::new();
+    let mut empty_state = SyncState::new();
+    sync(&node, id, &mut empty, &mut empty_state);
+    node.get_doc(id)
+        .assert_error(404, "not_found", "after syncing an empty replica");
+
+    let mut replica = AutoCommit::new();
+    replica.put(ROOT, "made_by", "replica").unwrap();
+    let list = replica.put_object(ROOT, "list", ObjType::List).unwrap();
+    replica.insert(&list, 0, 1).unwrap();
+    replica.insert(&list, 1, 2).unwrap();
+    let text = replica.put_object(ROOT, "text", ObjType::Text).unwrap();
+    replica.splice_text(&text, 0, 0, "hi there").unwrap();
+    replica.put(ROOT, "c", ScalarValue::counter(7)).unwrap();
+    replica.commit();
+    let mut state = SyncState::new();
+    sync(&node, id, &mut replica, &mut state);
+
+    let (http, http_heads) = http_doc(&node, id);
+    assert_eq!(
+        http,
+        json!({ "made_by": "replica", "list": [1, 2], "text": "hi there", "c": 7 })
+    );
+    assert_eq!(replica_heads(&mut replica), http_heads);
+    let listed = node.get("/v1/docs?prefix=new%2F").ok_json("list");
+    let ids: Vec<&str> = listed["docs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![id]);
+
+    // HTTP ops work on what the replica created: the text and the counter.
+    node.patch_doc(
+        id,
+        json!([
+            { "op": "splice", "path": ["text"], "index": 2, "text": "," },
+            { "op": "inc", "path": ["c"], "by": 3 },
+            { "op": "push", "path": ["list"], "value": 3 }
+        ]),
+    )
+    .ok_json("PATCH the replica-created doc");
+    sync(&node, id, &mut replica, &mut state);
+    let (http, http_heads) = http_doc(&node, id);
+    assert_eq!(
+        http,
+        json!({ "made_by": "replica", "list": [1, 2, 3], "text": "hi, there", "c": 10 })
+    );
+    assert_eq!(replica_json(&replica), http);
+    assert_eq!(replica_heads(&mut replica), http_heads);
+}
+
+#[test]
+fn sync_survives_a_node_restart() {
+    let mut node = Node::start("test-sync4");
+    let id = "s/restart";
+    let mut replica = AutoCommit::new();
+    replica.put(ROOT, "a", 1).unwrap();
+    replica.commit();
+    let mut state = SyncState::new();
+    sync(&node, id, &mut replica, &mut state);
+    node.restart_after_kill();
+    // The replica's sync state refers to the previous process; the node keeps no state, so
+    // the same client state must still work.
+    replica.put(ROOT, "b", 2).unwrap();
+    replica.commit();
+    sync(&node, id, &mut replica, &mut state);
+    let (http, http_heads) = http_doc(&node, id);
+    assert_eq!(http, json!({ "a": 1, "b": 2 }));
+    assert_eq!(replica_heads(&mut replica), http_heads);
+}
