@@ -41,6 +41,9 @@ pub const TTL_SECONDS_MAX: u64 = 10 * 365 * 24 * 3600;
 /// Most changes in one broadcast batch between nodes.
 pub const WIRE_CHANGES_PER_BATCH_MAX: usize = 65_536;
 
+/// Most members a node tracks and announces.
+pub const WIRE_MEMBERS_MAX: usize = 1024;
+
 /// Most document digests in one anti-entropy sync request.
 pub const WIRE_DIGESTS_PER_MESSAGE_MAX: usize = 100_000;
 

@@ -13,6 +13,8 @@ use serde::Deserialize;
 pub const DEFAULT_DATA_DIR: &str = "verge-data";
 /// Default API address: loopback, so a node started by hand is not exposed.
 pub const DEFAULT_API_ADDR: &str = "127.0.0.1:7070";
+/// Default gossip (QUIC) address.
+pub const DEFAULT_GOSSIP_ADDR: &str = "127.0.0.1:7071";
 /// File read from the working directory when `--config` is not given.
 pub const DEFAULT_CONFIG_FILE: &str = "verge.toml";
 /// Largest config file accepted.
@@ -47,6 +49,66 @@ pub struct NodeArgs {
     /// Log format.
     #[arg(long, env = "VERGE_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Address peers reach this node on (QUIC, UDP).
+    #[arg(long, env = "VERGE_GOSSIP_ADDR", value_name = "ADDR")]
+    pub gossip_addr: Option<String>,
+    /// A seed peer's gossip address (repeatable; the environment takes a comma-separated list).
+    #[arg(
+        long = "peer",
+        env = "VERGE_PEERS",
+        value_name = "ADDR",
+        value_delimiter = ','
+    )]
+    pub peers: Vec<String>,
+    /// The cluster CA certificate (PEM).
+    #[arg(long, env = "VERGE_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// This node's certificate (PEM), signed by the cluster CA.
+    #[arg(long, env = "VERGE_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    #[arg(long, env = "VERGE_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+}
+
+/// TLS files (`[tls]` in the file). All three or none.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFileConfig {
+    /// The cluster CA certificate.
+    pub ca: Option<PathBuf>,
+    /// This node's certificate.
+    pub cert: Option<PathBuf>,
+    /// This node's key.
+    pub key: Option<PathBuf>,
+}
+
+/// Replication tunables (`[replication]` in the file).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicationFileConfig {
+    /// Milliseconds changes wait to share a broadcast message.
+    pub batch_window_ms: u64,
+    /// A broadcast batch is sent at once when it holds this many bytes.
+    pub batch_bytes_max: usize,
+    /// Seconds between anti-entropy rounds with each peer (also run on every new connection).
+    pub anti_entropy_interval_s: u64,
+    /// Up to this many peers, every change goes straight to every peer.
+    pub full_fanout_max: usize,
+    /// In larger clusters, how many random peers each holder sends a batch to.
+    pub fanout: usize,
+}
+
+impl Default for ReplicationFileConfig {
+    fn default() -> Self {
+        Self {
+            batch_window_ms: 2,
+            batch_bytes_max: 256 * 1024,
+            anti_entropy_interval_s: 30,
+            full_fanout_max: 8,
+            fanout: 4,
+        }
+    }
 }
 
 /// Storage tunables (`[storage]` in the file).
@@ -88,8 +150,15 @@ struct FileConfig {
     data_dir: Option<PathBuf>,
     api_addr: Option<String>,
     log_format: Option<LogFormat>,
+    gossip_addr: Option<String>,
+    #[serde(default)]
+    peers: Vec<String>,
+    #[serde(default)]
+    tls: TlsFileConfig,
     #[serde(default)]
     storage: StorageConfig,
+    #[serde(default)]
+    replication: ReplicationFileConfig,
 }
 
 /// A fully resolved configuration.
@@ -105,6 +174,14 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Storage tunables.
     pub storage: StorageConfig,
+    /// Gossip listen address.
+    pub gossip_addr: SocketAddr,
+    /// Seed peers.
+    pub peers: Vec<SocketAddr>,
+    /// Configured TLS files; `None` means the node's own in `DATA_DIR/tls`.
+    pub tls: Option<crate::tls::TlsFiles>,
+    /// Replication tunables.
+    pub replication: ReplicationFileConfig,
     /// The file that was read, if any.
     pub source: Option<PathBuf>,
 }
@@ -170,6 +247,56 @@ impl Config {
         }
         let storage = file.storage;
         validate_storage(&storage)?;
+        let gossip_addr = args
+            .gossip_addr
+            .clone()
+            .or(file.gossip_addr)
+            .unwrap_or_else(|| DEFAULT_GOSSIP_ADDR.to_owned());
+        let gossip_addr = gossip_addr.parse().map_err(|e| ConfigError::Invalid {
+            key: "gossip_addr",
+            message: format!("{gossip_addr:?} is not an IP:port address ({e})"),
+        })?;
+        let peer_names = if args.peers.is_empty() {
+            file.peers
+        } else {
+            args.peers.clone()
+        };
+        let mut peers = Vec::with_capacity(peer_names.len());
+        for name in peer_names.iter().filter(|p| !p.trim().is_empty()) {
+            let addr = std::net::ToSocketAddrs::to_socket_addrs(name.trim())
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or_else(|| ConfigError::Invalid {
+                    key: "peers",
+                    message: format!("{name:?} is not a reachable HOST:port"),
+                })?;
+            peers.push(addr);
+        }
+        let tls = match (
+            args.tls_ca.clone().or(file.tls.ca),
+            args.tls_cert.clone().or(file.tls.cert),
+            args.tls_key.clone().or(file.tls.key),
+        ) {
+            (None, None, None) => None,
+            (Some(ca), Some(cert), Some(key)) => Some(crate::tls::TlsFiles { ca, cert, key }),
+            _ => {
+                return Err(ConfigError::Invalid {
+                    key: "tls",
+                    message: "give all three of the CA certificate, the node certificate and its key, or none".into(),
+                });
+            }
+        };
+        let replication = file.replication;
+        if replication.fanout == 0
+            || replication.anti_entropy_interval_s == 0
+            || replication.batch_bytes_max == 0
+        {
+            return Err(ConfigError::Invalid {
+                key: "replication",
+                message: "fanout, anti_entropy_interval_s and batch_bytes_max must be at least 1"
+                    .into(),
+            });
+        }
         Ok(Self {
             node_id,
             data_dir: args
@@ -180,6 +307,10 @@ impl Config {
             api_addr,
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             storage,
+            gossip_addr,
+            peers,
+            tls,
+            replication,
             source,
         })
     }
@@ -290,6 +421,8 @@ mod tests {
             Some(PathBuf::from(format!("./{DEFAULT_DATA_DIR}")))
         );
         assert_eq!(file.log_format, Some(LogFormat::Text));
+        assert_eq!(file.gossip_addr.as_deref(), Some(DEFAULT_GOSSIP_ADDR));
+        assert_eq!(file.replication, ReplicationFileConfig::default());
     }
 
     #[test]
@@ -320,6 +453,22 @@ mod tests {
         assert!(matches!(
             Config::resolve(&bad_id),
             Err(ConfigError::Invalid { key: "node_id", .. })
+        ));
+        let partial_tls = NodeArgs {
+            tls_ca: Some("ca.pem".into()),
+            ..NodeArgs::default()
+        };
+        assert!(matches!(
+            Config::resolve(&partial_tls),
+            Err(ConfigError::Invalid { key: "tls", .. })
+        ));
+        let bad_peer = NodeArgs {
+            peers: vec!["no-port".into()],
+            ..NodeArgs::default()
+        };
+        assert!(matches!(
+            Config::resolve(&bad_peer),
+            Err(ConfigError::Invalid { key: "peers", .. })
         ));
         let missing = NodeArgs {
             config: Some(dir.path().join("absent.toml")),

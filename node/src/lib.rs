@@ -12,5 +12,6 @@ pub mod documents;
 pub mod http;
 pub mod metrics;
 pub mod node;
+pub mod replication;
 pub mod store;
 pub mod tls;

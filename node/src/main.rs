@@ -1,5 +1,6 @@
 //! The `verge` binary: a node daemon and its command-line client.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -30,10 +31,53 @@ enum Command {
     Client(ClientCommand),
     /// Drive a node's HTTP API with concurrent clients and report throughput and latency.
     Bench(BenchArgs),
+    /// Create the certificates nodes use for mutual TLS.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCommand {
+    /// Create a cluster CA: writes DIR/ca.pem and DIR/ca.key (keep ca.key secret).
+    Ca {
+        /// Directory to write to.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Create a node certificate signed by the CA in DIR: writes DIR/NAME.pem and DIR/NAME.key.
+    Node {
+        /// The node's name (also written into the certificate).
+        #[arg(long)]
+        name: String,
+        /// Directory holding ca.pem and ca.key, and receiving the node's files.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+}
+
+fn run_certs(cmd: CertsCommand) -> ExitCode {
+    let result = match cmd {
+        CertsCommand::Ca { dir } => verge_node::tls::create_ca(&dir),
+        CertsCommand::Node { name, dir } => verge_node::tls::create_node_cert(&dir, &name),
+    };
+    match result {
+        Ok((cert, key)) => {
+            println!("wrote {}", cert.display());
+            println!("wrote {}", key.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Certs(cmd) = cli.command {
+        return run_certs(cmd);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -47,6 +91,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Node(args) => runtime.block_on(run_node(args)),
         Command::Client(cmd) => runtime.block_on(verge_node::cli::run(cmd, &cli.client)),
+        Command::Certs(_) => ExitCode::SUCCESS, // handled above, before the runtime starts
         Command::Bench(args) => match runtime.block_on(verge_node::cli::bench(args, &cli.client)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

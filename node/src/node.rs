@@ -15,12 +15,17 @@ use crate::config::Config;
 use crate::documents::{Documents, DocumentsConfig};
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
+use crate::replication::{Replication, ReplicationConfig};
 use crate::store::{Store, StoreError, writer};
+use crate::tls;
+use verge_core::gossip::FanoutPolicy;
 
 /// File in the data directory holding the API's bound address while the node runs.
 pub const API_ADDR_FILE: &str = "api.addr";
 /// How long shutdown waits for open requests before it stops waiting.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shutdown waits for the writer to commit what is queued.
+const WRITER_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a node could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +39,9 @@ pub enum NodeError {
         /// The error.
         source: StoreError,
     },
+    /// TLS files could not be created or loaded.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// A socket or file operation failed.
     #[error("{context}: {source}")]
     Io {
@@ -82,10 +90,44 @@ pub async fn run(
         },
         rand::rng().next_u64(),
     );
-    let background = vec![
+    let mut background = vec![
         tokio::spawn(Arc::clone(&docs).run_compactor(compaction_rx)),
         spawn_purger(Arc::clone(&docs), &config),
     ];
+    let indexed = docs.load_digests().map_err(|e| NodeError::Io {
+        context: "indexing stored documents".into(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let tls_files =
+        tls::ensure_node_files(config.tls.clone(), &config.data_dir.join("tls"), &node_id)
+            .map_err(|e| NodeError::Tls(e.to_string()))?;
+    let node_tls = tls::NodeTls::load(&tls_files).map_err(|e| NodeError::Tls(e.to_string()))?;
+    let (replication, replication_tasks) = Replication::start(
+        ReplicationConfig {
+            gossip_addr: config.gossip_addr,
+            peers: config.peers.clone(),
+            batch_window: Duration::from_millis(config.replication.batch_window_ms),
+            batch_bytes_max: config.replication.batch_bytes_max,
+            anti_entropy_interval: Duration::from_secs(config.replication.anti_entropy_interval_s),
+            fanout: FanoutPolicy {
+                full_fanout_max: config.replication.full_fanout_max,
+                fanout: config.replication.fanout,
+            },
+        },
+        &node_tls,
+        Arc::clone(&docs),
+        Arc::clone(&metrics),
+        Arc::clone(&clock),
+        rand::rng().next_u64(),
+        stop_rx.clone(),
+    )
+    .map_err(|e| NodeError::Io {
+        context: format!("binding the gossip endpoint to {}", config.gossip_addr),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    background.extend(replication_tasks);
 
     let listener = TcpListener::bind(config.api_addr)
         .await
@@ -105,6 +147,7 @@ pub async fn run(
         started_at_ms: clock.now_ms(),
         clock,
         ready: AtomicBool::new(false),
+        replication: Some(Arc::clone(&replication)),
     });
     std::fs::write(&addr_file, format!("{api_addr}\n")).map_err(|source| NodeError::Io {
         context: format!("writing {}", addr_file.display()),
@@ -115,12 +158,13 @@ pub async fn run(
         node_id = %node_id,
         api_addr = %api_addr,
         data_dir = %config.data_dir.display(),
+        gossip_addr = %replication.local_addr(),
+        peers = config.peers.len(),
+        documents = indexed,
         actor = %docs.actor(),
         config = ?config.source,
         "node serving"
     );
-
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let drain_state = Arc::clone(&state);
     let router = http::router(Arc::clone(&state), stop_rx.clone());
     let mut server = tokio::spawn(async move {
@@ -146,15 +190,26 @@ pub async fn run(
             }
         }
     }
+    replication.close();
     for task in background {
         task.abort();
     }
     drop(state);
     drop(docs);
-    // Every handle to the writer is gone now, so it commits what is queued and stops.
-    let joined = tokio::task::spawn_blocking(move || writer_thread.join()).await;
-    if !matches!(joined, Ok(Ok(()))) {
-        tracing::error!("the writer thread failed while draining");
+    drop(replication);
+    // Once every handle to the writer is gone, it commits what is queued and stops. Tasks of
+    // closed peer connections let go of theirs within moments.
+    let joined = tokio::time::timeout(
+        WRITER_DRAIN_TIMEOUT,
+        tokio::task::spawn_blocking(move || writer_thread.join()),
+    )
+    .await;
+    match joined {
+        Ok(Ok(Ok(()))) => {}
+        Ok(_) => tracing::error!("the writer thread failed while draining"),
+        Err(_) => tracing::error!(
+            "the write queue did not drain in {WRITER_DRAIN_TIMEOUT:?}; unacknowledged writes are lost"
+        ),
     }
     let _ = std::fs::remove_file(&addr_file);
     tracing::info!("node stopped");

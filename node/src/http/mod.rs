@@ -38,6 +38,8 @@ pub struct AppState {
     pub started_at_ms: i64,
     /// Whether `/readyz` answers ready: storage is open and the node is not draining.
     pub ready: AtomicBool,
+    /// Replication, for the member list in status.
+    pub replication: Option<Arc<crate::replication::Replication>>,
 }
 
 /// Builds the router over `state`.

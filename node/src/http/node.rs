@@ -14,6 +14,27 @@ use super::{ApiError, AppState};
 /// `GET /v1/status`.
 pub async fn status(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, ApiError> {
     let docs = state.docs.doc_count().map_err(ApiError::from)?;
+    let mut members = vec![json!({
+        "node_id": state.node_id,
+        "addr": state.replication.as_ref().map(|r| r.local_addr().to_string()),
+        "api_addr": state.api_addr,
+        "state": "self",
+        "rtt_ms": null,
+        "lag_batches": 0,
+    })];
+    if let Some(repl) = &state.replication {
+        members.extend(repl.members().into_iter().map(|m| {
+            json!({
+                "node_id": null,
+                "addr": m.addr,
+                "state": m.state,
+                "rtt_ms": m.rtt_ms,
+                "lag_batches": m.lag_batches,
+                "last_sync_ms": m.last_sync_ms,
+                "seed": m.seed,
+            })
+        }));
+    }
     Ok(Json(json!({
         "node_id": state.node_id,
         "version": env!("CARGO_PKG_VERSION"),
@@ -21,13 +42,7 @@ pub async fn status(State(state): State<Arc<AppState>>) -> Result<impl IntoRespo
         "actor": state.docs.actor().to_hex_string(),
         "docs": docs,
         "write_queue_depth": state.docs.queue_depth(),
-        "members": [{
-            "node_id": state.node_id,
-            "addr": state.api_addr,
-            "state": "self",
-            "rtt_ms": null,
-            "lag_changes": 0,
-        }],
+        "members": members,
     })))
 }
 

@@ -10,11 +10,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use quinn::{ClientConfig, Connection, Endpoint, EndpointConfig, RecvStream, SendStream, ServerConfig, TransportConfig, VarInt};
+use quinn::{
+    ClientConfig, Connection, Endpoint, EndpointConfig, RecvStream, SendStream, ServerConfig,
+    TransportConfig, VarInt,
+};
 use tokio::time::Instant;
 use verge_core::wire::{PeerMessage, WireError};
 
-use crate::tls::{NodeTls, CLUSTER_SERVER_NAME};
+use crate::tls::{CLUSTER_SERVER_NAME, NodeTls};
 
 /// A connection with no traffic for this long is dead.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
@@ -84,7 +87,11 @@ pub struct Transport {
 
 fn transport_config() -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
-    t.max_idle_timeout(Some(IDLE_TIMEOUT.try_into().expect("a few seconds fit a QUIC idle timeout")));
+    t.max_idle_timeout(Some(
+        IDLE_TIMEOUT
+            .try_into()
+            .expect("a few seconds fit a QUIC idle timeout"),
+    ));
     t.keep_alive_interval(Some(KEEP_ALIVE));
     t.max_concurrent_bidi_streams(VarInt::from_u32(STREAMS_PER_CONNECTION_MAX));
     t.max_concurrent_uni_streams(VarInt::from_u32(STREAMS_PER_CONNECTION_MAX));
@@ -94,15 +101,26 @@ fn transport_config() -> Arc<TransportConfig> {
 impl Transport {
     /// Binds the endpoint on `addr` with the node's TLS configuration.
     pub fn bind(addr: SocketAddr, tls: &NodeTls) -> Result<Self, TransportError> {
-        let server_crypto = QuicServerConfig::try_from(Arc::clone(&tls.server)).map_err(|e| TransportError::Tls(e.to_string()))?;
+        let server_crypto = QuicServerConfig::try_from(Arc::clone(&tls.server))
+            .map_err(|e| TransportError::Tls(e.to_string()))?;
         let mut server = ServerConfig::with_crypto(Arc::new(server_crypto));
         server.transport_config(transport_config());
-        let client_crypto = QuicClientConfig::try_from(Arc::clone(&tls.client)).map_err(|e| TransportError::Tls(e.to_string()))?;
+        let client_crypto = QuicClientConfig::try_from(Arc::clone(&tls.client))
+            .map_err(|e| TransportError::Tls(e.to_string()))?;
         let mut client = ClientConfig::new(Arc::new(client_crypto));
         client.transport_config(transport_config());
         let socket = std::net::UdpSocket::bind(addr)?;
-        let endpoint = Endpoint::new(EndpointConfig::default(), Some(server), socket, Arc::new(quinn::TokioRuntime))?;
-        Ok(Self { endpoint, client, peers: Mutex::new(HashMap::new()) })
+        let endpoint = Endpoint::new(
+            EndpointConfig::default(),
+            Some(server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )?;
+        Ok(Self {
+            endpoint,
+            client,
+            peers: Mutex::new(HashMap::new()),
+        })
     }
 
     /// The bound address.
@@ -118,17 +136,25 @@ impl Transport {
     /// The live connection to `addr` if one is cached.
     pub fn cached(&self, addr: SocketAddr) -> Option<Connection> {
         let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        peers.get(&addr).and_then(|s| s.conn.clone()).filter(|c| c.close_reason().is_none())
+        peers
+            .get(&addr)
+            .and_then(|s| s.conn.clone())
+            .filter(|c| c.close_reason().is_none())
     }
 
-    /// The connection to `addr`: the cached one, or a new one dialled now. Honours back-off.
-    pub async fn connection(&self, addr: SocketAddr) -> Result<Connection, TransportError> {
+    /// The connection to `addr`: the cached one, or a new one dialled now (then the flag is
+    /// `true`, and the caller must serve the streams the peer opens on it). Honours back-off.
+    pub async fn connection(&self, addr: SocketAddr) -> Result<(Connection, bool), TransportError> {
         {
             let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-            let slot = peers.entry(addr).or_insert(PeerSlot { conn: None, backoff: BACKOFF_MIN, retry_at: None });
+            let slot = peers.entry(addr).or_insert(PeerSlot {
+                conn: None,
+                backoff: BACKOFF_MIN,
+                retry_at: None,
+            });
             if let Some(conn) = &slot.conn {
                 if conn.close_reason().is_none() {
-                    return Ok(conn.clone());
+                    return Ok((conn.clone(), false));
                 }
                 slot.conn = None;
             }
@@ -138,18 +164,22 @@ impl Transport {
         }
         let result = self.dial(addr).await;
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        let slot = peers.entry(addr).or_insert(PeerSlot { conn: None, backoff: BACKOFF_MIN, retry_at: None });
+        let slot = peers.entry(addr).or_insert(PeerSlot {
+            conn: None,
+            backoff: BACKOFF_MIN,
+            retry_at: None,
+        });
         match result {
             Ok(conn) => {
                 // Another task may have dialled concurrently; keep one connection.
                 if let Some(existing) = slot.conn.as_ref().filter(|c| c.close_reason().is_none()) {
                     conn.close(VarInt::from_u32(0), b"duplicate");
-                    return Ok(existing.clone());
+                    return Ok((existing.clone(), false));
                 }
                 slot.conn = Some(conn.clone());
                 slot.backoff = BACKOFF_MIN;
                 slot.retry_at = None;
-                Ok(conn)
+                Ok((conn, true))
             }
             Err(e) => {
                 slot.retry_at = Some(Instant::now() + slot.backoff);
@@ -163,10 +193,16 @@ impl Transport {
         let connecting = self
             .endpoint
             .connect_with(self.client.clone(), addr, CLUSTER_SERVER_NAME)
-            .map_err(|e| TransportError::Connect { addr, message: e.to_string() })?;
+            .map_err(|e| TransportError::Connect {
+                addr,
+                message: e.to_string(),
+            })?;
         match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
             Ok(Ok(conn)) => Ok(conn),
-            Ok(Err(e)) => Err(TransportError::Connect { addr, message: e.to_string() }),
+            Ok(Err(e)) => Err(TransportError::Connect {
+                addr,
+                message: e.to_string(),
+            }),
             Err(_) => Err(TransportError::Timeout),
         }
     }
@@ -188,7 +224,10 @@ impl Transport {
 }
 
 /// Writes one frame.
-pub async fn write_frame(send: &mut SendStream, message: &PeerMessage) -> Result<(), TransportError> {
+pub async fn write_frame(
+    send: &mut SendStream,
+    message: &PeerMessage,
+) -> Result<(), TransportError> {
     let frame = message.to_frame()?;
     send.write_all(&frame).await?;
     Ok(())

@@ -1,0 +1,543 @@
+//! Replication: every change committed here reaches every peer, and anti-entropy repairs what
+//! a broadcast missed.
+//!
+//! - **Broadcast.** Changes made through this node's API are batched for a short window and
+//!   sent to peers (all of them in a small cluster, a random few that forward onward in a large
+//!   one), each batch on its own QUIC stream; the receiver applies, persists and acknowledges.
+//! - **Anti-entropy.** On every new connection and periodically, a node reconciles its
+//!   document digests with a peer's (negentropy) and runs an Automerge sync session on its own
+//!   stream for each document that differs. A node that was down or new catches up this way.
+//! - **Members.** Peers come from configuration; nodes tell each other the members they know,
+//!   so a node that joins through one seed becomes known to all.
+//!
+//! The decisions (fan-out, batching, reconciliation) live in `verge_core`; this module drives
+//! them with sockets, tasks and the clock.
+
+mod session;
+pub mod transport;
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use quinn::Connection;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use verge_core::gossip::{Batcher, FanoutPolicy};
+use verge_core::limits::WIRE_MEMBERS_MAX;
+use verge_core::wire::{ChangeBatch, DocChanges, PeerMessage};
+
+use crate::clock::Clock;
+use crate::documents::{Documents, LocalChange, ReplicaWaiter};
+use crate::metrics::Metrics;
+use crate::tls::NodeTls;
+pub use transport::{Transport, TransportError};
+
+/// Local changes waiting to be batched; when full, changes are left to anti-entropy.
+pub const FEED_CAPACITY: usize = 16_384;
+/// How long a broadcast waits for a peer's acknowledgement.
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often peers are dialled, members exchanged and liveness checked.
+const TICK: Duration = Duration::from_millis(500);
+/// Most anti-entropy document sessions run at once per peer.
+pub const SYNC_SESSIONS_PER_PEER_MAX: usize = 16;
+
+/// Replication settings.
+#[derive(Debug, Clone)]
+pub struct ReplicationConfig {
+    /// Where this node listens for peers.
+    pub gossip_addr: SocketAddr,
+    /// Seed peers.
+    pub peers: Vec<SocketAddr>,
+    /// How long changes wait to be batched.
+    pub batch_window: Duration,
+    /// A batch is sent at once when it holds this many bytes.
+    pub batch_bytes_max: usize,
+    /// Time between anti-entropy rounds with each peer.
+    pub anti_entropy_interval: Duration,
+    /// Who gets a batch.
+    pub fanout: FanoutPolicy,
+}
+
+/// What `GET /v1/status` shows of a peer.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemberStatus {
+    /// The peer's gossip address.
+    pub addr: String,
+    /// `up` with a live connection, `down` otherwise.
+    pub state: &'static str,
+    /// Smoothed round-trip time.
+    pub rtt_ms: Option<f64>,
+    /// Broadcast batches sent to the peer and not yet acknowledged.
+    pub lag_batches: usize,
+    /// When anti-entropy last started with the peer, ms since the epoch.
+    pub last_sync_ms: Option<i64>,
+    /// Whether the peer is a configured seed (else it was learned from other members).
+    pub seed: bool,
+}
+
+#[derive(Debug, Default)]
+struct Member {
+    /// Connection id of the connection anti-entropy last ran on.
+    synced_connection: Option<usize>,
+    last_sync_ms: Option<i64>,
+    in_flight: Arc<AtomicUsize>,
+    seed: bool,
+}
+
+/// The replication side of a node.
+#[derive(Debug)]
+pub struct Replication {
+    config: ReplicationConfig,
+    local_addr: SocketAddr,
+    transport: Transport,
+    docs: Arc<Documents>,
+    metrics: Arc<Metrics>,
+    clock: Arc<dyn Clock>,
+    members: Mutex<BTreeMap<SocketAddr, Member>>,
+    next_batch_id: AtomicU64,
+    rng: Mutex<StdRng>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Replication {
+    /// Binds the gossip endpoint and starts replication tasks; they stop when `stop` turns true.
+    pub fn start(
+        config: ReplicationConfig,
+        tls: &NodeTls,
+        docs: Arc<Documents>,
+        metrics: Arc<Metrics>,
+        clock: Arc<dyn Clock>,
+        seed: u64,
+        stop: watch::Receiver<bool>,
+    ) -> Result<(Arc<Self>, Vec<JoinHandle<()>>), TransportError> {
+        let transport = Transport::bind(config.gossip_addr, tls)?;
+        let local_addr = transport.local_addr()?;
+        let members = config
+            .peers
+            .iter()
+            .filter(|a| **a != local_addr)
+            .map(|a| {
+                (
+                    *a,
+                    Member {
+                        seed: true,
+                        ..Member::default()
+                    },
+                )
+            })
+            .collect();
+        let repl = Arc::new(Self {
+            config,
+            local_addr,
+            transport,
+            docs: Arc::clone(&docs),
+            metrics,
+            clock,
+            members: Mutex::new(members),
+            next_batch_id: AtomicU64::new(seed),
+            rng: Mutex::new(StdRng::seed_from_u64(seed)),
+        });
+        let (feed_tx, feed_rx) = mpsc::channel(FEED_CAPACITY);
+        docs.set_feed(feed_tx);
+        let tasks = vec![
+            tokio::spawn(Arc::clone(&repl).accept_loop(stop.clone())),
+            tokio::spawn(Arc::clone(&repl).broadcast_loop(feed_rx, stop.clone())),
+            tokio::spawn(Arc::clone(&repl).tick_loop(stop)),
+        ];
+        Ok((repl, tasks))
+    }
+
+    /// The gossip address actually bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Closes the endpoint.
+    pub fn close(&self) {
+        self.transport.close();
+    }
+
+    /// Every known peer, for status.
+    pub fn members(&self) -> Vec<MemberStatus> {
+        let members = lock(&self.members);
+        members
+            .iter()
+            .map(|(addr, m)| {
+                let conn = self.transport.cached(*addr);
+                MemberStatus {
+                    addr: addr.to_string(),
+                    state: if conn.is_some() { "up" } else { "down" },
+                    rtt_ms: conn.map(|c| c.rtt().as_secs_f64() * 1000.0),
+                    lag_batches: m.in_flight.load(Ordering::Acquire),
+                    last_sync_ms: m.last_sync_ms,
+                    seed: m.seed,
+                }
+            })
+            .collect()
+    }
+
+    fn peer_addrs(&self) -> Vec<SocketAddr> {
+        lock(&self.members).keys().copied().collect()
+    }
+
+    fn learn(&self, addr: SocketAddr) {
+        if addr == self.local_addr {
+            return;
+        }
+        let mut members = lock(&self.members);
+        if members.len() < WIRE_MEMBERS_MAX && !members.contains_key(&addr) {
+            tracing::info!(peer = %addr, "learned a new member");
+            members.insert(addr, Member::default());
+        }
+    }
+
+    async fn accept_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        loop {
+            let incoming = tokio::select! {
+                incoming = self.transport.endpoint().accept() => incoming,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            let Some(incoming) = incoming else { return };
+            let this = Arc::clone(&self);
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                match incoming.await {
+                    Ok(conn) => {
+                        this.learn(remote);
+                        this.serve_connection(conn).await;
+                    }
+                    Err(e) => {
+                        this.metrics.peer_refused("handshake");
+                        tracing::warn!(peer = %remote, error = %e, "refused a peer connection (TLS handshake failed: is its certificate from this cluster's CA?)");
+                    }
+                }
+            });
+        }
+    }
+
+    /// Serves the streams a peer opens on `conn` until it closes.
+    async fn serve_connection(self: Arc<Self>, conn: Connection) {
+        loop {
+            match conn.accept_bi().await {
+                Ok((send, recv)) => {
+                    let this = Arc::clone(&self);
+                    let conn = conn.clone();
+                    tokio::spawn(async move { this.serve_stream(conn, send, recv).await });
+                }
+                Err(_) => return,
+            }
+        }
+    }
+
+    async fn serve_stream(
+        self: Arc<Self>,
+        conn: Connection,
+        send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) {
+        let first = match transport::read_frame(&mut recv).await {
+            Ok(Some(m)) => m,
+            Ok(None) => return,
+            Err(e) => {
+                self.metrics.peer_refused("frame");
+                tracing::warn!(peer = %conn.remote_address(), error = %e, "malformed frame from a peer");
+                return;
+            }
+        };
+        let result = match first {
+            PeerMessage::Changes(batch) => self.receive_batch(&conn, send, batch).await,
+            PeerMessage::Reconcile { message } => {
+                session::respond_reconcile(&self, conn.clone(), send, recv, message).await
+            }
+            PeerMessage::DocSync { doc, message } => {
+                session::respond_doc_sync(&self.docs, send, recv, doc, message).await
+            }
+            PeerMessage::Members { addrs } => {
+                for addr in addrs.iter().filter_map(|a| a.parse().ok()) {
+                    self.learn(addr);
+                }
+                transport::finish(send);
+                Ok(())
+            }
+            other => {
+                tracing::debug!(?other, "unexpected first frame on a stream");
+                Ok(())
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(peer = %conn.remote_address(), error = %e, "peer stream ended with an error");
+        }
+    }
+
+    async fn receive_batch(
+        &self,
+        conn: &Connection,
+        mut send: quinn::SendStream,
+        batch: ChangeBatch,
+    ) -> Result<(), TransportError> {
+        self.metrics.gossip_batches_received.inc();
+        let mut fresh = Vec::new();
+        for DocChanges { doc, changes } in batch.docs {
+            match self.docs.apply_remote(&doc, &changes).await {
+                Ok(new) if !new.is_empty() => {
+                    self.metrics.gossip_changes_applied.inc_by(new.len() as u64);
+                    fresh.push(DocChanges { doc, changes: new });
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    // Not acknowledged: the sender counts no replica, anti-entropy retries.
+                    tracing::warn!(doc = %doc, error = %e, "a broadcast change was not applied");
+                    transport::finish(send);
+                    return Ok(());
+                }
+            }
+        }
+        transport::write_frame(
+            &mut send,
+            &PeerMessage::Persisted {
+                batch_id: batch.batch_id,
+            },
+        )
+        .await?;
+        transport::finish(send);
+        if !fresh.is_empty() {
+            let from = conn.remote_address();
+            let peers = self.peer_addrs();
+            let targets = {
+                let mut rng = lock(&self.rng);
+                self.config.fanout.targets(
+                    &peers,
+                    Some(&from),
+                    batch.hops.saturating_add(1),
+                    &mut |n| rng.random_range(0..n),
+                )
+            };
+            if !targets.is_empty() {
+                self.send_batch(targets, fresh, batch.hops.saturating_add(1), Vec::new());
+            }
+        }
+        Ok(())
+    }
+
+    async fn broadcast_loop(
+        self: Arc<Self>,
+        mut feed: mpsc::Receiver<LocalChange>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let window_ms = i64::try_from(self.config.batch_window.as_millis()).unwrap_or(i64::MAX);
+        let mut batcher = Batcher::new(window_ms, self.config.batch_bytes_max);
+        let mut waiters: Vec<Arc<ReplicaWaiter>> = Vec::new();
+        loop {
+            let due_in = batcher.poll_timeout().map(|t| {
+                Duration::from_millis(u64::try_from(t - self.clock.now_ms()).unwrap_or(0))
+            });
+            let received = tokio::select! {
+                change = feed.recv() => change,
+                _ = tokio::time::sleep(due_in.unwrap_or(Duration::from_secs(3600))), if due_in.is_some() => None,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            let now = self.clock.now_ms();
+            let mut full = false;
+            match received {
+                Some(change) => {
+                    waiters.extend(change.waiter);
+                    full = batcher.push(now, change.doc, change.changes);
+                }
+                None if due_in.is_none() => return, // The feed closed: the node is stopping.
+                None => {}
+            }
+            if full || batcher.due(now) {
+                let docs = batcher.take();
+                let peers = self.peer_addrs();
+                let targets = {
+                    let mut rng = lock(&self.rng);
+                    self.config
+                        .fanout
+                        .targets(&peers, None, 0, &mut |n| rng.random_range(0..n))
+                };
+                self.send_batch(targets, docs, 0, std::mem::take(&mut waiters));
+            }
+        }
+    }
+
+    /// Sends a batch to each target on its own stream and counts acknowledgements.
+    fn send_batch(
+        &self,
+        targets: Vec<SocketAddr>,
+        docs: Vec<DocChanges>,
+        hops: u8,
+        waiters: Vec<Arc<ReplicaWaiter>>,
+    ) {
+        if targets.is_empty() || docs.is_empty() {
+            return;
+        }
+        let batch_id = self.next_batch_id.fetch_add(1, Ordering::Relaxed);
+        let message = Arc::new(PeerMessage::Changes(ChangeBatch {
+            batch_id,
+            hops,
+            docs,
+        }));
+        let waiters = Arc::new(waiters);
+        for addr in targets {
+            let in_flight = lock(&self.members)
+                .get(&addr)
+                .map(|m| Arc::clone(&m.in_flight));
+            let Some(in_flight) = in_flight else { continue };
+            let conn = self.transport.cached(addr);
+            let message = Arc::clone(&message);
+            let waiters = Arc::clone(&waiters);
+            self.metrics.gossip_batches_sent.inc();
+            in_flight.fetch_add(1, Ordering::AcqRel);
+            tokio::spawn(async move {
+                let acked = match conn {
+                    Some(conn) => send_and_await_ack(&conn, &message, batch_id).await,
+                    None => false, // Down: anti-entropy catches it up when it returns.
+                };
+                in_flight.fetch_sub(1, Ordering::AcqRel);
+                if acked {
+                    for w in waiters.iter() {
+                        w.ack();
+                    }
+                }
+            });
+        }
+    }
+
+    /// Dials peers, starts anti-entropy on new connections and periodically, and tells peers
+    /// the members this node knows.
+    async fn tick_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut ticker = tokio::time::interval(TICK);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticks: u64 = 0;
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            ticks += 1;
+            let announce = ticks % 4 == 1;
+            let (mut up, mut down) = (0, 0);
+            for addr in self.peer_addrs() {
+                let conn = match self.transport.connection(addr).await {
+                    Ok((conn, new)) => {
+                        if new {
+                            tokio::spawn(Arc::clone(&self).serve_connection(conn.clone()));
+                        }
+                        conn
+                    }
+                    Err(e) => {
+                        down += 1;
+                        if let TransportError::Connect { message, .. } = &e {
+                            self.metrics.peer_refused("dial");
+                            tracing::debug!(peer = %addr, error = %message, "peer unreachable");
+                        }
+                        continue;
+                    }
+                };
+                up += 1;
+                let now = self.clock.now_ms();
+                let interval_ms = i64::try_from(self.config.anti_entropy_interval.as_millis())
+                    .unwrap_or(i64::MAX);
+                let due = {
+                    let mut members = lock(&self.members);
+                    match members.get_mut(&addr) {
+                        Some(m) => {
+                            let new_conn = m.synced_connection != Some(conn.stable_id());
+                            let stale = m.last_sync_ms.is_none_or(|t| now - t >= interval_ms);
+                            if new_conn || stale {
+                                m.synced_connection = Some(conn.stable_id());
+                                m.last_sync_ms = Some(now);
+                                true
+                            } else {
+                                false
+                            }
+                        }
+                        None => false,
+                    }
+                };
+                if due {
+                    let this = Arc::clone(&self);
+                    let conn = conn.clone();
+                    tokio::spawn(async move {
+                        match session::run_anti_entropy(&this, &conn).await {
+                            Ok(synced) => {
+                                this.metrics.anti_entropy_session("ok");
+                                if synced > 0 {
+                                    tracing::info!(peer = %conn.remote_address(), docs = synced, "anti-entropy synced documents");
+                                }
+                            }
+                            Err(e) => {
+                                this.metrics.anti_entropy_session("error");
+                                tracing::debug!(peer = %conn.remote_address(), error = %e, "anti-entropy failed");
+                                // Retry on the next tick.
+                                if let Some(m) = lock(&this.members).get_mut(&conn.remote_address())
+                                {
+                                    m.synced_connection = None;
+                                }
+                            }
+                        }
+                    });
+                }
+                if announce {
+                    let mut addrs = vec![self.local_addr.to_string()];
+                    addrs.extend(self.peer_addrs().iter().map(SocketAddr::to_string));
+                    tokio::spawn(async move {
+                        if let Ok((mut send, _recv)) = conn.open_bi().await {
+                            let _ =
+                                transport::write_frame(&mut send, &PeerMessage::Members { addrs })
+                                    .await;
+                            transport::finish(send);
+                        }
+                    });
+                }
+            }
+            self.metrics.peers_up.set(up);
+            self.metrics.peers_down.set(down);
+        }
+    }
+
+    pub(crate) fn docs(&self) -> &Arc<Documents> {
+        &self.docs
+    }
+
+    pub(crate) fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Documents to sync with a peer after reconciliation, deduplicated.
+    pub(crate) fn docs_for_digests(&self, digests: &[[u8; 32]]) -> Vec<verge_core::DocId> {
+        let mut seen = HashSet::new();
+        digests
+            .iter()
+            .filter_map(|d| self.docs.doc_for_digest(d))
+            .filter(|id| seen.insert(id.clone()))
+            .collect()
+    }
+}
+
+async fn send_and_await_ack(conn: &Connection, message: &PeerMessage, batch_id: u64) -> bool {
+    let attempt = async {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(TransportError::from)?;
+        transport::write_frame(&mut send, message).await?;
+        transport::finish(send);
+        match transport::read_frame(&mut recv).await? {
+            Some(PeerMessage::Persisted { batch_id: id }) if id == batch_id => {
+                Ok::<bool, TransportError>(true)
+            }
+            _ => Ok(false),
+        }
+    };
+    matches!(
+        tokio::time::timeout(ACK_TIMEOUT, attempt).await,
+        Ok(Ok(true))
+    )
+}
