@@ -31,6 +31,8 @@ enum Command {
     Client(ClientCommand),
     /// Drive a node's HTTP API with concurrent clients and report throughput and latency.
     Bench(BenchArgs),
+    /// Measure replication latency from a write at one node to its arrival at another.
+    BenchReplication(verge_node::cli::ReplicationBenchArgs),
     /// Create the certificates nodes use for mutual TLS.
     #[command(subcommand)]
     Certs(CertsCommand),
@@ -91,6 +93,15 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Node(args) => runtime.block_on(run_node(args)),
         Command::Client(cmd) => runtime.block_on(verge_node::cli::run(cmd, &cli.client)),
+        Command::BenchReplication(args) => {
+            match runtime.block_on(verge_node::cli::bench_replication(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Certs(_) => ExitCode::SUCCESS, // handled above, before the runtime starts
         Command::Bench(args) => match runtime.block_on(verge_node::cli::bench(args, &cli.client)) {
             Ok(()) => ExitCode::SUCCESS,

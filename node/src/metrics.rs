@@ -72,6 +72,8 @@ pub struct Metrics {
     pub anti_entropy_docs: Counter,
     /// Bytes of reconciliation messages exchanged.
     pub anti_entropy_bytes: Counter,
+    /// Duration of digest reconciliation (finding what differs), per session.
+    pub anti_entropy_reconcile_seconds: Histogram,
     /// Peers currently reachable.
     pub peers_up: Gauge,
     /// Peers currently unreachable.
@@ -111,6 +113,7 @@ impl Metrics {
             anti_entropy_sessions: Family::default(),
             anti_entropy_docs: Counter::default(),
             anti_entropy_bytes: Counter::default(),
+            anti_entropy_reconcile_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 16)),
             peers_up: Gauge::default(),
             peers_down: Gauge::default(),
             registry: Registry::default(),
@@ -242,6 +245,11 @@ impl Metrics {
             "anti_entropy_bytes",
             "Bytes of reconciliation messages exchanged",
             m.anti_entropy_bytes.clone(),
+        );
+        registry.register(
+            "anti_entropy_reconcile_seconds",
+            "Duration of digest reconciliation per anti-entropy session",
+            m.anti_entropy_reconcile_seconds.clone(),
         );
         registry.register("peers_up", "Peers currently reachable", m.peers_up.clone());
         registry.register(

@@ -14,11 +14,13 @@
 //! [`run`] or [`bench()`].
 
 mod bench;
+mod bench_replication;
 mod client;
 mod http;
 mod sse;
 
 pub use bench::{BenchArgs, BenchMode, bench};
+pub use bench_replication::{ReplicationBenchArgs, bench_replication};
 pub use client::{ClientCommand, run};
 
 /// Where the client commands and the bench find the node, shared by all of them so scripts can

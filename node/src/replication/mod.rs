@@ -285,9 +285,17 @@ impl Replication {
         batch: ChangeBatch,
     ) -> Result<(), TransportError> {
         self.metrics.gossip_batches_received.inc();
+        // All documents of the batch are applied concurrently, so their commits share fsyncs.
+        let results = futures_util::future::join_all(
+            batch
+                .docs
+                .iter()
+                .map(|d| self.docs.apply_remote(&d.doc, &d.changes)),
+        )
+        .await;
         let mut fresh = Vec::new();
-        for DocChanges { doc, changes } in batch.docs {
-            match self.docs.apply_remote(&doc, &changes).await {
+        for (DocChanges { doc, .. }, result) in batch.docs.into_iter().zip(results) {
+            match result {
                 Ok(new) if !new.is_empty() => {
                     self.metrics.gossip_changes_applied.inc_by(new.len() as u64);
                     fresh.push(DocChanges { doc, changes: new });

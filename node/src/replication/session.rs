@@ -58,6 +58,7 @@ pub async fn run_anti_entropy(
     repl: &Arc<Replication>,
     conn: &Connection,
 ) -> Result<usize, SessionError> {
+    let started = std::time::Instant::now();
     let (mut send, mut recv) = conn.open_bi().await?;
     let (mut init, first) = Initiator::start(repl.docs().digest_storage())
         .map_err(|e| SessionError::Protocol(e.to_string()))?;
@@ -85,6 +86,18 @@ pub async fn run_anti_entropy(
             None => break,
         }
     }
+    let elapsed = started.elapsed();
+    repl.metrics()
+        .anti_entropy_reconcile_seconds
+        .observe(elapsed.as_secs_f64());
+    tracing::debug!(
+        peer = %conn.remote_address(),
+        rounds = init.rounds(),
+        have = init.have.len(),
+        need = init.need.len(),
+        elapsed_ms = elapsed.as_secs_f64() * 1000.0,
+        "reconciled document digests"
+    );
     // Documents the peer holds at other heads (or not at all): it knows which they are.
     if !init.need.is_empty() {
         transport::write_frame(

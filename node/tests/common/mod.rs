@@ -38,6 +38,9 @@ pub struct Node {
     pub node_id: String,
     /// Where the child's stdout and stderr go (appended across restarts).
     pub log_path: PathBuf,
+    /// Extra `verge node` arguments given on every (re)start, e.g. a fixed `--gossip-addr`,
+    /// `--peer` and TLS files for a cluster.
+    pub extra_args: Vec<String>,
     child: Option<Child>,
     tmp: Option<TempDir>,
 }
@@ -45,6 +48,12 @@ pub struct Node {
 impl Node {
     /// Starts a node with a fresh temporary data directory and waits until it is ready.
     pub fn start(node_id: &str) -> Node {
+        Node::start_with(node_id, Vec::new())
+    }
+
+    /// Starts a node like [`Node::start`] with extra arguments, kept for restarts. When they
+    /// hold `--gossip-addr`, the harness does not add its own.
+    pub fn start_with(node_id: &str, extra_args: Vec<String>) -> Node {
         let tmp = tempfile::Builder::new()
             .prefix("verge-test-")
             .tempdir()
@@ -56,6 +65,7 @@ impl Node {
             data_dir,
             node_id: node_id.to_string(),
             log_path,
+            extra_args,
             child: None,
             tmp: Some(tmp),
         };
@@ -86,9 +96,11 @@ impl Node {
             self.node_id.clone(),
         ];
         // Parallel nodes must not all take the default gossip port.
-        if supports_flag("--gossip-addr") {
+        let own_gossip = self.extra_args.iter().any(|a| a == "--gossip-addr");
+        if !own_gossip && supports_flag("--gossip-addr") {
             args.extend(["--gossip-addr".into(), "127.0.0.1:0".into()]);
         }
+        args.extend(self.extra_args.iter().cloned());
         let cwd = self.base_dir().to_path_buf();
         let mut child = spawn_verge(&args, &cwd, &self.log_path);
         match wait_ready(&mut child, &addr_file, &self.log_path, START_TIMEOUT) {
@@ -981,4 +993,104 @@ impl Rng {
 /// Creates an empty file (used to check a path is writable).
 pub fn touch(path: &Path) {
     File::create(path).expect("touch");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clusters: ports, certificates, metrics, polling
+// ---------------------------------------------------------------------------------------------
+
+/// A UDP port on 127.0.0.1 that was free a moment ago (bound, read, released). For gossip
+/// addresses that must stay the same across a restart, where port 0 cannot be used.
+pub fn free_udp_port() -> u16 {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a UDP socket");
+    socket.local_addr().expect("UDP local addr").port()
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_tcp_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a TCP socket");
+    listener.local_addr().expect("TCP local addr").port()
+}
+
+/// Runs `verge ARGS` to completion in `cwd`; panics with its output when it fails.
+pub fn run_verge(args: &[&str], cwd: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_verge"))
+        .args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run verge");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "verge {args:?} failed: {text}");
+    text
+}
+
+/// Creates a cluster CA in `dir` (`verge certs ca`) and a certificate for each of `names`
+/// (`verge certs node`).
+pub fn make_certs(dir: &Path, names: &[&str]) {
+    fs::create_dir_all(dir).expect("create cert dir");
+    let d = dir.display().to_string();
+    run_verge(&["certs", "ca", "--dir", &d], dir);
+    for name in names {
+        run_verge(&["certs", "node", "--name", name, "--dir", &d], dir);
+    }
+}
+
+/// The `--tls-*` arguments for node `name` with certificates in `dir`.
+pub fn tls_args(dir: &Path, name: &str) -> Vec<String> {
+    vec![
+        "--tls-ca".into(),
+        dir.join("ca.pem").display().to_string(),
+        "--tls-cert".into(),
+        dir.join(format!("{name}.pem")).display().to_string(),
+        "--tls-key".into(),
+        dir.join(format!("{name}.key")).display().to_string(),
+    ]
+}
+
+/// The value of the sample `series` (a metric name with its labels exactly as exposed, e.g.
+/// `verge_peer_refused_total{kind="handshake"}`) in a Prometheus text body; `None` when absent.
+pub fn metric_value(body: &str, series: &str) -> Option<f64> {
+    body.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let rest = l.strip_prefix(series)?;
+        // The series name must end here (not be a prefix of a longer name).
+        if !rest.starts_with(' ') {
+            return None;
+        }
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+impl Node {
+    /// `GET /metrics` and the value of one series (0 when absent).
+    pub fn metric(&self, series: &str) -> f64 {
+        let r = self.get("/metrics");
+        assert_eq!(r.status, 200, "GET /metrics: {}", r.describe());
+        metric_value(&r.text(), series).unwrap_or(0.0)
+    }
+}
+
+/// Calls `check` every 25 ms until it returns `Ok`, at most `timeout`; panics with `what` and
+/// the last `Err` otherwise. Returns the value and how long it took.
+pub fn wait_for<T>(
+    timeout: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> (T, Duration) {
+    let start = Instant::now();
+    loop {
+        match check() {
+            Ok(v) => return (v, start.elapsed()),
+            Err(last) => {
+                if start.elapsed() > timeout {
+                    panic!("timed out after {timeout:?} waiting for {what}; last: {last}");
+                }
+            }
+        }
+        thread::sleep(Duration::from_millis(25));
+    }
 }
