@@ -11,9 +11,7 @@ use bincode::error::{DecodeError, EncodeError};
 use bincode::{BorrowDecode, Decode, Encode};
 
 use crate::doc_id::DocId;
-use crate::limits::{
-    DOC_BYTES_MAX, WIRE_CHANGES_PER_BATCH_MAX, WIRE_DIGESTS_PER_MESSAGE_MAX, WIRE_MEMBERS_MAX,
-};
+use crate::limits::{DOC_BYTES_MAX, WIRE_CHANGES_PER_BATCH_MAX, WIRE_DIGESTS_PER_MESSAGE_MAX};
 
 /// Version byte of every frame; a frame of another version is refused.
 pub const PROTOCOL_VERSION: u8 = 1;
@@ -63,12 +61,6 @@ pub enum PeerMessage {
     },
     /// A membership protocol packet.
     Membership(Vec<u8>),
-    /// The gossip addresses of the members the sender knows (itself first), so that nodes
-    /// joining through one seed become known to every node.
-    Members {
-        /// Addresses as `IP:port` strings.
-        addrs: Vec<String>,
-    },
 }
 
 /// Changes to several documents, sent together to keep messages per write low under load.
@@ -192,12 +184,6 @@ impl PeerMessage {
                     )));
                 }
             }
-            PeerMessage::Members { addrs } if addrs.len() > WIRE_MEMBERS_MAX => {
-                return Err(WireError::Limit(format!(
-                    "{} members exceed {WIRE_MEMBERS_MAX}",
-                    addrs.len()
-                )));
-            }
             PeerMessage::SyncRequest { digests }
                 if digests.len() > WIRE_DIGESTS_PER_MESSAGE_MAX =>
             {
@@ -256,9 +242,6 @@ mod tests {
                 message: None,
             },
             PeerMessage::Membership(vec![1; 10]),
-            PeerMessage::Members {
-                addrs: vec!["127.0.0.1:7071".into()],
-            },
         ];
         for m in &messages {
             assert_eq!(&round_trip(m), m);

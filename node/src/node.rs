@@ -116,6 +116,7 @@ pub async fn run(
                 fanout: config.replication.fanout,
             },
         },
+        node_id.clone(),
         &node_tls,
         Arc::clone(&docs),
         Arc::clone(&metrics),

@@ -25,7 +25,7 @@ pub async fn status(State(state): State<Arc<AppState>>) -> Result<impl IntoRespo
     if let Some(repl) = &state.replication {
         members.extend(repl.members().into_iter().map(|m| {
             json!({
-                "node_id": null,
+                "node_id": m.name,
                 "addr": m.addr,
                 "state": m.state,
                 "rtt_ms": m.rtt_ms,

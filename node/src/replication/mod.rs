@@ -7,8 +7,8 @@
 //! - **Anti-entropy.** On every new connection and periodically, a node reconciles its
 //!   document digests with a peer's (negentropy) and runs an Automerge sync session on its own
 //!   stream for each document that differs. A node that was down or new catches up this way.
-//! - **Members.** Peers come from configuration; nodes tell each other the members they know,
-//!   so a node that joins through one seed becomes known to all.
+//! - **Members.** Seed peers come from configuration; SWIM (foca) detects failures and spreads
+//!   membership, so a node that joins through one seed becomes known to all.
 //!
 //! The decisions (fan-out, batching, reconciliation) live in `verge_core`; this module drives
 //! them with sockets, tasks and the clock.
@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use verge_core::gossip::{Batcher, FanoutPolicy};
 use verge_core::limits::WIRE_MEMBERS_MAX;
+use verge_core::membership::{self, MemberId, Membership, Output as MembershipOutput};
 use verge_core::wire::{ChangeBatch, DocChanges, PeerMessage};
 
 use crate::clock::Clock;
@@ -79,6 +80,8 @@ pub struct MemberStatus {
     pub last_sync_ms: Option<i64>,
     /// Whether the peer is a configured seed (else it was learned from other members).
     pub seed: bool,
+    /// The peer's node name, once known.
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -88,7 +91,21 @@ struct Member {
     last_sync_ms: Option<i64>,
     in_flight: Arc<AtomicUsize>,
     seed: bool,
+    /// The member's name, once SWIM learned it.
+    name: Option<String>,
+    /// What SWIM says: `None` until it has an opinion, then alive or not.
+    alive: Option<bool>,
 }
+
+/// Input of the membership task.
+#[derive(Debug)]
+enum MembershipInput {
+    Data(Vec<u8>),
+    Timer(foca::Timer<MemberId>),
+}
+
+/// Membership packets and timers waiting for the membership task.
+const MEMBERSHIP_QUEUE: usize = 4096;
 
 /// The replication side of a node.
 #[derive(Debug)]
@@ -102,6 +119,7 @@ pub struct Replication {
     members: Mutex<BTreeMap<SocketAddr, Member>>,
     next_batch_id: AtomicU64,
     rng: Mutex<StdRng>,
+    membership_tx: mpsc::Sender<MembershipInput>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -110,8 +128,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Replication {
     /// Binds the gossip endpoint and starts replication tasks; they stop when `stop` turns true.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         config: ReplicationConfig,
+        node_name: String,
         tls: &NodeTls,
         docs: Arc<Documents>,
         metrics: Arc<Metrics>,
@@ -120,6 +140,7 @@ impl Replication {
         stop: watch::Receiver<bool>,
     ) -> Result<(Arc<Self>, Vec<JoinHandle<()>>), TransportError> {
         let transport = Transport::bind(config.gossip_addr, tls)?;
+        let (membership_tx, membership_rx) = mpsc::channel(MEMBERSHIP_QUEUE);
         let local_addr = transport.local_addr()?;
         let members = config
             .peers
@@ -145,13 +166,33 @@ impl Replication {
             members: Mutex::new(members),
             next_batch_id: AtomicU64::new(seed),
             rng: Mutex::new(StdRng::seed_from_u64(seed)),
+            membership_tx: membership_tx.clone(),
         });
+        let me = MemberId {
+            addr: local_addr,
+            name: node_name,
+            generation: u64::try_from(repl.clock.now_ms()).unwrap_or(0),
+        };
+        let seeds: Vec<SocketAddr> = repl
+            .config
+            .peers
+            .iter()
+            .copied()
+            .filter(|a| *a != local_addr)
+            .collect();
+        let membership = Membership::new(
+            me,
+            seeds.clone(),
+            seed,
+            membership::config(seeds.len() as u32 + 1),
+        );
         let (feed_tx, feed_rx) = mpsc::channel(FEED_CAPACITY);
         docs.set_feed(feed_tx);
         let tasks = vec![
             tokio::spawn(Arc::clone(&repl).accept_loop(stop.clone())),
             tokio::spawn(Arc::clone(&repl).broadcast_loop(feed_rx, stop.clone())),
-            tokio::spawn(Arc::clone(&repl).tick_loop(stop)),
+            tokio::spawn(Arc::clone(&repl).tick_loop(stop.clone())),
+            tokio::spawn(Arc::clone(&repl).membership_loop(membership, membership_rx, stop)),
         ];
         Ok((repl, tasks))
     }
@@ -173,13 +214,15 @@ impl Replication {
             .iter()
             .map(|(addr, m)| {
                 let conn = self.transport.cached(*addr);
+                let up = m.alive.unwrap_or(conn.is_some());
                 MemberStatus {
                     addr: addr.to_string(),
-                    state: if conn.is_some() { "up" } else { "down" },
+                    state: if up { "up" } else { "down" },
                     rtt_ms: conn.map(|c| c.rtt().as_secs_f64() * 1000.0),
                     lag_batches: m.in_flight.load(Ordering::Acquire),
                     last_sync_ms: m.last_sync_ms,
                     seed: m.seed,
+                    name: m.name.clone(),
                 }
             })
             .collect()
@@ -261,9 +304,13 @@ impl Replication {
             PeerMessage::DocSync { doc, message } => {
                 session::respond_doc_sync(&self.docs, send, recv, doc, message).await
             }
-            PeerMessage::Members { addrs } => {
-                for addr in addrs.iter().filter_map(|a| a.parse().ok()) {
-                    self.learn(addr);
+            PeerMessage::Membership(data) => {
+                if self
+                    .membership_tx
+                    .try_send(MembershipInput::Data(data))
+                    .is_err()
+                {
+                    self.metrics.peer_refused("membership_queue_full");
                 }
                 transport::finish(send);
                 Ok(())
@@ -425,14 +472,11 @@ impl Replication {
     async fn tick_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut ticker = tokio::time::interval(TICK);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut ticks: u64 = 0;
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
-            ticks += 1;
-            let announce = ticks % 4 == 1;
             let (mut up, mut down) = (0, 0);
             for addr in self.peer_addrs() {
                 let conn = match self.transport.connection(addr).await {
@@ -495,21 +539,94 @@ impl Replication {
                         }
                     });
                 }
-                if announce {
-                    let mut addrs = vec![self.local_addr.to_string()];
-                    addrs.extend(self.peer_addrs().iter().map(SocketAddr::to_string));
+            }
+            self.metrics.peers_up.set(up);
+            self.metrics.peers_down.set(down);
+        }
+    }
+
+    /// The connection to `addr`, serving the streams the peer opens on it when it is new.
+    async fn connect(self: &Arc<Self>, addr: SocketAddr) -> Result<Connection, TransportError> {
+        let (conn, new) = self.transport.connection(addr).await?;
+        if new {
+            tokio::spawn(Arc::clone(self).serve_connection(conn.clone()));
+        }
+        Ok(conn)
+    }
+
+    /// Runs SWIM: feeds packets and due timers to the state machine and carries out its outputs.
+    async fn membership_loop(
+        self: Arc<Self>,
+        mut membership: Membership,
+        mut rx: mpsc::Receiver<MembershipInput>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        membership.announce_to_seeds();
+        self.carry_out(membership.drain());
+        loop {
+            let input = tokio::select! {
+                input = rx.recv() => input,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            match input {
+                Some(MembershipInput::Data(data)) => {
+                    if let Err(e) = membership.handle_data(&data) {
+                        self.metrics.peer_refused("membership");
+                        tracing::debug!(error = %e, "refused a membership packet");
+                    }
+                }
+                Some(MembershipInput::Timer(timer)) => membership.handle_timer(timer),
+                None => return,
+            }
+            self.carry_out(membership.drain());
+        }
+    }
+
+    fn carry_out(self: &Arc<Self>, outputs: Vec<MembershipOutput>) {
+        for output in outputs {
+            match output {
+                MembershipOutput::Send { to, data } => {
+                    let this = Arc::clone(self);
                     tokio::spawn(async move {
+                        let Ok(conn) = this.connect(to).await else {
+                            return;
+                        };
                         if let Ok((mut send, _recv)) = conn.open_bi().await {
                             let _ =
-                                transport::write_frame(&mut send, &PeerMessage::Members { addrs })
+                                transport::write_frame(&mut send, &PeerMessage::Membership(data))
                                     .await;
                             transport::finish(send);
                         }
                     });
                 }
+                MembershipOutput::Schedule { after, timer } => {
+                    let tx = self.membership_tx.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(after).await;
+                        let _ = tx.send(MembershipInput::Timer(timer)).await;
+                    });
+                }
+                MembershipOutput::Up(member) => {
+                    self.learn(member.addr);
+                    if let Some(m) = lock(&self.members).get_mut(&member.addr) {
+                        if m.alive != Some(true) {
+                            tracing::info!(peer = %member.addr, name = %member.name, "member up");
+                        }
+                        m.alive = Some(true);
+                        m.name = Some(member.name.clone()).filter(|n| !n.is_empty());
+                    }
+                    self.transport.reset_backoff(member.addr);
+                }
+                MembershipOutput::Down(member) => {
+                    if let Some(m) = lock(&self.members).get_mut(&member.addr) {
+                        m.alive = Some(false);
+                    }
+                    tracing::warn!(peer = %member.addr, name = %member.name, "member declared down");
+                }
+                MembershipOutput::Isolated => {
+                    tracing::warn!("lost contact with every member; announcing to the seeds again");
+                }
             }
-            self.metrics.peers_up.set(up);
-            self.metrics.peers_down.set(down);
         }
     }
 
