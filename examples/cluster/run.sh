@@ -31,6 +31,8 @@ NAMES=(edge-1 edge-2 edge-3)
 for v in $(compgen -e | grep '^VERGE_' || true); do
   [ "$v" = VERGE_BIN ] || unset "$v"
 done
+# Plain log files, without colour escapes.
+export NO_COLOR=1
 
 if [ -n "${VERGE_BIN:-}" ]; then
   BIN=$VERGE_BIN
@@ -77,6 +79,7 @@ for i in 0 1 2; do
     [ "$j" = "$i" ] || args+=(--peer "127.0.0.1:${GOSSIP_PORTS[$j]}")
   done
   rm -f "$DIR/$name/api.addr"
+  echo "===== run.sh: starting $name at $(date -u +%FT%TZ) =====" >>"$DIR/$name.log"
   "$BIN" "${args[@]}" >>"$DIR/$name.log" 2>&1 &
   PIDS+=($!)
 done
@@ -121,7 +124,7 @@ Write at one node, read at another:
   curl -X PUT http://127.0.0.1:$A/v1/docs/cart/u-42 -d '{"items":{"sku-1":{"qty":1}}}'
   curl http://127.0.0.1:$C/v1/docs/cart/u-42
   curl -X PATCH 'http://127.0.0.1:$B/v1/docs/cart/u-42?replicas=2' \\
-       -d '{"ops":[{"op":"inc","path":["items","sku-1","qty"],"by":2}]}'
+       -d '{"ops":[{"op":"inc","path":["views"],"by":1}]}'    # 200 once both others persisted it
 With the CLI:
   $BIN --url http://127.0.0.1:$B get cart/u-42
   $BIN --url http://127.0.0.1:$C status
@@ -134,6 +137,11 @@ echo "cluster is up"
 set +e
 wait -n "${PIDS[@]}"
 rc=$?
+# Ctrl-C in a terminal reaches the nodes too; one that stopped cleanly (status 0) may be seen
+# here before the INT trap runs. That is a normal stop, not a failure.
+if [ "$rc" -eq 0 ]; then
+  exit 130
+fi
 for i in 0 1 2; do
   if ! kill -0 "${PIDS[$i]}" 2>/dev/null; then
     echo "${NAMES[$i]} exited (status $rc); the end of $DIR/${NAMES[$i]}.log:" >&2

@@ -632,7 +632,12 @@ fn node_with_certificate_from_another_ca_is_refused() {
         line.contains(&foreign_port.to_string()),
         "the refusal names the foreign peer 127.0.0.1:{foreign_port}: {line}"
     );
-    assert!(b.metric(REFUSED_HANDSHAKE) >= 1.0, "ca1-2 refuses it too");
+    wait_for(REPLICATION_DEADLINE, "ca1-2 to refuse it too", || {
+        match b.metric(REFUSED_HANDSHAKE) {
+            n if n >= 1.0 => Ok(()),
+            n => Err(format!("{REFUSED_HANDSHAKE} = {n}")),
+        }
+    });
 
     // Nothing crossed in either direction, and it is no member of the cluster.
     for id in ["secret/1", "secret/2"] {
