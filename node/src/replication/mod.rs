@@ -95,6 +95,8 @@ struct Member {
     name: Option<String>,
     /// What SWIM says: `None` until it has an opinion, then alive or not.
     alive: Option<bool>,
+    /// A dial to the member is under way.
+    dialing: bool,
 }
 
 /// Input of the membership task.
@@ -479,21 +481,28 @@ impl Replication {
             }
             let (mut up, mut down) = (0, 0);
             for addr in self.peer_addrs() {
-                let conn = match self.transport.connection(addr).await {
-                    Ok((conn, new)) => {
-                        if new {
-                            tokio::spawn(Arc::clone(&self).serve_connection(conn.clone()));
-                        }
-                        conn
+                // Dials run in their own tasks: an unreachable peer's connect timeout must not
+                // hold up anti-entropy with the others.
+                let Some(conn) = self.transport.cached(addr) else {
+                    down += 1;
+                    let first = lock(&self.members)
+                        .get_mut(&addr)
+                        .is_some_and(|m| !std::mem::replace(&mut m.dialing, true));
+                    if first {
+                        let this = Arc::clone(&self);
+                        tokio::spawn(async move {
+                            if let Err(TransportError::Connect { message, .. }) =
+                                this.connect(addr).await
+                            {
+                                this.metrics.peer_refused("dial");
+                                tracing::debug!(peer = %addr, error = %message, "peer unreachable");
+                            }
+                            if let Some(m) = lock(&this.members).get_mut(&addr) {
+                                m.dialing = false;
+                            }
+                        });
                     }
-                    Err(e) => {
-                        down += 1;
-                        if let TransportError::Connect { message, .. } = &e {
-                            self.metrics.peer_refused("dial");
-                            tracing::debug!(peer = %addr, error = %message, "peer unreachable");
-                        }
-                        continue;
-                    }
+                    continue;
                 };
                 up += 1;
                 let now = self.clock.now_ms();
