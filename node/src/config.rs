@@ -69,6 +69,22 @@ pub struct NodeArgs {
     /// This node's private key (PEM).
     #[arg(long, env = "VERGE_TLS_KEY", value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
+    /// Certificate chain (PEM) for HTTPS on the API; with --api-tls-key.
+    #[arg(long, env = "VERGE_API_TLS_CERT", value_name = "FILE")]
+    pub api_tls_cert: Option<PathBuf>,
+    /// Private key (PEM) for HTTPS on the API; with --api-tls-cert.
+    #[arg(long, env = "VERGE_API_TLS_KEY", value_name = "FILE")]
+    pub api_tls_key: Option<PathBuf>,
+}
+
+/// HTTPS for the API (`[api_tls]` in the file). Both or neither.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiTlsFileConfig {
+    /// The certificate chain.
+    pub cert: Option<PathBuf>,
+    /// The private key.
+    pub key: Option<PathBuf>,
 }
 
 /// TLS files (`[tls]` in the file). All three or none.
@@ -159,6 +175,9 @@ struct FileConfig {
     storage: StorageConfig,
     #[serde(default)]
     replication: ReplicationFileConfig,
+    auth: Option<crate::auth::AuthFileConfig>,
+    #[serde(default)]
+    api_tls: ApiTlsFileConfig,
 }
 
 /// A fully resolved configuration.
@@ -182,6 +201,10 @@ pub struct Config {
     pub tls: Option<crate::tls::TlsFiles>,
     /// Replication tunables.
     pub replication: ReplicationFileConfig,
+    /// Who may use the API.
+    pub auth: crate::auth::Auth,
+    /// HTTPS on the API; `None` serves plain HTTP.
+    pub api_tls: Option<crate::http::ApiTlsFiles>,
     /// The file that was read, if any.
     pub source: Option<PathBuf>,
 }
@@ -286,6 +309,25 @@ impl Config {
                 });
             }
         };
+        let auth = crate::auth::Auth::resolve(file.auth.as_ref(), api_addr).map_err(|e| {
+            ConfigError::Invalid {
+                key: e.key,
+                message: e.message,
+            }
+        })?;
+        let api_tls = match (
+            args.api_tls_cert.clone().or(file.api_tls.cert),
+            args.api_tls_key.clone().or(file.api_tls.key),
+        ) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(crate::http::ApiTlsFiles { cert, key }),
+            _ => {
+                return Err(ConfigError::Invalid {
+                    key: "api_tls",
+                    message: "give both the API certificate and its key, or neither".into(),
+                });
+            }
+        };
         let replication = file.replication;
         if replication.fanout == 0
             || replication.anti_entropy_interval_s == 0
@@ -311,6 +353,8 @@ impl Config {
             peers,
             tls,
             replication,
+            auth,
+            api_tls,
             source,
         })
     }
@@ -423,6 +467,61 @@ mod tests {
         assert_eq!(file.log_format, Some(LogFormat::Text));
         assert_eq!(file.gossip_addr.as_deref(), Some(DEFAULT_GOSSIP_ADDR));
         assert_eq!(file.replication, ReplicationFileConfig::default());
+    }
+
+    #[test]
+    fn auth_is_required_beyond_loopback() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let exposed = NodeArgs {
+            api_addr: Some("0.0.0.0:7070".into()),
+            ..NodeArgs::default()
+        };
+        let err = Config::resolve(&exposed).expect_err("no tokens beyond loopback");
+        assert!(
+            matches!(err, ConfigError::Invalid { key: "auth", .. }),
+            "{err}"
+        );
+        let none = write(dir.path(), "[auth]\nmode = \"none\"\n");
+        let c = Config::resolve(&NodeArgs {
+            config: Some(none),
+            ..exposed.clone()
+        })
+        .expect("explicit no-auth");
+        assert_eq!(c.auth, crate::auth::Auth::Open { explicit: true });
+        let hash = crate::auth::format_hash(&crate::auth::hash_token("t"));
+        let tokens = write(
+            dir.path(),
+            &format!(
+                "[[auth.tokens]]\nname = \"svc\"\nhash = \"{hash}\"\nrole = \"write\"\nprefixes = [\"cart/\"]\n"
+            ),
+        );
+        let c = Config::resolve(&NodeArgs {
+            config: Some(tokens),
+            ..exposed
+        })
+        .expect("tokens");
+        assert!(matches!(&c.auth, crate::auth::Auth::Tokens(t) if t.len() == 1));
+    }
+
+    #[test]
+    fn api_tls_needs_both_files() {
+        let half = NodeArgs {
+            api_tls_cert: Some("api.pem".into()),
+            ..NodeArgs::default()
+        };
+        assert!(matches!(
+            Config::resolve(&half),
+            Err(ConfigError::Invalid { key: "api_tls", .. })
+        ));
+        let both = NodeArgs {
+            api_tls_key: Some("api.key".into()),
+            ..half
+        };
+        let c = Config::resolve(&both).expect("both given");
+        assert_eq!(
+            c.api_tls.map(|f| (f.cert, f.key)),
+            Some(("api.pem".into(), "api.key".into()))
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! holds the client commands. Storage, the document service and the API are separate modules
 //! so that the simulator can drive the same code with its own clock, network and disk.
 
+pub mod auth;
 pub mod cache;
 pub mod cli;
 pub mod clock;

@@ -36,6 +36,8 @@ enum Command {
     /// Create the certificates nodes use for mutual TLS.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Create an API token: prints it once, with the config lines that accept it.
+    Token(verge_node::auth::TokenArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -80,6 +82,18 @@ fn main() -> ExitCode {
     if let Command::Certs(cmd) = cli.command {
         return run_certs(cmd);
     }
+    if let Command::Token(args) = &cli.command {
+        return match verge_node::auth::create_token(args) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -102,7 +116,8 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Certs(_) => ExitCode::SUCCESS, // handled above, before the runtime starts
+        // Handled above, before the runtime starts.
+        Command::Certs(_) | Command::Token(_) => ExitCode::SUCCESS,
         Command::Bench(args) => match runtime.block_on(verge_node::cli::bench(args, &cli.client)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -134,8 +149,11 @@ async fn run_node(args: NodeArgs) -> ExitCode {
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only on a terminal: log files and pipelines get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

@@ -78,6 +78,8 @@ pub struct Metrics {
     pub peers_up: Gauge,
     /// Peers currently unreachable.
     pub peers_down: Gauge,
+    /// API requests refused with 401 or 403, by reason.
+    pub auth_failures: Family<KindLabels, Counter>,
 }
 
 impl Metrics {
@@ -116,6 +118,7 @@ impl Metrics {
             anti_entropy_reconcile_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 16)),
             peers_up: Gauge::default(),
             peers_down: Gauge::default(),
+            auth_failures: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -256,6 +259,11 @@ impl Metrics {
             "peers_down",
             "Peers currently unreachable",
             m.peers_down.clone(),
+        );
+        registry.register(
+            "auth_failures",
+            "API requests refused with 401 or 403, by reason",
+            m.auth_failures.clone(),
         );
         Self { registry, ..m }
     }

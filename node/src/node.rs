@@ -130,6 +130,12 @@ pub async fn run(
     })?;
     background.extend(replication_tasks);
 
+    let api_tls = match &config.api_tls {
+        Some(files) => {
+            Some(http::tls::server_config(files).map_err(|e| NodeError::Tls(e.to_string()))?)
+        }
+        None => None,
+    };
     let listener = TcpListener::bind(config.api_addr)
         .await
         .map_err(|source| NodeError::Io {
@@ -149,6 +155,7 @@ pub async fn run(
         clock,
         ready: AtomicBool::new(false),
         replication: Some(Arc::clone(&replication)),
+        auth: config.auth.clone(),
     });
     std::fs::write(&addr_file, format!("{api_addr}\n")).map_err(|source| NodeError::Io {
         context: format!("writing {}", addr_file.display()),
@@ -164,19 +171,37 @@ pub async fn run(
         documents = indexed,
         actor = %docs.actor(),
         config = ?config.source,
+        api_tls = api_tls.is_some(),
+        auth = auth_summary(&config.auth),
         "node serving"
     );
+    if matches!(config.auth, crate::auth::Auth::Open { .. }) && !api_addr.ip().is_loopback() {
+        tracing::warn!(
+            api_addr = %api_addr,
+            "the API is served without authentication beyond loopback ([auth] mode = \"none\")"
+        );
+    }
     let drain_state = Arc::clone(&state);
     let router = http::router(Arc::clone(&state), stop_rx.clone());
     let mut server = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                shutdown.await;
-                drain_state.ready.store(false, Ordering::Release);
-                tracing::info!("shutting down: draining requests and the write queue");
-                let _ = stop_tx.send(true);
-            })
-            .await
+        let drain = async move {
+            shutdown.await;
+            drain_state.ready.store(false, Ordering::Release);
+            tracing::info!("shutting down: draining requests and the write queue");
+            let _ = stop_tx.send(true);
+        };
+        match api_tls {
+            None => {
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(drain)
+                    .await
+            }
+            Some(tls_config) => {
+                axum::serve(http::TlsListener::new(listener, tls_config)?, router)
+                    .with_graceful_shutdown(drain)
+                    .await
+            }
+        }
     });
     let mut stop_rx = stop_rx;
     tokio::select! {
@@ -215,6 +240,15 @@ pub async fn run(
     let _ = std::fs::remove_file(&addr_file);
     tracing::info!("node stopped");
     Ok(())
+}
+
+/// How the API authenticates, for the start-up log line (token names and counts only).
+fn auth_summary(auth: &crate::auth::Auth) -> String {
+    match auth {
+        crate::auth::Auth::Open { explicit: true } => "none (configured)".into(),
+        crate::auth::Auth::Open { explicit: false } => "none (loopback only)".into(),
+        crate::auth::Auth::Tokens(tokens) => format!("{} token(s)", tokens.len()),
+    }
 }
 
 fn report_server_end(result: Result<std::io::Result<()>, tokio::task::JoinError>) {

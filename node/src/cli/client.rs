@@ -133,7 +133,7 @@ impl CliError {
     fn report(self) -> ExitCode {
         let (code, message) = match self {
             Self::Usage(msg) => (2, format!("error: {msg}")),
-            Self::Api { code, message } => (1, format!("error: {code}: {message}")),
+            Self::Api { code, message } => (1, format!("error: {code}: {message}{}", hint(&code))),
             Self::Transport(e @ TransportError::BadBody(_)) => (1, format!("error: {e}")),
             Self::Transport(e) => (3, format!("error: {e}")),
             Self::Unexpected(msg) => (
@@ -147,6 +147,19 @@ impl CliError {
         // If stderr is gone too there is nobody left to tell.
         let _ = writeln!(io::stderr(), "{message}");
         ExitCode::from(code)
+    }
+}
+
+/// What to do about an access error, after the node's own message.
+fn hint(code: &str) -> &'static str {
+    match code {
+        "unauthorized" => {
+            "\nhint: pass a valid API token with --token or VERGE_TOKEN (`verge token` creates one)"
+        }
+        "forbidden" => {
+            "\nhint: the token is valid but its role or prefixes do not cover this request; use a token that does"
+        }
+        _ => "",
     }
 }
 

@@ -3,12 +3,12 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use serde_json::{Value as Json_, json};
 use verge_core::limits::{LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, TTL_SECONDS_MAX};
 use verge_core::{DocId, Expiry, Op, Write, heads_to_hex};
@@ -220,11 +220,21 @@ pub async fn delete(
     Ok(written(&id, &heads))
 }
 
-/// `GET /v1/docs?prefix=&limit=&cursor=`.
-pub async fn list(State(state): State<Arc<AppState>>, query: Params) -> Result<Response, ApiError> {
+/// `GET /v1/docs?prefix=&limit=&cursor=`. Without a prefix, a token with one prefix lists
+/// that prefix (`scope`, set by the auth middleware).
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    scope: Option<Extension<super::ScopePrefix>>,
+    query: Params,
+) -> Result<Response, ApiError> {
     let params = params(&state, query)?;
     reject_unknown_params(&params, &["prefix", "limit", "cursor"])?;
-    let prefix = params.get("prefix").map_or("", String::as_str);
+    let scope = scope.map(|Extension(super::ScopePrefix(p))| p);
+    let prefix = params
+        .get("prefix")
+        .filter(|p| !p.is_empty())
+        .or(scope.as_ref())
+        .map_or("", String::as_str);
     check_prefix(prefix)?;
     let limit = match params.get("limit") {
         None => LIST_LIMIT_DEFAULT,

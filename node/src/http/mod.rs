@@ -1,8 +1,10 @@
 //! The HTTP API of a node (`/v1`, probes and metrics). See docs/api.md.
 
+mod auth;
 mod docs;
 mod error;
 mod node;
+pub mod tls;
 mod watch;
 
 use std::sync::Arc;
@@ -15,7 +17,9 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use verge_core::limits::{REQUEST_BODY_BYTES_MAX, SYNC_MESSAGE_BYTES_MAX};
 
+pub use auth::ScopePrefix;
 pub use error::ApiError;
+pub use tls::{ApiTlsFiles, TlsListener};
 
 use crate::clock::Clock;
 use crate::documents::Documents;
@@ -40,6 +44,8 @@ pub struct AppState {
     pub ready: AtomicBool,
     /// Replication, for the member list in status.
     pub replication: Option<Arc<crate::replication::Replication>>,
+    /// Who may do what (see `auth`).
+    pub auth: crate::auth::Auth,
 }
 
 /// Builds the router over `state`.
@@ -70,6 +76,11 @@ pub fn router(state: Arc<AppState>, stop: tokio::sync::watch::Receiver<bool>) ->
         .route("/metrics", get(node::metrics))
         .fallback(node::not_found)
         .method_not_allowed_fallback(node::method_not_allowed)
+        // Inside the request counter, so that refused requests are counted too.
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            auth::authorize,
+        ))
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             count_requests,

@@ -28,10 +28,12 @@ impl Drop for WatcherGuard {
     }
 }
 
-/// `GET /v1/watch?prefix=P`.
+/// `GET /v1/watch?prefix=P`. Without a prefix, a token with one prefix watches that prefix
+/// (`scope`, set by the auth middleware).
 pub async fn watch(
     State(state): State<Arc<AppState>>,
     Extension(stop): Extension<tokio::sync::watch::Receiver<bool>>,
+    scope: Option<Extension<super::ScopePrefix>>,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let Query(params) = query.map_err(|e| ApiError::invalid_query(e.body_text()))?;
@@ -40,7 +42,12 @@ pub async fn watch(
             "unknown query parameter {k:?}"
         )));
     }
-    let prefix = params.get("prefix").cloned().unwrap_or_default();
+    let prefix = params
+        .get("prefix")
+        .filter(|p| !p.is_empty())
+        .cloned()
+        .or(scope.map(|Extension(super::ScopePrefix(p))| p))
+        .unwrap_or_default();
     super::docs::check_prefix(&prefix)?;
     let rx = state.docs.subscribe();
     state.metrics.watchers.inc();
