@@ -19,3 +19,6 @@ cargo build -p verge-core --target wasm32-unknown-unknown --locked
 
 step "tests"
 cargo test --workspace --locked
+
+step "wasm client (Node, workerd, Deno, Chromium)"
+bash scripts/test-client.sh

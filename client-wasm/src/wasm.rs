@@ -16,7 +16,11 @@ use verge_core::{DocId, PathSegment};
 fn js_error(e: ClientError) -> JsValue {
     let err = Error::new(&e.to_string());
     // Setting a property on a fresh Error object cannot fail.
-    let _ = Reflect::set(&err, &JsValue::from_str("code"), &JsValue::from_str(e.code()));
+    let _ = Reflect::set(
+        &err,
+        &JsValue::from_str("code"),
+        &JsValue::from_str(e.code()),
+    );
     err.into()
 }
 

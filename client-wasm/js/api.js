@@ -1,0 +1,352 @@
+// The runtime-independent part of @verge/client: the Verge entry points, the document handle
+// and VergeError. Each runtime's entry (node.js, deno.js, browser.js, workerd.js) instantiates
+// the Wasm module its own way and hands the bindings to `bind`.
+
+let Replica = null;
+
+/** Called once by the runtime entry with the wasm-bindgen exports. */
+export function bind(bindings) {
+  Replica = bindings.Replica;
+}
+
+/** An error from Verge, with a stable machine-readable `code` (see docs/client.md). */
+export class VergeError extends Error {
+  constructor(code, message, options) {
+    super(message, options);
+    this.name = "VergeError";
+    this.code = code;
+    if (options && options.status !== undefined) this.status = options.status;
+  }
+
+  /** Whether repeating the call may succeed (network trouble, node overloaded). */
+  get retryable() {
+    return (
+      this.code === "network" ||
+      this.code === "sync_incomplete" ||
+      (this.status !== undefined && this.status >= 500)
+    );
+  }
+}
+
+function rethrow(e) {
+  if (e instanceof VergeError) throw e;
+  if (e && typeof e.code === "string") throw new VergeError(e.code, e.message);
+  throw e;
+}
+
+function deepFreeze(value) {
+  if (value !== null && typeof value === "object") {
+    for (const v of Object.values(value)) deepFreeze(v);
+    Object.freeze(value);
+  }
+  return value;
+}
+
+function toPath(path) {
+  if (typeof path === "string" || typeof path === "number") return [path];
+  return path;
+}
+
+/** How to reach a node: `{ url, token?, fetch? }`. */
+class Connection {
+  constructor(options) {
+    if (!options || typeof options.url !== "string") {
+      throw new VergeError("invalid_options", "expected { url: string, token?: string }");
+    }
+    this.url = options.url.replace(/\/+$/, "");
+    this.token = options.token;
+    this.fetch = options.fetch ?? ((...args) => globalThis.fetch(...args));
+  }
+
+  async post(id, body) {
+    const headers = { "content-type": "application/octet-stream" };
+    if (this.token) headers.authorization = `Bearer ${this.token}`;
+    let response;
+    let bytes;
+    try {
+      response = await this.fetch(`${this.url}/v1/sync/${id}`, { method: "POST", headers, body });
+      bytes = new Uint8Array(await response.arrayBuffer());
+    } catch (e) {
+      throw new VergeError("network", `POST ${this.url}/v1/sync/${id}: ${e && e.message}`, {
+        cause: e,
+      });
+    }
+    if (!response.ok) {
+      let code = "http";
+      let message = `${response.status} ${response.statusText}`;
+      try {
+        const err = JSON.parse(new TextDecoder().decode(bytes)).error;
+        if (err && typeof err.code === "string") {
+          code = err.code;
+          message = err.message ?? message;
+        }
+      } catch {
+        // Not a JSON error body (a proxy's page, say): keep the status.
+      }
+      throw new VergeError(code, message, { status: response.status });
+    }
+    return bytes;
+  }
+}
+
+/**
+ * A local replica of one document. Reads and writes are synchronous and touch only memory;
+ * `sync()` exchanges changes with the node.
+ */
+export class VergeDoc {
+  #replica;
+  #connection;
+  #listeners = new Set();
+  #queue = Promise.resolve();
+  #lastSync = null;
+  // Materialised values of root keys, filled on first read and dropped by any write that may
+  // touch them: Automerge answers a path lookup in microseconds, this cache in nanoseconds.
+  #cache = new Map();
+
+  constructor(replica, connection) {
+    this.#replica = replica;
+    this.#connection = connection;
+  }
+
+  /** The document id. */
+  get id() {
+    return this.#replica.id;
+  }
+
+  /**
+   * The value at `path` (a key, or an array of keys and indexes); `undefined` when absent.
+   * Objects and arrays come back frozen (they are shared with the read cache); `toJSON()`
+   * returns a mutable copy.
+   */
+  get(path = []) {
+    const p = toPath(path);
+    const key = p[0];
+    if (typeof key !== "string" || !Array.isArray(p)) return this.#read(p);
+    let value;
+    if (this.#cache.has(key)) {
+      value = this.#cache.get(key);
+    } else {
+      value = this.#read([key]);
+      this.#cache.set(key, deepFreeze(value));
+    }
+    for (let i = 1; i < p.length; i++) {
+      const seg = p[i];
+      if (Array.isArray(value)) {
+        if (typeof seg !== "number") return this.#read(p);
+        value = value[seg];
+      } else if (value !== null && typeof value === "object") {
+        if (typeof seg !== "string") return this.#read(p);
+        value = Object.hasOwn(value, seg) ? value[seg] : undefined;
+      } else {
+        return undefined;
+      }
+    }
+    return value;
+  }
+
+  #read(path) {
+    let text;
+    try {
+      text = this.#replica.get(JSON.stringify(path));
+    } catch (e) {
+      rethrow(e);
+    }
+    return text === undefined ? undefined : JSON.parse(text);
+  }
+
+  /** The whole document as plain JSON (counters as numbers, text as strings). */
+  toJSON() {
+    return JSON.parse(this.#replica.toJSONText());
+  }
+
+  /** The current heads: hex hashes naming this exact version of the document. */
+  heads() {
+    return this.#replica.heads();
+  }
+
+  /** Whether the document carries a tombstone (it was deleted and not written since). */
+  get deleted() {
+    return this.#replica.deleted;
+  }
+
+  /** Whether local changes wait for a sync. */
+  get hasUnsyncedChanges() {
+    return this.#replica.hasUnsyncedChanges();
+  }
+
+  #apply(ops) {
+    if (Array.isArray(ops)) {
+      for (const op of ops) this.#invalidate(op && op.path);
+    } else {
+      this.#invalidate(ops.path);
+    }
+    try {
+      return this.#replica.apply(JSON.stringify(ops), Date.now());
+    } catch (e) {
+      rethrow(e);
+    }
+  }
+
+  #invalidate(path) {
+    if (Array.isArray(path) && typeof path[0] === "string") this.#cache.delete(path[0]);
+    else this.#cache.clear();
+  }
+
+  /** Sets a map key or list element to a JSON value. */
+  set(path, value) {
+    return this.#apply({ op: "set", path: toPath(path), value });
+  }
+
+  /** Deletes a map key or list element. */
+  del(path) {
+    return this.#apply({ op: "del", path: toPath(path) });
+  }
+
+  /** Adds `by` to the counter at `path`, creating it at 0 when missing. */
+  inc(path, by = 1) {
+    return this.#apply({ op: "inc", path: toPath(path), by });
+  }
+
+  /** Inserts into a list before the index that ends `path`. */
+  insert(path, value) {
+    return this.#apply({ op: "insert", path: toPath(path), value });
+  }
+
+  /** Appends to the list at `path`, creating it when missing. */
+  push(path, value) {
+    return this.#apply({ op: "push", path: toPath(path), value });
+  }
+
+  /** Edits the text at `path`: deletes `deleteCount` characters at `index`, inserts `text`. */
+  splice(path, index, deleteCount = 0, text = "") {
+    return this.#apply({ op: "splice", path: toPath(path), index, delete: deleteCount, text });
+  }
+
+  /** Applies several ops (`{op, path, …}` as in the HTTP PATCH body) as one change. */
+  apply(ops) {
+    return this.#apply(ops);
+  }
+
+  /** Makes the document equal to `doc`, changing only what differs (like HTTP PUT). */
+  replace(doc) {
+    this.#cache.clear();
+    try {
+      return this.#replica.replace(JSON.stringify(doc), Date.now());
+    } catch (e) {
+      rethrow(e);
+    }
+  }
+
+  /** Deletes the document: a tombstone that syncs; a later write revives it. */
+  remove() {
+    this.#cache.clear();
+    try {
+      return this.#replica.remove(Date.now());
+    } catch (e) {
+      rethrow(e);
+    }
+  }
+
+  /** The replica's bytes, for `Verge.load` (isolate-level caching). */
+  save() {
+    return this.#replica.save();
+  }
+
+  /**
+   * Pushes local changes and pulls the node's: one round trip in the steady state. Calls are
+   * queued, never concurrent. Safe to retry after any error.
+   */
+  sync() {
+    const run = () => this.#syncOnce();
+    const result = this.#queue.then(run, run);
+    this.#queue = result.catch(() => {});
+    return result;
+  }
+
+  async #syncOnce() {
+    if (!this.#connection) {
+      throw new VergeError("no_connection", "this document has no node to sync with");
+    }
+    const before = this.heads();
+    let body = this.#replica.syncBegin();
+    try {
+      while (body !== undefined) {
+        const reply = await this.#connection.post(this.id, body);
+        body = this.#replica.syncReceive(reply);
+      }
+    } catch (e) {
+      // Part of the node's changes may have been applied before the failure.
+      this.#cache.clear();
+      this.#replica.syncAbort();
+      rethrow(e);
+    }
+    const [roundTrips, bytesSent, bytesReceived, changed] = this.#replica.lastSync();
+    if (changed === 1) this.#cache.clear();
+    const result = { roundTrips, bytesSent, bytesReceived, changed: changed === 1 };
+    this.#lastSync = result;
+    if (result.changed) {
+      const event = { doc: this, before, heads: this.heads() };
+      for (const listener of this.#listeners) {
+        try {
+          listener(event);
+        } catch (e) {
+          // A failing listener must not fail the sync or starve the others.
+          queueMicrotask(() => {
+            throw e;
+          });
+        }
+      }
+    }
+    return result;
+  }
+
+  /** What the last completed sync did: `{ roundTrips, bytesSent, bytesReceived, changed }`. */
+  get lastSync() {
+    return this.#lastSync;
+  }
+
+  /**
+   * Calls `listener({ doc, before, heads })` after each sync that brought changes from the
+   * node. Returns a function that unsubscribes.
+   */
+  subscribe(listener) {
+    this.#listeners.add(listener);
+    return () => this.#listeners.delete(listener);
+  }
+
+  /** Frees the Wasm memory of this replica now rather than at garbage collection. */
+  free() {
+    this.#replica.free();
+  }
+}
+
+function newReplica(make) {
+  if (!Replica) throw new Error("@verge/client: the Wasm module is not initialised");
+  try {
+    return make();
+  } catch (e) {
+    rethrow(e);
+  }
+}
+
+/** Entry points. */
+export class Verge {
+  /** Opens `id` from the node: one round trip. A document the node lacks opens empty. */
+  static async open(connection, id) {
+    const doc = Verge.create(connection, id);
+    await doc.sync();
+    return doc;
+  }
+
+  /** A replica of `id` that has not talked to the node yet (no I/O); `sync()` pulls. */
+  static create(connection, id) {
+    const replica = newReplica(() => new Replica(id));
+    return new VergeDoc(replica, connection ? new Connection(connection) : null);
+  }
+
+  /** Loads bytes from `doc.save()`; syncs in one round trip like the replica that saved them. */
+  static load(bytes, connection) {
+    const replica = newReplica(() => Replica.load(bytes));
+    return new VergeDoc(replica, connection ? new Connection(connection) : null);
+  }
+}

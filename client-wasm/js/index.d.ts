@@ -1,0 +1,94 @@
+// Types of @verge/client (every runtime entry exports the same API).
+
+/** A JSON value as stored in a document (counters read as numbers, texts as strings). */
+export type Json = null | boolean | number | string | Json[] | { [key: string]: Json };
+
+/** A map key, or a path of map keys and list indexes from the document root. */
+export type Path = string | (string | number)[];
+
+/** How to reach a node. */
+export interface Connection {
+  /** Base URL of the node's API, e.g. `http://127.0.0.1:7070`. */
+  url: string;
+  /** Sent as `Authorization: Bearer <token>`. */
+  token?: string;
+  /** The fetch to use (defaults to the global one). */
+  fetch?: typeof fetch;
+}
+
+/** One op, as in the body of `PATCH /v1/docs/{id}`. */
+export type Op =
+  | { op: "set"; path: (string | number)[]; value: Json }
+  | { op: "del"; path: (string | number)[] }
+  | { op: "inc"; path: (string | number)[]; by?: number }
+  | { op: "insert"; path: (string | number)[]; value: Json }
+  | { op: "push"; path: (string | number)[]; value: Json }
+  | { op: "splice"; path: (string | number)[]; index: number; delete?: number; text?: string };
+
+/** What a sync did. */
+export interface SyncResult {
+  roundTrips: number;
+  bytesSent: number;
+  bytesReceived: number;
+  /** Whether changes from the node altered the replica. */
+  changed: boolean;
+}
+
+/** Passed to subscribers after a sync brought changes. */
+export interface ChangeEvent {
+  doc: VergeDoc;
+  /** Heads before the sync. */
+  before: string[];
+  /** Heads after the sync. */
+  heads: string[];
+}
+
+/**
+ * Codes: `invalid_id`, `invalid_json`, `invalid_op`, `op_not_applicable`, `invalid_document`,
+ * `invalid_save`, `invalid_sync_message`, `invalid_options`, `network`, `sync_incomplete`,
+ * `no_connection`, or the node's own error code (`too_large`, `overloaded`, …).
+ */
+export class VergeError extends Error {
+  readonly code: string;
+  /** HTTP status when the node answered with an error. */
+  readonly status?: number;
+  /** Whether repeating the call may succeed. */
+  readonly retryable: boolean;
+}
+
+/** A local replica of one document. */
+export class VergeDoc {
+  readonly id: string;
+  readonly deleted: boolean;
+  readonly hasUnsyncedChanges: boolean;
+  readonly lastSync: SyncResult | null;
+  /** The value at `path`, `undefined` when absent. Objects and arrays are frozen. */
+  get(path?: Path): Json | undefined;
+  toJSON(): { [key: string]: Json };
+  heads(): string[];
+  set(path: Path, value: Json): boolean;
+  del(path: Path): boolean;
+  inc(path: Path, by?: number): boolean;
+  insert(path: Path, value: Json): boolean;
+  push(path: Path, value: Json): boolean;
+  splice(path: Path, index: number, deleteCount?: number, text?: string): boolean;
+  /** Several ops as one change. */
+  apply(ops: Op[]): boolean;
+  /** Makes the document equal to `doc`, changing only what differs. */
+  replace(doc: { [key: string]: Json }): boolean;
+  /** Deletes the document (a tombstone that syncs). */
+  remove(): boolean;
+  save(): Uint8Array;
+  sync(): Promise<SyncResult>;
+  subscribe(listener: (event: ChangeEvent) => void): () => void;
+  free(): void;
+}
+
+export class Verge {
+  /** Opens a document from the node: one round trip. */
+  static open(connection: Connection, id: string): Promise<VergeDoc>;
+  /** A replica that has not talked to the node yet (no I/O). */
+  static create(connection: Connection | null, id: string): VergeDoc;
+  /** Loads bytes from `save()`. */
+  static load(bytes: Uint8Array, connection?: Connection | null): VergeDoc;
+}

@@ -1,0 +1,209 @@
+// The package's API under Node's test runner, against a real `verge node`.
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { Verge, VergeError } from "../dist/node.js";
+import { startNode, nodeGet, nodePatch } from "./node-server.mjs";
+
+let node;
+let conn;
+before(async () => {
+  node = await startNode();
+  conn = { url: node.url };
+});
+after(async () => {
+  await node?.stop();
+});
+
+test("open of a missing document is one round trip and empty", async () => {
+  const doc = await Verge.open(conn, "t/missing");
+  assert.deepEqual(doc.toJSON(), {});
+  assert.deepEqual(doc.heads(), []);
+  assert.equal(doc.lastSync.roundTrips, 1);
+});
+
+test("local writes are visible at once and reach the node in one round trip", async () => {
+  const doc = await Verge.open(conn, "t/write");
+  doc.set(["owner"], "u-42");
+  doc.inc(["items", "sku-1", "qty"], 2);
+  doc.push(["log"], { at: 1 });
+  doc.splice(["note"], 0, 0, "leave at door");
+  doc.insert(["log", 0], "first");
+  assert.equal(doc.get("owner"), "u-42");
+  assert.equal(doc.get(["items", "sku-1", "qty"]), 2);
+  assert.deepEqual(doc.get("log"), ["first", { at: 1 }]);
+  assert.equal(doc.get(["log", 1, "at"]), 1);
+  assert.equal(doc.get(["nope", "x"]), undefined);
+  assert.ok(doc.hasUnsyncedChanges);
+  const stats = await doc.sync();
+  assert.equal(stats.roundTrips, 1);
+  assert.equal(doc.hasUnsyncedChanges, false);
+  const remote = await nodeGet(node.url, "t/write");
+  assert.deepEqual(remote.doc, doc.toJSON());
+  assert.deepEqual(remote.heads, doc.heads());
+  doc.del("owner");
+  doc.splice("note", 0, 6, "");
+  await doc.sync();
+  assert.deepEqual((await nodeGet(node.url, "t/write")).doc, {
+    items: { "sku-1": { qty: 2 } },
+    log: ["first", { at: 1 }],
+    note: "at door",
+  });
+});
+
+test("two clients editing offline converge after both sync, counters and text included", async () => {
+  const id = "t/converge";
+  const a = await Verge.open(conn, id);
+  a.inc("n", 0);
+  a.splice("text", 0, 0, "Hello");
+  a.set(["items", "base"], 1);
+  await a.sync();
+  const b = await Verge.open(conn, id);
+  assert.deepEqual(b.toJSON(), a.toJSON());
+
+  // Offline: neither syncs while both edit the same counter, text and map.
+  a.inc("n", 2);
+  a.splice("text", 5, 0, ", world");
+  a.set(["items", "from-a"], true);
+  b.inc("n", 5);
+  b.splice("text", 0, 0, ">> ");
+  b.set(["items", "from-b"], true);
+  b.del(["items", "base"]);
+
+  await a.sync();
+  await b.sync();
+  await a.sync();
+  assert.deepEqual(a.heads(), b.heads());
+  assert.deepEqual(a.toJSON(), b.toJSON());
+  assert.deepEqual(a.toJSON(), {
+    n: 7,
+    text: ">> Hello, world",
+    items: { "from-a": true, "from-b": true },
+  });
+  assert.deepEqual((await nodeGet(node.url, id)).doc, a.toJSON());
+});
+
+test("concurrently created counters sum instead of losing increments", async () => {
+  const id = "t/counter-race";
+  const a = await Verge.open(conn, id);
+  const b = await Verge.open(conn, id);
+  a.inc("hits", 3);
+  b.inc("hits", 4);
+  await a.sync();
+  await b.sync();
+  await a.sync();
+  assert.equal(a.get("hits"), 7);
+  assert.equal(b.get("hits"), 7);
+});
+
+test("subscribers hear about changes brought by sync, not about local ones", async () => {
+  const id = "t/subscribe";
+  const doc = await Verge.open(conn, id);
+  const events = [];
+  const unsubscribe = doc.subscribe((e) => events.push(e));
+  doc.set("local", 1);
+  await doc.sync();
+  assert.equal(events.length, 0);
+  await nodePatch(node.url, id, [{ op: "set", path: ["remote"], value: "yes" }]);
+  const stats = await doc.sync();
+  assert.equal(stats.changed, true);
+  assert.equal(events.length, 1);
+  assert.equal(events[0].doc, doc);
+  assert.deepEqual(events[0].heads, doc.heads());
+  assert.equal(doc.get("remote"), "yes");
+  unsubscribe();
+  await nodePatch(node.url, id, [{ op: "set", path: ["remote"], value: "again" }]);
+  await doc.sync();
+  assert.equal(events.length, 1);
+  assert.equal(doc.get("remote"), "again");
+});
+
+test("save and load keep the replica and its sync position", async () => {
+  const id = "t/cache";
+  const doc = await Verge.open(conn, id);
+  doc.inc("visits", 1);
+  await doc.sync();
+  const bytes = doc.save();
+  assert.ok(bytes instanceof Uint8Array);
+  const again = Verge.load(bytes, conn);
+  assert.equal(again.id, id);
+  assert.deepEqual(again.toJSON(), { visits: 1 });
+  // Two replicas loaded from the same bytes write as different actors, so both writes count.
+  const twin = Verge.load(bytes, conn);
+  again.inc("visits", 1);
+  twin.inc("visits", 1);
+  const stats = await again.sync();
+  assert.equal(stats.roundTrips, 1);
+  await twin.sync();
+  assert.equal((await nodeGet(node.url, id)).doc.visits, 3);
+  assert.throws(() => Verge.load(new Uint8Array([1, 2, 3])), { code: "invalid_save" });
+});
+
+test("a sync whose answer was lost is safe to retry", async () => {
+  const id = "t/lost-answer";
+  const doc = await Verge.open(conn, id);
+  const lossy = Verge.load(doc.save(), {
+    url: node.url,
+    // The request reaches the node, which applies it; the answer never arrives.
+    fetch: async (...args) => {
+      await fetch(...args);
+      throw new Error("connection reset");
+    },
+  });
+  lossy.inc("n", 1);
+  await assert.rejects(lossy.sync(), (e) => e instanceof VergeError && e.code === "network");
+  assert.equal((await nodeGet(node.url, id)).doc.n, 1);
+  const retry = Verge.load(lossy.save(), conn);
+  assert.ok(retry.hasUnsyncedChanges);
+  await retry.sync();
+  assert.equal((await nodeGet(node.url, id)).doc.n, 1, "the increment counts once");
+  assert.equal(retry.hasUnsyncedChanges, false);
+});
+
+test("errors are VergeErrors with codes", async () => {
+  assert.throws(() => Verge.create(conn, "bad id!"), (e) => e instanceof VergeError && e.code === "invalid_id");
+  const doc = Verge.create(conn, "t/errors");
+  doc.set("s", "text");
+  doc.splice("t", 0, 0, "abc");
+  assert.throws(() => doc.inc("s"), { code: "op_not_applicable" });
+  assert.throws(() => doc.set([], 1), { code: "invalid_op" });
+  assert.throws(() => doc.set(["_verge_deleted"], 1), { code: "invalid_op" });
+  assert.throws(() => doc.splice("t", 10, 0, "x"), { code: "op_not_applicable" });
+  assert.equal(doc.get("s"), "text", "a failed write changes nothing");
+  const offline = Verge.create({ url: "http://127.0.0.1:9" }, "t/errors");
+  await assert.rejects(offline.sync(), (e) => e.code === "network" && e.retryable);
+  await assert.rejects(Verge.create(null, "t/x").sync(), { code: "no_connection" });
+});
+
+test("steady-state sync of a long history is one round trip under 1 KB each way", async () => {
+  const id = "t/long-history";
+  const writer = await Verge.open(conn, id);
+  for (let i = 0; i < 2000; i++) writer.inc("n", 1);
+  await writer.sync();
+  const doc = await Verge.open(conn, id);
+  assert.equal(doc.get("n"), 2000);
+  doc.inc("n", 1);
+  const push = await doc.sync();
+  assert.equal(push.roundTrips, 1);
+  assert.ok(push.bytesSent < 1024, `sent ${push.bytesSent} bytes`);
+  assert.ok(push.bytesReceived < 1024, `received ${push.bytesReceived} bytes`);
+  writer.inc("n", 1);
+  const pull = await writer.sync();
+  assert.equal(pull.roundTrips, 1);
+  assert.ok(pull.bytesSent < 1024 && pull.bytesReceived < 1024, JSON.stringify(pull));
+  assert.equal(writer.get("n"), 2002);
+});
+
+test("a deleted document syncs its tombstone and revives on write", async () => {
+  const id = "t/delete";
+  const doc = await Verge.open(conn, id);
+  doc.set("k", 1);
+  await doc.sync();
+  doc.remove();
+  assert.equal(doc.deleted, true);
+  assert.deepEqual(doc.toJSON(), {});
+  await doc.sync();
+  assert.equal(await nodeGet(node.url, id), undefined);
+  doc.set("k", 2);
+  await doc.sync();
+  assert.deepEqual((await nodeGet(node.url, id)).doc, { k: 2 });
+});

@@ -1,0 +1,231 @@
+//! The Rust API against a real `verge node`, over plain HTTP/1.1 on a `TcpStream`: the kind of
+//! transport a Rust edge runtime plugs in.
+//!
+//! The node binary is `VERGE_BIN`, else the workspace's `target/debug/verge`, which
+//! `cargo test --workspace` builds (the node's own integration tests need it).
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value as Json, json};
+use verge_client::{ClientError, DocId, Op, Replica};
+
+struct Node {
+    child: Child,
+    addr: String,
+    dir: PathBuf,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn verge_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("VERGE_BIN") {
+        return bin.into();
+    }
+    // target/debug/deps/node-xxxx -> target/debug/verge
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("verge");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p verge-node` or set VERGE_BIN",
+        bin.display()
+    );
+    bin
+}
+
+fn start_node() -> Node {
+    let dir = std::env::temp_dir().join(format!(
+        "verge-client-rs-{}-{}",
+        std::process::id(),
+        Instant::now().elapsed().as_nanos()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bin = verge_bin();
+    let help = Command::new(&bin)
+        .args(["node", "--help"])
+        .output()
+        .unwrap();
+    let mut cmd = Command::new(&bin);
+    cmd.args(["node", "--data-dir"])
+        .arg(&dir)
+        .args(["--api-addr", "127.0.0.1:0"]);
+    if String::from_utf8_lossy(&help.stdout).contains("--gossip-addr") {
+        cmd.args(["--gossip-addr", "127.0.0.1:0"]);
+    }
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut node = Node {
+        child,
+        addr: String::new(),
+        dir,
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(addr) = std::fs::read_to_string(node.dir.join("api.addr"))
+            && !addr.trim().is_empty()
+        {
+            node.addr = addr.trim().to_owned();
+            return node;
+        }
+        assert!(Instant::now() < deadline, "verge node did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One HTTP/1.1 request; returns status and body.
+fn http(addr: &str, method: &str, path: &str, body: &[u8]) -> Result<(u16, Vec<u8>), ClientError> {
+    let net = |e: std::io::Error| ClientError::Network(e.to_string());
+    let mut stream = TcpStream::connect(addr).map_err(net)?;
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).map_err(net)?;
+    stream.write_all(body).map_err(net)?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).map_err(net)?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| ClientError::Network("no HTTP header".into()))?;
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| ClientError::Network("bad status line".into()))?;
+    let mut body = raw[split + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    Ok((status, body))
+}
+
+fn dechunk(mut raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = raw.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let size = usize::from_str_radix(std::str::from_utf8(&raw[..eol]).unwrap().trim(), 16)
+            .unwrap_or(0);
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&raw[eol + 2..eol + 2 + size]);
+        raw = &raw[eol + 2 + size + 2..];
+    }
+}
+
+fn transport(addr: &str) -> impl FnMut(&DocId, &[u8]) -> Result<Vec<u8>, ClientError> + '_ {
+    move |id, body| match http(addr, "POST", &format!("/v1/sync/{id}"), body)? {
+        (200, reply) => Ok(reply),
+        (status, reply) => Err(ClientError::from_response(status, &reply)),
+    }
+}
+
+fn node_doc(addr: &str, id: &str) -> Json {
+    let (status, body) = http(addr, "GET", &format!("/v1/docs/{id}"), b"").unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    serde_json::from_slice::<Json>(&body).unwrap()["doc"].clone()
+}
+
+fn ops(v: Json) -> Vec<Op> {
+    Op::parse_list(&v).unwrap()
+}
+
+#[test]
+fn two_rust_replicas_converge_through_a_real_node() {
+    let node = start_node();
+    let mut t = transport(&node.addr);
+    let id = DocId::new("rs/cart").unwrap();
+    let mut a = Replica::open(id.clone(), &mut t).unwrap();
+    assert_eq!(a.last_sync().round_trips, 1);
+    a.apply(
+        ops(json!([{"op": "inc", "path": ["n"], "by": 0}, {"op": "splice", "path": ["t"], "index": 0, "text": "ab"}])),
+        1,
+    )
+    .unwrap();
+    a.sync(&mut t).unwrap();
+    let mut b = Replica::open(id, &mut t).unwrap();
+    // Offline edits on both sides.
+    a.apply(ops(json!([{"op": "inc", "path": ["n"], "by": 2}, {"op": "splice", "path": ["t"], "index": 2, "text": "c"}])), 2).unwrap();
+    b.apply(ops(json!([{"op": "inc", "path": ["n"], "by": 5}, {"op": "splice", "path": ["t"], "index": 0, "text": "_"}])), 2).unwrap();
+    let stats = a.sync(&mut t).unwrap();
+    assert_eq!(stats.round_trips, 1);
+    let stats = b.sync(&mut t).unwrap();
+    assert_eq!(stats.round_trips, 1);
+    assert!(stats.changed);
+    a.sync(&mut t).unwrap();
+    assert_eq!(a.heads(), b.heads());
+    assert_eq!(a.to_json(), json!({"n": 7, "t": "_abc"}));
+    assert_eq!(b.to_json(), a.to_json());
+    assert_eq!(node_doc(&node.addr, "rs/cart"), a.to_json());
+}
+
+#[test]
+fn steady_state_sync_of_a_long_history_is_small() {
+    let node = start_node();
+    let mut t = transport(&node.addr);
+    let id = DocId::new("rs/long").unwrap();
+    let mut writer = Replica::new(id.clone());
+    for i in 0..5000 {
+        writer
+            .apply(ops(json!([{"op": "inc", "path": ["n"], "by": 1}])), i)
+            .unwrap();
+    }
+    writer.sync(&mut t).unwrap();
+    let mut doc = Replica::open(id, &mut t).unwrap();
+    let open = doc.last_sync();
+    assert_eq!(open.round_trips, 1);
+    doc.apply(ops(json!([{"op": "inc", "path": ["n"], "by": 1}])), 1)
+        .unwrap();
+    let push = doc.sync(&mut t).unwrap();
+    assert_eq!(push.round_trips, 1);
+    assert!(push.bytes_sent < 1024, "{push:?}");
+    assert!(push.bytes_received < 1024, "{push:?}");
+    let pull = writer.sync(&mut t).unwrap();
+    assert_eq!(pull.round_trips, 1);
+    assert!(
+        pull.bytes_sent < 1024 && pull.bytes_received < 1024,
+        "{pull:?}"
+    );
+    assert_eq!(writer.to_json(), json!({"n": 5001}));
+    println!("open of 5000 changes: {open:?}; push {push:?}; pull {pull:?}");
+}
+
+#[test]
+fn node_errors_keep_their_codes() {
+    let node = start_node();
+    let mut t = transport(&node.addr);
+    let err = t(&DocId::new("rs/x").unwrap(), b"not a sync message").unwrap_err();
+    assert_eq!(err.code(), "invalid_sync_message");
+    let mut offline = |_: &DocId, _: &[u8]| -> Result<Vec<u8>, ClientError> {
+        Err(ClientError::Network("down".into()))
+    };
+    let mut r = Replica::new(DocId::new("rs/x").unwrap());
+    r.apply(ops(json!([{"op": "set", "path": ["k"], "value": 1}])), 1)
+        .unwrap();
+    assert!(r.sync(&mut offline).unwrap_err().is_retryable());
+    assert!(r.has_unsynced_changes());
+    r.sync(&mut t).unwrap();
+    assert!(!r.has_unsynced_changes());
+    assert_eq!(node_doc(&node.addr, "rs/x"), json!({"k": 1}));
+}
