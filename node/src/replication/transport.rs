@@ -85,6 +85,35 @@ pub struct Transport {
     peers: Mutex<HashMap<SocketAddr, PeerSlot>>,
 }
 
+/// Key material: derived from `seed` in simulations, random otherwise.
+fn key_material(seed: Option<u64>, label: &[u8; 8]) -> [u8; 64] {
+    let mut material = [0u8; 64];
+    match seed {
+        Some(seed) => {
+            material[..8].copy_from_slice(&seed.to_le_bytes());
+            material[8..16].copy_from_slice(label);
+        }
+        None => rand::RngCore::fill_bytes(&mut rand::rng(), &mut material),
+    }
+    material
+}
+
+/// The stateless-reset key (the default would draw from the thread RNG, which a simulation
+/// cannot replay).
+fn reset_key(seed: Option<u64>) -> Arc<dyn quinn::crypto::HmacKey> {
+    let material = key_material(seed, b"qreset!!");
+    Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &material))
+}
+
+/// The address-validation token key.
+fn token_key(seed: Option<u64>) -> Arc<dyn quinn::crypto::HandshakeTokenKey> {
+    let material = key_material(seed, b"qtoken!!");
+    Arc::new(ring::hkdf::Prk::new_less_safe(
+        ring::hkdf::HKDF_SHA256,
+        &material,
+    ))
+}
+
 fn transport_config() -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
     t.max_idle_timeout(Some(
@@ -99,23 +128,39 @@ fn transport_config() -> Arc<TransportConfig> {
 }
 
 impl Transport {
-    /// Binds the endpoint on `addr` with the node's TLS configuration.
+    /// Binds the endpoint on `addr` (a real UDP socket) with the node's TLS configuration and
+    /// keys from the operating system's randomness.
     pub fn bind(addr: SocketAddr, tls: &NodeTls) -> Result<Self, TransportError> {
+        let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
+        let socket = runtime.wrap_udp_socket(std::net::UdpSocket::bind(addr)?)?;
+        Self::with_socket(socket, runtime, tls, None)
+    }
+
+    /// Builds the endpoint over any socket: the simulator passes one that runs on its virtual
+    /// network, and a `seed` from which QUIC's randomness (connection ids) and keys (stateless
+    /// reset, address tokens) are derived, so a simulated run replays exactly. Without a seed
+    /// they come from the operating system.
+    pub fn with_socket(
+        socket: Arc<dyn quinn::AsyncUdpSocket>,
+        runtime: Arc<dyn quinn::Runtime>,
+        tls: &NodeTls,
+        seed: Option<u64>,
+    ) -> Result<Self, TransportError> {
         let server_crypto = QuicServerConfig::try_from(Arc::clone(&tls.server))
             .map_err(|e| TransportError::Tls(e.to_string()))?;
-        let mut server = ServerConfig::with_crypto(Arc::new(server_crypto));
+        let mut server = ServerConfig::new(Arc::new(server_crypto), token_key(seed));
         server.transport_config(transport_config());
         let client_crypto = QuicClientConfig::try_from(Arc::clone(&tls.client))
             .map_err(|e| TransportError::Tls(e.to_string()))?;
         let mut client = ClientConfig::new(Arc::new(client_crypto));
         client.transport_config(transport_config());
-        let socket = std::net::UdpSocket::bind(addr)?;
-        let endpoint = Endpoint::new(
-            EndpointConfig::default(),
-            Some(server),
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )?;
+        let mut config = EndpointConfig::new(reset_key(seed));
+        config.rng_seed(seed.map(|s| {
+            let mut rng_seed = [0u8; 32];
+            rng_seed[..8].copy_from_slice(&s.to_le_bytes());
+            rng_seed
+        }));
+        let endpoint = Endpoint::new_with_abstract_socket(config, Some(server), socket, runtime)?;
         Ok(Self {
             endpoint,
             client,
