@@ -19,7 +19,7 @@ if [ "$have" != "$want" ]; then
 fi
 
 if [ ! -x client-wasm/node_modules/.bin/wasm-opt ]; then
-    (cd client-wasm && npm ci --no-audit --no-fund)
+    (cd client-wasm && npm install --no-audit --no-fund)
 fi
 
 # Size matters for a module every cold start downloads and compiles ("s": 0.53 MB gzipped and

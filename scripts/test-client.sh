@@ -14,9 +14,11 @@ if [ ! -x /usr/bin/chromium ]; then
     DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq --no-install-recommends chromium >/dev/null
 fi
 
-# npm ci from the committed lock file when node_modules is missing or older than it.
+# npm packages at the versions of the committed lock file, when node_modules is missing or
+# older than it. (`npm install`, not `npm ci`: deno's lock entries name optional packages for
+# other platforms that `npm ci` insists on, while `npm install` keeps the lock as it is.)
 if [ ! -d client-wasm/node_modules ] || [ client-wasm/package-lock.json -nt client-wasm/node_modules ]; then
-    (cd client-wasm && npm ci --no-audit --no-fund)
+    (cd client-wasm && npm install --no-audit --no-fund)
 fi
 
 bash scripts/build-client.sh
