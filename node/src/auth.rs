@@ -72,6 +72,10 @@ pub struct TokenFileConfig {
     pub role: Role,
     /// Document-id prefixes the token reaches; `""` reaches every document.
     pub prefixes: Vec<String>,
+    /// Most requests per second (and at once) for this token; overrides
+    /// `[limits] requests_per_second_per_token`. Unlimited when neither is set.
+    #[serde(default)]
+    pub requests_per_second: Option<u32>,
 }
 
 /// `[auth]` in the config file.
@@ -102,6 +106,7 @@ pub struct Token {
     hash: [u8; 32],
     role: Role,
     prefixes: Vec<String>,
+    requests_per_second: Option<u32>,
 }
 
 // Written by hand so that no hash ends up in a log line through `{:?}` of the config.
@@ -111,6 +116,7 @@ impl fmt::Debug for Token {
             .field("name", &self.name)
             .field("role", &self.role)
             .field("prefixes", &self.prefixes)
+            .field("requests_per_second", &self.requests_per_second)
             .finish_non_exhaustive()
     }
 }
@@ -129,6 +135,11 @@ impl Token {
     /// The token's prefixes.
     pub fn prefixes(&self) -> &[String] {
         &self.prefixes
+    }
+
+    /// The token's own request rate limit, if it has one.
+    pub fn requests_per_second(&self) -> Option<u32> {
+        self.requests_per_second
     }
 
     /// Whether the token reaches the document `id`.
@@ -421,11 +432,21 @@ impl Auth {
                             invalid("auth.tokens.prefixes", format!("token {:?}: {m}", t.name))
                         })?;
                     }
+                    if t.requests_per_second == Some(0) {
+                        return Err(invalid(
+                            "auth.tokens.requests_per_second",
+                            format!(
+                                "token {:?}: requests_per_second must be at least 1 (omit it for no limit)",
+                                t.name
+                            ),
+                        ));
+                    }
                     tokens.push(Token {
                         name: t.name.clone(),
                         hash,
                         role: t.role,
                         prefixes: t.prefixes.clone(),
+                        requests_per_second: t.requests_per_second,
                     });
                 }
                 Ok(Self::Tokens(tokens))
@@ -497,6 +518,7 @@ mod tests {
             hash: format_hash(&hash_token(token)),
             role,
             prefixes: prefixes.iter().map(|p| (*p).to_owned()).collect(),
+            requests_per_second: None,
         }
     }
 

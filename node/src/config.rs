@@ -75,6 +75,23 @@ pub struct NodeArgs {
     /// Private key (PEM) for HTTPS on the API; with --api-tls-cert.
     #[arg(long, env = "VERGE_API_TLS_KEY", value_name = "FILE")]
     pub api_tls_key: Option<PathBuf>,
+    /// Encrypt stored documents with the 32-byte key in FILE (raw, hex or base64).
+    #[arg(long, env = "VERGE_ENCRYPTION_KEY_FILE", value_name = "FILE")]
+    pub encryption_key_file: Option<PathBuf>,
+    /// The storage key itself, from `VERGE_ENCRYPTION_KEY` only (hex or base64; never a flag,
+    /// so that it does not show in the process list).
+    #[arg(skip = std::env::var("VERGE_ENCRYPTION_KEY").ok().map(SecretText))]
+    pub encryption_key: Option<SecretText>,
+}
+
+/// A secret read from the environment; `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretText(pub String);
+
+impl std::fmt::Debug for SecretText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// HTTPS for the API (`[api_tls]` in the file). Both or neither.
@@ -143,6 +160,8 @@ pub struct StorageConfig {
     pub purge_interval_s: u64,
     /// Seconds a tombstone is kept so that the delete reaches every replica.
     pub tombstone_retention_s: u64,
+    /// File holding the key that encrypts stored documents; none stores them in plain form.
+    pub encryption_key_file: Option<PathBuf>,
 }
 
 impl Default for StorageConfig {
@@ -154,6 +173,27 @@ impl Default for StorageConfig {
             compact_after_changes: 256,
             purge_interval_s: 60,
             tombstone_retention_s: 7 * 24 * 3600,
+            encryption_key_file: None,
+        }
+    }
+}
+
+/// Limits on what clients may take of the API (`[limits]` in the file).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Most API connections open at once; further ones get `503` and are closed.
+    pub api_connections_max: usize,
+    /// Requests per second (and at once) each API token may send, unless the token sets its
+    /// own `requests_per_second`; `None` is unlimited.
+    pub requests_per_second_per_token: Option<u32>,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            api_connections_max: 4096,
+            requests_per_second_per_token: None,
         }
     }
 }
@@ -178,6 +218,8 @@ struct FileConfig {
     auth: Option<crate::auth::AuthFileConfig>,
     #[serde(default)]
     api_tls: ApiTlsFileConfig,
+    #[serde(default)]
+    limits: LimitsConfig,
 }
 
 /// A fully resolved configuration.
@@ -193,6 +235,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Storage tunables.
     pub storage: StorageConfig,
+    /// Key encrypting stored documents; `None` stores them in plain form.
+    pub encryption_key: Option<crate::store::EncryptionKey>,
     /// Gossip listen address.
     pub gossip_addr: SocketAddr,
     /// Seed peers.
@@ -205,6 +249,8 @@ pub struct Config {
     pub auth: crate::auth::Auth,
     /// HTTPS on the API; `None` serves plain HTTP.
     pub api_tls: Option<crate::http::ApiTlsFiles>,
+    /// Connection and request rate limits of the API.
+    pub limits: LimitsConfig,
     /// The file that was read, if any.
     pub source: Option<PathBuf>,
 }
@@ -268,8 +314,40 @@ impl Config {
                 message: format!("{id:?} must be 1-64 bytes of [A-Za-z0-9._~:/@+-]"),
             });
         }
-        let storage = file.storage;
+        let mut storage = file.storage;
         validate_storage(&storage)?;
+        if args.encryption_key_file.is_some() {
+            storage
+                .encryption_key_file
+                .clone_from(&args.encryption_key_file);
+        }
+        let encryption_key = match (&storage.encryption_key_file, &args.encryption_key) {
+            (None, None) => None,
+            (Some(path), None) => {
+                Some(crate::store::EncryptionKey::from_file(path).map_err(|e| {
+                    ConfigError::Invalid {
+                        key: "storage.encryption_key_file",
+                        message: e.to_string(),
+                    }
+                })?)
+            }
+            (None, Some(text)) => {
+                Some(crate::store::EncryptionKey::parse(&text.0).map_err(|e| {
+                    ConfigError::Invalid {
+                        key: "VERGE_ENCRYPTION_KEY",
+                        message: e.to_string(),
+                    }
+                })?)
+            }
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Invalid {
+                    key: "storage.encryption_key_file",
+                    message: "give the encryption key either in a file or in \
+                              VERGE_ENCRYPTION_KEY, not both"
+                        .into(),
+                });
+            }
+        };
         let gossip_addr = args
             .gossip_addr
             .clone()
@@ -328,6 +406,15 @@ impl Config {
                 });
             }
         };
+        let limits = file.limits;
+        if limits.api_connections_max == 0 || limits.requests_per_second_per_token == Some(0) {
+            return Err(ConfigError::Invalid {
+                key: "limits",
+                message: "api_connections_max and requests_per_second_per_token must be at \
+                          least 1 (omit requests_per_second_per_token for no limit)"
+                    .into(),
+            });
+        }
         let replication = file.replication;
         if replication.fanout == 0
             || replication.anti_entropy_interval_s == 0
@@ -349,12 +436,14 @@ impl Config {
             api_addr,
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             storage,
+            encryption_key,
             gossip_addr,
             peers,
             tls,
             replication,
             auth,
             api_tls,
+            limits,
             source,
         })
     }
@@ -467,6 +556,7 @@ mod tests {
         assert_eq!(file.log_format, Some(LogFormat::Text));
         assert_eq!(file.gossip_addr.as_deref(), Some(DEFAULT_GOSSIP_ADDR));
         assert_eq!(file.replication, ReplicationFileConfig::default());
+        assert_eq!(file.limits, LimitsConfig::default());
     }
 
     #[test]
@@ -501,6 +591,67 @@ mod tests {
         })
         .expect("tokens");
         assert!(matches!(&c.auth, crate::auth::Auth::Tokens(t) if t.len() == 1));
+    }
+
+    #[test]
+    fn encryption_key_from_file_or_environment_not_both() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key_file = dir.path().join("key");
+        fs::write(&key_file, "11".repeat(32)).expect("write key");
+        let from_toml = write(
+            dir.path(),
+            &format!(
+                "[storage]\nencryption_key_file = {:?}\n",
+                key_file.display().to_string()
+            ),
+        );
+        let c = Config::resolve(&NodeArgs {
+            config: Some(from_toml),
+            ..NodeArgs::default()
+        })
+        .expect("key file from the config file");
+        assert_eq!(
+            c.encryption_key,
+            Some(crate::store::EncryptionKey::from_bytes([0x11; 32]))
+        );
+        let from_env = NodeArgs {
+            encryption_key: Some(SecretText("22".repeat(32))),
+            ..NodeArgs::default()
+        };
+        let c = Config::resolve(&from_env).expect("key from the environment");
+        assert_eq!(
+            c.encryption_key,
+            Some(crate::store::EncryptionKey::from_bytes([0x22; 32]))
+        );
+        assert!(!format!("{from_env:?}").contains("2222"));
+        let both = NodeArgs {
+            encryption_key_file: Some(key_file),
+            ..from_env
+        };
+        assert!(matches!(
+            Config::resolve(&both),
+            Err(ConfigError::Invalid {
+                key: "storage.encryption_key_file",
+                ..
+            })
+        ));
+        let bad = NodeArgs {
+            encryption_key: Some(SecretText("not a key".into())),
+            ..NodeArgs::default()
+        };
+        assert!(matches!(
+            Config::resolve(&bad),
+            Err(ConfigError::Invalid {
+                key: "VERGE_ENCRYPTION_KEY",
+                ..
+            })
+        ));
+        assert_eq!(
+            Config::resolve(&NodeArgs::default())
+                .expect("none")
+                .encryption_key,
+            None
+        );
     }
 
     #[test]

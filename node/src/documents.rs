@@ -670,7 +670,7 @@ impl Documents {
             }
             let before = slot.doc.get_heads();
             for change in changes {
-                if let Err(e) = slot.doc.load_incremental(change) {
+                if let Err(e) = document::load_incremental(&mut slot.doc, change) {
                     drop(guard);
                     self.discard(&entry);
                     return Err(DocError::InvalidSync(format!(

@@ -23,6 +23,8 @@ struct Cli {
     client: ClientOpts,
 }
 
+// Parsed once at start; the size of the node's flags does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a node.
@@ -38,6 +40,9 @@ enum Command {
     Certs(CertsCommand),
     /// Create an API token: prints it once, with the config lines that accept it.
     Token(verge_node::auth::TokenArgs),
+    /// Re-encrypt a stopped node's store under a new key, in one transaction (or encrypt a
+    /// plaintext store, or decrypt one).
+    Rekey(verge_node::store::RekeyArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -94,6 +99,18 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Command::Rekey(args) = &cli.command {
+        return match verge_node::store::rekey_command(args) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -117,7 +134,7 @@ fn main() -> ExitCode {
             }
         }
         // Handled above, before the runtime starts.
-        Command::Certs(_) | Command::Token(_) => ExitCode::SUCCESS,
+        Command::Certs(_) | Command::Token(_) | Command::Rekey(_) => ExitCode::SUCCESS,
         Command::Bench(args) => match runtime.block_on(verge_node::cli::bench(args, &cli.client)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

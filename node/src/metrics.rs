@@ -80,6 +80,12 @@ pub struct Metrics {
     pub peers_down: Gauge,
     /// API requests refused with 401 or 403, by reason.
     pub auth_failures: Family<KindLabels, Counter>,
+    /// Open API connections.
+    pub api_connections: Gauge,
+    /// API connections refused because `api_connections_max` were open.
+    pub api_connections_refused: Counter,
+    /// API requests refused with 429, by token name.
+    pub rate_limited: Family<RequestLabels, Counter>,
 }
 
 impl Metrics {
@@ -119,6 +125,9 @@ impl Metrics {
             peers_up: Gauge::default(),
             peers_down: Gauge::default(),
             auth_failures: Family::default(),
+            api_connections: Gauge::default(),
+            api_connections_refused: Counter::default(),
+            rate_limited: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -264,6 +273,21 @@ impl Metrics {
             "auth_failures",
             "API requests refused with 401 or 403, by reason",
             m.auth_failures.clone(),
+        );
+        registry.register(
+            "api_connections",
+            "Open API connections",
+            m.api_connections.clone(),
+        );
+        registry.register(
+            "api_connections_refused",
+            "API connections refused because api_connections_max were open",
+            m.api_connections_refused.clone(),
+        );
+        registry.register(
+            "rate_limited",
+            "API requests refused with 429 rate_limited, by token",
+            m.rate_limited.clone(),
         );
         Self { registry, ..m }
     }

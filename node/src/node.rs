@@ -16,7 +16,7 @@ use crate::documents::{Documents, DocumentsConfig};
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
 use crate::replication::{Replication, ReplicationConfig};
-use crate::store::{Store, StoreError, writer};
+use crate::store::{Store, StoreError, StoreOptions, writer};
 use crate::tls;
 use verge_core::gossip::FanoutPolicy;
 
@@ -63,7 +63,16 @@ pub async fn run(
         dir: config.data_dir.clone(),
         source,
     };
-    let store = Arc::new(Store::open(&config.data_dir).map_err(store_err)?);
+    let mut nonce_seed = [0u8; 32];
+    rand::rng().fill_bytes(&mut nonce_seed);
+    let store = Store::open(
+        &config.data_dir,
+        StoreOptions {
+            encryption_key: config.encryption_key.clone(),
+            nonce_seed,
+        },
+    );
+    let store = Arc::new(store.map_err(store_err)?);
     let node_id = resolve_node_id(&config, &store).map_err(store_err)?;
     let addr_file = config.data_dir.join(API_ADDR_FILE);
     let _ = std::fs::remove_file(&addr_file);
@@ -155,6 +164,10 @@ pub async fn run(
         clock,
         ready: AtomicBool::new(false),
         replication: Some(Arc::clone(&replication)),
+        rate_limits: http::limits::RateLimits::new(
+            &config.auth,
+            config.limits.requests_per_second_per_token,
+        ),
         auth: config.auth.clone(),
     });
     std::fs::write(&addr_file, format!("{api_addr}\n")).map_err(|source| NodeError::Io {
@@ -172,6 +185,7 @@ pub async fn run(
         actor = %docs.actor(),
         config = ?config.source,
         api_tls = api_tls.is_some(),
+        encrypted_at_rest = store.encrypted(),
         auth = auth_summary(&config.auth),
         "node serving"
     );
@@ -182,6 +196,8 @@ pub async fn run(
         );
     }
     let drain_state = Arc::clone(&state);
+    let serve_metrics = Arc::clone(&state.metrics);
+    let connections_max = config.limits.api_connections_max;
     let router = http::router(Arc::clone(&state), stop_rx.clone());
     let mut server = tokio::spawn(async move {
         let drain = async move {
@@ -192,14 +208,20 @@ pub async fn run(
         };
         match api_tls {
             None => {
-                axum::serve(listener, router)
+                let limited =
+                    http::limits::ConnectionLimit::new(listener, connections_max, serve_metrics);
+                axum::serve(limited, router)
                     .with_graceful_shutdown(drain)
                     .await
             }
             Some(tls_config) => {
-                axum::serve(http::TlsListener::new(listener, tls_config)?, router)
-                    .with_graceful_shutdown(drain)
-                    .await
+                let tls = http::TlsListener::new(listener, tls_config)?;
+                axum::serve(
+                    http::limits::ConnectionLimit::new(tls, connections_max, serve_metrics),
+                    router,
+                )
+                .with_graceful_shutdown(drain)
+                .await
             }
         }
     });

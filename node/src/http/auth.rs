@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::{FromRequestParts, MatchedPath, Path, Query, Request, State};
-use axum::http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
+use axum::http::header::{AUTHORIZATION, RETRY_AFTER, WWW_AUTHENTICATE};
 use axum::http::{HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -52,6 +52,9 @@ pub(super) async fn authorize(
         Ok(token) => token,
         Err(denied) => return refuse(&state, &denied, route.as_deref()),
     };
+    if let Err(wait) = state.rate_limits.check(token.name()) {
+        return rate_limited(&state, token, wait);
+    }
     let (mut parts, body) = request.into_parts();
     let reads = parts.method == Method::GET || parts.method == Method::HEAD;
     let decision = match route.as_deref() {
@@ -125,6 +128,30 @@ fn listing_scope(token: &Token, parts: &mut axum::http::request::Parts) -> Resul
         parts.extensions.insert(ScopePrefix(prefix));
     }
     Ok(())
+}
+
+/// Answers `429 rate_limited` with the whole seconds to wait in `Retry-After`, and counts it.
+fn rate_limited(state: &AppState, token: &Token, wait: std::time::Duration) -> Response {
+    state
+        .metrics
+        .rate_limited
+        .get_or_create(&vec![("token", token.name().to_owned())])
+        .inc();
+    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    let seconds = seconds.max(1);
+    let mut response = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        format!(
+            "token {:?} is over its request rate; retry in {seconds} s",
+            token.name()
+        ),
+    )
+    .into_response();
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from(seconds));
+    response
 }
 
 /// Answers `401 unauthorized` or `403 forbidden`, counts it, and logs it without the token.

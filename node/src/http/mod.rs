@@ -3,6 +3,7 @@
 mod auth;
 mod docs;
 mod error;
+pub mod limits;
 mod node;
 pub mod tls;
 mod watch;
@@ -46,6 +47,8 @@ pub struct AppState {
     pub replication: Option<Arc<crate::replication::Replication>>,
     /// Who may do what (see `auth`).
     pub auth: crate::auth::Auth,
+    /// Request rate limits per token.
+    pub rate_limits: limits::RateLimits,
 }
 
 /// Builds the router over `state`.

@@ -4,18 +4,28 @@
 //! and a small [`DocMeta`] record. A write appends one change row and rewrites the meta record;
 //! compaction replaces the snapshot and drops the rows it folded in. All writes go through
 //! [`Store::commit`], called by the single writer task, one durable transaction per batch.
+//!
+//! With an encryption key (see [`crypt`]), every snapshot, change row and metadata record is
+//! stored sealed; document ids (the table keys) and node-level values stay readable. An
+//! encrypted canary in the `node` table tells at open whether the key is the store's.
 
+pub mod crypt;
 mod meta;
 pub mod writer;
 
+use std::borrow::Cow;
 use std::fs;
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 
 use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    WriteTransaction,
 };
 use verge_core::DocId;
 
+use crypt::{Cipher, Row};
+pub use crypt::{EncryptionKey, KeyError};
 pub use meta::{DocMeta, META_HEADS_MAX, MetaDecodeError};
 
 const SNAPSHOTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("snapshots");
@@ -27,6 +37,12 @@ const NODE: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("node");
 pub const DB_FILE: &str = "verge.redb";
 /// Layout of the tables; a node refuses a file with another layout instead of misreading it.
 const STORAGE_FORMAT: &[u8] = b"verge-store-1";
+/// `node` table entry holding [`CANARY`] sealed under the key of an encrypted store.
+const CANARY_KEY: &str = "encryption_canary";
+/// The plaintext of the canary.
+const CANARY: &[u8] = b"verge-encryption-canary-1";
+/// Rows rewritten per read of a table while re-keying (all in one transaction).
+const REKEY_CHUNK: usize = 1024;
 
 /// A storage failure. The write it belonged to was not acknowledged.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +62,10 @@ pub enum StoreError {
     /// Stored bytes are not what this version wrote.
     #[error("stored data is malformed: {0}")]
     Corrupt(String),
+    /// The encryption key does not match the store: another key, a key for a plaintext
+    /// store, or none for an encrypted one.
+    #[error("encryption at rest: {0}")]
+    Key(String),
 }
 
 macro_rules! engine_from {
@@ -113,16 +133,53 @@ pub enum Mutation {
     },
 }
 
+/// How to open a store.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Encrypt values at rest under this key; `None` stores them in plain form. A store keeps
+    /// the choice made at its creation: it refuses to open with another key, without its
+    /// key, or with a key when it was created without one.
+    pub encryption_key: Option<EncryptionKey>,
+    /// Seed of the random source of encryption nonces. It must differ on every open (the
+    /// node draws it from the OS); a simulator may fix it to replay a run.
+    pub nonce_seed: [u8; 32],
+}
+
+impl StoreOptions {
+    /// A plaintext store.
+    pub fn plain() -> Self {
+        Self {
+            encryption_key: None,
+            nonce_seed: [0; 32],
+        }
+    }
+}
+
+/// What [`Store::rekey`] rewrote.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RekeyReport {
+    /// Snapshot rows.
+    pub snapshots: u64,
+    /// Change rows.
+    pub changes: u64,
+    /// Metadata records.
+    pub metas: u64,
+}
+
 /// The redb database of one node.
 #[derive(Debug)]
 pub struct Store {
     db: Database,
     path: PathBuf,
+    cipher: Option<Cipher>,
 }
 
 impl Store {
     /// Opens the database in `data_dir`, creating the directory and the file when missing.
-    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+    ///
+    /// A new store is encrypted when `options` holds a key; an existing one is checked against
+    /// the key (or its absence) and refused with [`StoreError::Key`] on a mismatch.
+    pub fn open(data_dir: &Path, options: StoreOptions) -> Result<Self, StoreError> {
         fs::create_dir_all(data_dir).map_err(|source| StoreError::Io {
             context: format!("creating data directory {}", data_dir.display()),
             source,
@@ -134,9 +191,76 @@ impl Store {
             // A new file is only durable once its directory entry is.
             sync_dir(data_dir)?;
         }
-        let store = Self { db, path };
+        let cipher = options
+            .encryption_key
+            .as_ref()
+            .map(|key| Cipher::new(key, options.nonce_seed));
+        let store = Self { db, path, cipher };
         store.check_format()?;
         Ok(store)
+    }
+
+    /// Whether values are stored encrypted.
+    pub fn encrypted(&self) -> bool {
+        self.cipher.is_some()
+    }
+
+    /// Re-encrypts every stored value of the (stopped) node's store in `data_dir` in one
+    /// durable transaction: from `old_key` (`None`: the store is plaintext) to `new_key`
+    /// (`None`: store plaintext from now on). Either every value is rewritten or none is.
+    pub fn rekey(
+        data_dir: &Path,
+        old_key: Option<EncryptionKey>,
+        new_key: Option<EncryptionKey>,
+        nonce_seed: [u8; 32],
+    ) -> Result<RekeyReport, StoreError> {
+        if !data_dir.join(DB_FILE).is_file() {
+            return Err(StoreError::Io {
+                context: format!("opening {}", data_dir.join(DB_FILE).display()),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            });
+        }
+        let store = Self::open(
+            data_dir,
+            StoreOptions {
+                encryption_key: old_key,
+                nonce_seed,
+            },
+        )?;
+        let mut next_seed = nonce_seed;
+        // A different seed for the new cipher than the one the old cipher was given.
+        next_seed[0] ^= 0x5a;
+        let to = new_key.as_ref().map(|k| Cipher::new(k, next_seed));
+        let from = store.cipher.as_ref();
+        let to = to.as_ref();
+        let mut tx = store.db.begin_write()?;
+        tx.set_durability(Durability::Immediate)?;
+        let report = RekeyReport {
+            snapshots: rewrite_by_id(&tx, SNAPSHOTS, from, to, |id: &str| Row::Snapshot(id))?,
+            changes: rewrite_changes(&tx, from, to)?,
+            metas: rewrite_by_id(&tx, META, from, to, |id: &str| Row::Meta(id))?,
+        };
+        {
+            let mut node = tx.open_table(NODE)?;
+            match to {
+                Some(c) => {
+                    node.insert(CANARY_KEY, c.seal(Row::Node(CANARY_KEY), CANARY).as_slice())?;
+                }
+                None => {
+                    node.remove(CANARY_KEY)?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(report)
+    }
+
+    fn seal<'a>(&self, row: Row<'_>, plain: &'a [u8]) -> Cow<'a, [u8]> {
+        seal_with(self.cipher.as_ref(), row, plain)
+    }
+
+    fn unseal<'a>(&self, row: Row<'_>, stored: &'a [u8]) -> Result<Cow<'a, [u8]>, StoreError> {
+        unseal_with(self.cipher.as_ref(), row, stored)
     }
 
     /// Path of the database file.
@@ -150,10 +274,16 @@ impl Store {
         {
             let mut node = tx.open_table(NODE)?;
             let found = node.get("format")?.map(|v| v.value().to_vec());
+            let canary = node.get(CANARY_KEY)?.map(|v| v.value().to_vec());
             match found {
                 None => {
                     node.insert("format", STORAGE_FORMAT)?;
+                    if let Some(cipher) = &self.cipher {
+                        let sealed = cipher.seal(Row::Node(CANARY_KEY), CANARY);
+                        node.insert(CANARY_KEY, sealed.as_slice())?;
+                    }
                 }
+                Some(f) if f == STORAGE_FORMAT => check_canary(self.cipher.as_ref(), canary)?,
                 Some(f) if f == STORAGE_FORMAT => {}
                 Some(f) => {
                     return Err(StoreError::Corrupt(format!(
@@ -194,15 +324,16 @@ impl Store {
         let Some(meta) = meta_table.get(id.as_str())? else {
             return Ok(None);
         };
-        let meta = DocMeta::decode(meta.value())?;
+        let meta = DocMeta::decode(&self.unseal(Row::Meta(id.as_str()), meta.value())?)?;
         let mut bytes = Vec::with_capacity(usize::try_from(meta.size_bytes).unwrap_or(0));
         if let Some(snapshot) = tx.open_table(SNAPSHOTS)?.get(id.as_str())? {
-            bytes.extend_from_slice(snapshot.value());
+            bytes.extend_from_slice(&self.unseal(Row::Snapshot(id.as_str()), snapshot.value())?);
         }
         let changes = tx.open_table(CHANGES)?;
         for row in changes.range((id.as_str(), 0)..=(id.as_str(), u64::MAX))? {
-            let (_, change) = row?;
-            bytes.extend_from_slice(change.value());
+            let (key, change) = row?;
+            let (_, seq) = key.value();
+            bytes.extend_from_slice(&self.unseal(Row::Change(id.as_str(), seq), change.value())?);
         }
         Ok(Some(StoredDoc { meta, bytes }))
     }
@@ -230,7 +361,10 @@ impl Store {
             if !key.starts_with(prefix) {
                 break;
             }
-            if !visit(key, DocMeta::decode(value.value())?) {
+            if !visit(
+                key,
+                DocMeta::decode(&self.unseal(Row::Meta(key), value.value())?)?,
+            ) {
                 break;
             }
         }
@@ -261,10 +395,12 @@ impl Store {
                         meta,
                     } => {
                         for (i, change) in rows.iter().enumerate() {
-                            changes
-                                .insert((id.as_str(), first_seq + i as u64), change.as_slice())?;
+                            let seq = first_seq + i as u64;
+                            let value = self.seal(Row::Change(id.as_str(), seq), change);
+                            changes.insert((id.as_str(), seq), &*value)?;
                         }
-                        metas.insert(id.as_str(), meta.encode().as_slice())?;
+                        let meta = meta.encode();
+                        metas.insert(id.as_str(), &*self.seal(Row::Meta(id.as_str()), &meta))?;
                     }
                     Mutation::Compact {
                         id,
@@ -272,12 +408,14 @@ impl Store {
                         up_to_seq,
                         meta,
                     } => {
-                        snapshots.insert(id.as_str(), snapshot.as_slice())?;
+                        let value = self.seal(Row::Snapshot(id.as_str()), snapshot);
+                        snapshots.insert(id.as_str(), &*value)?;
                         changes
                             .retain_in((id.as_str(), 0)..=(id.as_str(), *up_to_seq), |_, _| {
                                 false
                             })?;
-                        metas.insert(id.as_str(), meta.encode().as_slice())?;
+                        let meta = meta.encode();
+                        metas.insert(id.as_str(), &*self.seal(Row::Meta(id.as_str()), &meta))?;
                     }
                     Mutation::Purge { id } => {
                         snapshots.remove(id.as_str())?;
@@ -290,6 +428,172 @@ impl Store {
         }
         tx.commit()?;
         Ok(())
+    }
+}
+
+/// Flags of `verge rekey`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RekeyArgs {
+    /// The stopped node's data directory.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// The store's current key; omit it for a plaintext store (to encrypt it).
+    #[arg(long, value_name = "FILE")]
+    pub old_key_file: Option<PathBuf>,
+    /// The key to encrypt with from now on; omit it to store values in plain form.
+    #[arg(long, value_name = "FILE")]
+    pub new_key_file: Option<PathBuf>,
+}
+
+/// Runs `verge rekey`: the line to print on success.
+pub fn rekey_command(args: &RekeyArgs) -> Result<String, String> {
+    if args.old_key_file.is_none() && args.new_key_file.is_none() {
+        return Err("give --old-key-file, --new-key-file or both".into());
+    }
+    let read = |path: &Option<PathBuf>| {
+        path.as_deref()
+            .map(EncryptionKey::from_file)
+            .transpose()
+            .map_err(|e| e.to_string())
+    };
+    let old = read(&args.old_key_file)?;
+    let new = read(&args.new_key_file)?;
+    let mut nonce_seed = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut nonce_seed);
+    let report = Store::rekey(&args.data_dir, old, new, nonce_seed)
+        .map_err(|e| format!("re-keying the store in {}: {e}", args.data_dir.display()))?;
+    Ok(format!(
+        "rewrote {} snapshot(s), {} change row(s) and {} metadata record(s) in {}; the store \
+         is now {}\n",
+        report.snapshots,
+        report.changes,
+        report.metas,
+        args.data_dir.join(DB_FILE).display(),
+        if args.new_key_file.is_some() {
+            "encrypted with the new key"
+        } else {
+            "in plain form"
+        }
+    ))
+}
+
+fn seal_with<'a>(cipher: Option<&Cipher>, row: Row<'_>, plain: &'a [u8]) -> Cow<'a, [u8]> {
+    match cipher {
+        Some(c) => Cow::Owned(c.seal(row, plain)),
+        None => Cow::Borrowed(plain),
+    }
+}
+
+fn unseal_with<'a>(
+    cipher: Option<&Cipher>,
+    row: Row<'_>,
+    stored: &'a [u8],
+) -> Result<Cow<'a, [u8]>, StoreError> {
+    match cipher {
+        Some(c) => c
+            .open(row, stored)
+            .map(Cow::Owned)
+            .map_err(|e| StoreError::Corrupt(format!("{row:?}: {e}"))),
+        None => Ok(Cow::Borrowed(stored)),
+    }
+}
+
+/// Checks the key given (or its absence) against the canary of an existing store.
+fn check_canary(cipher: Option<&Cipher>, canary: Option<Vec<u8>>) -> Result<(), StoreError> {
+    match (cipher, canary) {
+        (None, None) => Ok(()),
+        (Some(c), Some(sealed)) => match c.open(Row::Node(CANARY_KEY), &sealed) {
+            Ok(plain) if plain == CANARY => Ok(()),
+            _ => Err(StoreError::Key(
+                "the encryption key given is not the key this store was encrypted with".into(),
+            )),
+        },
+        (None, Some(_)) => Err(StoreError::Key(
+            "this store is encrypted and no encryption key was given (use \
+             --encryption-key-file, [storage] encryption_key_file or VERGE_ENCRYPTION_KEY)"
+                .into(),
+        )),
+        (Some(_), None) => Err(StoreError::Key(
+            "an encryption key was given but this store is not encrypted; start without the \
+             key, or encrypt the stopped node's store first with `verge rekey --new-key-file`"
+                .into(),
+        )),
+    }
+}
+
+/// Re-seals every value of a table keyed by document id, `REKEY_CHUNK` rows per read.
+fn rewrite_by_id(
+    tx: &WriteTransaction,
+    table: TableDefinition<'_, &str, &[u8]>,
+    from: Option<&Cipher>,
+    to: Option<&Cipher>,
+    row: fn(&str) -> Row<'_>,
+) -> Result<u64, StoreError> {
+    let mut table = tx.open_table(table)?;
+    let mut cursor: Option<String> = None;
+    let mut rewritten = 0;
+    loop {
+        let mut chunk: Vec<(String, Vec<u8>)> = Vec::with_capacity(REKEY_CHUNK);
+        {
+            let start = match &cursor {
+                Some(c) => Bound::Excluded(c.as_str()),
+                None => Bound::Unbounded,
+            };
+            for item in table
+                .range::<&str>((start, Bound::Unbounded))?
+                .take(REKEY_CHUNK)
+            {
+                let (k, v) = item?;
+                chunk.push((k.value().to_owned(), v.value().to_vec()));
+            }
+        }
+        let Some((last, _)) = chunk.last() else {
+            return Ok(rewritten);
+        };
+        cursor = Some(last.clone());
+        for (id, value) in &chunk {
+            let plain = unseal_with(from, row(id), value)?;
+            table.insert(id.as_str(), &*seal_with(to, row(id), &plain))?;
+            rewritten += 1;
+        }
+    }
+}
+
+/// Re-seals every change row, `REKEY_CHUNK` rows per read.
+fn rewrite_changes(
+    tx: &WriteTransaction,
+    from: Option<&Cipher>,
+    to: Option<&Cipher>,
+) -> Result<u64, StoreError> {
+    let mut table = tx.open_table(CHANGES)?;
+    let mut cursor: Option<(String, u64)> = None;
+    let mut rewritten = 0;
+    loop {
+        let mut chunk: Vec<(String, u64, Vec<u8>)> = Vec::with_capacity(REKEY_CHUNK);
+        {
+            let start = match &cursor {
+                Some((id, seq)) => Bound::Excluded((id.as_str(), *seq)),
+                None => Bound::Unbounded,
+            };
+            for item in table
+                .range::<(&str, u64)>((start, Bound::Unbounded))?
+                .take(REKEY_CHUNK)
+            {
+                let (k, v) = item?;
+                let (id, seq) = k.value();
+                chunk.push((id.to_owned(), seq, v.value().to_vec()));
+            }
+        }
+        let Some((last_id, last_seq, _)) = chunk.last() else {
+            return Ok(rewritten);
+        };
+        cursor = Some((last_id.clone(), *last_seq));
+        for (id, seq, value) in &chunk {
+            let row = Row::Change(id, *seq);
+            let plain = unseal_with(from, row, value)?;
+            table.insert((id.as_str(), *seq), &*seal_with(to, row, &plain))?;
+            rewritten += 1;
+        }
     }
 }
 
@@ -325,7 +629,7 @@ mod tests {
     fn append_compact_purge_and_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
-            let store = Store::open(dir.path()).expect("open");
+            let store = Store::open(dir.path(), StoreOptions::plain()).expect("open");
             let append = |first_seq, changes: Vec<&[u8]>, m| Mutation::Append {
                 id: id("a/1"),
                 first_seq,
@@ -357,7 +661,7 @@ mod tests {
             assert_eq!(loaded.bytes, b"Sz");
             assert_eq!(loaded.meta, meta(3));
         }
-        let store = Store::open(dir.path()).expect("reopen");
+        let store = Store::open(dir.path(), StoreOptions::plain()).expect("reopen");
         assert_eq!(
             store
                 .load(&id("a/1"))
@@ -373,10 +677,154 @@ mod tests {
         assert_eq!(store.doc_count().expect("count"), 0);
     }
 
+    fn keyed(k: u8, seed: u8) -> StoreOptions {
+        StoreOptions {
+            encryption_key: Some(EncryptionKey::from_bytes([k; 32])),
+            nonce_seed: [seed; 32],
+        }
+    }
+
+    fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+        haystack.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[test]
+    fn encrypted_store_hides_values_and_checks_the_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret: &[u8] = b"plaintext-canary-7d1f";
+        let snap: &[u8] = b"snapshot-canary-93ab";
+        {
+            let store = Store::open(dir.path(), keyed(1, 1)).expect("create encrypted");
+            assert!(store.encrypted());
+            store
+                .commit(&[&Mutation::Append {
+                    id: id("cart/1"),
+                    first_seq: 0,
+                    changes: vec![secret.to_vec(), b"-more".to_vec()],
+                    meta: meta(1),
+                }])
+                .expect("commit");
+            store
+                .commit(&[&Mutation::Compact {
+                    id: id("cart/2"),
+                    snapshot: snap.to_vec(),
+                    up_to_seq: 0,
+                    meta: meta(2),
+                }])
+                .expect("compact");
+            let loaded = store.load(&id("cart/1")).expect("load").expect("present");
+            assert_eq!(loaded.bytes, [secret, b"-more"].concat());
+            assert_eq!(loaded.meta, meta(1));
+            let mut seen = 0;
+            store
+                .scan_meta("cart/", None, |_, m| {
+                    assert!(m == meta(1) || m == meta(2));
+                    seen += 1;
+                    true
+                })
+                .expect("scan");
+            assert_eq!(seen, 2);
+        }
+        let file = fs::read(dir.path().join(DB_FILE)).expect("read file");
+        assert!(!contains(&file, secret) && !contains(&file, snap));
+        assert!(!contains(&file, &[1u8; 32]), "heads are sealed too");
+
+        let refused = |options| match Store::open(dir.path(), options) {
+            Err(StoreError::Key(message)) => message,
+            other => panic!("expected a key error, got {other:?}"),
+        };
+        assert!(refused(keyed(2, 2)).contains("not the key"));
+        assert!(refused(StoreOptions::plain()).contains("no encryption key"));
+        // The right key, a fresh seed: everything reads back.
+        let store = Store::open(dir.path(), keyed(1, 3)).expect("reopen");
+        let loaded = store.load(&id("cart/2")).expect("load").expect("present");
+        assert_eq!(loaded.bytes, snap);
+        drop(store);
+
+        // Rotate to key 2, then back to plain form; each step keeps every value.
+        let key = |k| Some(EncryptionKey::from_bytes([k; 32]));
+        let report = Store::rekey(dir.path(), key(1), key(2), [4; 32]).expect("rekey");
+        assert_eq!(
+            report,
+            RekeyReport {
+                snapshots: 1,
+                changes: 2,
+                metas: 2
+            }
+        );
+        assert!(refused(keyed(1, 5)).contains("not the key"));
+        assert!(matches!(
+            Store::rekey(dir.path(), key(1), key(3), [6; 32]),
+            Err(StoreError::Key(_))
+        ));
+        let store = Store::open(dir.path(), keyed(2, 7)).expect("new key opens");
+        let loaded = store.load(&id("cart/1")).expect("load").expect("present");
+        assert_eq!(loaded.bytes, [secret, b"-more"].concat());
+        drop(store);
+        Store::rekey(dir.path(), key(2), None, [8; 32]).expect("decrypt");
+        assert!(refused(keyed(2, 9)).contains("not encrypted"));
+        let store = Store::open(dir.path(), StoreOptions::plain()).expect("plain opens");
+        assert_eq!(
+            store
+                .load(&id("cart/2"))
+                .expect("load")
+                .expect("present")
+                .bytes,
+            snap
+        );
+        drop(store);
+        // And a plaintext store can be encrypted in place.
+        Store::rekey(dir.path(), None, key(3), [10; 32]).expect("encrypt");
+        let store = Store::open(dir.path(), keyed(3, 11)).expect("encrypted again");
+        assert_eq!(
+            store
+                .load(&id("cart/1"))
+                .expect("load")
+                .expect("present")
+                .bytes,
+            [secret, b"-more"].concat()
+        );
+    }
+
+    #[test]
+    fn swapped_encrypted_rows_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), keyed(1, 1)).expect("create");
+        store
+            .commit(&[&Mutation::Append {
+                id: id("a"),
+                first_seq: 0,
+                changes: vec![b"first".to_vec(), b"second".to_vec()],
+                meta: meta(1),
+            }])
+            .expect("commit");
+        // Swap the two change rows behind the store's back.
+        let tx = store.db.begin_write().expect("tx");
+        {
+            let mut changes = tx.open_table(CHANGES).expect("table");
+            let a = changes
+                .get(("a", 0))
+                .expect("get")
+                .expect("row")
+                .value()
+                .to_vec();
+            let b = changes
+                .get(("a", 1))
+                .expect("get")
+                .expect("row")
+                .value()
+                .to_vec();
+            changes.insert(("a", 0), b.as_slice()).expect("insert");
+            changes.insert(("a", 1), a.as_slice()).expect("insert");
+        }
+        tx.commit().expect("commit");
+        assert!(matches!(store.load(&id("a")), Err(StoreError::Corrupt(_))));
+    }
+
     #[test]
     fn scan_respects_prefix_and_cursor() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("open");
+        let store = Store::open(dir.path(), StoreOptions::plain()).expect("open");
         let names = ["a", "b/1", "b/2", "b/3", "c"];
         let batch: Vec<Mutation> = names
             .iter()
