@@ -53,6 +53,21 @@ pub fn load_incremental(doc: &mut Automerge, bytes: &[u8]) -> Result<usize, Auto
         .map_err(|_| AutomergeError::Fail)?
 }
 
+/// Receives a sync message into `doc`, returning an error where Automerge 0.12 would panic on
+/// malformed changes inside the message (the same truncated chunks as [`load_document`]).
+/// After an error `doc` may be half-updated: the caller must discard it and reload it.
+pub fn receive_sync_message(
+    doc: &mut Automerge,
+    state: &mut automerge::sync::State,
+    message: automerge::sync::Message,
+) -> Result<(), AutomergeError> {
+    use automerge::sync::SyncDoc;
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        doc.receive_sync_message(state, message)
+    }))
+    .map_err(|_| AutomergeError::Fail)?
+}
+
 /// What a write does besides its ops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Expiry {
@@ -1034,6 +1049,18 @@ mod tests {
         assert!(load_document(CRASH, actor(2)).is_err());
         let mut doc = new_document(actor(1));
         assert!(load_incremental(&mut doc, CRASH).is_err());
+        // The same bytes inside a sync message.
+        let message = automerge::sync::Message {
+            heads: vec![],
+            need: vec![],
+            have: vec![],
+            changes: vec![CRASH.to_vec()].into(),
+            flags: None,
+            version: automerge::sync::MessageVersion::V1,
+        };
+        let mut state = automerge::sync::State::new();
+        let mut doc = new_document(actor(1));
+        assert!(receive_sync_message(&mut doc, &mut state, message).is_err());
     }
 
     /// A random op over a small key space so that replicas collide often.

@@ -603,7 +603,7 @@ impl Documents {
             }
             let before = slot.doc.get_heads();
             if let Some(message) = incoming
-                && let Err(e) = slot.doc.receive_sync_message(state, message)
+                && let Err(e) = document::receive_sync_message(&mut slot.doc, state, message)
             {
                 // Some of the message's changes may have been applied before the failure.
                 drop(guard);

@@ -1721,6 +1721,29 @@ fn bad_sync_messages_are_400_invalid_sync_message() {
         400,
         "invalid_sync_message",
     );
+    // A change chunk that made Automerge panic under fuzzing (truncated bundle column).
+    let crasher = automerge::sync::Message {
+        heads: vec![],
+        need: vec![],
+        have: vec![],
+        changes: vec![vec![
+            0x85, 0x6f, 0x4a, 0x83, 0x85, 0x6f, 0x4b, 0x83, 0x03, 0x09, 0x00, 0x00, 0x00, 0x01,
+            0x23, 0x03, 0x83, 0x6f, 0x00,
+        ]]
+        .into(),
+        flags: None,
+        version: automerge::sync::MessageVersion::V1,
+    }
+    .encode();
+    b.expect(
+        "a change chunk that once panicked Automerge",
+        "POST",
+        "/v1/sync/bs/1",
+        &crasher,
+        400,
+        "invalid_sync_message",
+    );
+    node.assert_serving("after the fuzzed crasher on the sync route");
     let r = node.get_doc("bs/1");
     b.check(
         r.status == 404,
