@@ -9,6 +9,8 @@ use prometheus_client::registry::Registry;
 
 /// Labels of a request counter: route template and status code.
 pub type RequestLabels = Vec<(&'static str, String)>;
+/// Labels of the HTTP request counter: route template and status code, both static.
+pub type HttpLabels = [(&'static str, &'static str); 2];
 /// Labels naming what kind of input failed to decode.
 pub type KindLabels = Vec<(&'static str, &'static str)>;
 
@@ -17,7 +19,7 @@ pub type KindLabels = Vec<(&'static str, &'static str)>;
 pub struct Metrics {
     registry: Registry,
     /// HTTP requests by route and status.
-    pub http_requests: Family<RequestLabels, Counter>,
+    pub http_requests: Family<HttpLabels, Counter>,
     /// Acknowledged document writes (PUT, PATCH, DELETE).
     pub writes: Counter,
     /// Document reads.
@@ -301,6 +303,28 @@ impl Metrics {
     pub fn anti_entropy_session(&self, outcome: &'static str) {
         self.anti_entropy_sessions
             .get_or_create(&vec![("outcome", outcome)])
+            .inc();
+    }
+
+    /// Counts a served HTTP request.
+    pub fn http_request(&self, route: &'static str, status: u16) {
+        let status = match status {
+            200 => "200",
+            400 => "400",
+            401 => "401",
+            403 => "403",
+            404 => "404",
+            405 => "405",
+            413 => "413",
+            422 => "422",
+            429 => "429",
+            500 => "500",
+            503 => "503",
+            504 => "504",
+            _ => "other",
+        };
+        self.http_requests
+            .get_or_create(&[("route", route), ("status", status)])
             .inc();
     }
 
