@@ -80,7 +80,7 @@ pub struct FanoutPolicy {
 impl Default for FanoutPolicy {
     fn default() -> Self {
         Self {
-            full_fanout_max: 8,
+            full_fanout_max: 16,
             fanout: 4,
         }
     }
@@ -162,7 +162,7 @@ mod tests {
     #[test]
     fn large_clusters_get_a_random_subset_excluding_the_sender() {
         let policy = FanoutPolicy {
-            full_fanout_max: 8,
+            full_fanout_max: 16,
             fanout: 4,
         };
         let peers: Vec<u32> = (0..30).collect();

@@ -138,7 +138,7 @@ impl Default for ReplicationFileConfig {
             batch_window_ms: 2,
             batch_bytes_max: 256 * 1024,
             anti_entropy_interval_s: 30,
-            full_fanout_max: 8,
+            full_fanout_max: 16,
             fanout: 4,
         }
     }
