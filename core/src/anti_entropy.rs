@@ -103,6 +103,42 @@ impl DigestIndex {
     }
 }
 
+/// When to reconcile with one peer: at once on every new connection (a peer that was down, or
+/// is new, catches up as soon as it is reachable), and every `interval_ms` on a connection that
+/// stays up. Driven with the connection's id and the current time; holds no clock.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PeerSchedule {
+    connection: Option<u64>,
+    last_started_ms: Option<i64>,
+}
+
+impl PeerSchedule {
+    /// Whether a session should start now on `connection`; if so it is recorded as started.
+    pub fn poll_start(&mut self, connection: u64, now_ms: i64, interval_ms: i64) -> bool {
+        let new_connection = self.connection != Some(connection);
+        let stale = self
+            .last_started_ms
+            .is_none_or(|t| now_ms.saturating_sub(t) >= interval_ms);
+        if new_connection || stale {
+            self.connection = Some(connection);
+            self.last_started_ms = Some(now_ms);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The session failed: the next poll starts another.
+    pub fn failed(&mut self) {
+        self.connection = None;
+    }
+
+    /// When the last session started.
+    pub fn last_started_ms(&self) -> Option<i64> {
+        self.last_started_ms
+    }
+}
+
 /// Why reconciliation failed: the peer sent a malformed message or took too many rounds.
 #[derive(Debug, thiserror::Error)]
 #[error("reconciliation: {0}")]
@@ -289,6 +325,20 @@ mod tests {
         assert!(init.have.is_empty() && init.need.is_empty());
         assert_eq!(init.rounds(), 1);
         assert!(bytes < 1_000, "{bytes}");
+    }
+
+    #[test]
+    fn schedule_runs_on_new_connections_and_periodically() {
+        let mut s = PeerSchedule::default();
+        assert!(s.poll_start(1, 0, 30_000), "first connection");
+        assert!(!s.poll_start(1, 500, 30_000));
+        assert!(!s.poll_start(1, 29_999, 30_000));
+        assert!(s.poll_start(1, 30_000, 30_000), "interval elapsed");
+        assert!(s.poll_start(2, 30_500, 30_000), "reconnected");
+        assert!(!s.poll_start(2, 31_000, 30_000));
+        s.failed();
+        assert!(s.poll_start(2, 31_500, 30_000), "retry after a failure");
+        assert_eq!(s.last_started_ms(), Some(31_500));
     }
 
     #[test]

@@ -68,6 +68,20 @@ pub fn receive_sync_message(
     .map_err(|_| AutomergeError::Fail)?
 }
 
+/// Generates the next sync message for the peer of `state`, returning an error where Automerge
+/// 0.12 would panic: a peer's `have` with a malformed Bloom filter (zero bits per entry, found
+/// by fuzzing) divides by zero when matched against this document's changes.
+pub fn generate_sync_message(
+    doc: &Automerge,
+    state: &mut automerge::sync::State,
+) -> Result<Option<automerge::sync::Message>, AutomergeError> {
+    use automerge::sync::SyncDoc;
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        doc.generate_sync_message(state)
+    }))
+    .map_err(|_| AutomergeError::Fail)
+}
+
 /// What a write does besides its ops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Expiry {
@@ -1061,6 +1075,26 @@ mod tests {
         let mut state = automerge::sync::State::new();
         let mut doc = new_document(actor(1));
         assert!(receive_sync_message(&mut doc, &mut state, message).is_err());
+    }
+
+    /// Found by fuzzing the sync route: a `have` whose Bloom filter has zero bits per entry
+    /// makes Automerge divide by zero when it answers a document with history.
+    #[test]
+    fn fuzz_crash_empty_bloom_filter_is_an_error() {
+        const CRASH: &[u8] = &[
+            0x42, 0x00, 0x00, 0x01, 0x00, 0x08, 0x42, 0x00, 0x00, 0x00, 0x25, 0x00, 0x00, 0x00,
+            0x00,
+        ];
+        let message = automerge::sync::Message::decode(CRASH).expect("decodes");
+        let mut doc = new_document(actor(1));
+        write(
+            &mut doc,
+            ops(json!([{"op": "set", "path": ["a"], "value": 1}])),
+        );
+        let mut state = automerge::sync::State::new();
+        receive_sync_message(&mut doc, &mut state, message).expect("receives");
+        assert!(generate_sync_message(&doc, &mut state).is_err());
+        assert_eq!(to_json(&doc), json!({"a": 1}), "the document is unchanged");
     }
 
     /// A random op over a small key space so that replicas collide often.

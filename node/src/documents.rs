@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use automerge::sync::{BloomFilter, Message, State as SyncState, SyncDoc};
+use automerge::sync::{BloomFilter, Message, State as SyncState};
 use automerge::{ActorId, Automerge, ChangeHash};
 use bytes::Bytes;
 use rand::rngs::StdRng;
@@ -633,12 +633,16 @@ impl Documents {
                 }
                 (true, _) => None,
             };
-            let reply = slot.doc.generate_sync_message(state);
+            let reply = document::generate_sync_message(&slot.doc, state);
             (reply, pending, applied)
         };
         if let Some(pending) = pending {
             self.finish(&entry, pending, origin, None).await?;
         }
+        // A message malformed in a way Automerge only notices when answering it; the changes
+        // it carried (if any) are valid and already durable.
+        let reply =
+            reply.map_err(|e| DocError::InvalidSync(format!("cannot answer this message: {e}")))?;
         Ok((reply, applied))
     }
 

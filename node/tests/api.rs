@@ -1744,6 +1744,21 @@ fn bad_sync_messages_are_400_invalid_sync_message() {
         "invalid_sync_message",
     );
     node.assert_serving("after the fuzzed crasher on the sync route");
+    // A `have` whose Bloom filter has zero bits per entry, sent for a document with history:
+    // it made Automerge divide by zero while answering (found by fuzzing).
+    put_ok(&node, "bs/history", &json!({ "a": 1 }));
+    b.expect(
+        "a Bloom filter with zero bits per entry",
+        "POST",
+        "/v1/sync/bs/history",
+        &[
+            0x42, 0x00, 0x00, 0x01, 0x00, 0x08, 0x42, 0x00, 0x00, 0x00, 0x25, 0x00, 0x00, 0x00,
+            0x00,
+        ],
+        400,
+        "invalid_sync_message",
+    );
+    node.assert_serving("after the zero-bit Bloom filter on the sync route");
     let r = node.get_doc("bs/1");
     b.check(
         r.status == 404,

@@ -920,3 +920,56 @@ fn example_script_starts_a_three_node_cluster_and_stops_it() {
         );
     }
 }
+
+/// Garbage on the QUIC port: random datagrams, truncated and oversized packets, and a flood of
+/// QUIC-looking initial packets leave both nodes serving and replicating, and count nothing as a
+/// peer.
+#[test]
+fn garbage_on_the_gossip_port_leaves_the_cluster_serving() {
+    let c = Cluster::start("garbage", 2, 0, all_others(2));
+    c.wait_connected();
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let target = gossip_addr(c.ports[0]);
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for i in 0..2_000usize {
+        let len = match i % 4 {
+            0 => 1,
+            1 => 40,
+            2 => 1_200,
+            _ => 1_500,
+        };
+        let mut packet: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        if i % 3 == 0 {
+            // A long-header initial packet of QUIC version 1 with random contents.
+            packet[0] = 0xc0 | (packet[0] & 0x0f);
+            if packet.len() >= 5 {
+                packet[1..5].copy_from_slice(&[0, 0, 0, 1]);
+            }
+        }
+        let _ = socket.send_to(&packet, target);
+    }
+    for node in &c.nodes {
+        node.assert_serving("after garbage datagrams on the gossip port");
+    }
+    let heads = write_heads(
+        &c.nodes[0].put_doc("after/garbage", &json!({ "ok": true })),
+        "after/garbage",
+    );
+    wait_doc_heads(&c.nodes[1], "after/garbage", &heads);
+    let heads = write_heads(
+        &c.nodes[1].put_doc("after/garbage-2", &json!({ "ok": 2 })),
+        "after/garbage-2",
+    );
+    wait_doc_heads(&c.nodes[0], "after/garbage-2", &heads);
+    assert_eq!(
+        members(&c.nodes[0]).len(),
+        2,
+        "garbage senders never become members"
+    );
+}

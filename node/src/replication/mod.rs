@@ -28,6 +28,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+use verge_core::anti_entropy::PeerSchedule;
 use verge_core::gossip::{Batcher, FanoutPolicy};
 use verge_core::limits::WIRE_MEMBERS_MAX;
 use verge_core::membership::{self, MemberId, Membership, Output as MembershipOutput};
@@ -86,9 +87,8 @@ pub struct MemberStatus {
 
 #[derive(Debug, Default)]
 struct Member {
-    /// Connection id of the connection anti-entropy last ran on.
-    synced_connection: Option<usize>,
-    last_sync_ms: Option<i64>,
+    /// When anti-entropy runs with this member.
+    schedule: PeerSchedule,
     in_flight: Arc<AtomicUsize>,
     seed: bool,
     /// The member's name, once SWIM learned it.
@@ -222,7 +222,7 @@ impl Replication {
                     state: if up { "up" } else { "down" },
                     rtt_ms: conn.map(|c| c.rtt().as_secs_f64() * 1000.0),
                     lag_batches: m.in_flight.load(Ordering::Acquire),
-                    last_sync_ms: m.last_sync_ms,
+                    last_sync_ms: m.schedule.last_started_ms(),
                     seed: m.seed,
                     name: m.name.clone(),
                 }
@@ -508,23 +508,10 @@ impl Replication {
                 let now = self.clock.now_ms();
                 let interval_ms = i64::try_from(self.config.anti_entropy_interval.as_millis())
                     .unwrap_or(i64::MAX);
-                let due = {
-                    let mut members = lock(&self.members);
-                    match members.get_mut(&addr) {
-                        Some(m) => {
-                            let new_conn = m.synced_connection != Some(conn.stable_id());
-                            let stale = m.last_sync_ms.is_none_or(|t| now - t >= interval_ms);
-                            if new_conn || stale {
-                                m.synced_connection = Some(conn.stable_id());
-                                m.last_sync_ms = Some(now);
-                                true
-                            } else {
-                                false
-                            }
-                        }
-                        None => false,
-                    }
-                };
+                let connection = conn.stable_id() as u64;
+                let due = lock(&self.members)
+                    .get_mut(&addr)
+                    .is_some_and(|m| m.schedule.poll_start(connection, now, interval_ms));
                 if due {
                     let this = Arc::clone(&self);
                     let conn = conn.clone();
@@ -542,7 +529,7 @@ impl Replication {
                                 // Retry on the next tick.
                                 if let Some(m) = lock(&this.members).get_mut(&conn.remote_address())
                                 {
-                                    m.synced_connection = None;
+                                    m.schedule.failed();
                                 }
                             }
                         }
