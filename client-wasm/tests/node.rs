@@ -45,11 +45,14 @@ fn verge_bin() -> PathBuf {
 }
 
 fn start_node() -> Node {
+    // Tests run in parallel in one process: a counter keeps their data directories apart.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let dir = std::env::temp_dir().join(format!(
         "verge-client-rs-{}-{}",
         std::process::id(),
-        Instant::now().elapsed().as_nanos()
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
+    let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let bin = verge_bin();
     let help = Command::new(&bin)
@@ -75,8 +78,9 @@ fn start_node() -> Node {
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
+        // The node writes the address and a newline; a partial read has no newline yet.
         if let Ok(addr) = std::fs::read_to_string(node.dir.join("api.addr"))
-            && !addr.trim().is_empty()
+            && addr.ends_with('\n')
         {
             node.addr = addr.trim().to_owned();
             return node;
