@@ -317,6 +317,23 @@ impl Documents {
         Ok(guard)
     }
 
+    /// Locks an entry to change it: loads it, and refuses (dropping the in-memory copy) when an
+    /// earlier write to it failed to commit, since that copy holds changes that are not durable.
+    fn lock_for_change<'a>(
+        &self,
+        entry: &'a Arc<Entry>,
+    ) -> Result<MutexGuard<'a, Option<Slot>>, DocError> {
+        let guard = self.load(entry)?;
+        if entry.poisoned.load(Ordering::Acquire) {
+            drop(guard);
+            self.discard(entry);
+            return Err(DocError::Storage(
+                "an earlier write to this document failed; retry".into(),
+            ));
+        }
+        Ok(guard)
+    }
+
     fn reserve(&self) -> Result<QueueSlot, DocError> {
         self.writer.try_reserve().map_err(|e| match e {
             mpsc::error::TrySendError::Full(()) => {
@@ -375,14 +392,7 @@ impl Documents {
         let entry = self.entry(id);
         let queue_slot = self.reserve()?;
         let pending = {
-            let mut guard = self.load(&entry)?;
-            if entry.poisoned.load(Ordering::Acquire) {
-                drop(guard);
-                self.discard(&entry);
-                return Err(DocError::Storage(
-                    "an earlier write to this document failed; retry".into(),
-                ));
-            }
+            let mut guard = self.lock_for_change(&entry)?;
             let slot = guard.as_mut().expect("load fills the slot");
             let live = slot.meta.live(now);
             if matches!(write, Write::Delete) && !live {
@@ -586,14 +596,7 @@ impl Documents {
             None
         };
         let (reply, pending, applied) = {
-            let mut guard = self.load(&entry)?;
-            if entry.poisoned.load(Ordering::Acquire) {
-                drop(guard);
-                self.discard(&entry);
-                return Err(DocError::Storage(
-                    "an earlier write to this document failed; retry".into(),
-                ));
-            }
+            let mut guard = self.lock_for_change(&entry)?;
             let slot = guard.as_mut().expect("load fills the slot");
             if slot.meta.size_bytes.saturating_add(incoming_bytes as u64) > DOC_BYTES_MAX as u64 {
                 return Err(DocError::TooLarge(format!(
@@ -658,14 +661,7 @@ impl Documents {
         let entry = self.entry(id);
         let queue_slot = self.reserve()?;
         let pending = {
-            let mut guard = self.load(&entry)?;
-            if entry.poisoned.load(Ordering::Acquire) {
-                drop(guard);
-                self.discard(&entry);
-                return Err(DocError::Storage(
-                    "an earlier write to this document failed; retry".into(),
-                ));
-            }
+            let mut guard = self.lock_for_change(&entry)?;
             let slot = guard.as_mut().expect("load fills the slot");
             if slot.meta.size_bytes.saturating_add(incoming as u64) > DOC_BYTES_MAX as u64 {
                 return Err(DocError::TooLarge(format!(
