@@ -10,7 +10,8 @@
 //!
 //! ```no_run
 //! use verge_client::{ClientError, DocId, Replica};
-//! # fn post(url: &str, body: &[u8]) -> Result<Vec<u8>, ClientError> { unimplemented!() }
+//! # // Your runtime's HTTP client: POST `body`, return the response body.
+//! # fn post(_url: &str, _body: &[u8]) -> Result<Vec<u8>, ClientError> { Ok(Vec::new()) }
 //! let mut transport = |id: &DocId, body: &[u8]| post(&format!("http://127.0.0.1:7070/v1/sync/{id}"), body);
 //! let id = DocId::new("cart/u-42")?;
 //! let mut cart = Replica::open(id, &mut transport)?;

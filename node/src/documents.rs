@@ -398,13 +398,7 @@ impl Documents {
             if matches!(write, Write::Delete) && !live {
                 return Err(DocError::NotFound(id.clone()));
             }
-            let projected = slot.meta.size_bytes.saturating_add(size_hint as u64);
-            if projected > DOC_BYTES_MAX as u64 {
-                return Err(DocError::TooLarge(format!(
-                    "document {id} holds {} bytes; this write could take it past the {DOC_BYTES_MAX} byte limit",
-                    slot.meta.size_bytes
-                )));
-            }
+            check_growth(id, &slot.meta, size_hint)?;
             let applied = document::apply(&mut slot.doc, write, expiry, now)?;
             if applied.change.is_none() {
                 if live {
@@ -598,12 +592,7 @@ impl Documents {
         let (reply, pending, applied) = {
             let mut guard = self.lock_for_change(&entry)?;
             let slot = guard.as_mut().expect("load fills the slot");
-            if slot.meta.size_bytes.saturating_add(incoming_bytes as u64) > DOC_BYTES_MAX as u64 {
-                return Err(DocError::TooLarge(format!(
-                    "document {id} holds {} bytes; these changes could take it past the {DOC_BYTES_MAX} byte limit",
-                    slot.meta.size_bytes
-                )));
-            }
+            check_growth(id, &slot.meta, incoming_bytes)?;
             let before = slot.doc.get_heads();
             if let Some(message) = incoming
                 && let Err(e) = document::receive_sync_message(&mut slot.doc, state, message)
@@ -663,11 +652,7 @@ impl Documents {
         let pending = {
             let mut guard = self.lock_for_change(&entry)?;
             let slot = guard.as_mut().expect("load fills the slot");
-            if slot.meta.size_bytes.saturating_add(incoming as u64) > DOC_BYTES_MAX as u64 {
-                return Err(DocError::TooLarge(format!(
-                    "document {id} would exceed {DOC_BYTES_MAX} bytes"
-                )));
-            }
+            check_growth(id, &slot.meta, incoming)?;
             let before = slot.doc.get_heads();
             for change in changes {
                 if let Err(e) = document::load_incremental(&mut slot.doc, change) {
@@ -820,6 +805,18 @@ impl Documents {
         }
         Ok(purged)
     }
+}
+
+/// Refuses a change of up to `incoming` bytes that could take the document past
+/// [`DOC_BYTES_MAX`]; checked before the change touches the document.
+fn check_growth(id: &DocId, meta: &DocMeta, incoming: usize) -> Result<(), DocError> {
+    if meta.size_bytes.saturating_add(incoming as u64) > DOC_BYTES_MAX as u64 {
+        return Err(DocError::TooLarge(format!(
+            "document {id} holds {} bytes; {incoming} more could take it past the {DOC_BYTES_MAX} byte limit",
+            meta.size_bytes
+        )));
+    }
+    Ok(())
 }
 
 struct Pending {

@@ -157,6 +157,35 @@ async fn write_with_replicas(
     Ok(heads)
 }
 
+/// What `PUT` and `PATCH` share: the id, the query (`ttl`, `replicas`) and the JSON body.
+struct WriteRequest {
+    id: DocId,
+    params: HashMap<String, String>,
+    expiry: Expiry,
+    value: Json_,
+    size: usize,
+}
+
+fn write_request(
+    state: &AppState,
+    path: IdPath,
+    query: Params,
+    body: Body,
+) -> Result<WriteRequest, ApiError> {
+    let id = doc_id(state, path)?;
+    let params = params(state, query)?;
+    reject_unknown_params(&params, &["ttl", "replicas"])?;
+    let expiry = expiry(state, &params)?;
+    let (value, size) = json_body(state, body)?;
+    Ok(WriteRequest {
+        id,
+        params,
+        expiry,
+        value,
+        size,
+    })
+}
+
 /// `GET /v1/docs/{id}`.
 pub async fn read(State(state): State<Arc<AppState>>, path: IdPath) -> Result<Response, ApiError> {
     let id = doc_id(&state, path)?;
@@ -171,11 +200,13 @@ pub async fn replace(
     query: Params,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let id = doc_id(&state, path)?;
-    let params = params(&state, query)?;
-    reject_unknown_params(&params, &["ttl", "replicas"])?;
-    let expiry = expiry(&state, &params)?;
-    let (value, size) = json_body(&state, body)?;
+    let WriteRequest {
+        id,
+        params,
+        expiry,
+        value,
+        size,
+    } = write_request(&state, path, query, body)?;
     let Json_::Object(map) = value else {
         state.metrics.decode_error("document");
         return Err(ApiError::invalid_document(
@@ -194,11 +225,13 @@ pub async fn patch(
     query: Params,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let id = doc_id(&state, path)?;
-    let params = params(&state, query)?;
-    reject_unknown_params(&params, &["ttl", "replicas"])?;
-    let expiry = expiry(&state, &params)?;
-    let (value, size) = json_body(&state, body)?;
+    let WriteRequest {
+        id,
+        params,
+        expiry,
+        value,
+        size,
+    } = write_request(&state, path, query, body)?;
     let ops = Op::parse_patch(&value).map_err(|e| {
         state.metrics.decode_error("ops");
         ApiError::invalid_op(e.to_string())
