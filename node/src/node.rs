@@ -6,7 +6,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use rand::RngCore;
+use std::net::SocketAddr;
+
+use axum::serve::ListenerExt;
+use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -15,8 +20,9 @@ use crate::config::Config;
 use crate::documents::{Documents, DocumentsConfig};
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
-use crate::replication::{Replication, ReplicationConfig};
-use crate::store::{Store, StoreError, StoreOptions, writer};
+use crate::replication::{Replication, ReplicationConfig, Transport};
+use crate::store::writer::{self, WriterMode};
+use crate::store::{Store, StoreError, StoreOptions};
 use crate::tls;
 use verge_core::gossip::FanoutPolicy;
 
@@ -52,40 +58,137 @@ pub enum NodeError {
     },
 }
 
-/// Runs a node until `shutdown` resolves, then drains: stops accepting requests, lets open ones
-/// finish, commits every queued write and closes the store.
+/// What a node runs on besides its configuration. [`run`] builds it from the operating system
+/// (files, sockets, the system clock and randomness); the simulator builds it from its virtual
+/// disk, network and clock with a seed, and calls [`run_on`], so both run the same code.
+#[derive(Debug)]
+pub struct Platform {
+    /// Wall-clock time.
+    pub clock: Arc<dyn Clock>,
+    /// Seed of every random choice the node makes (actors, batch ids, peer choice, SWIM);
+    /// `None` draws from the operating system.
+    pub seed: Option<u64>,
+    /// The opened store.
+    pub store: Store,
+    /// The node's name among its peers.
+    pub node_id: String,
+    /// The QUIC endpoint for peers, already bound.
+    pub transport: Transport,
+    /// Where the writer runs.
+    pub writer: WriterMode,
+    /// A file to hold the API's address while the node serves (`DATA_DIR/api.addr`).
+    pub addr_file: Option<PathBuf>,
+}
+
+/// Random numbers from the platform's seed, or from the operating system without one.
+#[derive(Debug)]
+struct Draw(Option<StdRng>);
+
+impl Draw {
+    fn new(seed: Option<u64>) -> Self {
+        Self(seed.map(StdRng::seed_from_u64))
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        match &mut self.0 {
+            Some(rng) => rng.next_u64(),
+            None => rand::rng().next_u64(),
+        }
+    }
+
+    fn bytes32(&mut self) -> [u8; 32] {
+        let mut bytes = [0u8; 32];
+        match &mut self.0 {
+            Some(rng) => rng.fill_bytes(&mut bytes),
+            None => rand::rng().fill_bytes(&mut bytes),
+        }
+        bytes
+    }
+}
+
+/// Runs a node on the operating system until `shutdown` resolves, then drains: stops accepting
+/// requests, lets open ones finish, commits every queued write and closes the store.
 pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let store_err = |source| NodeError::Store {
         dir: config.data_dir.clone(),
         source,
     };
-    let mut nonce_seed = [0u8; 32];
-    rand::rng().fill_bytes(&mut nonce_seed);
     let store = Store::open(
         &config.data_dir,
         StoreOptions {
             encryption_key: config.encryption_key.clone(),
-            nonce_seed,
+            nonce_seed: Draw::new(None).bytes32(),
         },
     );
-    let store = Arc::new(store.map_err(store_err)?);
+    let store = store.map_err(store_err)?;
     let node_id = resolve_node_id(&config, &store).map_err(store_err)?;
     let addr_file = config.data_dir.join(API_ADDR_FILE);
     let _ = std::fs::remove_file(&addr_file);
+    let tls_files =
+        tls::ensure_node_files(config.tls.clone(), &config.data_dir.join("tls"), &node_id)
+            .map_err(|e| NodeError::Tls(e.to_string()))?;
+    let node_tls = tls::NodeTls::load(&tls_files).map_err(|e| NodeError::Tls(e.to_string()))?;
+    let transport = Transport::bind(config.gossip_addr, &node_tls).map_err(|e| NodeError::Io {
+        context: format!("binding the gossip endpoint to {}", config.gossip_addr),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let listener = TcpListener::bind(config.api_addr)
+        .await
+        .map_err(|source| NodeError::Io {
+            context: format!("binding the API to {}", config.api_addr),
+            source,
+        })?
+        .tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+    let platform = Platform {
+        clock: Arc::new(SystemClock),
+        seed: None,
+        store,
+        node_id,
+        transport,
+        writer: WriterMode::Thread,
+        addr_file: Some(addr_file),
+    };
+    run_on(config, platform, listener, shutdown).await
+}
 
+/// Runs a node on `platform`, serving the API on `listener`, until `shutdown` resolves; then
+/// drains as [`run`] does.
+pub async fn run_on<L>(
+    config: Config,
+    platform: Platform,
+    listener: L,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), NodeError>
+where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+    L::Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Platform {
+        clock,
+        seed,
+        store,
+        node_id,
+        transport,
+        writer: writer_mode,
+        addr_file,
+    } = platform;
+    let mut draw = Draw::new(seed);
+    let store = Arc::new(store);
     let metrics = Arc::new(Metrics::new());
-    let (writer, writer_thread) = writer::spawn(
+    let (writer, writer_join) = writer::spawn(
         Arc::clone(&store),
         config.storage.write_queue,
         config.storage.batch_max,
         Arc::clone(&metrics),
+        writer_mode,
     )
     .map_err(|source| NodeError::Io {
-        context: "starting the writer thread".into(),
+        context: "starting the writer".into(),
         source,
     })?;
     let (docs, compaction_rx) = Documents::new(
@@ -97,7 +200,7 @@ pub async fn run(
             cache_bytes: config.storage.cache_bytes,
             compact_after_changes: config.storage.compact_after_changes,
         },
-        rand::rng().next_u64(),
+        draw.next_u64(),
     );
     let mut background = vec![
         tokio::spawn(Arc::clone(&docs).run_compactor(compaction_rx)),
@@ -109,13 +212,8 @@ pub async fn run(
     })?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let tls_files =
-        tls::ensure_node_files(config.tls.clone(), &config.data_dir.join("tls"), &node_id)
-            .map_err(|e| NodeError::Tls(e.to_string()))?;
-    let node_tls = tls::NodeTls::load(&tls_files).map_err(|e| NodeError::Tls(e.to_string()))?;
     let (replication, replication_tasks) = Replication::start(
         ReplicationConfig {
-            gossip_addr: config.gossip_addr,
             peers: config.peers.clone(),
             batch_window: Duration::from_millis(config.replication.batch_window_ms),
             batch_bytes_max: config.replication.batch_bytes_max,
@@ -126,15 +224,15 @@ pub async fn run(
             },
         },
         node_id.clone(),
-        &node_tls,
+        transport,
         Arc::clone(&docs),
         Arc::clone(&metrics),
         Arc::clone(&clock),
-        rand::rng().next_u64(),
+        draw.next_u64(),
         stop_rx.clone(),
     )
     .map_err(|e| NodeError::Io {
-        context: format!("binding the gossip endpoint to {}", config.gossip_addr),
+        context: "starting replication".into(),
         source: std::io::Error::other(e.to_string()),
     })?;
     background.extend(replication_tasks);
@@ -145,12 +243,6 @@ pub async fn run(
         }
         None => None,
     };
-    let listener = TcpListener::bind(config.api_addr)
-        .await
-        .map_err(|source| NodeError::Io {
-            context: format!("binding the API to {}", config.api_addr),
-            source,
-        })?;
     let api_addr = listener.local_addr().map_err(|source| NodeError::Io {
         context: "reading the API address".into(),
         source,
@@ -170,10 +262,12 @@ pub async fn run(
         ),
         auth: config.auth.clone(),
     });
-    std::fs::write(&addr_file, format!("{api_addr}\n")).map_err(|source| NodeError::Io {
-        context: format!("writing {}", addr_file.display()),
-        source,
-    })?;
+    if let Some(addr_file) = &addr_file {
+        std::fs::write(addr_file, format!("{api_addr}\n")).map_err(|source| NodeError::Io {
+            context: format!("writing {}", addr_file.display()),
+            source,
+        })?;
+    }
     state.ready.store(true, Ordering::Release);
     tracing::info!(
         node_id = %node_id,
@@ -227,6 +321,7 @@ pub async fn run(
     });
     let mut stop_rx = stop_rx;
     tokio::select! {
+        biased;
         result = &mut server => report_server_end(result),
         _ = stop_rx.wait_for(|stop| *stop) => {
             match tokio::time::timeout(DRAIN_TIMEOUT, &mut server).await {
@@ -247,19 +342,16 @@ pub async fn run(
     drop(replication);
     // Once every handle to the writer is gone, it commits what is queued and stops. Tasks of
     // closed peer connections let go of theirs within moments.
-    let joined = tokio::time::timeout(
-        WRITER_DRAIN_TIMEOUT,
-        tokio::task::spawn_blocking(move || writer_thread.join()),
-    )
-    .await;
-    match joined {
-        Ok(Ok(Ok(()))) => {}
-        Ok(_) => tracing::error!("the writer thread failed while draining"),
+    match tokio::time::timeout(WRITER_DRAIN_TIMEOUT, writer_join.join()).await {
+        Ok(true) => {}
+        Ok(false) => tracing::error!("the writer failed while draining"),
         Err(_) => tracing::error!(
             "the write queue did not drain in {WRITER_DRAIN_TIMEOUT:?}; unacknowledged writes are lost"
         ),
     }
-    let _ = std::fs::remove_file(&addr_file);
+    if let Some(addr_file) = &addr_file {
+        let _ = std::fs::remove_file(addr_file);
+    }
     tracing::info!("node stopped");
     Ok(())
 }

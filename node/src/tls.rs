@@ -263,30 +263,43 @@ pub fn provider() -> Arc<CryptoProvider> {
 impl NodeTls {
     /// Loads the files and builds both configurations.
     pub fn load(files: &TlsFiles) -> Result<Self, TlsError> {
+        Self::from_pem(
+            (&files.ca, &read_file(&files.ca)?),
+            (&files.cert, &read_file(&files.cert)?),
+            (&files.key, &read_file(&files.key)?),
+        )
+    }
+
+    /// Builds both configurations from PEM text, each named by the path it came from (the
+    /// simulator passes certificates it made in memory).
+    pub fn from_pem(
+        (ca_path, ca_pem): (&Path, &str),
+        (cert_path, cert_pem): (&Path, &str),
+        (key_path, key_pem): (&Path, &str),
+    ) -> Result<Self, TlsError> {
         let invalid = |path: &Path, message: String| TlsError::Invalid {
             path: path.to_owned(),
             message,
         };
-        let ca_pem = read_file(&files.ca)?;
         let mut roots = RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-            let cert = cert.map_err(|e| invalid(&files.ca, format!("bad PEM: {e}")))?;
+            let cert = cert.map_err(|e| invalid(ca_path, format!("bad PEM: {e}")))?;
             roots
                 .add(cert)
-                .map_err(|e| invalid(&files.ca, format!("not a usable CA certificate: {e}")))?;
+                .map_err(|e| invalid(ca_path, format!("not a usable CA certificate: {e}")))?;
         }
         if roots.is_empty() {
-            return Err(invalid(&files.ca, "no certificate in file".into()));
+            return Err(invalid(ca_path, "no certificate in file".into()));
         }
         let chain: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_slice_iter(read_file(&files.cert)?.as_bytes())
+            CertificateDer::pem_slice_iter(cert_pem.as_bytes())
                 .collect::<Result<_, _>>()
-                .map_err(|e| invalid(&files.cert, format!("bad PEM: {e}")))?;
+                .map_err(|e| invalid(cert_path, format!("bad PEM: {e}")))?;
         if chain.is_empty() {
-            return Err(invalid(&files.cert, "no certificate in file".into()));
+            return Err(invalid(cert_path, "no certificate in file".into()));
         }
-        let key = PrivateKeyDer::from_pem_slice(read_file(&files.key)?.as_bytes())
-            .map_err(|e| invalid(&files.key, format!("no private key: {e}")))?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+            .map_err(|e| invalid(key_path, format!("no private key: {e}")))?;
         let roots = Arc::new(roots);
         let provider = provider();
         let verifier =

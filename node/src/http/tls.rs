@@ -15,7 +15,7 @@ use std::time::Duration;
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
@@ -102,17 +102,29 @@ pub fn server_config(files: &ApiTlsFiles) -> Result<Arc<ServerConfig>, ApiTlsErr
     Ok(Arc::new(config))
 }
 
-/// A listener whose connections have completed a TLS handshake.
-#[derive(Debug)]
-pub struct TlsListener {
-    accepted: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+/// A listener whose connections have completed a TLS handshake, over any listener (TCP, or the
+/// simulator's network).
+pub struct TlsListener<L: axum::serve::Listener> {
+    accepted: mpsc::Receiver<(TlsStream<L::Io>, SocketAddr)>,
     local: SocketAddr,
     task: JoinHandle<()>,
 }
 
-impl TlsListener {
+impl<L: axum::serve::Listener> std::fmt::Debug for TlsListener<L> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsListener")
+            .field("local", &self.local)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<L> TlsListener<L>
+where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+    L::Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     /// Starts accepting on `listener` with `config`.
-    pub fn new(listener: TcpListener, config: Arc<ServerConfig>) -> io::Result<Self> {
+    pub fn new(listener: L, config: Arc<ServerConfig>) -> io::Result<Self> {
         let local = listener.local_addr()?;
         let (tx, accepted) = mpsc::channel(ACCEPTED_QUEUE);
         let task = tokio::spawn(accept_loop(listener, TlsAcceptor::from(config), tx));
@@ -124,33 +136,28 @@ impl TlsListener {
     }
 }
 
-impl Drop for TlsListener {
+impl<L: axum::serve::Listener> Drop for TlsListener<L> {
     /// Stops accepting: the server dropped the listener because it is shutting down.
     fn drop(&mut self) {
         self.task.abort();
     }
 }
 
-async fn accept_loop(
-    listener: TcpListener,
+async fn accept_loop<L>(
+    mut listener: L,
     acceptor: TlsAcceptor,
-    tx: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
-) {
+    tx: mpsc::Sender<(TlsStream<L::Io>, SocketAddr)>,
+) where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+    L::Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let handshakes = Arc::new(Semaphore::new(HANDSHAKES_MAX));
     loop {
         let Ok(permit) = Arc::clone(&handshakes).acquire_owned().await else {
             return;
         };
-        let (tcp, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // Out of file descriptors and the like: wait instead of spinning.
-                tracing::warn!(error = %e, "accepting an API connection failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
+        // The listener retries failed accepts (out of file descriptors and the like) itself.
+        let (tcp, peer) = listener.accept().await;
         let acceptor = acceptor.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
@@ -166,8 +173,12 @@ async fn accept_loop(
     }
 }
 
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
+impl<L> axum::serve::Listener for TlsListener<L>
+where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+    L::Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Io = TlsStream<L::Io>;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {

@@ -57,6 +57,7 @@ pub async fn watch(
         |(mut rx, prefix, guard, mut stop)| async move {
             loop {
                 let received = tokio::select! {
+                    biased;
                     received = rx.recv() => received,
                     _ = stop.wait_for(|stop| *stop) => return None,
                 };

@@ -37,7 +37,6 @@ use verge_core::wire::{ChangeBatch, DocChanges, PeerMessage};
 use crate::clock::Clock;
 use crate::documents::{Documents, LocalChange, ReplicaWaiter};
 use crate::metrics::Metrics;
-use crate::tls::NodeTls;
 pub use transport::{Transport, TransportError};
 
 /// Local changes waiting to be batched; when full, changes are left to anti-entropy.
@@ -52,8 +51,6 @@ pub const SYNC_SESSIONS_PER_PEER_MAX: usize = 16;
 /// Replication settings.
 #[derive(Debug, Clone)]
 pub struct ReplicationConfig {
-    /// Where this node listens for peers.
-    pub gossip_addr: SocketAddr,
     /// Seed peers.
     pub peers: Vec<SocketAddr>,
     /// How long changes wait to be batched.
@@ -129,19 +126,19 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Replication {
-    /// Binds the gossip endpoint and starts replication tasks; they stop when `stop` turns true.
+    /// Starts replication tasks over `transport` (bound by the caller: on a UDP socket, or on
+    /// the simulator's network); they stop when `stop` turns true.
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         config: ReplicationConfig,
         node_name: String,
-        tls: &NodeTls,
+        transport: Transport,
         docs: Arc<Documents>,
         metrics: Arc<Metrics>,
         clock: Arc<dyn Clock>,
         seed: u64,
         stop: watch::Receiver<bool>,
     ) -> Result<(Arc<Self>, Vec<JoinHandle<()>>), TransportError> {
-        let transport = Transport::bind(config.gossip_addr, tls)?;
         let (membership_tx, membership_rx) = mpsc::channel(MEMBERSHIP_QUEUE);
         let local_addr = transport.local_addr()?;
         let members = config
@@ -248,6 +245,7 @@ impl Replication {
     async fn accept_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         loop {
             let incoming = tokio::select! {
+                biased;
                 incoming = self.transport.endpoint().accept() => incoming,
                 _ = stop.wait_for(|s| *s) => return,
             };
@@ -398,6 +396,7 @@ impl Replication {
                 Duration::from_millis(u64::try_from(t - self.clock.now_ms()).unwrap_or(0))
             });
             let received = tokio::select! {
+                biased;
                 change = feed.recv() => change,
                 _ = tokio::time::sleep(due_in.unwrap_or(Duration::from_secs(3600))), if due_in.is_some() => None,
                 _ = stop.wait_for(|s| *s) => return,
@@ -476,6 +475,7 @@ impl Replication {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                biased;
                 _ = ticker.tick() => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
@@ -561,6 +561,7 @@ impl Replication {
         self.carry_out(membership.drain());
         loop {
             let input = tokio::select! {
+                biased;
                 input = rx.recv() => input,
                 _ = stop.wait_for(|s| *s) => return,
             };

@@ -58,7 +58,7 @@ pub async fn run_anti_entropy(
     repl: &Arc<Replication>,
     conn: &Connection,
 ) -> Result<usize, SessionError> {
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let (mut send, mut recv) = conn.open_bi().await?;
     let (mut init, first) = Initiator::start(repl.docs().digest_storage())
         .map_err(|e| SessionError::Protocol(e.to_string()))?;

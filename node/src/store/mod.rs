@@ -191,6 +191,17 @@ impl Store {
             // A new file is only durable once its directory entry is.
             sync_dir(data_dir)?;
         }
+        Self::from_database(db, path, options)
+    }
+
+    /// Wraps a database opened by the caller: the simulator opens redb over its own simulated
+    /// disk (a `redb::StorageBackend`) and hands it here, so the node's storage code runs
+    /// unchanged on it. `path` only names the store in messages.
+    pub fn from_database(
+        db: Database,
+        path: PathBuf,
+        options: StoreOptions,
+    ) -> Result<Self, StoreError> {
         let cipher = options
             .encryption_key
             .as_ref()

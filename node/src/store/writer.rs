@@ -1,7 +1,8 @@
 //! The single writer: group commit of every mutation into durable redb transactions.
 //!
 //! Request handlers apply a change in memory, reserve a slot in a bounded queue and wait for an
-//! acknowledgement. One thread drains the queue: everything waiting when it wakes (up to
+//! acknowledgement. One thread (a task under the simulator, whose runtime must own every step)
+//! drains the queue: everything waiting when it wakes (up to
 //! `batch_max`) goes into one transaction, committed with an fsync, and then every job of the
 //! batch is acknowledged. Concurrent writes thus share one fsync, and throughput is bound by
 //! Automerge CPU rather than by the disk.
@@ -9,7 +10,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
-use std::time::Instant;
+
+use tokio::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -73,35 +75,108 @@ impl WriterHandle {
     }
 }
 
-/// Starts the writer thread. It runs until every [`WriterHandle`] is dropped and the queue is
-/// empty, so dropping the handles is how shutdown drains pending writes.
+/// Where the writer runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WriterMode {
+    /// Its own OS thread, so that fsyncs never block the async runtime.
+    #[default]
+    Thread,
+    /// A task on the current runtime. The simulator needs this: every step of a simulated host
+    /// must run on the host's runtime, in an order the seed decides.
+    Task,
+}
+
+/// The running writer, to wait for it to drain.
+#[derive(Debug)]
+pub enum WriterJoin {
+    /// A writer thread.
+    Thread(thread::JoinHandle<()>),
+    /// A writer task.
+    Task(tokio::task::JoinHandle<()>),
+}
+
+impl WriterJoin {
+    /// Waits until the writer has committed everything queued and stopped; `false` if it
+    /// panicked.
+    pub async fn join(self) -> bool {
+        match self {
+            Self::Thread(handle) => tokio::task::spawn_blocking(move || handle.join().is_ok())
+                .await
+                .unwrap_or(false),
+            Self::Task(handle) => handle.await.is_ok(),
+        }
+    }
+}
+
+/// Starts the writer. It runs until every [`WriterHandle`] is dropped and the queue is empty,
+/// so dropping the handles is how shutdown drains pending writes.
 pub fn spawn(
     store: Arc<Store>,
     queue_capacity: usize,
     batch_max: usize,
     metrics: Arc<Metrics>,
-) -> std::io::Result<(WriterHandle, thread::JoinHandle<()>)> {
+    mode: WriterMode,
+) -> std::io::Result<(WriterHandle, WriterJoin)> {
     let (tx, rx) = mpsc::channel(queue_capacity);
-    let join = thread::Builder::new()
-        .name("verge-writer".into())
-        .spawn(move || run(store, rx, batch_max.max(1), metrics))?;
+    let batch_max = batch_max.max(1);
+    let join = match mode {
+        WriterMode::Thread => WriterJoin::Thread(
+            thread::Builder::new()
+                .name("verge-writer".into())
+                .spawn(move || run_thread(store, rx, batch_max, metrics))?,
+        ),
+        WriterMode::Task => WriterJoin::Task(tokio::spawn(run_task(store, rx, batch_max, metrics))),
+    };
     Ok((WriterHandle { tx }, join))
 }
 
-fn run(store: Arc<Store>, mut rx: mpsc::Receiver<Job>, batch_max: usize, metrics: Arc<Metrics>) {
+fn run_thread(
+    store: Arc<Store>,
+    mut rx: mpsc::Receiver<Job>,
+    batch_max: usize,
+    metrics: Arc<Metrics>,
+) {
     let mut batch: Vec<Job> = Vec::with_capacity(batch_max);
     while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        while batch.len() < batch_max {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        metrics.write_queue_depth.set(rx.len() as i64);
+        take_batch(first, &mut rx, &mut batch, batch_max, &metrics);
         commit_batch(&store, &mut batch, &metrics);
     }
     tracing::debug!("writer drained and stopped");
+}
+
+async fn run_task(
+    store: Arc<Store>,
+    mut rx: mpsc::Receiver<Job>,
+    batch_max: usize,
+    metrics: Arc<Metrics>,
+) {
+    let mut batch: Vec<Job> = Vec::with_capacity(batch_max);
+    while let Some(first) = rx.recv().await {
+        // Let the writes that are being made right now join this batch, as they would while a
+        // writer thread is busy with the previous commit.
+        tokio::task::yield_now().await;
+        take_batch(first, &mut rx, &mut batch, batch_max, &metrics);
+        commit_batch(&store, &mut batch, &metrics);
+    }
+    tracing::debug!("writer drained and stopped");
+}
+
+/// Collects `first` and whatever else is queued, up to `batch_max` jobs.
+fn take_batch(
+    first: Job,
+    rx: &mut mpsc::Receiver<Job>,
+    batch: &mut Vec<Job>,
+    batch_max: usize,
+    metrics: &Metrics,
+) {
+    batch.push(first);
+    while batch.len() < batch_max {
+        match rx.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(_) => break,
+        }
+    }
+    metrics.write_queue_depth.set(rx.len() as i64);
 }
 
 fn commit_batch(store: &Store, batch: &mut Vec<Job>, metrics: &Metrics) {
