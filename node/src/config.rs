@@ -296,6 +296,20 @@ impl Config {
             }
             None => (FileConfig::default(), None),
         };
+        Self::merge(args, file, source)
+    }
+
+    /// The built-in defaults alone: no file, no flags, no environment (the simulator starts
+    /// from these and sets what its hosts need).
+    pub fn defaults() -> Result<Self, ConfigError> {
+        Self::merge(&NodeArgs::default(), FileConfig::default(), None)
+    }
+
+    fn merge(
+        args: &NodeArgs,
+        file: FileConfig,
+        source: Option<PathBuf>,
+    ) -> Result<Self, ConfigError> {
         let api_addr = args
             .api_addr
             .clone()
