@@ -1,0 +1,231 @@
+//! The HTTP API of a simulated node, as clients inside the simulation call it.
+//!
+//! Every request opens its own connection and is bounded by a timeout: under a partition a new
+//! connection is refused at once, while a request on an open one would wait forever. A refused
+//! connection means the request never reached the node; a timeout means it may have.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use turmoil::net::TcpStream;
+
+/// The port every simulated node serves its API on.
+pub const API_PORT: u16 = 7070;
+/// The port every simulated node listens for peers on.
+pub const GOSSIP_PORT: u16 = 7946;
+/// How long a client waits for an answer before it gives up (the outcome is then unknown).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// Largest response body read.
+const RESPONSE_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+/// Why a request got no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    /// The connection was refused: the node is down or partitioned away. The request was not
+    /// sent.
+    #[error("connection refused")]
+    Refused,
+    /// No answer in time: the request may or may not have been applied.
+    #[error("timed out")]
+    Timeout,
+    /// The connection broke or the answer was malformed: the request may have been applied.
+    #[error("{0}")]
+    Broken(String),
+}
+
+impl ApiError {
+    /// Whether the request certainly never reached the node.
+    pub fn not_sent(&self) -> bool {
+        matches!(self, Self::Refused)
+    }
+}
+
+/// An answer: status and body.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// The status code.
+    pub status: StatusCode,
+    /// The body.
+    pub body: Bytes,
+}
+
+impl Answer {
+    /// The body as JSON (`Null` when it is not JSON).
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+}
+
+/// One node's API.
+#[derive(Debug, Clone)]
+pub struct NodeApi {
+    addr: SocketAddr,
+    timeout: Duration,
+}
+
+impl NodeApi {
+    /// The API of the simulated host `host` (a name such as `n0`). Call inside the simulation.
+    pub fn of(host: &str) -> Self {
+        Self::at(SocketAddr::new(turmoil::lookup(host), API_PORT))
+    }
+
+    /// The API at `addr`.
+    pub fn at(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            timeout: REQUEST_TIMEOUT,
+        }
+    }
+
+    /// The same API with another request timeout.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The node's IP address.
+    pub fn ip(&self) -> IpAddr {
+        self.addr.ip()
+    }
+
+    /// Sends one request and reads the whole answer.
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Answer, ApiError> {
+        match tokio::time::timeout(self.timeout, self.exchange(method, path, body)).await {
+            Ok(result) => result,
+            Err(_) => Err(ApiError::Timeout),
+        }
+    }
+
+    async fn exchange(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Answer, ApiError> {
+        let response = self.send(method, path, body).await?;
+        let status = response.status();
+        let body = http_body_util::Limited::new(response.into_body(), RESPONSE_BYTES_MAX)
+            .collect()
+            .await
+            .map_err(|e| ApiError::Broken(e.to_string()))?
+            .to_bytes();
+        Ok(Answer { status, body })
+    }
+
+    /// Sends a request and returns the response with its body still streaming (for watch).
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<hyper::Response<Incoming>, ApiError> {
+        let stream = TcpStream::connect(self.addr).await.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                ApiError::Refused
+            } else {
+                ApiError::Broken(e.to_string())
+            }
+        })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ApiError::Broken(e.to_string()))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let bytes = body.map(|b| b.to_string()).unwrap_or_default();
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", self.addr.to_string())
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(bytes)))
+            .map_err(|e| ApiError::Broken(e.to_string()))?;
+        sender
+            .send_request(request)
+            .await
+            .map_err(|e| ApiError::Broken(e.to_string()))
+    }
+
+    /// `GET /v1/docs/{id}`.
+    pub async fn get(&self, id: &str) -> Result<Answer, ApiError> {
+        self.request(Method::GET, &format!("/v1/docs/{id}"), None).await
+    }
+
+    /// `PATCH /v1/docs/{id}` with `ops`.
+    pub async fn patch(&self, id: &str, ops: Value) -> Result<Answer, ApiError> {
+        self.request(
+            Method::PATCH,
+            &format!("/v1/docs/{id}"),
+            Some(serde_json::json!({ "ops": ops })),
+        )
+        .await
+    }
+
+    /// `PATCH /v1/docs/{id}?replicas=N`: answered once `replicas` peers persisted the change.
+    pub async fn patch_replicated(
+        &self,
+        id: &str,
+        ops: Value,
+        replicas: usize,
+    ) -> Result<Answer, ApiError> {
+        self.request(
+            Method::PATCH,
+            &format!("/v1/docs/{id}?replicas={replicas}"),
+            Some(serde_json::json!({ "ops": ops })),
+        )
+        .await
+    }
+
+    /// `PUT /v1/docs/{id}` with a whole document.
+    pub async fn put(&self, id: &str, doc: Value) -> Result<Answer, ApiError> {
+        self.request(Method::PUT, &format!("/v1/docs/{id}"), Some(doc))
+            .await
+    }
+
+    /// `DELETE /v1/docs/{id}`.
+    pub async fn delete(&self, id: &str) -> Result<Answer, ApiError> {
+        self.request(Method::DELETE, &format!("/v1/docs/{id}"), None)
+            .await
+    }
+
+    /// `GET /v1/docs?prefix=P&limit=N`, first page.
+    pub async fn list(&self, prefix: &str, limit: usize) -> Result<Answer, ApiError> {
+        self.request(
+            Method::GET,
+            &format!("/v1/docs?prefix={prefix}&limit={limit}"),
+            None,
+        )
+        .await
+    }
+
+    /// The value of a counter in `GET /metrics`, summed over its labels; `None` when the page
+    /// could not be read.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let answer = self
+            .request(Method::GET, "/metrics", None)
+            .await
+            .ok()
+            .filter(|a| a.status == StatusCode::OK)?;
+        let text = String::from_utf8_lossy(&answer.body);
+        Some(
+            text.lines()
+                .filter(|l| {
+                    l.strip_prefix(name)
+                        .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+                })
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum(),
+        )
+    }
+}

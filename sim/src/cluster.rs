@@ -1,0 +1,544 @@
+//! A cluster of real Verge nodes on turmoil hosts, and the controls to break it.
+//!
+//! Each host `n<i>` runs `verge_node::node::run_on`: the production node, with QUIC over the
+//! simulated UDP network, the HTTP API over simulated TCP, redb over the simulated disk, the
+//! simulated clock, and every random choice drawn from the seed. The driver advances time in
+//! steps and applies faults between steps; clients (workloads, checks, the user's own) run as
+//! turmoil clients calling the nodes' HTTP API.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use verge_node::config::Config;
+use verge_node::node::{Platform, run_on};
+use verge_node::replication::Transport;
+use verge_node::store::writer::WriterMode;
+use verge_node::store::{Store, StoreOptions};
+
+use crate::api::{API_PORT, GOSSIP_PORT};
+use crate::certs::ClusterCerts;
+use crate::clock::SimClock;
+use crate::disk::{Disk, open_database};
+use crate::net::tcp::SimListener;
+use crate::net::udp::SimUdpSocket;
+use crate::trace::Trace;
+
+/// Where each simulated node keeps its database.
+pub const DB_PATH: &str = "/verge/verge.redb";
+/// Most nodes in a simulated cluster.
+pub const NODES_MAX: usize = 64;
+/// How long turmoil may run a simulation at most, beyond what the run asked for.
+const SIM_SLACK: Duration = Duration::from_secs(600);
+
+thread_local! {
+    /// Simulated time as the driver last saw it, for events recorded outside any host.
+    static DRIVER_NOW: Cell<Duration> = const { Cell::new(Duration::ZERO) };
+}
+
+/// Simulated time since the start of the run: the host's clock inside a host, the driver's
+/// otherwise.
+pub fn now() -> Duration {
+    turmoil::sim_elapsed().unwrap_or_else(|| DRIVER_NOW.with(Cell::get))
+}
+
+/// Why a cluster could not be built or run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SimError {
+    /// The configuration is unusable.
+    #[error("invalid simulation: {0}")]
+    Invalid(String),
+    /// turmoil stopped the simulation (a client failed, a host panicked, or time ran out).
+    #[error("simulation failed: {0}")]
+    Turmoil(String),
+}
+
+/// Adjusts a node's configuration before it starts: `(node index, config)`.
+pub type Configure = Arc<dyn Fn(usize, &mut Config) + Send + Sync>;
+
+/// Builds a [`Cluster`].
+#[derive(Clone)]
+pub struct ClusterBuilder {
+    nodes: usize,
+    seed: u64,
+    latency: Duration,
+    jitter: Duration,
+    loss: f64,
+    configure: Option<Configure>,
+    limit: Duration,
+}
+
+impl std::fmt::Debug for ClusterBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterBuilder")
+            .field("nodes", &self.nodes)
+            .field("seed", &self.seed)
+            .field("latency", &self.latency)
+            .field("jitter", &self.jitter)
+            .field("loss", &self.loss)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for ClusterBuilder {
+    fn default() -> Self {
+        Self {
+            nodes: 3,
+            seed: 0,
+            latency: Duration::from_millis(1),
+            jitter: Duration::ZERO,
+            loss: 0.0,
+            configure: None,
+            limit: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl ClusterBuilder {
+    /// Number of nodes (`n0` … `n{N-1}`), 1 to [`NODES_MAX`].
+    pub fn nodes(mut self, nodes: usize) -> Self {
+        self.nodes = nodes;
+        self
+    }
+
+    /// The seed every random choice of the run derives from.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    /// One-way latency of every link. Fixed latency keeps packet order; see [`Self::jitter`].
+    pub fn latency(mut self, latency: Duration) -> Self {
+        self.latency = latency;
+        self
+    }
+
+    /// Extra random latency per packet, up to this much: packets overtake each other.
+    pub fn jitter(mut self, jitter: Duration) -> Self {
+        self.jitter = jitter;
+        self
+    }
+
+    /// Probability that a packet is lost, on every link.
+    pub fn loss(mut self, loss: f64) -> Self {
+        self.loss = loss;
+        self
+    }
+
+    /// Adjusts each node's configuration (for example a shorter anti-entropy interval).
+    pub fn configure(mut self, f: impl Fn(usize, &mut Config) + Send + Sync + 'static) -> Self {
+        self.configure = Some(Arc::new(f));
+        self
+    }
+
+    /// Simulated time after which the run stops with an error (default one hour).
+    pub fn time_limit(mut self, limit: Duration) -> Self {
+        self.limit = limit;
+        self
+    }
+
+    /// Registers the hosts. Nothing runs until the cluster is stepped.
+    pub fn build<'a>(self) -> Result<Cluster<'a>, SimError> {
+        if self.nodes == 0 || self.nodes > NODES_MAX {
+            return Err(SimError::Invalid(format!(
+                "{} nodes: a cluster has 1 to {NODES_MAX}",
+                self.nodes
+            )));
+        }
+        if !(0.0..1.0).contains(&self.loss) {
+            return Err(SimError::Invalid(format!("loss {} must be in [0, 1)", self.loss)));
+        }
+        let certs = Arc::new(
+            ClusterCerts::generate(self.seed, self.nodes)
+                .map_err(|e| SimError::Invalid(e.to_string()))?,
+        );
+        let mut builder = turmoil::Builder::new();
+        builder
+            .rng_seed(self.seed)
+            .epoch(crate::clock::epoch())
+            .simulation_duration(self.limit + SIM_SLACK)
+            .min_message_latency(self.latency)
+            .max_message_latency(self.latency + self.jitter)
+            .udp_capacity(UDP_QUEUE)
+            .tcp_capacity(TCP_QUEUE);
+        // A crash keeps a random prefix of whole blocks of each write not yet synced: torn
+        // writes, as a disk with 4 KiB sectors gives.
+        builder.fs().block_size(TORN_WRITE_BLOCK);
+        let mut sim = builder.build();
+        let trace = Trace::default();
+        let mut nodes = Vec::with_capacity(self.nodes);
+        for i in 0..self.nodes {
+            let host = Arc::new(HostSpec {
+                index: i,
+                nodes: self.nodes,
+                seed: self.seed,
+                certs: Arc::clone(&certs),
+                disk: Disk::new(),
+                boots: AtomicU64::new(0),
+                configure: self.configure.clone(),
+                trace: trace.clone(),
+            });
+            let spec = Arc::clone(&host);
+            sim.host(host_name(i), move || run_host(Arc::clone(&spec)));
+            nodes.push(NodeState { spec: host, up: true });
+        }
+        trace.event(format!(
+            "cluster nodes={} seed={} latency={:?} jitter={:?} loss={}",
+            self.nodes, self.seed, self.latency, self.jitter, self.loss
+        ));
+        let mut cluster = Cluster {
+            sim,
+            nodes,
+            trace,
+            seed: self.seed,
+            clients: 0,
+            latency: self.latency,
+        };
+        if self.loss > 0.0 {
+            cluster.set_loss(self.loss);
+        }
+        Ok(cluster)
+    }
+}
+
+/// Bytes of a write that survive a crash together (or not at all).
+pub const TORN_WRITE_BLOCK: u64 = 4096;
+/// Datagrams a simulated socket queues before dropping (turmoil drops silently beyond it).
+pub const UDP_QUEUE: usize = 4096;
+/// Segments a simulated TCP socket queues.
+pub const TCP_QUEUE: usize = 4096;
+
+/// The host name of node `i`.
+pub fn host_name(i: usize) -> String {
+    format!("n{i}")
+}
+
+struct HostSpec {
+    index: usize,
+    nodes: usize,
+    seed: u64,
+    certs: Arc<ClusterCerts>,
+    disk: Disk,
+    /// Starts so far: each start draws fresh randomness from the seed, as a real restart
+    /// would from the OS.
+    boots: AtomicU64,
+    configure: Option<Configure>,
+    trace: Trace,
+}
+
+struct NodeState {
+    spec: Arc<HostSpec>,
+    up: bool,
+}
+
+/// The seed of start `boot` of node `index`.
+fn host_seed(seed: u64, index: usize, boot: u64) -> u64 {
+    let mut x = seed ^ (index as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ boot.rotate_left(32);
+    // splitmix64 finaliser: nearby inputs give unrelated seeds.
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+fn run_host(spec: Arc<HostSpec>) -> impl Future<Output = turmoil::Result> {
+    async move {
+        let boot = spec.boots.fetch_add(1, Ordering::Relaxed);
+        let seed = host_seed(spec.seed, spec.index, boot);
+        let name = host_name(spec.index);
+        spec.trace.event(format!("{name} start boot={boot}"));
+        let db = open_database(DB_PATH, &spec.disk)?;
+        let mut nonce_seed = [0u8; 32];
+        nonce_seed[..8].copy_from_slice(&seed.to_le_bytes());
+        let store = Store::from_database(
+            db,
+            DB_PATH.into(),
+            StoreOptions {
+                encryption_key: None,
+                nonce_seed,
+            },
+        )?;
+        let tls = spec.certs.node_tls(spec.index)?;
+        let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+        let socket = SimUdpSocket::bind(SocketAddr::new(any, GOSSIP_PORT)).await?;
+        let transport = Transport::with_socket(
+            Arc::new(socket),
+            Arc::new(quinn::TokioRuntime),
+            &tls,
+            Some(seed),
+        )?;
+        let listener = SimListener::bind(SocketAddr::new(any, API_PORT)).await?;
+        let mut config = Config::defaults()?;
+        config.node_id = Some(name.clone());
+        config.data_dir = "/verge".into();
+        config.api_addr = SocketAddr::new(turmoil::lookup(name.as_str()), API_PORT);
+        config.gossip_addr = SocketAddr::new(turmoil::lookup(name.as_str()), GOSSIP_PORT);
+        config.peers = (0..spec.nodes)
+            .filter(|j| *j != spec.index)
+            .map(|j| SocketAddr::new(turmoil::lookup(host_name(j).as_str()), GOSSIP_PORT))
+            .collect();
+        config.auth = verge_node::auth::Auth::Open { explicit: true };
+        // Anti-entropy every 5 s instead of 30: repairs after a fault show within a short run.
+        config.replication.anti_entropy_interval_s = 5;
+        if let Some(configure) = &spec.configure {
+            configure(spec.index, &mut config);
+        }
+        let platform = Platform {
+            clock: Arc::new(SimClock),
+            seed: Some(seed),
+            store,
+            node_id: name,
+            transport,
+            writer: WriterMode::Task,
+            addr_file: None,
+        };
+        run_on(config, platform, listener, std::future::pending()).await?;
+        Ok(())
+    }
+}
+
+/// A simulated cluster.
+pub struct Cluster<'a> {
+    sim: turmoil::Sim<'a>,
+    nodes: Vec<NodeState>,
+    trace: Trace,
+    seed: u64,
+    clients: usize,
+    latency: Duration,
+}
+
+impl std::fmt::Debug for Cluster<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("nodes", &self.nodes.len())
+            .field("seed", &self.seed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a> Cluster<'a> {
+    /// A builder with 3 nodes, seed 0, 1 ms links, no loss.
+    pub fn builder() -> ClusterBuilder {
+        ClusterBuilder::default()
+    }
+
+    /// Number of nodes.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether the cluster has no nodes (never: a cluster has at least one).
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// The run's seed.
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// The trace of the run so far.
+    pub fn trace(&self) -> &Trace {
+        &self.trace
+    }
+
+    /// Simulated time since the start.
+    pub fn elapsed(&self) -> Duration {
+        self.sim.elapsed()
+    }
+
+    /// Starts a client: a task on its own host that calls the nodes' API (see
+    /// [`crate::api::NodeApi`]). Its failure fails the run.
+    pub fn client<F>(&mut self, name: impl Into<String>, task: F)
+    where
+        F: Future<Output = turmoil::Result> + 'static,
+    {
+        let name = name.into();
+        self.clients += 1;
+        self.trace.event(format!("client {name} started"));
+        self.sim.client(name.as_str(), task);
+    }
+
+    /// Advances the simulation by `duration`.
+    pub fn run_for(&mut self, duration: Duration) -> Result<(), SimError> {
+        let until = self.sim.elapsed() + duration;
+        while self.sim.elapsed() < until {
+            self.step()?;
+        }
+        Ok(())
+    }
+
+    /// Advances the simulation until every client has finished, or `limit` passed; `true`
+    /// when they finished.
+    pub fn run_clients(&mut self, limit: Duration) -> Result<bool, SimError> {
+        let until = self.sim.elapsed() + limit;
+        while self.sim.elapsed() < until {
+            if self.step()? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    fn step(&mut self) -> Result<bool, SimError> {
+        DRIVER_NOW.with(|n| n.set(self.sim.elapsed()));
+        let done = self
+            .sim
+            .step()
+            .map_err(|e| SimError::Turmoil(e.to_string()))?;
+        DRIVER_NOW.with(|n| n.set(self.sim.elapsed()));
+        Ok(done)
+    }
+
+    fn names(group: &[usize]) -> Vec<String> {
+        group.iter().map(|i| host_name(*i)).collect()
+    }
+
+    /// Cuts every link between `a` and `b`, both ways.
+    pub fn partition(&mut self, a: &[usize], b: &[usize]) {
+        self.trace.event(format!("fault partition {a:?} | {b:?}"));
+        for x in Self::names(a) {
+            for y in Self::names(b) {
+                self.sim.partition(x.as_str(), y.as_str());
+            }
+        }
+    }
+
+    /// Cuts the links from `from` to `to` only: `to` still reaches `from`.
+    pub fn partition_oneway(&mut self, from: &[usize], to: &[usize]) {
+        self.trace.event(format!("fault partition one-way {from:?} -> {to:?}"));
+        for x in Self::names(from) {
+            for y in Self::names(to) {
+                self.sim.partition_oneway(x.as_str(), y.as_str());
+            }
+        }
+    }
+
+    /// Repairs every link between nodes and restores their latency and loss.
+    pub fn heal(&mut self) {
+        self.trace.event("heal all links");
+        let n = self.nodes.len();
+        for i in 0..n {
+            for j in 0..n {
+                if i != j {
+                    let (a, b) = (host_name(i), host_name(j));
+                    self.sim.repair(a.as_str(), b.as_str());
+                    self.sim.set_link_latency(a.as_str(), b.as_str(), self.latency);
+                    self.sim.set_link_fail_rate(a.as_str(), b.as_str(), 0.0);
+                }
+            }
+        }
+    }
+
+    /// Sets the one-way latency of every link of node `i`.
+    pub fn slow_node(&mut self, i: usize, latency: Duration) {
+        self.trace.event(format!("fault slow n{i} latency={latency:?}"));
+        for j in 0..self.nodes.len() {
+            if j != i {
+                self.sim
+                    .set_link_latency(host_name(i).as_str(), host_name(j).as_str(), latency);
+            }
+        }
+    }
+
+    /// Sets the packet loss probability of every link between nodes (clients keep reliable
+    /// links to their node). turmoil's loss comes in bursts: a lost packet breaks the link
+    /// until a later packet repairs it.
+    pub fn set_loss(&mut self, loss: f64) {
+        self.trace.event(format!("fault loss={loss}"));
+        let n = self.nodes.len();
+        for i in 0..n {
+            for j in (i + 1)..n {
+                self.sim
+                    .set_link_fail_rate(host_name(i).as_str(), host_name(j).as_str(), loss);
+            }
+        }
+    }
+
+    /// Fails the next `n` disk syncs of node `i`: its commits fail.
+    pub fn fail_syncs(&mut self, i: usize, n: u32) {
+        let Some(node) = self.nodes.get(i) else { return };
+        self.trace.event(format!("fault disk n{i} fails next {n} syncs"));
+        node.spec.disk.fail_next_syncs(u64::from(n));
+    }
+
+    /// The fault handle of node `i`'s disk.
+    pub fn disk(&self, i: usize) -> Option<&Disk> {
+        self.nodes.get(i).map(|n| &n.spec.disk)
+    }
+
+    /// Crashes node `i` as a power cut does: whatever was not synced to its disk is lost, and
+    /// nothing more is written (the node's destructors do not get to commit).
+    pub fn crash(&mut self, i: usize) {
+        let Some(node) = self.nodes.get_mut(i) else { return };
+        if !node.up {
+            return;
+        }
+        self.trace.event(format!("fault crash n{i}"));
+        node.spec.disk.power_cut();
+        node.up = false;
+        self.sim.crash(host_name(i).as_str());
+    }
+
+    /// Starts node `i` again on what its disk kept.
+    pub fn restart(&mut self, i: usize) {
+        let Some(node) = self.nodes.get_mut(i) else { return };
+        self.trace.event(format!("restart n{i}"));
+        node.spec.disk.restore();
+        node.up = true;
+        self.sim.bounce(host_name(i).as_str());
+    }
+
+    /// Runs until every node holds documents `ids` with the same heads and JSON, or `timeout`
+    /// passes; returns what each node holds, with `converged` telling which.
+    pub fn converge(
+        &mut self,
+        ids: &[&str],
+        timeout: Duration,
+    ) -> Result<crate::check::FinalState, SimError> {
+        let out: crate::check::SharedFinal = Arc::default();
+        let apis = (0..self.nodes.len())
+            .map(|i| crate::api::NodeApi::of(&host_name(i)))
+            .collect();
+        let ids: Vec<String> = ids.iter().map(|s| (*s).to_owned()).collect();
+        let prefix = common_prefix(&ids);
+        let slot = Arc::clone(&out);
+        let name = format!("converge-{}", self.clients);
+        self.client(name, async move {
+            crate::check::converge(apis, ids, prefix, timeout, slot).await;
+            Ok(())
+        });
+        self.run_clients(timeout + Duration::from_secs(30))?;
+        let state = crate::workload::lock(&out).clone();
+        Ok(state)
+    }
+
+    /// Whether node `i` is running.
+    pub fn is_up(&self, i: usize) -> bool {
+        self.nodes.get(i).is_some_and(|n| n.up)
+    }
+}
+
+/// The longest prefix shared by all `ids` (listing under it shows them all).
+fn common_prefix(ids: &[String]) -> String {
+    let Some(first) = ids.first() else {
+        return String::new();
+    };
+    let mut len = first.len();
+    for id in &ids[1..] {
+        len = len.min(
+            first
+                .bytes()
+                .zip(id.bytes())
+                .take_while(|(a, b)| a == b)
+                .count(),
+        );
+    }
+    while !first.is_char_boundary(len) {
+        len -= 1;
+    }
+    first[..len].to_owned()
+}

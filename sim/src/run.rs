@@ -1,0 +1,227 @@
+//! One run: a cluster, the workload, a scenario's faults, healing, and the checker's verdict.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+
+use crate::api::NodeApi;
+use crate::check::{self, FinalState, Violation};
+use crate::cluster::{Cluster, SimError, host_name};
+use crate::panics;
+use crate::scenario::{Fault, Scenario};
+use crate::workload::{self, History, WorkloadConfig, lock};
+
+/// How long the cluster gets to agree after the faults healed.
+pub const CONVERGE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Simulated time given to creating the shared documents before the workload starts.
+const SETUP_LIMIT: Duration = Duration::from_secs(30);
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// The seed.
+    pub seed: u64,
+    /// Nodes.
+    pub nodes: usize,
+    /// The scenario.
+    pub scenario: &'static Scenario,
+    /// How long the workload runs (faults happen inside it).
+    pub duration: Duration,
+    /// The workload.
+    pub workload: WorkloadConfig,
+}
+
+/// The outcome of a run.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// The seed.
+    pub seed: u64,
+    /// The scenario's name.
+    pub scenario: &'static str,
+    /// Nodes.
+    pub nodes: usize,
+    /// The faults injected, with their simulated time.
+    pub faults: Vec<String>,
+    /// Writes acknowledged, refused and unknown.
+    pub writes: (usize, usize, usize),
+    /// Reads answered.
+    pub reads: u64,
+    /// Whether and how fast the replicas agreed after healing.
+    pub converged: bool,
+    /// Time to agree after healing.
+    pub converge_took: Duration,
+    /// Simulated time of the whole run.
+    pub simulated: Duration,
+    /// Broken invariants.
+    pub violations: Vec<Violation>,
+    /// Panics in any task.
+    pub panics: Vec<String>,
+    /// The hash of the trace.
+    pub trace_hash: String,
+    /// The whole trace (its first events, up to a bound).
+    pub trace: crate::trace::Trace,
+    /// Trace events relevant to the violations (all faults, and the writes to the documents
+    /// and keys concerned), to replay and read.
+    pub evidence: Vec<String>,
+}
+
+impl Report {
+    /// Whether every invariant held.
+    pub fn ok(&self) -> bool {
+        self.violations.is_empty() && self.panics.is_empty()
+    }
+}
+
+/// Runs one scenario with one seed.
+pub fn run(config: &RunConfig) -> Result<Report, SimError> {
+    let panics_before = panics::count();
+    let mut rng = StdRng::seed_from_u64(config.seed);
+    let network = config.scenario.network(&mut rng);
+    let plan = config
+        .scenario
+        .plan(&mut rng, config.nodes, config.duration);
+    let mut cluster = Cluster::builder()
+        .nodes(config.nodes)
+        .seed(config.seed)
+        .latency(network.latency)
+        .jitter(network.jitter)
+        .build()?;
+    let trace = cluster.trace().clone();
+    trace.event(format!(
+        "run scenario={} duration={:?}",
+        config.scenario.name, config.duration
+    ));
+    let history: workload::SharedHistory = Arc::new(Mutex::new(History::default()));
+    let docs = config.workload.docs;
+
+    // Create the shared documents, replicated to every node, before any client starts.
+    {
+        let (history, trace) = (Arc::clone(&history), trace.clone());
+        let replicas = config.nodes - 1;
+        cluster.client("setup", async move {
+            workload::setup(NodeApi::of("n0"), docs, replicas, history, trace).await;
+            Ok(())
+        });
+    }
+    if !cluster.run_clients(SETUP_LIMIT)? {
+        return Err(SimError::Invalid(format!(
+            "the shared documents were not created within {SETUP_LIMIT:?}"
+        )));
+    }
+    let start = cluster.elapsed();
+    let until = start + config.duration;
+    for i in 0..config.nodes {
+        for k in 0..config.workload.clients_per_node {
+            let index = i * config.workload.clients_per_node + k;
+            let (history, trace, wl) = (Arc::clone(&history), trace.clone(), config.workload.clone());
+            let seed = config.seed;
+            cluster.client(format!("c{index}"), async move {
+                let node = NodeApi::of(&host_name(i));
+                workload::client(index, node, wl, seed, until, history, trace).await;
+                Ok(())
+            });
+        }
+    }
+
+    let mut faults = Vec::new();
+    let mut down = vec![false; config.nodes];
+    for (at, fault) in plan {
+        let due = start + at;
+        if due > cluster.elapsed() {
+            cluster.run_for(due - cluster.elapsed())?;
+        }
+        faults.push(format!("{:>8.3}s {fault:?}", (cluster.elapsed()).as_secs_f64()));
+        apply(&mut cluster, &fault, &mut down);
+    }
+    // Let the clients finish, then heal everything and restart every node that is down.
+    cluster.run_clients(until.saturating_sub(cluster.elapsed()) + Duration::from_secs(10))?;
+    cluster.heal();
+    for (i, is_down) in down.iter().enumerate() {
+        if *is_down {
+            cluster.restart(i);
+        }
+    }
+    faults.push(format!("{:>8.3}s heal and restart all", cluster.elapsed().as_secs_f64()));
+
+    let final_state: check::SharedFinal = Arc::new(Mutex::new(FinalState::default()));
+    {
+        let out = Arc::clone(&final_state);
+        let nodes = config.nodes;
+        cluster.client("checker", async move {
+            let apis = (0..nodes).map(|i| NodeApi::of(&host_name(i))).collect();
+            let ids = (0..docs).map(workload::doc_id).collect();
+            check::converge(apis, ids, "sim/".into(), CONVERGE_TIMEOUT, out).await;
+            Ok(())
+        });
+    }
+    cluster.run_clients(CONVERGE_TIMEOUT + Duration::from_secs(30))?;
+    let state = lock(&final_state).clone();
+    let history = lock(&history);
+    let violations = check::verify(&state, &history, docs);
+    for (i, node) in state.nodes.iter().enumerate() {
+        for (id, view) in node {
+            trace.event(format!(
+                "final n{i} {id} {}",
+                view.as_ref()
+                    .map(|v| format!("{:?} {}", v.heads, v.doc))
+                    .unwrap_or_else(|| "none".into())
+            ));
+        }
+    }
+    for v in &violations {
+        trace.event(format!("violation {v}"));
+    }
+    let panics = panics::since(panics_before);
+    let mut needles: Vec<&str> = vec!["fault", "restart", "heal", "start boot"];
+    for v in &violations {
+        needles.extend(v.needles.iter().map(String::as_str));
+    }
+    let evidence = if violations.is_empty() && panics.is_empty() {
+        Vec::new()
+    } else {
+        trace.matching(&needles)
+    };
+    let writes = history.writes.iter().fold((0, 0, 0), |(a, r, u), w| match w.outcome {
+        workload::Outcome::Acked => (a + 1, r, u),
+        workload::Outcome::Refused => (a, r + 1, u),
+        workload::Outcome::Unknown => (a, r, u + 1),
+    });
+    Ok(Report {
+        seed: config.seed,
+        scenario: config.scenario.name,
+        nodes: config.nodes,
+        faults,
+        writes,
+        reads: history.reads,
+        converged: state.converged,
+        converge_took: state.took,
+        simulated: cluster.elapsed(),
+        violations,
+        panics,
+        trace_hash: trace.hash(),
+        trace,
+        evidence,
+    })
+}
+
+fn apply(cluster: &mut Cluster<'_>, fault: &Fault, down: &mut [bool]) {
+    match fault {
+        Fault::Partition(a, b) => cluster.partition(a, b),
+        Fault::OneWay(a, b) => cluster.partition_oneway(a, b),
+        Fault::Heal => cluster.heal(),
+        Fault::Loss(p) => cluster.set_loss(*p),
+        Fault::Slow(i, latency) => cluster.slow_node(*i, *latency),
+        Fault::Crash(i) => {
+            cluster.crash(*i);
+            down[*i] = true;
+        }
+        Fault::Restart(i) if down[*i] => {
+            cluster.restart(*i);
+            down[*i] = false;
+        }
+        Fault::Restart(_) => {}
+        Fault::DiskErrors(i, n) => cluster.fail_syncs(*i, *n),
+    }
+}

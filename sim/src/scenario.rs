@@ -1,0 +1,273 @@
+//! Scenarios: named fault schedules. Each one draws the timing and the nodes it hits from the
+//! run's seed, so a seed names one exact schedule.
+
+use std::time::Duration;
+
+use rand::Rng;
+use rand::rngs::StdRng;
+
+/// One fault action, applied between simulation steps.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fault {
+    /// Cut every link between two groups, both ways.
+    Partition(Vec<usize>, Vec<usize>),
+    /// Cut the links from the first group to the second only.
+    OneWay(Vec<usize>, Vec<usize>),
+    /// Repair every link and restore latency and loss.
+    Heal,
+    /// Lose this fraction of packets between nodes.
+    Loss(f64),
+    /// Give every link of a node this one-way latency.
+    Slow(usize, Duration),
+    /// Power-cut a node: unsynced writes are lost.
+    Crash(usize),
+    /// Start a crashed node again.
+    Restart(usize),
+    /// Fail a node's next disk syncs (its commits fail).
+    DiskErrors(usize, u32),
+}
+
+/// Network conditions for the whole run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Network {
+    /// One-way latency.
+    pub latency: Duration,
+    /// Extra random latency per packet (reorders packets).
+    pub jitter: Duration,
+}
+
+impl Default for Network {
+    fn default() -> Self {
+        Self {
+            latency: Duration::from_millis(2),
+            jitter: Duration::ZERO,
+        }
+    }
+}
+
+/// A named fault schedule.
+#[derive(Debug, Clone, Copy)]
+pub struct Scenario {
+    /// Its name on the command line.
+    pub name: &'static str,
+    /// What it does, one line.
+    pub about: &'static str,
+    /// Least nodes it needs.
+    pub nodes_min: usize,
+    plan: fn(&mut StdRng, usize, Duration) -> Vec<(Duration, Fault)>,
+    network: fn(&mut StdRng) -> Network,
+}
+
+impl Scenario {
+    /// The faults and when they happen, relative to the start of the workload, for `nodes`
+    /// nodes and a workload of `duration`. Every schedule ends healed, with every node up.
+    pub fn plan(&self, rng: &mut StdRng, nodes: usize, duration: Duration) -> Vec<(Duration, Fault)> {
+        let mut plan = (self.plan)(rng, nodes, duration);
+        plan.sort_by_key(|(at, _)| *at);
+        plan
+    }
+
+    /// The run's network conditions.
+    pub fn network(&self, rng: &mut StdRng) -> Network {
+        (self.network)(rng)
+    }
+}
+
+fn ms(rng: &mut StdRng, from: Duration, to: Duration) -> Duration {
+    let (a, b) = (from.as_millis() as u64, to.as_millis() as u64);
+    Duration::from_millis(if b > a { rng.random_range(a..b) } else { a })
+}
+
+/// A fault window inside the workload: starts in its first third, lasts a third to a half.
+fn window(rng: &mut StdRng, duration: Duration) -> (Duration, Duration) {
+    let start = ms(rng, duration / 10, duration / 3);
+    let end = start + ms(rng, duration / 3, duration / 2);
+    (start, end.min(duration))
+}
+
+fn steady(_: &mut StdRng) -> Network {
+    Network::default()
+}
+
+fn shuffled(rng: &mut StdRng, nodes: usize) -> Vec<usize> {
+    let mut all: Vec<usize> = (0..nodes).collect();
+    for i in (1..all.len()).rev() {
+        let j = rng.random_range(0..=i);
+        all.swap(i, j);
+    }
+    all
+}
+
+fn none(_: &mut StdRng, _: usize, _: Duration) -> Vec<(Duration, Fault)> {
+    Vec::new()
+}
+
+fn isolate(rng: &mut StdRng, nodes: usize, duration: Duration) -> Vec<(Duration, Fault)> {
+    let node = rng.random_range(0..nodes);
+    let rest: Vec<usize> = (0..nodes).filter(|i| *i != node).collect();
+    let (start, end) = window(rng, duration);
+    vec![(start, Fault::Partition(vec![node], rest)), (end, Fault::Heal)]
+}
+
+fn majority(rng: &mut StdRng, nodes: usize, duration: Duration) -> Vec<(Duration, Fault)> {
+    let order = shuffled(rng, nodes);
+    let (minority, majority) = order.split_at(nodes / 2);
+    let (start, end) = window(rng, duration);
+    vec![
+        (start, Fault::Partition(minority.to_vec(), majority.to_vec())),
+        (end, Fault::Heal),
+    ]
+}
+
+fn one_way(rng: &mut StdRng, nodes: usize, duration: Duration) -> Vec<(Duration, Fault)> {
+    let node = rng.random_range(0..nodes);
+    let rest: Vec<usize> = (0..nodes).filter(|i| *i != node).collect();
+    let (start, end) = window(rng, duration);
+    // The node hears everyone, but nothing it sends arrives.
+    vec![(start, Fault::OneWay(vec![node], rest)), (end, Fault::Heal)]
+}
+
+fn flapping(rng: &mut StdRng, nodes: usize, duration: Duration) -> Vec<(Duration, Fault)> {
+    let mut plan = Vec::new();
+    let mut at = ms(rng, Duration::from_millis(200), Duration::from_secs(1));
+    while at + Duration::from_secs(1) < duration {
+        let order = shuffled(rng, nodes);
+        let cut = rng.random_range(1..nodes);
+        plan.push((at, Fault::Partition(order[..cut].to_vec(), order[cut..].to_vec())));
+        at += ms(rng, Duration::from_millis(300), Duration::from_millis(1500));
+        plan.push((at, Fault::Heal));
+        at += ms(rng, Duration::from_millis(100), Duration::from_millis(800));
+    }
+    plan
+}
+
+fn lossy(rng: &mut StdRng, _: usize, duration: Duration) -> Vec<(Duration, Fault)> {
+    let loss = [0.02, 0.05, 0.1, 0.2][rng.random_range(0..4)];
+    let (start, end) = window(rng, duration);
+    vec![(start, Fault::Loss(loss)), (end, Fault::Heal)]
+}
+
+fn jittery(rng: &mut StdRng) -> Network {
+    Network {
+        latency: Duration::from_millis(rng.random_range(1..10)),
+        jitter: Duration::from_millis(rng.random_range(5..50)),
+    }
+}
+
+fn crash_restart(rng: &mut StdRng, nodes: usize, duration: Duration) -> Vec<(Duration, Fault)> {
+    let mut plan = Vec::new();
+    let crashes = rng.random_range(1..=2);
+    let slot = duration / (crashes + 1);
+    for k in 0..crashes {
+        let node = rng.random_range(0..nodes);
+        let at = slot * k + ms(rng, Duration::ZERO, slot / 2);
+        let down = ms(rng, Duration::from_millis(500), slot / 2 + Duration::from_millis(500));
+        plan.push((at, Fault::Crash(node)));
+        plan.push((at + down, Fault::Restart(node)));
+    }
+    plan
+}
+
+fn disk_errors(rng: &mut StdRng, nodes: usize, duration: Duration) -> Vec<(Duration, Fault)> {
+    let node = rng.random_range(0..nodes);
+    let at = ms(rng, duration / 10, duration / 2);
+    vec![(at, Fault::DiskErrors(node, rng.random_range(1..=5)))]
+}
+
+fn slow(rng: &mut StdRng, nodes: usize, duration: Duration) -> Vec<(Duration, Fault)> {
+    let node = rng.random_range(0..nodes);
+    let (start, end) = window(rng, duration);
+    let latency = Duration::from_millis(rng.random_range(200..1500));
+    vec![(start, Fault::Slow(node, latency)), (end, Fault::Heal)]
+}
+
+fn chaos(rng: &mut StdRng, nodes: usize, duration: Duration) -> Vec<(Duration, Fault)> {
+    let mut plan = Vec::new();
+    for f in [isolate, majority, crash_restart, lossy, slow, disk_errors] {
+        if rng.random_bool(0.5) {
+            plan.extend(f(rng, nodes, duration));
+        }
+    }
+    // Overlapping windows may heal each other early; a crash may hit a node that is down.
+    // Both are part of the chaos. The run heals everything and restarts every node at the end.
+    plan
+}
+
+/// Every scenario.
+pub const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "baseline",
+        about: "no faults: the workload alone",
+        nodes_min: 1,
+        plan: none,
+        network: steady,
+    },
+    Scenario {
+        name: "partition-isolate",
+        about: "one node cut off from all others, then healed",
+        nodes_min: 2,
+        plan: isolate,
+        network: steady,
+    },
+    Scenario {
+        name: "partition-majority",
+        about: "a minority cut off from the majority, then healed",
+        nodes_min: 3,
+        plan: majority,
+        network: steady,
+    },
+    Scenario {
+        name: "partition-oneway",
+        about: "one node hears the others but nothing it sends arrives",
+        nodes_min: 2,
+        plan: one_way,
+        network: steady,
+    },
+    Scenario {
+        name: "partition-flapping",
+        about: "random splits that heal and return every few hundred ms",
+        nodes_min: 2,
+        plan: flapping,
+        network: steady,
+    },
+    Scenario {
+        name: "loss-reorder",
+        about: "packet loss of 2-20% on jittery links that reorder packets",
+        nodes_min: 2,
+        plan: lossy,
+        network: jittery,
+    },
+    Scenario {
+        name: "crash-restart",
+        about: "power cuts: unsynced writes are lost, the node restarts on what its disk kept",
+        nodes_min: 1,
+        plan: crash_restart,
+        network: steady,
+    },
+    Scenario {
+        name: "disk-errors",
+        about: "a node's disk fails a few syncs: its commits fail and must not be acknowledged",
+        nodes_min: 1,
+        plan: disk_errors,
+        network: steady,
+    },
+    Scenario {
+        name: "slow-node",
+        about: "one node's links slow to 200-1500 ms",
+        nodes_min: 2,
+        plan: slow,
+        network: steady,
+    },
+    Scenario {
+        name: "chaos",
+        about: "a random mix of the above, overlapping",
+        nodes_min: 3,
+        plan: chaos,
+        network: jittery,
+    },
+];
+
+/// The scenario called `name`.
+pub fn find(name: &str) -> Option<&'static Scenario> {
+    SCENARIOS.iter().find(|s| s.name == name)
+}
