@@ -32,8 +32,9 @@ const fn config() -> bincode::config::Configuration<
 /// One message between two nodes.
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
 pub enum PeerMessage {
-    /// Changes committed at `origin`, for the receiver to apply and, in a large cluster,
-    /// forward. Sent on its own stream; the receiver answers [`PeerMessage::Persisted`].
+    /// Committed changes, for the receiver to apply and, when it is the sender's relay,
+    /// forward. Sent on its own stream; the receiver answers [`PeerMessage::Persisted`] when
+    /// the batch asks for it ([`ChangeBatch::ack`]), else just finishes the stream.
     Changes(ChangeBatch),
     /// The receiver of a batch applied it and made it durable.
     Persisted {
@@ -68,8 +69,12 @@ pub enum PeerMessage {
 pub struct ChangeBatch {
     /// Unique per sender; echoed by [`PeerMessage::Persisted`].
     pub batch_id: u64,
-    /// How many times the batch was forwarded before reaching the receiver.
+    /// What the receiver does with it: `0` (sent to the relay) forwards the changes new to it
+    /// to every other member, `1` or more applies them only (see `gossip::HOPS_TO_RELAY`).
     pub hops: u8,
+    /// Whether the sender waits for [`PeerMessage::Persisted`]: only when a writer waits for
+    /// replicas, so a plain broadcast costs one message per receiver, not two.
+    pub ack: bool,
     /// The changes, grouped by document.
     pub docs: Vec<DocChanges>,
 }
@@ -133,6 +138,19 @@ pub enum WireError {
 }
 
 impl PeerMessage {
+    /// The message's kind as a metric label: `changes`, `persisted`, `reconcile`,
+    /// `sync_request`, `doc_sync` or `membership`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PeerMessage::Changes(_) => "changes",
+            PeerMessage::Persisted { .. } => "persisted",
+            PeerMessage::Reconcile { .. } => "reconcile",
+            PeerMessage::SyncRequest { .. } => "sync_request",
+            PeerMessage::DocSync { .. } => "doc_sync",
+            PeerMessage::Membership(_) => "membership",
+        }
+    }
+
     /// Encodes the message as a whole frame, length prefix included.
     pub fn to_frame(&self) -> Result<Vec<u8>, WireError> {
         let payload = bincode::encode_to_vec(self, config())?;
@@ -221,6 +239,7 @@ mod tests {
             PeerMessage::Changes(ChangeBatch {
                 batch_id: 7,
                 hops: 1,
+                ack: true,
                 docs: vec![DocChanges {
                     doc: id("cart/1"),
                     changes: vec![vec![1, 2, 3], vec![]],
@@ -286,6 +305,30 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_says_whether_it_wants_an_acknowledgement() {
+        let batch = |ack| {
+            PeerMessage::Changes(ChangeBatch {
+                batch_id: 3,
+                hops: 0,
+                ack,
+                docs: Vec::new(),
+            })
+        };
+        for ack in [false, true] {
+            assert_eq!(round_trip(&batch(ack)), batch(ack));
+        }
+        // Body: version, variant, batch id (one varint byte), hops, ack, docs length.
+        let frame = batch(false).to_frame().expect("encodes");
+        let mut body = frame[4..].to_vec();
+        assert_eq!(body, [PROTOCOL_VERSION, 0, 3, 0, 0, 0]);
+        body[4] = 2;
+        assert!(matches!(
+            PeerMessage::from_body(&body),
+            Err(WireError::Decode(_))
+        ));
+    }
+
+    #[test]
     fn refuses_oversized_counts() {
         let digests = vec![[0u8; 32]; WIRE_DIGESTS_PER_MESSAGE_MAX + 1];
         let frame = PeerMessage::SyncRequest { digests }
@@ -305,7 +348,7 @@ mod tests {
 
         #[test]
         fn truncation_is_an_error(cut in 0usize..40) {
-            let m = PeerMessage::Changes(ChangeBatch { batch_id: 3, hops: 0, docs: vec![DocChanges { doc: id("doc/x"), changes: vec![vec![7; 30]] }] });
+            let m = PeerMessage::Changes(ChangeBatch { batch_id: 3, hops: 0, ack: false, docs: vec![DocChanges { doc: id("doc/x"), changes: vec![vec![7; 30]] }] });
             let frame = m.to_frame().expect("encodes");
             let body = &frame[4..];
             let cut = cut.min(body.len() - 1);

@@ -126,10 +126,13 @@ pub struct ReplicationFileConfig {
     pub batch_bytes_max: usize,
     /// Seconds between anti-entropy rounds with each peer (also run on every new connection).
     pub anti_entropy_interval_s: u64,
-    /// Up to this many peers, every change goes straight to every peer.
+    /// Up to this many peers, every change goes straight to every peer; in larger clusters
+    /// changes go through one relay node that forwards them to everyone else.
     pub full_fanout_max: usize,
-    /// In larger clusters, how many random peers each holder sends a batch to.
-    pub fanout: usize,
+    /// Milliseconds the relay merges the changes it forwards, so that one message to each
+    /// member carries the writes of many nodes (a larger cluster's messages per write fall as
+    /// this grows; its latency grows by up to this much).
+    pub relay_window_ms: u64,
 }
 
 impl Default for ReplicationFileConfig {
@@ -139,7 +142,7 @@ impl Default for ReplicationFileConfig {
             batch_bytes_max: 256 * 1024,
             anti_entropy_interval_s: 30,
             full_fanout_max: 16,
-            fanout: 4,
+            relay_window_ms: 40,
         }
     }
 }
@@ -430,14 +433,10 @@ impl Config {
             });
         }
         let replication = file.replication;
-        if replication.fanout == 0
-            || replication.anti_entropy_interval_s == 0
-            || replication.batch_bytes_max == 0
-        {
+        if replication.anti_entropy_interval_s == 0 || replication.batch_bytes_max == 0 {
             return Err(ConfigError::Invalid {
                 key: "replication",
-                message: "fanout, anti_entropy_interval_s and batch_bytes_max must be at least 1"
-                    .into(),
+                message: "anti_entropy_interval_s and batch_bytes_max must be at least 1".into(),
             });
         }
         Ok(Self {

@@ -638,18 +638,17 @@ impl Documents {
         Ok((reply, applied))
     }
 
-    /// Applies changes received from a peer's broadcast and makes them durable. Returns the
-    /// changes that were new here (empty when all were known: a duplicate delivery).
+    /// Applies changes received from a peer's broadcast and makes the new ones durable.
     pub async fn apply_remote(
         &self,
         id: &DocId,
         changes: &[Vec<u8>],
-    ) -> Result<Vec<Vec<u8>>, DocError> {
+    ) -> Result<RemoteApplied, DocError> {
         let incoming: usize = changes.iter().map(Vec::len).sum();
         let now = self.now_ms();
         let entry = self.entry(id);
         let queue_slot = self.reserve()?;
-        let pending = {
+        let (pending, incomplete) = {
             let mut guard = self.lock_for_change(&entry)?;
             let slot = guard.as_mut().expect("load fills the slot");
             check_growth(id, &slot.meta, incoming)?;
@@ -663,6 +662,8 @@ impl Documents {
                     )));
                 }
             }
+            // Automerge holds back, in memory only, a change whose dependencies it lacks.
+            let incomplete = !automerge::ReadDoc::get_missing_deps(&slot.doc, &[]).is_empty();
             let new: Vec<Vec<u8>> = slot
                 .doc
                 .get_changes(&before)
@@ -670,14 +671,17 @@ impl Documents {
                 .map(|c| c.raw_bytes().to_vec())
                 .collect();
             if new.is_empty() {
-                return Ok(new);
+                return Ok(RemoteApplied { new, incomplete });
             }
             let lifecycle = Lifecycle::of(&slot.doc);
-            self.enqueue_changes(&entry, slot, new, lifecycle, now, queue_slot)
+            (
+                self.enqueue_changes(&entry, slot, new, lifecycle, now, queue_slot),
+                incomplete,
+            )
         };
         let new = pending.changes.clone();
         self.finish(&entry, pending, Origin::Peer, None).await?;
-        Ok(new)
+        Ok(RemoteApplied { new, incomplete })
     }
 
     /// Lists live documents whose ids start with `prefix`, after `cursor`.
@@ -833,6 +837,17 @@ enum Origin {
     Client,
     /// A peer: replication already carries it.
     Peer,
+}
+
+/// What applying a peer's changes did.
+#[derive(Debug)]
+pub struct RemoteApplied {
+    /// The changes that were new here, now durable (empty for a duplicate delivery).
+    pub new: Vec<Vec<u8>>,
+    /// Some changes of the document wait, in memory only, for changes this node lacks (they
+    /// were sent before but are still on their way, e.g. through the relay): the batch is not
+    /// durable here yet.
+    pub incomplete: bool,
 }
 
 /// Changes committed here, handed to replication for broadcast.

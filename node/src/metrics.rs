@@ -58,7 +58,8 @@ pub struct Metrics {
     pub watchers: Gauge,
     /// Watch events dropped because a watcher was too slow.
     pub watch_lagged: Counter,
-    /// Local changes not broadcast because the replication queue was full.
+    /// Changes not broadcast because a replication queue (local changes, or batches waiting
+    /// for the relay's window) was full.
     pub broadcast_dropped: Counter,
     /// Broadcast batches sent to peers.
     pub gossip_batches_sent: Counter,
@@ -66,6 +67,9 @@ pub struct Metrics {
     pub gossip_batches_received: Counter,
     /// Changes received from peers that were new here.
     pub gossip_changes_applied: Counter,
+    /// Frames written to peers, by message kind: the cost of replication in messages
+    /// (`changes` over `writes` is the broadcast's messages per write).
+    pub peer_messages_sent: Family<KindLabels, Counter>,
     /// Frames or connections from peers refused (bad TLS, malformed frames), by kind.
     pub peer_refused: Family<KindLabels, Counter>,
     /// Anti-entropy sessions run, by outcome.
@@ -119,6 +123,7 @@ impl Metrics {
             gossip_batches_sent: Counter::default(),
             gossip_batches_received: Counter::default(),
             gossip_changes_applied: Counter::default(),
+            peer_messages_sent: Family::default(),
             peer_refused: Family::default(),
             anti_entropy_sessions: Family::default(),
             anti_entropy_docs: Counter::default(),
@@ -222,7 +227,7 @@ impl Metrics {
         );
         registry.register(
             "broadcast_dropped",
-            "Local changes not broadcast because the replication queue was full",
+            "Changes not broadcast because a replication queue was full",
             m.broadcast_dropped.clone(),
         );
         registry.register(
@@ -239,6 +244,11 @@ impl Metrics {
             "gossip_changes_applied",
             "Changes from peers that were new here",
             m.gossip_changes_applied.clone(),
+        );
+        registry.register(
+            "peer_messages_sent",
+            "Frames written to peers, by message kind",
+            m.peer_messages_sent.clone(),
         );
         registry.register(
             "peer_refused",
@@ -297,6 +307,13 @@ impl Metrics {
     /// Counts a refused peer connection or frame.
     pub fn peer_refused(&self, kind: &'static str) {
         self.peer_refused.get_or_create(&vec![("kind", kind)]).inc();
+    }
+
+    /// Counts a frame written to a peer, by message kind.
+    pub fn peer_message_sent(&self, kind: &'static str) {
+        self.peer_messages_sent
+            .get_or_create(&vec![("kind", kind)])
+            .inc();
     }
 
     /// Counts an anti-entropy session by outcome.
@@ -359,10 +376,16 @@ mod tests {
         let m = Metrics::new();
         m.writes.inc();
         m.decode_error("json");
+        m.peer_message_sent("changes");
+        m.peer_message_sent("changes");
         let text = m.render();
         assert!(text.contains("verge_writes_total 1"), "{text}");
         assert!(
             text.contains("verge_decode_errors_total{kind=\"json\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("verge_peer_messages_sent_total{kind=\"changes\"} 2"),
             "{text}"
         );
         assert!(text.contains("# EOF"));

@@ -24,7 +24,7 @@ use crate::replication::{Replication, ReplicationConfig, Transport};
 use crate::store::writer::{self, WriterMode};
 use crate::store::{Store, StoreError, StoreOptions};
 use crate::tls;
-use verge_core::gossip::FanoutPolicy;
+use verge_core::gossip::BroadcastPolicy;
 
 /// File in the data directory holding the API's bound address while the node runs.
 pub const API_ADDR_FILE: &str = "api.addr";
@@ -218,9 +218,9 @@ where
             batch_window: Duration::from_millis(config.replication.batch_window_ms),
             batch_bytes_max: config.replication.batch_bytes_max,
             anti_entropy_interval: Duration::from_secs(config.replication.anti_entropy_interval_s),
-            fanout: FanoutPolicy {
+            relay_window: Duration::from_millis(config.replication.relay_window_ms),
+            policy: BroadcastPolicy {
                 full_fanout_max: config.replication.full_fanout_max,
-                fanout: config.replication.fanout,
             },
         },
         node_id.clone(),

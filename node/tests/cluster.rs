@@ -33,11 +33,13 @@ const REFUSED_HANDSHAKE: &str = "verge_peer_refused_total{kind=\"handshake\"}";
 // Cluster helpers
 // ---------------------------------------------------------------------------------------------
 
-/// One node to start: its name (also its certificate's), gossip port and seed ports.
+/// One node to start: its name (also its certificate's), gossip port, seed ports and any
+/// further `verge node` arguments.
 struct Spec {
     name: String,
     gossip_port: u16,
     seeds: Vec<u16>,
+    extra: Vec<String>,
 }
 
 fn gossip_addr(port: u16) -> SocketAddr {
@@ -54,6 +56,7 @@ fn node_args(certs: &Path, spec: &Spec) -> Vec<String> {
         args.extend(["--peer".to_string(), gossip_addr(*seed).to_string()]);
     }
     args.extend(tls_args(certs, &spec.name));
+    args.extend(spec.extra.iter().cloned());
     args
 }
 
@@ -73,12 +76,25 @@ struct Cluster {
     certs: TempDir,
     nodes: Vec<Node>,
     ports: Vec<u16>,
+    /// Arguments every node gets besides its own.
+    extra: Vec<String>,
 }
 
 impl Cluster {
     /// `n` nodes named `{prefix}-1..=n`; node `i` is seeded with the nodes `seeds_of(i)`.
     /// Certificates for `extra` more names are made for nodes started later.
     fn start(prefix: &str, n: usize, extra: usize, seeds_of: impl Fn(usize) -> Vec<usize>) -> Self {
+        Self::start_configured(prefix, n, extra, seeds_of, None)
+    }
+
+    /// Like [`Cluster::start`], every node reading `config` (TOML) as its config file.
+    fn start_configured(
+        prefix: &str,
+        n: usize,
+        extra: usize,
+        seeds_of: impl Fn(usize) -> Vec<usize>,
+        config: Option<&str>,
+    ) -> Self {
         let certs = tempfile::Builder::new()
             .prefix("verge-certs-")
             .tempdir()
@@ -87,11 +103,20 @@ impl Cluster {
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         make_certs(certs.path(), &refs);
         let ports: Vec<u16> = (0..n + extra).map(|_| free_udp_port()).collect();
+        let extra_args = match config {
+            Some(text) => {
+                let path = certs.path().join("verge.toml");
+                std::fs::write(&path, text).unwrap();
+                vec!["--config".to_string(), path.display().to_string()]
+            }
+            None => Vec::new(),
+        };
         let specs: Vec<Spec> = (0..n)
             .map(|i| Spec {
                 name: names[i].clone(),
                 gossip_port: ports[i],
                 seeds: seeds_of(i).into_iter().map(|j| ports[j]).collect(),
+                extra: extra_args.clone(),
             })
             .collect();
         let nodes = start_nodes(certs.path(), &specs);
@@ -99,6 +124,7 @@ impl Cluster {
             certs,
             nodes,
             ports,
+            extra: extra_args,
         }
     }
 
@@ -108,6 +134,7 @@ impl Cluster {
             name: format!("{prefix}-{}", i + 1),
             gossip_port: self.ports[i],
             seeds: seeds.iter().map(|j| self.ports[*j]).collect(),
+            extra: self.extra.clone(),
         };
         Node::start_with(&spec.name, node_args(self.certs.path(), &spec))
     }
@@ -602,6 +629,7 @@ fn node_with_certificate_from_another_ca_is_refused() {
                 name: "ca1-2".into(),
                 gossip_port: foreign_port,
                 seeds: c.ports.clone(),
+                extra: Vec::new(),
             },
         ),
     );
@@ -782,6 +810,150 @@ fn five_nodes_through_one_seed_then_a_sixth_joins_and_gets_everything() {
     eprintln!(
         "five nodes: membership complete after {joined:?}; writes at each node visible at all five {spread:?}; \
          five-6 started and held 205 documents after {took:?} ({bootstrapped:?} after it was ready)"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Relay
+// ---------------------------------------------------------------------------------------------
+
+/// Changes messages a node has written to peers.
+const CHANGES_SENT: &str = "verge_peer_messages_sent_total{kind=\"changes\"}";
+/// Acknowledgements a node has written to peers.
+const PERSISTED_SENT: &str = "verge_peer_messages_sent_total{kind=\"persisted\"}";
+
+/// With `full_fanout_max = 1`, four nodes broadcast through the relay: a write at another node
+/// costs it one message (to the relay), reaches every node, and nobody acknowledges unless a
+/// writer waits for replicas; `?replicas=3` still gets every peer's acknowledgement.
+#[test]
+fn four_nodes_above_full_fanout_broadcast_through_the_relay() {
+    let c = Cluster::start_configured(
+        "relay",
+        4,
+        0,
+        all_others(4),
+        Some("[replication]\nfull_fanout_max = 1\n"),
+    );
+    c.wait_connected();
+    let addrs: Vec<SocketAddr> = c.ports.iter().map(|p| gossip_addr(*p)).collect();
+    let hub = verge_core::gossip::relay(addrs[0], &addrs[1..]);
+    let hub_i = addrs.iter().position(|a| *a == hub).unwrap();
+    let writer_i = (hub_i + 1) % addrs.len();
+    let (writer, relay) = (&c.nodes[writer_i], &c.nodes[hub_i]);
+
+    // Until SWIM has shown the writer every member alive it may pick another relay (or fall
+    // back to all peers): wait until a write costs it exactly one message.
+    let mut warm = 0;
+    wait_for(
+        MEMBERSHIP_DEADLINE,
+        "a write at a non-relay node to cost one message",
+        || {
+            warm += 1;
+            let before = writer.metric(CHANGES_SENT);
+            let id = format!("relay/warm-{warm}");
+            let heads = write_heads(&writer.put_doc(&id, &json!({ "warm": warm })), &id);
+            for node in &c.nodes {
+                wait_doc_heads(node, &id, &heads);
+            }
+            match writer.metric(CHANGES_SENT) - before {
+                1.0 => Ok(()),
+                n => Err(format!("{n} messages")),
+            }
+        },
+    );
+
+    let received = |n: &Node| n.metric("verge_gossip_batches_received_total");
+    let sent_before = writer.metric(CHANGES_SENT);
+    let relayed_before = relay.metric(CHANGES_SENT);
+    let received_before: Vec<f64> = c.nodes.iter().map(received).collect();
+    let mut written = Vec::new();
+    for i in 0..10 {
+        let id = format!("relay/doc-{i}");
+        let heads = write_heads(&writer.put_doc(&id, &json!({ "i": i })), &id);
+        written.push((id, heads));
+    }
+    let start = Instant::now();
+    for (id, heads) in &written {
+        for node in &c.nodes {
+            wait_doc_heads(node, id, heads);
+        }
+    }
+    let spread = start.elapsed();
+    // Everything the writer sent went to the relay, at most one message per write (writes
+    // closer than the batch window share one); the others got only the relay's messages. A
+    // sender counts a message once its stream took it, so the counters may trail the reads.
+    let (relayed, _) = wait_for(
+        Duration::from_secs(5),
+        "the writer's messages to reach only the relay",
+        || {
+            let sent = writer.metric(CHANGES_SENT) - sent_before;
+            let relayed = relay.metric(CHANGES_SENT) - relayed_before;
+            let got: Vec<f64> = c
+                .nodes
+                .iter()
+                .zip(&received_before)
+                .map(|(n, before)| received(n) - before)
+                .collect();
+            let others: f64 = (0..c.nodes.len())
+                .filter(|i| *i != hub_i && *i != writer_i)
+                .map(|i| got[i])
+                .sum();
+            let star = (1.0..=10.0).contains(&sent)
+                && got[hub_i] == sent
+                && got[writer_i] == 0.0
+                && others == relayed
+                && relayed <= 20.0;
+            if star {
+                Ok(relayed)
+            } else {
+                Err(format!(
+                    "writer sent {sent}, relay sent {relayed}, received per node {got:?} (relay {hub_i}, writer {writer_i})"
+                ))
+            }
+        },
+    );
+    // A write at the relay reaches everyone too.
+    let heads = write_heads(
+        &relay.put_doc("relay/at-hub", &json!({"hub": true})),
+        "PUT at the relay",
+    );
+    for node in &c.nodes {
+        wait_doc_heads(node, "relay/at-hub", &heads);
+    }
+    for node in &c.nodes {
+        assert_eq!(
+            node.metric(PERSISTED_SENT),
+            0.0,
+            "{} acknowledged a batch nobody waited for",
+            node.node_id
+        );
+    }
+
+    // A writer waiting for three replicas gets them, straight from every peer.
+    let w = writer.req("PUT", "/v1/docs/relay/durable?replicas=3", br#"{"d":1}"#);
+    let heads = write_heads(&w, "PUT ?replicas=3 in relay mode");
+    for node in &c.nodes {
+        assert_eq!(
+            read_doc(node, "relay/durable"),
+            Some((json!({"d": 1}), heads.clone())),
+            "at {} right after the replicas=3 acknowledgement",
+            node.node_id
+        );
+    }
+    wait_for(
+        Duration::from_secs(5),
+        "one acknowledgement per peer",
+        || {
+            let persisted: f64 = c.nodes.iter().map(|n| n.metric(PERSISTED_SENT)).sum();
+            if persisted == 3.0 {
+                Ok(())
+            } else {
+                Err(format!("{persisted} acknowledgements"))
+            }
+        },
+    );
+    eprintln!(
+        "relay: 10 writes at a non-relay node visible at all four {spread:?}; the relay sent {relayed} messages for them"
     );
 }
 

@@ -40,6 +40,9 @@ pub struct ReplicationBenchArgs {
 
 type Pending = Mutex<HashMap<String, Instant>>;
 
+/// Every frame a node wrote to a peer, one series per message kind.
+const PEER_MESSAGES: &str = "verge_peer_messages_sent_total{";
+
 fn key(heads: &serde_json::Value) -> Option<String> {
     let heads = heads.as_array()?;
     let mut v: Vec<&str> = heads.iter().filter_map(|h| h.as_str()).collect();
@@ -47,6 +50,8 @@ fn key(heads: &serde_json::Value) -> Option<String> {
     Some(v.join(","))
 }
 
+/// The sum over every node of the series whose name starts with `name` (every label set of a
+/// family when `name` ends with `{`).
 async fn metric_sum(urls: &[String], name: &str) -> anyhow::Result<f64> {
     let mut total = 0.0;
     for url in urls {
@@ -58,11 +63,16 @@ async fn metric_sum(urls: &[String], name: &str) -> anyhow::Result<f64> {
         let text = String::from_utf8_lossy(&resp.body);
         total += text
             .lines()
-            .find_map(|l| {
-                l.strip_prefix(name)
-                    .and_then(|rest| rest.trim().parse::<f64>().ok())
+            .filter_map(|l| {
+                let rest = l.strip_prefix(name)?;
+                let value = if name.ends_with('{') {
+                    rest.split_once("} ")?.1
+                } else {
+                    rest
+                };
+                value.trim().parse::<f64>().ok()
             })
-            .unwrap_or(0.0);
+            .sum::<f64>();
     }
     Ok(total)
 }
@@ -83,6 +93,7 @@ pub async fn bench_replication(args: ReplicationBenchArgs) -> anyhow::Result<()>
         None,
     );
     let batches_before = metric_sum(&args.metrics_urls, "verge_gossip_batches_sent_total").await?;
+    let messages_before = metric_sum(&args.metrics_urls, PEER_MESSAGES).await?;
 
     let acked: Arc<Pending> = Arc::default();
     let arrived: Arc<Pending> = Arc::default();
@@ -198,6 +209,7 @@ pub async fn bench_replication(args: ReplicationBenchArgs) -> anyhow::Result<()>
     watch_task.abort();
     let missing = acked.lock().map(|m| m.len()).unwrap_or(0);
     let batches_after = metric_sum(&args.metrics_urls, "verge_gossip_batches_sent_total").await?;
+    let messages_after = metric_sum(&args.metrics_urls, PEER_MESSAGES).await?;
     let h = latencies
         .lock()
         .map_err(|_| anyhow::anyhow!("latency histogram poisoned"))?
@@ -205,11 +217,15 @@ pub async fn bench_replication(args: ReplicationBenchArgs) -> anyhow::Result<()>
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     let errors = errors.load(std::sync::atomic::Ordering::Relaxed);
     let seen = h.len();
-    let per_write = if args.metrics_urls.is_empty() || seen == 0 {
-        "n/a".to_owned()
-    } else {
-        format!("{:.2}", (batches_after - batches_before) / total as f64)
+    let per_write = |before: f64, after: f64| {
+        if args.metrics_urls.is_empty() || seen == 0 {
+            "n/a".to_owned()
+        } else {
+            format!("{:.2}", (after - before) / total as f64)
+        }
     };
+    let all_per_write = per_write(messages_before, messages_after);
+    let per_write = per_write(batches_before, batches_after);
     println!(
         "  writes      {total} ({errors} failed, {missing} not seen at the watched node within 5 s)"
     );
@@ -222,7 +238,10 @@ pub async fn bench_replication(args: ReplicationBenchArgs) -> anyhow::Result<()>
     );
     println!("  gossip messages per write {per_write}");
     println!(
-        "writes={total} errors={errors} missing={missing} p50_ms={:.3} p99_ms={:.3} max_ms={:.3} messages_per_write={per_write}",
+        "  peer messages per write (all kinds: broadcast, acknowledgements, anti-entropy, membership) {all_per_write}"
+    );
+    println!(
+        "writes={total} errors={errors} missing={missing} p50_ms={:.3} p99_ms={:.3} max_ms={:.3} messages_per_write={per_write} all_messages_per_write={all_per_write}",
         ms(0.5),
         ms(0.99),
         h.max() as f64 / 1000.0

@@ -2,15 +2,17 @@
 //! a broadcast missed.
 //!
 //! - **Broadcast.** Changes made through this node's API are batched for a short window and
-//!   sent to peers (all of them in a small cluster, a random few that forward onward in a large
-//!   one), each batch on its own QUIC stream; the receiver applies, persists and acknowledges.
+//!   sent to peers, each batch on its own QUIC stream: to all of them in a small cluster; in a
+//!   large one to a relay that every node picks alike and that forwards them, merged over its
+//!   own window, to everyone else. The receiver applies and persists; it acknowledges only
+//!   when a writer waits for replicas (`?replicas=N`), and those batches go to every peer.
 //! - **Anti-entropy.** On every new connection and periodically, a node reconciles its
 //!   document digests with a peer's (negentropy) and runs an Automerge sync session on its own
 //!   stream for each document that differs. A node that was down or new catches up this way.
 //! - **Members.** Seed peers come from configuration; SWIM (foca) detects failures and spreads
 //!   membership, so a node that joins through one seed becomes known to all.
 //!
-//! The decisions (fan-out, batching, reconciliation) live in `verge_core`; this module drives
+//! The decisions (routing, batching, reconciliation) live in `verge_core`; this module drives
 //! them with sockets, tasks and the clock.
 
 mod session;
@@ -23,13 +25,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use quinn::Connection;
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use verge_core::anti_entropy::PeerSchedule;
-use verge_core::gossip::{Batcher, FanoutPolicy};
+use verge_core::gossip::{
+    Batcher, BroadcastPolicy, HOPS_FINAL, HOPS_TO_RELAY, RelayBatcher, Route, forwards,
+};
 use verge_core::limits::WIRE_MEMBERS_MAX;
 use verge_core::membership::{self, MemberId, Membership, Output as MembershipOutput};
 use verge_core::wire::{ChangeBatch, DocChanges, PeerMessage};
@@ -41,8 +43,17 @@ pub use transport::{Transport, TransportError};
 
 /// Local changes waiting to be batched; when full, changes are left to anti-entropy.
 pub const FEED_CAPACITY: usize = 16_384;
-/// How long a broadcast waits for a peer's acknowledgement.
+/// How long a broadcast waits for a peer's acknowledgement, and a send without one for the
+/// stream to take its frame.
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a batch sent to the relay may go unconfirmed by QUIC (the relay's transport
+/// acknowledging the whole stream, about one round trip) before the origin sends it to every
+/// peer itself: a relay that died keeps its cached connection until the idle timeout, and its
+/// batches would otherwise wait for anti-entropy.
+const RELAY_DELIVERY_TIMEOUT: Duration = Duration::from_secs(1);
+/// Received batches waiting to be merged into the relay's window; when full, the changes are
+/// left to anti-entropy (counted in `verge_broadcast_dropped_total`).
+const RELAY_QUEUE: usize = 1024;
 /// How often peers are dialled, members exchanged and liveness checked.
 const TICK: Duration = Duration::from_millis(500);
 /// Most anti-entropy document sessions run at once per peer.
@@ -55,12 +66,14 @@ pub struct ReplicationConfig {
     pub peers: Vec<SocketAddr>,
     /// How long changes wait to be batched.
     pub batch_window: Duration,
-    /// A batch is sent at once when it holds this many bytes.
+    /// A batch (also a relay's) is sent at once when it holds this many bytes.
     pub batch_bytes_max: usize,
     /// Time between anti-entropy rounds with each peer.
     pub anti_entropy_interval: Duration,
+    /// How long a relay merges the changes it forwards.
+    pub relay_window: Duration,
     /// Who gets a batch.
-    pub fanout: FanoutPolicy,
+    pub policy: BroadcastPolicy,
 }
 
 /// What `GET /v1/status` shows of a peer.
@@ -72,7 +85,8 @@ pub struct MemberStatus {
     pub state: &'static str,
     /// Smoothed round-trip time.
     pub rtt_ms: Option<f64>,
-    /// Broadcast batches sent to the peer and not yet acknowledged.
+    /// Broadcast batches sent to the peer and not yet acknowledged (only batches of writes
+    /// waiting for replicas ask for an acknowledgement).
     pub lag_batches: usize,
     /// When anti-entropy last started with the peer, ms since the epoch.
     pub last_sync_ms: Option<i64>,
@@ -106,6 +120,14 @@ enum MembershipInput {
 /// Membership packets and timers waiting for the membership task.
 const MEMBERSHIP_QUEUE: usize = 4096;
 
+/// Changes a peer sent to this node as its relay, new here, to forward to everyone else.
+#[derive(Debug)]
+struct Relayed {
+    /// The origin, which does not get them back.
+    from: SocketAddr,
+    docs: Vec<DocChanges>,
+}
+
 /// The replication side of a node.
 #[derive(Debug)]
 pub struct Replication {
@@ -117,8 +139,9 @@ pub struct Replication {
     clock: Arc<dyn Clock>,
     members: Mutex<BTreeMap<SocketAddr, Member>>,
     next_batch_id: AtomicU64,
-    rng: Mutex<StdRng>,
     membership_tx: mpsc::Sender<MembershipInput>,
+    /// To the broadcast task, which owns the relay's window.
+    relay_tx: mpsc::Sender<Relayed>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -140,6 +163,7 @@ impl Replication {
         stop: watch::Receiver<bool>,
     ) -> Result<(Arc<Self>, Vec<JoinHandle<()>>), TransportError> {
         let (membership_tx, membership_rx) = mpsc::channel(MEMBERSHIP_QUEUE);
+        let (relay_tx, relay_rx) = mpsc::channel(RELAY_QUEUE);
         let local_addr = transport.local_addr()?;
         let members = config
             .peers
@@ -164,8 +188,8 @@ impl Replication {
             clock,
             members: Mutex::new(members),
             next_batch_id: AtomicU64::new(seed),
-            rng: Mutex::new(StdRng::seed_from_u64(seed)),
             membership_tx: membership_tx.clone(),
+            relay_tx,
         });
         let me = MemberId {
             addr: local_addr,
@@ -189,7 +213,7 @@ impl Replication {
         docs.set_feed(feed_tx);
         let tasks = vec![
             tokio::spawn(Arc::clone(&repl).accept_loop(stop.clone())),
-            tokio::spawn(Arc::clone(&repl).broadcast_loop(feed_rx, stop.clone())),
+            tokio::spawn(Arc::clone(&repl).broadcast_loop(feed_rx, relay_rx, stop.clone())),
             tokio::spawn(Arc::clone(&repl).tick_loop(stop.clone())),
             tokio::spawn(Arc::clone(&repl).membership_loop(membership, membership_rx, stop)),
         ];
@@ -229,6 +253,16 @@ impl Replication {
 
     fn peer_addrs(&self) -> Vec<SocketAddr> {
         lock(&self.members).keys().copied().collect()
+    }
+
+    /// The members SWIM last declared alive, the view the relay is chosen from: every node's
+    /// converges to the same, so they agree on the relay.
+    fn alive_peers(&self) -> Vec<SocketAddr> {
+        lock(&self.members)
+            .iter()
+            .filter(|(_, m)| m.alive == Some(true))
+            .map(|(addr, _)| *addr)
+            .collect()
     }
 
     fn learn(&self, addr: SocketAddr) {
@@ -302,7 +336,7 @@ impl Replication {
                 session::respond_reconcile(&self, conn.clone(), send, recv, message).await
             }
             PeerMessage::DocSync { doc, message } => {
-                session::respond_doc_sync(&self.docs, send, recv, doc, message).await
+                session::respond_doc_sync(&self.docs, &self.metrics, send, recv, doc, message).await
             }
             PeerMessage::Membership(data) => {
                 if self
@@ -325,8 +359,10 @@ impl Replication {
         }
     }
 
+    /// Applies a batch; answers `Persisted` when asked to, and forwards the changes new here
+    /// when the sender made this node its relay.
     async fn receive_batch(
-        &self,
+        self: &Arc<Self>,
         conn: &Connection,
         mut send: quinn::SendStream,
         batch: ChangeBatch,
@@ -341,123 +377,216 @@ impl Replication {
         )
         .await;
         let mut fresh = Vec::new();
+        let mut incomplete = Vec::new();
+        let mut durable = true;
         for (DocChanges { doc, .. }, result) in batch.docs.into_iter().zip(results) {
             match result {
-                Ok(new) if !new.is_empty() => {
-                    self.metrics.gossip_changes_applied.inc_by(new.len() as u64);
-                    fresh.push(DocChanges { doc, changes: new });
+                Ok(applied) => {
+                    if applied.incomplete {
+                        incomplete.push(doc.clone());
+                    }
+                    if !applied.new.is_empty() {
+                        self.metrics
+                            .gossip_changes_applied
+                            .inc_by(applied.new.len() as u64);
+                        fresh.push(DocChanges {
+                            doc,
+                            changes: applied.new,
+                        });
+                    }
                 }
-                Ok(_) => {}
                 Err(e) => {
                     // Not acknowledged: the sender counts no replica, anti-entropy retries.
                     tracing::warn!(doc = %doc, error = %e, "a broadcast change was not applied");
-                    transport::finish(send);
-                    return Ok(());
+                    durable = false;
                 }
             }
         }
-        transport::write_frame(
-            &mut send,
-            &PeerMessage::Persisted {
-                batch_id: batch.batch_id,
-            },
-        )
-        .await?;
-        transport::finish(send);
-        if !fresh.is_empty() {
-            let from = conn.remote_address();
-            let peers = self.peer_addrs();
-            let targets = {
-                let mut rng = lock(&self.rng);
-                self.config.fanout.targets(
-                    &peers,
-                    Some(&from),
-                    batch.hops.saturating_add(1),
-                    &mut |n| rng.random_range(0..n),
-                )
+        if forwards(batch.hops) && !fresh.is_empty() {
+            let relayed = Relayed {
+                from: conn.remote_address(),
+                docs: fresh,
             };
-            if !targets.is_empty() {
-                self.send_batch(targets, fresh, batch.hops.saturating_add(1), Vec::new());
+            if self.relay_tx.try_send(relayed).is_err() {
+                self.metrics.broadcast_dropped.inc();
             }
         }
+        if batch.ack && durable {
+            // A change that depends on one this node lacks (sent earlier through the relay and
+            // still on its way) waits in memory, not durable: the writer counts this node as a
+            // replica only after a sync with the sender brought what is missing.
+            for doc in incomplete {
+                let synced =
+                    session::initiate_doc_sync(&self.docs, &self.metrics, conn, &doc).await;
+                if let Err(e) = synced {
+                    tracing::debug!(doc = %doc, error = %e, "completing a broadcast failed");
+                    durable = false;
+                    break;
+                }
+            }
+            if durable {
+                let persisted = PeerMessage::Persisted {
+                    batch_id: batch.batch_id,
+                };
+                transport::write_frame(&mut send, &persisted, &self.metrics).await?;
+            }
+        }
+        transport::finish(send);
         Ok(())
     }
 
+    /// Batches local changes and sends them where the broadcast policy says; as the relay,
+    /// also merges and forwards the changes peers sent it.
     async fn broadcast_loop(
         self: Arc<Self>,
         mut feed: mpsc::Receiver<LocalChange>,
+        mut relayed: mpsc::Receiver<Relayed>,
         mut stop: watch::Receiver<bool>,
     ) {
-        let window_ms = i64::try_from(self.config.batch_window.as_millis()).unwrap_or(i64::MAX);
-        let mut batcher = Batcher::new(window_ms, self.config.batch_bytes_max);
+        let window_ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        let bytes_max = self.config.batch_bytes_max;
+        let mut local = Batcher::new(window_ms(self.config.batch_window), bytes_max);
+        let mut relay = RelayBatcher::new(window_ms(self.config.relay_window), bytes_max);
         let mut waiters: Vec<Arc<ReplicaWaiter>> = Vec::new();
+        enum Input {
+            Local(LocalChange),
+            Relayed(Relayed),
+            Due,
+        }
         loop {
-            let due_in = batcher.poll_timeout().map(|t| {
-                Duration::from_millis(u64::try_from(t - self.clock.now_ms()).unwrap_or(0))
-            });
-            let received = tokio::select! {
+            let due_at = [local.poll_timeout(), relay.poll_timeout()]
+                .into_iter()
+                .flatten()
+                .min();
+            let now = self.clock.now_ms();
+            let due_in = due_at.map(|t| Duration::from_millis(u64::try_from(t - now).unwrap_or(0)));
+            let input = tokio::select! {
                 biased;
-                change = feed.recv() => change,
-                _ = tokio::time::sleep(due_in.unwrap_or(Duration::from_secs(3600))), if due_in.is_some() => None,
+                change = feed.recv() => match change {
+                    Some(change) => Input::Local(change),
+                    None => return, // The feed closed: the node is stopping.
+                },
+                batch = relayed.recv() => match batch {
+                    Some(batch) => Input::Relayed(batch),
+                    None => return,
+                },
+                _ = tokio::time::sleep(due_in.unwrap_or(Duration::from_secs(3600))), if due_in.is_some() => Input::Due,
                 _ = stop.wait_for(|s| *s) => return,
             };
             let now = self.clock.now_ms();
-            let mut full = false;
-            match received {
-                Some(change) => {
+            match input {
+                Input::Local(change) => {
+                    if !local.fits(&change.changes) {
+                        let docs = local.take();
+                        self.route_local(now, docs, std::mem::take(&mut waiters), &mut relay);
+                    }
                     waiters.extend(change.waiter);
-                    full = batcher.push(now, change.doc, change.changes);
+                    local.push(now, change.doc, change.changes);
                 }
-                None if due_in.is_none() => return, // The feed closed: the node is stopping.
-                None => {}
+                Input::Relayed(Relayed { from, docs }) => {
+                    if !relay.fits(&docs) {
+                        self.forward(relay.take(&self.peer_addrs()));
+                    }
+                    relay.push(now, from, docs);
+                }
+                Input::Due => {}
             }
-            if full || batcher.due(now) {
-                let docs = batcher.take();
-                let peers = self.peer_addrs();
-                let targets = {
-                    let mut rng = lock(&self.rng);
-                    self.config
-                        .fanout
-                        .targets(&peers, None, 0, &mut |n| rng.random_range(0..n))
-                };
-                self.send_batch(targets, docs, 0, std::mem::take(&mut waiters));
+            if local.due(now) {
+                let docs = local.take();
+                self.route_local(now, docs, std::mem::take(&mut waiters), &mut relay);
+            }
+            if relay.due(now) {
+                self.forward(relay.take(&self.peer_addrs()));
             }
         }
     }
 
-    /// Sends a batch to each target on its own stream and counts acknowledgements.
-    fn send_batch(
+    /// Sends a batch of this node's own changes where the policy routes it.
+    fn route_local(
+        self: &Arc<Self>,
+        now_ms: i64,
+        docs: Vec<DocChanges>,
+        waiters: Vec<Arc<ReplicaWaiter>>,
+        relay: &mut RelayBatcher,
+    ) {
+        if docs.is_empty() {
+            return;
+        }
+        let peers = self.peer_addrs();
+        let route = self.config.policy.route(
+            self.local_addr,
+            &peers,
+            &self.alive_peers(),
+            !waiters.is_empty(),
+            |addr| self.transport.cached(addr).is_some(),
+        );
+        match route {
+            Route::Direct(targets) => self.send_direct(targets, docs, waiters),
+            Route::ToRelay(hub) => self.send_to_relay(hub, docs),
+            Route::OwnRelay => {
+                if !relay.fits(&docs) {
+                    self.forward(relay.take(&peers));
+                }
+                relay.push(now_ms, self.local_addr, docs);
+            }
+        }
+    }
+
+    /// Sends what the relay's window gathered, one message per member.
+    fn forward(self: &Arc<Self>, batches: Vec<(SocketAddr, Vec<DocChanges>)>) {
+        for (peer, docs) in batches {
+            self.send_direct(vec![peer], docs, Vec::new());
+        }
+    }
+
+    fn change_batch(&self, docs: Vec<DocChanges>, hops: u8, ack: bool) -> (u64, PeerMessage) {
+        let batch_id = self.next_batch_id.fetch_add(1, Ordering::Relaxed);
+        let batch = ChangeBatch {
+            batch_id,
+            hops,
+            ack,
+            docs,
+        };
+        (batch_id, PeerMessage::Changes(batch))
+    }
+
+    /// Sends a batch to each target on its own stream, for it to apply and not forward. With
+    /// waiters, asks for acknowledgements and counts them for the waiters.
+    fn send_direct(
         &self,
         targets: Vec<SocketAddr>,
         docs: Vec<DocChanges>,
-        hops: u8,
         waiters: Vec<Arc<ReplicaWaiter>>,
     ) {
         if targets.is_empty() || docs.is_empty() {
             return;
         }
-        let batch_id = self.next_batch_id.fetch_add(1, Ordering::Relaxed);
-        let message = Arc::new(PeerMessage::Changes(ChangeBatch {
-            batch_id,
-            hops,
-            docs,
-        }));
+        let ack = !waiters.is_empty();
+        let (batch_id, message) = self.change_batch(docs, HOPS_FINAL, ack);
+        let message = Arc::new(message);
         let waiters = Arc::new(waiters);
         for addr in targets {
+            // Down: anti-entropy catches it up when it returns.
+            let Some(conn) = self.transport.cached(addr) else {
+                continue;
+            };
+            let message = Arc::clone(&message);
+            let metrics = Arc::clone(&self.metrics);
+            self.metrics.gossip_batches_sent.inc();
+            if !ack {
+                tokio::spawn(async move {
+                    let _ = deliver(&conn, &message, &metrics, false).await;
+                });
+                continue;
+            }
             let in_flight = lock(&self.members)
                 .get(&addr)
                 .map(|m| Arc::clone(&m.in_flight));
             let Some(in_flight) = in_flight else { continue };
-            let conn = self.transport.cached(addr);
-            let message = Arc::clone(&message);
             let waiters = Arc::clone(&waiters);
-            self.metrics.gossip_batches_sent.inc();
             in_flight.fetch_add(1, Ordering::AcqRel);
             tokio::spawn(async move {
-                let acked = match conn {
-                    Some(conn) => send_and_await_ack(&conn, &message, batch_id).await,
-                    None => false, // Down: anti-entropy catches it up when it returns.
-                };
+                let acked = send_and_await_ack(&conn, &message, batch_id, &metrics).await;
                 in_flight.fetch_sub(1, Ordering::AcqRel);
                 if acked {
                     for w in waiters.iter() {
@@ -466,6 +595,32 @@ impl Replication {
                 }
             });
         }
+    }
+
+    /// Sends a batch to the relay, which forwards it. When the relay's connection is gone, or
+    /// QUIC does not confirm the stream in time, sends it to every other peer instead.
+    fn send_to_relay(self: &Arc<Self>, hub: SocketAddr, docs: Vec<DocChanges>) {
+        let Some(conn) = self.transport.cached(hub) else {
+            self.send_direct(self.peer_addrs(), docs, Vec::new());
+            return;
+        };
+        let (_, message) = self.change_batch(docs, HOPS_TO_RELAY, false);
+        self.metrics.gossip_batches_sent.inc();
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            if deliver(&conn, &message, &this.metrics, true).await {
+                return;
+            }
+            tracing::debug!(relay = %hub, "the relay did not take a batch; sending it to every peer");
+            if let PeerMessage::Changes(batch) = message {
+                let others = this
+                    .peer_addrs()
+                    .into_iter()
+                    .filter(|a| *a != hub)
+                    .collect();
+                this.send_direct(others, batch.docs, Vec::new());
+            }
+        });
     }
 
     /// Dials peers, starts anti-entropy on new connections and periodically, and tells peers
@@ -589,9 +744,9 @@ impl Replication {
                             return;
                         };
                         if let Ok((mut send, _recv)) = conn.open_bi().await {
+                            let message = PeerMessage::Membership(data);
                             let _ =
-                                transport::write_frame(&mut send, &PeerMessage::Membership(data))
-                                    .await;
+                                transport::write_frame(&mut send, &message, &this.metrics).await;
                             transport::finish(send);
                         }
                     });
@@ -646,10 +801,44 @@ impl Replication {
     }
 }
 
-async fn send_and_await_ack(conn: &Connection, message: &PeerMessage, batch_id: u64) -> bool {
+/// Sends `message` on a new stream without waiting for an answer. With `confirm`, waits until
+/// the peer's QUIC stack acknowledged the whole stream (or stopped it after reading), at most
+/// [`RELAY_DELIVERY_TIMEOUT`]. Returns whether the frame went out (and was confirmed).
+async fn deliver(
+    conn: &Connection,
+    message: &PeerMessage,
+    metrics: &Metrics,
+    confirm: bool,
+) -> bool {
+    let attempt = async {
+        let (mut send, _recv) = conn.open_bi().await.map_err(TransportError::from)?;
+        transport::write_frame(&mut send, message, metrics).await?;
+        if confirm {
+            let _ = send.finish();
+            // Stopped by the receiver after it read the frame, or fully acknowledged: either
+            // way the relay has it.
+            return Ok::<bool, TransportError>(send.stopped().await.is_ok());
+        }
+        transport::finish(send);
+        Ok(true)
+    };
+    let limit = if confirm {
+        RELAY_DELIVERY_TIMEOUT
+    } else {
+        ACK_TIMEOUT
+    };
+    matches!(tokio::time::timeout(limit, attempt).await, Ok(Ok(true)))
+}
+
+async fn send_and_await_ack(
+    conn: &Connection,
+    message: &PeerMessage,
+    batch_id: u64,
+    metrics: &Metrics,
+) -> bool {
     let attempt = async {
         let (mut send, mut recv) = conn.open_bi().await.map_err(TransportError::from)?;
-        transport::write_frame(&mut send, message).await?;
+        transport::write_frame(&mut send, message, metrics).await?;
         transport::finish(send);
         match transport::read_frame(&mut recv).await? {
             Some(PeerMessage::Persisted { batch_id: id }) if id == batch_id => {

@@ -15,6 +15,7 @@ use verge_core::wire::PeerMessage;
 use super::transport::{self, TransportError};
 use super::{Replication, SYNC_SESSIONS_PER_PEER_MAX};
 use crate::documents::Documents;
+use crate::metrics::Metrics;
 
 /// Most messages each way in one document's sync session.
 pub const DOC_SYNC_ROUNDS_MAX: usize = 64;
@@ -63,7 +64,12 @@ pub async fn run_anti_entropy(
     let (mut init, first) = Initiator::start(repl.docs().digest_storage())
         .map_err(|e| SessionError::Protocol(e.to_string()))?;
     repl.metrics().anti_entropy_bytes.inc_by(first.len() as u64);
-    transport::write_frame(&mut send, &PeerMessage::Reconcile { message: first }).await?;
+    transport::write_frame(
+        &mut send,
+        &PeerMessage::Reconcile { message: first },
+        repl.metrics(),
+    )
+    .await?;
     loop {
         let reply = match transport::read_frame(&mut recv).await? {
             Some(PeerMessage::Reconcile { message }) => message,
@@ -80,8 +86,12 @@ pub async fn run_anti_entropy(
         {
             Some(next) => {
                 repl.metrics().anti_entropy_bytes.inc_by(next.len() as u64);
-                transport::write_frame(&mut send, &PeerMessage::Reconcile { message: next })
-                    .await?;
+                transport::write_frame(
+                    &mut send,
+                    &PeerMessage::Reconcile { message: next },
+                    repl.metrics(),
+                )
+                .await?;
             }
             None => break,
         }
@@ -105,29 +115,31 @@ pub async fn run_anti_entropy(
             &PeerMessage::SyncRequest {
                 digests: init.need.clone(),
             },
+            repl.metrics(),
         )
         .await?;
     }
     transport::finish(send);
     let docs = repl.docs_for_digests(&init.have);
     let synced = docs.len();
-    sync_docs(Arc::clone(repl.docs()), conn.clone(), docs).await;
+    sync_docs(repl, conn.clone(), docs).await;
     repl.metrics().anti_entropy_docs.inc_by(synced as u64);
     Ok(synced)
 }
 
 /// Syncs `docs` with the peer on `conn`, a bounded number at a time.
-async fn sync_docs(docs: Arc<Documents>, conn: Connection, ids: Vec<DocId>) {
+async fn sync_docs(repl: &Arc<Replication>, conn: Connection, ids: Vec<DocId>) {
     let limit = Arc::new(tokio::sync::Semaphore::new(SYNC_SESSIONS_PER_PEER_MAX));
     let mut tasks = Vec::with_capacity(ids.len());
     for id in ids {
         let Ok(permit) = Arc::clone(&limit).acquire_owned().await else {
             break;
         };
-        let docs = Arc::clone(&docs);
+        let docs = Arc::clone(repl.docs());
+        let metrics = Arc::clone(repl.metrics());
         let conn = conn.clone();
         tasks.push(tokio::spawn(async move {
-            let result = initiate_doc_sync(&docs, &conn, &id).await;
+            let result = initiate_doc_sync(&docs, &metrics, &conn, &id).await;
             drop(permit);
             if let Err(e) = result {
                 tracing::debug!(doc = %id, error = %e, "document sync with a peer failed");
@@ -139,8 +151,10 @@ async fn sync_docs(docs: Arc<Documents>, conn: Connection, ids: Vec<DocId>) {
     }
 }
 
-async fn initiate_doc_sync(
+/// Runs an Automerge sync session for document `id` with the peer on `conn`, on a new stream.
+pub(super) async fn initiate_doc_sync(
     docs: &Documents,
+    metrics: &Metrics,
     conn: &Connection,
     id: &DocId,
 ) -> Result<(), SessionError> {
@@ -155,6 +169,7 @@ async fn initiate_doc_sync(
                 doc: id.clone(),
                 message: encode(out),
             },
+            metrics,
         )
         .await?;
         let incoming = match transport::read_frame(&mut recv).await? {
@@ -179,6 +194,7 @@ async fn initiate_doc_sync(
 /// Serves a document sync session a peer opened.
 pub async fn respond_doc_sync(
     docs: &Documents,
+    metrics: &Metrics,
     mut send: SendStream,
     mut recv: RecvStream,
     id: DocId,
@@ -209,6 +225,7 @@ pub async fn respond_doc_sync(
                 doc: id.clone(),
                 message: encode(out),
             },
+            metrics,
         )
         .await?;
         if done {
@@ -248,14 +265,19 @@ pub async fn respond_reconcile(
                 return Ok(());
             }
         };
-        transport::write_frame(&mut send, &PeerMessage::Reconcile { message: reply }).await?;
+        transport::write_frame(
+            &mut send,
+            &PeerMessage::Reconcile { message: reply },
+            repl.metrics(),
+        )
+        .await?;
         match transport::read_frame(&mut recv).await? {
             Some(PeerMessage::Reconcile { message: next }) => message = next,
             Some(PeerMessage::SyncRequest { digests }) => {
                 transport::finish(send);
                 let docs = repl.docs_for_digests(&digests);
                 repl.metrics().anti_entropy_docs.inc_by(docs.len() as u64);
-                sync_docs(Arc::clone(repl.docs()), conn, docs).await;
+                sync_docs(repl, conn, docs).await;
                 return Ok(());
             }
             _ => {

@@ -17,6 +17,7 @@ use quinn::{
 use tokio::time::Instant;
 use verge_core::wire::{PeerMessage, WireError};
 
+use crate::metrics::Metrics;
 use crate::tls::{CLUSTER_SERVER_NAME, NodeTls};
 
 /// A connection with no traffic for this long is dead.
@@ -268,13 +269,16 @@ impl Transport {
     }
 }
 
-/// Writes one frame.
+/// Writes one frame, counted in `verge_peer_messages_sent_total{kind}` (every frame to a peer
+/// goes through here, so the counter is the replication's cost in messages).
 pub async fn write_frame(
     send: &mut SendStream,
     message: &PeerMessage,
+    metrics: &Metrics,
 ) -> Result<(), TransportError> {
     let frame = message.to_frame()?;
     send.write_all(&frame).await?;
+    metrics.peer_message_sent(message.kind());
     Ok(())
 }
 
