@@ -32,13 +32,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     cluster.client("shopper-a", async {
         let ops = json!([{ "op": "inc", "path": ["apples"], "by": 2 }]);
         let answer = NodeApi::of("n0").patch("cart/42", ops).await?;
-        assert!(answer.status.is_success(), "n0 accepts writes during the partition");
+        assert!(
+            answer.status.is_success(),
+            "n0 accepts writes during the partition"
+        );
         Ok(())
     });
     cluster.client("shopper-b", async {
         let ops = json!([{ "op": "inc", "path": ["apples"], "by": 3 }]);
         let answer = NodeApi::of("n2").patch("cart/42", ops).await?;
-        assert!(answer.status.is_success(), "n2 accepts writes while cut off");
+        assert!(
+            answer.status.is_success(),
+            "n2 accepts writes while cut off"
+        );
         Ok(())
     });
     cluster.run_clients(Duration::from_secs(10))?;

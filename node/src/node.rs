@@ -48,6 +48,10 @@ pub enum NodeError {
     /// TLS files could not be created or loaded.
     #[error("TLS: {0}")]
     Tls(String),
+    /// A commit failed: the node stopped, and a restart reopens (and repairs) the database.
+    /// Writes acknowledged before it are durable; the failed ones were never acknowledged.
+    #[error("storage failed, node stopped (restart it): {0}")]
+    Storage(String),
     /// A socket or file operation failed.
     #[error("{context}: {source}")]
     Io {
@@ -180,7 +184,7 @@ where
     let mut draw = Draw::new(seed);
     let store = Arc::new(store);
     let metrics = Arc::new(Metrics::new());
-    let (writer, writer_join) = writer::spawn(
+    let (writer, writer_join, mut storage_failure) = writer::spawn(
         Arc::clone(&store),
         config.storage.write_queue,
         config.storage.batch_max,
@@ -293,11 +297,19 @@ where
     let serve_metrics = Arc::clone(&state.metrics);
     let connections_max = config.limits.api_connections_max;
     let router = http::router(Arc::clone(&state), stop_rx.clone());
+    let mut failure = storage_failure.clone();
     let mut server = tokio::spawn(async move {
         let drain = async move {
-            shutdown.await;
+            tokio::select! {
+                biased;
+                () = shutdown => {
+                    tracing::info!("shutting down: draining requests and the write queue");
+                }
+                _ = failure.wait_for(Option::is_some) => {
+                    tracing::error!("storage failed; stopping so that a restart repairs the database");
+                }
+            }
             drain_state.ready.store(false, Ordering::Release);
-            tracing::info!("shutting down: draining requests and the write queue");
             let _ = stop_tx.send(true);
         };
         match api_tls {
@@ -351,6 +363,11 @@ where
     }
     if let Some(addr_file) = &addr_file {
         let _ = std::fs::remove_file(addr_file);
+    }
+    let failed = storage_failure.borrow_and_update().clone();
+    if let Some(error) = failed {
+        tracing::error!(error = %error, "node stopped: storage failed");
+        return Err(NodeError::Storage(error));
     }
     tracing::info!("node stopped");
     Ok(())

@@ -159,7 +159,8 @@ impl NodeApi {
 
     /// `GET /v1/docs/{id}`.
     pub async fn get(&self, id: &str) -> Result<Answer, ApiError> {
-        self.request(Method::GET, &format!("/v1/docs/{id}"), None).await
+        self.request(Method::GET, &format!("/v1/docs/{id}"), None)
+            .await
     }
 
     /// `PATCH /v1/docs/{id}` with `ops`.

@@ -90,7 +90,9 @@ async fn watch(node: usize, observed: Arc<Mutex<Observed>>) {
     let mut body = response.into_body();
     let mut pending = String::new();
     while let Some(Ok(frame)) = body.frame().await {
-        let Ok(data) = frame.into_data() else { continue };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
         pending.push_str(&String::from_utf8_lossy(&data));
         while let Some(end) = pending.find('\n') {
             let line: String = pending.drain(..=end).collect();
@@ -146,7 +148,12 @@ pub fn broadcast(config: &BroadcastConfig) -> Result<BroadcastReport, SimError> 
         });
     }
     cluster.run_for(Duration::from_secs(1))?;
-    let (nodes, rate, duration, seed) = (config.nodes, config.rate.max(1), config.duration, config.seed);
+    let (nodes, rate, duration, seed) = (
+        config.nodes,
+        config.rate.max(1),
+        config.duration,
+        config.seed,
+    );
     let writer_observed = Arc::clone(&observed);
     cluster.client("writer", async move {
         let before = messages(nodes).await;
@@ -192,7 +199,9 @@ pub fn broadcast(config: &BroadcastConfig) -> Result<BroadcastReport, SimError> 
     };
     let mut latencies_ms = Vec::new();
     for (k, acked) in &observed.acked {
-        let Some(seen) = observed.seen.get(k) else { continue };
+        let Some(seen) = observed.seen.get(k) else {
+            continue;
+        };
         if seen.len() < config.nodes {
             continue;
         }

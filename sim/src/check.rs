@@ -190,7 +190,9 @@ fn check_doc(id: &str, doc: &Value, exp: &Expectations, out: &mut Vec<Violation>
     };
     // Own keys.
     for (key, (acked, unknown)) in &exp.keys {
-        let actual = doc.get(key).map(|v| v.as_str().map(str::to_owned).unwrap_or(v.to_string()));
+        let actual = doc
+            .get(key)
+            .map(|v| v.as_str().map(str::to_owned).unwrap_or(v.to_string()));
         let last: Option<String> = acked.clone().flatten();
         let allowed = actual == last || unknown.contains(&actual);
         if !allowed {
@@ -212,7 +214,10 @@ fn check_doc(id: &str, doc: &Value, exp: &Expectations, out: &mut Vec<Violation>
     let (low, high) = (exp.counter_acked, exp.counter_acked + exp.counter_unknown);
     if n.is_none_or(|n| n < low || n > high) {
         fail(
-            format!("counter n is {n:?}; acknowledged increments sum to {low}, unknown ones add up to {}", exp.counter_unknown),
+            format!(
+                "counter n is {n:?}; acknowledged increments sum to {low}, unknown ones add up to {}",
+                exp.counter_unknown
+            ),
             "Inc(".into(),
         );
     }
@@ -220,7 +225,11 @@ fn check_doc(id: &str, doc: &Value, exp: &Expectations, out: &mut Vec<Violation>
     let items: Vec<String> = doc
         .get("log")
         .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default();
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
     for item in &items {
@@ -230,7 +239,10 @@ fn check_doc(id: &str, doc: &Value, exp: &Expectations, out: &mut Vec<Violation>
         match counts.get(item.as_str()) {
             Some(1) => {}
             Some(k) => fail(format!("list item {item} appears {k} times"), item.clone()),
-            None => fail(format!("acknowledged list item {item} is missing"), item.clone()),
+            None => fail(
+                format!("acknowledged list item {item} is missing"),
+                item.clone(),
+            ),
         }
     }
     for (item, k) in &counts {
@@ -238,9 +250,15 @@ fn check_doc(id: &str, doc: &Value, exp: &Expectations, out: &mut Vec<Violation>
             || exp.items_acked.iter().any(|i| i == item)
             || exp.items_unknown.iter().any(|i| i == item);
         if !known {
-            fail(format!("list item {item} was never written"), (*item).to_owned());
+            fail(
+                format!("list item {item} was never written"),
+                (*item).to_owned(),
+            );
         } else if *k > 1 {
-            fail(format!("list item {item} appears {k} times"), (*item).to_owned());
+            fail(
+                format!("list item {item} appears {k} times"),
+                (*item).to_owned(),
+            );
         }
     }
     // Text tokens.
@@ -259,6 +277,9 @@ fn check_doc(id: &str, doc: &Value, exp: &Expectations, out: &mut Vec<Violation>
         rest = rest.replacen(token.as_str(), "", 1);
     }
     if !rest.is_empty() {
-        fail(format!("text holds {rest:?}, which no client wrote"), "Splice".into());
+        fail(
+            format!("text holds {rest:?}, which no client wrote"),
+            "Splice".into(),
+        );
     }
 }

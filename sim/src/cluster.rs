@@ -150,7 +150,10 @@ impl ClusterBuilder {
             )));
         }
         if !(0.0..1.0).contains(&self.loss) {
-            return Err(SimError::Invalid(format!("loss {} must be in [0, 1)", self.loss)));
+            return Err(SimError::Invalid(format!(
+                "loss {} must be in [0, 1)",
+                self.loss
+            )));
         }
         let certs = Arc::new(
             ClusterCerts::generate(self.seed, self.nodes)
@@ -181,10 +184,14 @@ impl ClusterBuilder {
                 boots: AtomicU64::new(0),
                 configure: self.configure.clone(),
                 trace: trace.clone(),
+                exited: std::sync::Mutex::new(None),
             });
             let spec = Arc::clone(&host);
             sim.host(host_name(i), move || run_host(Arc::clone(&spec)));
-            nodes.push(NodeState { spec: host, up: true });
+            nodes.push(NodeState {
+                spec: host,
+                up: true,
+            });
         }
         trace.event(format!(
             "cluster nodes={} seed={} latency={:?} jitter={:?} loss={}",
@@ -228,6 +235,8 @@ struct HostSpec {
     boots: AtomicU64,
     configure: Option<Configure>,
     trace: Trace,
+    /// When the node's process exited by itself, until it is restarted.
+    exited: std::sync::Mutex<Option<Duration>>,
 }
 
 struct NodeState {
@@ -237,7 +246,8 @@ struct NodeState {
 
 /// The seed of start `boot` of node `index`.
 fn host_seed(seed: u64, index: usize, boot: u64) -> u64 {
-    let mut x = seed ^ (index as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ boot.rotate_left(32);
+    let mut x =
+        seed ^ (index as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ boot.rotate_left(32);
     // splitmix64 finaliser: nearby inputs give unrelated seeds.
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -246,6 +256,19 @@ fn host_seed(seed: u64, index: usize, boot: u64) -> u64 {
 
 fn run_host(spec: Arc<HostSpec>) -> impl Future<Output = turmoil::Result> {
     async move {
+        // A node that stops on an error exits, as a process would; the driver restarts it
+        // (see `Cluster::supervise`), as a service manager would.
+        if let Err(e) = run_node(&spec).await {
+            spec.trace
+                .event(format!("{} exited: {e}", host_name(spec.index)));
+        }
+        *crate::workload::lock(&spec.exited) = Some(now());
+        Ok(())
+    }
+}
+
+async fn run_node(spec: &HostSpec) -> turmoil::Result {
+    {
         let boot = spec.boots.fetch_add(1, Ordering::Relaxed);
         let seed = host_seed(spec.seed, spec.index, boot);
         let name = host_name(spec.index);
@@ -299,6 +322,9 @@ fn run_host(spec: Arc<HostSpec>) -> impl Future<Output = turmoil::Result> {
         Ok(())
     }
 }
+
+/// How long a node that exited stays down before it is started again.
+pub const RESTART_DELAY: Duration = Duration::from_secs(1);
 
 /// A simulated cluster.
 pub struct Cluster<'a> {
@@ -390,7 +416,34 @@ impl<'a> Cluster<'a> {
             .step()
             .map_err(|e| SimError::Turmoil(e.to_string()))?;
         DRIVER_NOW.with(|n| n.set(self.sim.elapsed()));
+        self.supervise();
         Ok(done)
+    }
+
+    /// Restarts nodes whose process exited by itself, [`RESTART_DELAY`] after it did.
+    fn supervise(&mut self) {
+        let now = self.sim.elapsed();
+        for i in 0..self.nodes.len() {
+            let node = &self.nodes[i];
+            let due = {
+                let mut exited = crate::workload::lock(&node.spec.exited);
+                match *exited {
+                    Some(at) if node.up && now >= at + RESTART_DELAY => {
+                        *exited = None;
+                        true
+                    }
+                    Some(_) if !node.up => {
+                        *exited = None;
+                        false
+                    }
+                    _ => false,
+                }
+            };
+            if due {
+                self.trace.event(format!("supervisor restarts n{i}"));
+                self.sim.bounce(host_name(i).as_str());
+            }
+        }
     }
 
     fn names(group: &[usize]) -> Vec<String> {
@@ -409,7 +462,8 @@ impl<'a> Cluster<'a> {
 
     /// Cuts the links from `from` to `to` only: `to` still reaches `from`.
     pub fn partition_oneway(&mut self, from: &[usize], to: &[usize]) {
-        self.trace.event(format!("fault partition one-way {from:?} -> {to:?}"));
+        self.trace
+            .event(format!("fault partition one-way {from:?} -> {to:?}"));
         for x in Self::names(from) {
             for y in Self::names(to) {
                 self.sim.partition_oneway(x.as_str(), y.as_str());
@@ -426,7 +480,8 @@ impl<'a> Cluster<'a> {
                 if i != j {
                     let (a, b) = (host_name(i), host_name(j));
                     self.sim.repair(a.as_str(), b.as_str());
-                    self.sim.set_link_latency(a.as_str(), b.as_str(), self.latency);
+                    self.sim
+                        .set_link_latency(a.as_str(), b.as_str(), self.latency);
                     self.sim.set_link_fail_rate(a.as_str(), b.as_str(), 0.0);
                 }
             }
@@ -435,7 +490,8 @@ impl<'a> Cluster<'a> {
 
     /// Sets the one-way latency of every link of node `i`.
     pub fn slow_node(&mut self, i: usize, latency: Duration) {
-        self.trace.event(format!("fault slow n{i} latency={latency:?}"));
+        self.trace
+            .event(format!("fault slow n{i} latency={latency:?}"));
         for j in 0..self.nodes.len() {
             if j != i {
                 self.sim
@@ -460,8 +516,11 @@ impl<'a> Cluster<'a> {
 
     /// Fails the next `n` disk syncs of node `i`: its commits fail.
     pub fn fail_syncs(&mut self, i: usize, n: u32) {
-        let Some(node) = self.nodes.get(i) else { return };
-        self.trace.event(format!("fault disk n{i} fails next {n} syncs"));
+        let Some(node) = self.nodes.get(i) else {
+            return;
+        };
+        self.trace
+            .event(format!("fault disk n{i} fails next {n} syncs"));
         node.spec.disk.fail_next_syncs(u64::from(n));
     }
 
@@ -473,7 +532,9 @@ impl<'a> Cluster<'a> {
     /// Crashes node `i` as a power cut does: whatever was not synced to its disk is lost, and
     /// nothing more is written (the node's destructors do not get to commit).
     pub fn crash(&mut self, i: usize) {
-        let Some(node) = self.nodes.get_mut(i) else { return };
+        let Some(node) = self.nodes.get_mut(i) else {
+            return;
+        };
         if !node.up {
             return;
         }
@@ -485,7 +546,9 @@ impl<'a> Cluster<'a> {
 
     /// Starts node `i` again on what its disk kept.
     pub fn restart(&mut self, i: usize) {
-        let Some(node) = self.nodes.get_mut(i) else { return };
+        let Some(node) = self.nodes.get_mut(i) else {
+            return;
+        };
         self.trace.event(format!("restart n{i}"));
         node.spec.disk.restore();
         node.up = true;

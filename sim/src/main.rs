@@ -13,7 +13,11 @@ use verge_sim::scenario::{self, SCENARIOS};
 use verge_sim::workload::WorkloadConfig;
 
 #[derive(Parser)]
-#[command(name = "verge-sim", version, about = "Run Verge nodes under simulated faults, replayable from a seed")]
+#[command(
+    name = "verge-sim",
+    version,
+    about = "Run Verge nodes under simulated faults, replayable from a seed"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -174,7 +178,9 @@ fn main() -> ExitCode {
             let started = Instant::now();
             match bench::broadcast(&config) {
                 Ok(r) => {
-                    println!("nodes={nodes} latency_ms={latency_ms} rate={rate} seconds={seconds} seed={seed}");
+                    println!(
+                        "nodes={nodes} latency_ms={latency_ms} rate={rate} seconds={seconds} seed={seed}"
+                    );
                     println!(
                         "writes={} visible_everywhere={} messages={} p90_ms={} wall_s={:.1}",
                         r.writes,
@@ -260,11 +266,19 @@ fn print_report(report: &Report, wall: Duration) {
     );
     println!(
         "invariant acknowledged-writes: {}",
-        if report.violations.is_empty() { "ok" } else { "violated" }
+        if report.violations.is_empty() {
+            "ok"
+        } else {
+            "violated"
+        }
     );
     println!(
         "invariant no-panic: {}",
-        if report.panics.is_empty() { "ok" } else { "violated" }
+        if report.panics.is_empty() {
+            "ok"
+        } else {
+            "violated"
+        }
     );
     for v in &report.violations {
         println!("violation: {v}");
@@ -273,7 +287,10 @@ fn print_report(report: &Report, wall: Duration) {
         println!("panic: {p}");
     }
     if !report.evidence.is_empty() {
-        println!("--- events to replay (verge-sim run --seed {} --nodes {} --scenario {} --trace)", report.seed, report.nodes, report.scenario);
+        println!(
+            "--- events to replay (verge-sim run --seed {} --nodes {} --scenario {} --trace)",
+            report.seed, report.nodes, report.scenario
+        );
         for e in &report.evidence {
             println!("{e}");
         }
@@ -317,7 +334,11 @@ fn sweep(seeds: &str, scenario: Option<&str>, nodes: usize, duration: u64) -> Ex
             Ok(report) => {
                 simulated += report.simulated;
                 if !report.ok() {
-                    println!("FAIL seed={seed} scenario={}: {}", scenario.name, summary(&report));
+                    println!(
+                        "FAIL seed={seed} scenario={}: {}",
+                        scenario.name,
+                        summary(&report)
+                    );
                     failed.push(seed);
                 }
             }

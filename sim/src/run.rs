@@ -115,7 +115,8 @@ pub fn run(config: &RunConfig) -> Result<Report, SimError> {
     for i in 0..config.nodes {
         for k in 0..config.workload.clients_per_node {
             let index = i * config.workload.clients_per_node + k;
-            let (history, trace, wl) = (Arc::clone(&history), trace.clone(), config.workload.clone());
+            let (history, trace, wl) =
+                (Arc::clone(&history), trace.clone(), config.workload.clone());
             let seed = config.seed;
             cluster.client(format!("c{index}"), async move {
                 let node = NodeApi::of(&host_name(i));
@@ -132,7 +133,10 @@ pub fn run(config: &RunConfig) -> Result<Report, SimError> {
         if due > cluster.elapsed() {
             cluster.run_for(due - cluster.elapsed())?;
         }
-        faults.push(format!("{:>8.3}s {fault:?}", (cluster.elapsed()).as_secs_f64()));
+        faults.push(format!(
+            "{:>8.3}s {fault:?}",
+            (cluster.elapsed()).as_secs_f64()
+        ));
         apply(&mut cluster, &fault, &mut down);
     }
     // Let the clients finish, then heal everything and restart every node that is down.
@@ -143,7 +147,10 @@ pub fn run(config: &RunConfig) -> Result<Report, SimError> {
             cluster.restart(i);
         }
     }
-    faults.push(format!("{:>8.3}s heal and restart all", cluster.elapsed().as_secs_f64()));
+    faults.push(format!(
+        "{:>8.3}s heal and restart all",
+        cluster.elapsed().as_secs_f64()
+    ));
 
     let final_state: check::SharedFinal = Arc::new(Mutex::new(FinalState::default()));
     {
@@ -183,11 +190,14 @@ pub fn run(config: &RunConfig) -> Result<Report, SimError> {
     } else {
         trace.matching(&needles)
     };
-    let writes = history.writes.iter().fold((0, 0, 0), |(a, r, u), w| match w.outcome {
-        workload::Outcome::Acked => (a + 1, r, u),
-        workload::Outcome::Refused => (a, r + 1, u),
-        workload::Outcome::Unknown => (a, r, u + 1),
-    });
+    let writes = history
+        .writes
+        .iter()
+        .fold((0, 0, 0), |(a, r, u), w| match w.outcome {
+            workload::Outcome::Acked => (a + 1, r, u),
+            workload::Outcome::Refused => (a, r + 1, u),
+            workload::Outcome::Unknown => (a, r, u + 1),
+        });
     Ok(Report {
         seed: config.seed,
         scenario: config.scenario.name,

@@ -61,7 +61,12 @@ pub struct Scenario {
 impl Scenario {
     /// The faults and when they happen, relative to the start of the workload, for `nodes`
     /// nodes and a workload of `duration`. Every schedule ends healed, with every node up.
-    pub fn plan(&self, rng: &mut StdRng, nodes: usize, duration: Duration) -> Vec<(Duration, Fault)> {
+    pub fn plan(
+        &self,
+        rng: &mut StdRng,
+        nodes: usize,
+        duration: Duration,
+    ) -> Vec<(Duration, Fault)> {
         let mut plan = (self.plan)(rng, nodes, duration);
         plan.sort_by_key(|(at, _)| *at);
         plan
@@ -106,7 +111,10 @@ fn isolate(rng: &mut StdRng, nodes: usize, duration: Duration) -> Vec<(Duration,
     let node = rng.random_range(0..nodes);
     let rest: Vec<usize> = (0..nodes).filter(|i| *i != node).collect();
     let (start, end) = window(rng, duration);
-    vec![(start, Fault::Partition(vec![node], rest)), (end, Fault::Heal)]
+    vec![
+        (start, Fault::Partition(vec![node], rest)),
+        (end, Fault::Heal),
+    ]
 }
 
 fn majority(rng: &mut StdRng, nodes: usize, duration: Duration) -> Vec<(Duration, Fault)> {
@@ -114,7 +122,10 @@ fn majority(rng: &mut StdRng, nodes: usize, duration: Duration) -> Vec<(Duration
     let (minority, majority) = order.split_at(nodes / 2);
     let (start, end) = window(rng, duration);
     vec![
-        (start, Fault::Partition(minority.to_vec(), majority.to_vec())),
+        (
+            start,
+            Fault::Partition(minority.to_vec(), majority.to_vec()),
+        ),
         (end, Fault::Heal),
     ]
 }
@@ -133,7 +144,10 @@ fn flapping(rng: &mut StdRng, nodes: usize, duration: Duration) -> Vec<(Duration
     while at + Duration::from_secs(1) < duration {
         let order = shuffled(rng, nodes);
         let cut = rng.random_range(1..nodes);
-        plan.push((at, Fault::Partition(order[..cut].to_vec(), order[cut..].to_vec())));
+        plan.push((
+            at,
+            Fault::Partition(order[..cut].to_vec(), order[cut..].to_vec()),
+        ));
         at += ms(rng, Duration::from_millis(300), Duration::from_millis(1500));
         plan.push((at, Fault::Heal));
         at += ms(rng, Duration::from_millis(100), Duration::from_millis(800));
@@ -161,7 +175,11 @@ fn crash_restart(rng: &mut StdRng, nodes: usize, duration: Duration) -> Vec<(Dur
     for k in 0..crashes {
         let node = rng.random_range(0..nodes);
         let at = slot * k + ms(rng, Duration::ZERO, slot / 2);
-        let down = ms(rng, Duration::from_millis(500), slot / 2 + Duration::from_millis(500));
+        let down = ms(
+            rng,
+            Duration::from_millis(500),
+            slot / 2 + Duration::from_millis(500),
+        );
         plan.push((at, Fault::Crash(node)));
         plan.push((at + down, Fault::Restart(node)));
     }

@@ -17,7 +17,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
-use crate::api::{ApiError, Answer, NodeApi};
+use crate::api::{Answer, ApiError, NodeApi};
 use crate::trace::Trace;
 
 /// The workload's shape.
@@ -118,7 +118,13 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Creates the shared documents through `node`, waiting until `replicas` peers hold each
 /// (retrying on a timeout). Returns when all are created.
-pub async fn setup(node: NodeApi, docs: usize, replicas: usize, history: SharedHistory, trace: Trace) {
+pub async fn setup(
+    node: NodeApi,
+    docs: usize,
+    replicas: usize,
+    history: SharedHistory,
+    trace: Trace,
+) {
     for i in 0..docs {
         let ops = json!([
             {"op": "inc", "path": ["n"], "by": 0},
@@ -126,7 +132,9 @@ pub async fn setup(node: NodeApi, docs: usize, replicas: usize, history: SharedH
             {"op": "splice", "path": ["t"], "index": 0, "text": ""},
         ]);
         loop {
-            let result = node.patch_replicated(&doc_id(i), ops.clone(), replicas).await;
+            let result = node
+                .patch_replicated(&doc_id(i), ops.clone(), replicas)
+                .await;
             if matches!(&result, Ok(a) if a.status.is_success()) {
                 trace.event(format!("setup {} created", doc_id(i)));
                 break;
@@ -169,7 +177,10 @@ pub async fn client(
             30..40 => (WriteOp::Del, json!([{"op": "del", "path": [key]}])),
             40..65 => {
                 let by = rng.random_range(1..=5);
-                (WriteOp::Inc(by), json!([{"op": "inc", "path": ["n"], "by": by}]))
+                (
+                    WriteOp::Inc(by),
+                    json!([{"op": "inc", "path": ["n"], "by": by}]),
+                )
             }
             65..80 => (
                 WriteOp::Push(unique.clone()),
@@ -189,7 +200,9 @@ pub async fn client(
                 }
                 trace.event(format!(
                     "c{client} get {id} -> {}",
-                    result.map(|a| a.status.as_u16().to_string()).unwrap_or_else(|e| e.to_string())
+                    result
+                        .map(|a| a.status.as_u16().to_string())
+                        .unwrap_or_else(|e| e.to_string())
                 ));
                 continue;
             }
@@ -236,7 +249,9 @@ pub struct Expectations {
 pub fn expectations(history: &History, docs: usize) -> Vec<Expectations> {
     let mut out = vec![Expectations::default(); docs];
     for w in &history.writes {
-        let Some(e) = out.get_mut(w.doc) else { continue };
+        let Some(e) = out.get_mut(w.doc) else {
+            continue;
+        };
         match (&w.op, w.outcome) {
             (_, Outcome::Refused) => {}
             (WriteOp::Set(_) | WriteOp::Del, outcome) => {

@@ -24,12 +24,23 @@ fn same_seed_same_trace_in_one_process() {
     assert!(first.trace.len() > 100, "the trace records the run");
     assert_eq!(first.trace_hash, second.trace_hash);
     let other = run(&config(12, "chaos")).expect("runs");
-    assert_ne!(first.trace_hash, other.trace_hash, "another seed, another run");
+    assert_ne!(
+        first.trace_hash, other.trace_hash,
+        "another seed, another run"
+    );
 }
 
 fn trace_line(seed: u64) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_verge-sim"))
-        .args(["run", "--seed", &seed.to_string(), "--scenario", "crash-restart", "--duration", "5"])
+        .args([
+            "run",
+            "--seed",
+            &seed.to_string(),
+            "--scenario",
+            "crash-restart",
+            "--duration",
+            "5",
+        ])
         .output()
         .expect("runs verge-sim");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();

@@ -23,15 +23,24 @@ fn every_scenario_keeps_the_invariants() {
                 duration: Duration::from_secs(8),
                 workload: WorkloadConfig::default(),
             };
-            let report = run(&config).unwrap_or_else(|e| panic!("{} seed {seed}: {e}", scenario.name));
+            let report =
+                run(&config).unwrap_or_else(|e| panic!("{} seed {seed}: {e}", scenario.name));
             let (acked, _, _) = report.writes;
-            assert!(acked > 0, "{} seed {seed}: the workload made no acknowledged write", scenario.name);
+            assert!(
+                acked > 0,
+                "{} seed {seed}: the workload made no acknowledged write",
+                scenario.name
+            );
             if !report.ok() {
                 failures.push(format!(
                     "verge-sim run --seed {seed} --nodes {} --scenario {}: {:?} {:?}\n{}",
                     config.nodes,
                     scenario.name,
-                    report.violations.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    report
+                        .violations
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>(),
                     report.panics,
                     report.evidence.join("\n")
                 ));

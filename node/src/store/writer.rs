@@ -13,7 +13,7 @@ use std::thread;
 
 use tokio::time::Instant;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{Mutation, Store, StoreError};
 use crate::metrics::Metrics;
@@ -108,6 +108,12 @@ impl WriterJoin {
     }
 }
 
+/// Set to the first commit error. After a failed commit the database handle cannot be
+/// trusted (redb refuses further writes on it once an I/O call failed), so the node stops
+/// and its supervisor restarts it on a repaired file: fail-stop rather than limping on
+/// read-only.
+pub type StorageFailure = watch::Receiver<Option<String>>;
+
 /// Starts the writer. It runs until every [`WriterHandle`] is dropped and the queue is empty,
 /// so dropping the handles is how shutdown drains pending writes.
 pub fn spawn(
@@ -116,49 +122,66 @@ pub fn spawn(
     batch_max: usize,
     metrics: Arc<Metrics>,
     mode: WriterMode,
-) -> std::io::Result<(WriterHandle, WriterJoin)> {
+) -> std::io::Result<(WriterHandle, WriterJoin, StorageFailure)> {
     let (tx, rx) = mpsc::channel(queue_capacity);
-    let batch_max = batch_max.max(1);
+    let (failed_tx, failed_rx) = watch::channel(None);
+    let writer = Writer {
+        store,
+        batch_max: batch_max.max(1),
+        metrics,
+        failed: failed_tx,
+    };
     let join = match mode {
         WriterMode::Thread => WriterJoin::Thread(
             thread::Builder::new()
                 .name("verge-writer".into())
-                .spawn(move || run_thread(store, rx, batch_max, metrics))?,
+                .spawn(move || writer.run_thread(rx))?,
         ),
-        WriterMode::Task => WriterJoin::Task(tokio::spawn(run_task(store, rx, batch_max, metrics))),
+        WriterMode::Task => WriterJoin::Task(tokio::spawn(writer.run_task(rx))),
     };
-    Ok((WriterHandle { tx }, join))
+    Ok((WriterHandle { tx }, join, failed_rx))
 }
 
-fn run_thread(
+struct Writer {
     store: Arc<Store>,
-    mut rx: mpsc::Receiver<Job>,
     batch_max: usize,
     metrics: Arc<Metrics>,
-) {
-    let mut batch: Vec<Job> = Vec::with_capacity(batch_max);
-    while let Some(first) = rx.blocking_recv() {
-        take_batch(first, &mut rx, &mut batch, batch_max, &metrics);
-        commit_batch(&store, &mut batch, &metrics);
-    }
-    tracing::debug!("writer drained and stopped");
+    failed: watch::Sender<Option<String>>,
 }
 
-async fn run_task(
-    store: Arc<Store>,
-    mut rx: mpsc::Receiver<Job>,
-    batch_max: usize,
-    metrics: Arc<Metrics>,
-) {
-    let mut batch: Vec<Job> = Vec::with_capacity(batch_max);
-    while let Some(first) = rx.recv().await {
-        // Let the writes that are being made right now join this batch, as they would while a
-        // writer thread is busy with the previous commit.
-        tokio::task::yield_now().await;
-        take_batch(first, &mut rx, &mut batch, batch_max, &metrics);
-        commit_batch(&store, &mut batch, &metrics);
+impl Writer {
+    fn run_thread(self, mut rx: mpsc::Receiver<Job>) {
+        let mut batch: Vec<Job> = Vec::with_capacity(self.batch_max);
+        while let Some(first) = rx.blocking_recv() {
+            take_batch(first, &mut rx, &mut batch, self.batch_max, &self.metrics);
+            self.commit(&mut batch);
+        }
+        tracing::debug!("writer drained and stopped");
     }
-    tracing::debug!("writer drained and stopped");
+
+    async fn run_task(self, mut rx: mpsc::Receiver<Job>) {
+        let mut batch: Vec<Job> = Vec::with_capacity(self.batch_max);
+        while let Some(first) = rx.recv().await {
+            // Let the writes that are being made right now join this batch, as they would
+            // while a writer thread is busy with the previous commit.
+            tokio::task::yield_now().await;
+            take_batch(first, &mut rx, &mut batch, self.batch_max, &self.metrics);
+            self.commit(&mut batch);
+        }
+        tracing::debug!("writer drained and stopped");
+    }
+
+    fn commit(&self, batch: &mut Vec<Job>) {
+        if let Err(e) = commit_batch(&self.store, batch, &self.metrics) {
+            self.failed.send_if_modified(|failed| {
+                let first = failed.is_none();
+                if first {
+                    *failed = Some(e.clone());
+                }
+                first
+            });
+        }
+    }
 }
 
 /// Collects `first` and whatever else is queued, up to `batch_max` jobs.
@@ -179,7 +202,8 @@ fn take_batch(
     metrics.write_queue_depth.set(rx.len() as i64);
 }
 
-fn commit_batch(store: &Store, batch: &mut Vec<Job>, metrics: &Metrics) {
+/// Commits a batch and acknowledges its jobs; the commit error, if any.
+fn commit_batch(store: &Store, batch: &mut Vec<Job>, metrics: &Metrics) -> Result<(), String> {
     let (live, poisoned): (Vec<Job>, Vec<Job>) = batch
         .drain(..)
         .partition(|job| !job.poisoned.load(Ordering::Acquire));
@@ -189,7 +213,7 @@ fn commit_batch(store: &Store, batch: &mut Vec<Job>, metrics: &Metrics) {
         }
     }
     if live.is_empty() {
-        return;
+        return Ok(());
     }
     let started = Instant::now();
     let mutations: Vec<&Mutation> = live.iter().map(|j| &j.mutation).collect();
@@ -198,6 +222,7 @@ fn commit_batch(store: &Store, batch: &mut Vec<Job>, metrics: &Metrics) {
         .commit_seconds
         .observe(started.elapsed().as_secs_f64());
     metrics.commit_batch_size.observe(live.len() as f64);
+    let mut live = live;
     let outcome = match result {
         Ok(()) => Ok(()),
         Err(e) => {
@@ -212,9 +237,10 @@ fn commit_batch(store: &Store, batch: &mut Vec<Job>, metrics: &Metrics) {
             })
         }
     };
-    for job in live {
-        if let Some(ack) = job.ack {
+    for job in &mut live {
+        if let Some(ack) = job.ack.take() {
             let _ = ack.send(outcome.clone());
         }
     }
+    outcome.map_err(|e| e.to_string())
 }
