@@ -43,10 +43,17 @@ fn sort_key(doc: &DocId) -> u64 {
     u64::from_be_bytes(k) >> 1
 }
 
+/// How long a document must go unchanged before anti-entropy syncs it (see
+/// [`DigestIndex::settled_doc_for`]). Broadcast delivers within a few hundred ms even over
+/// 100 ms links; a change that it missed is repaired one round later.
+pub const SETTLE_MS: i64 = 2_000;
+
 /// The digests of every document a node holds, kept current as documents change.
 #[derive(Debug, Default, Clone)]
 pub struct DigestIndex {
-    by_doc: BTreeMap<DocId, (u64, [u8; 32])>,
+    /// Per document: its sort key, its digest, and when it last changed here (ms since the
+    /// epoch; `i64::MIN` when unknown, as for documents loaded at start-up).
+    by_doc: BTreeMap<DocId, (u64, [u8; 32], i64)>,
     by_digest: HashMap<[u8; 32], DocId>,
 }
 
@@ -56,14 +63,19 @@ impl DigestIndex {
         Self::default()
     }
 
-    /// Records a document's current heads.
+    /// Records a document's current heads, as of a time long past.
     pub fn update(&mut self, doc: &DocId, heads: &[ChangeHash]) {
+        self.update_at(doc, heads, i64::MIN);
+    }
+
+    /// Records a document's current heads, changed at `now_ms`.
+    pub fn update_at(&mut self, doc: &DocId, heads: &[ChangeHash], now_ms: i64) {
         let d = digest(doc, heads);
         let key = self
             .by_doc
             .get(doc)
-            .map_or_else(|| sort_key(doc), |(k, _)| *k);
-        if let Some((_, old)) = self.by_doc.insert(doc.clone(), (key, d)) {
+            .map_or_else(|| sort_key(doc), |(k, _, _)| *k);
+        if let Some((_, old, _)) = self.by_doc.insert(doc.clone(), (key, d, now_ms)) {
             self.by_digest.remove(&old);
         }
         self.by_digest.insert(d, doc.clone());
@@ -71,7 +83,7 @@ impl DigestIndex {
 
     /// Forgets a purged document.
     pub fn remove(&mut self, doc: &DocId) {
-        if let Some((_, old)) = self.by_doc.remove(doc) {
+        if let Some((_, old, _)) = self.by_doc.remove(doc) {
             self.by_digest.remove(&old);
         }
     }
@@ -79,6 +91,16 @@ impl DigestIndex {
     /// The document with this digest, if held here.
     pub fn doc_for(&self, digest: &[u8; 32]) -> Option<&DocId> {
         self.by_digest.get(digest)
+    }
+
+    /// The document with this digest, if held here and unchanged for [`SETTLE_MS`] before
+    /// `now_ms`. A document that just changed is usually still on its way to the peers by
+    /// broadcast: syncing it now would send what the broadcast is about to deliver. The next
+    /// round checks it again.
+    pub fn settled_doc_for(&self, digest: &[u8; 32], now_ms: i64) -> Option<&DocId> {
+        let doc = self.by_digest.get(digest)?;
+        let (_, _, changed) = self.by_doc.get(doc)?;
+        (now_ms.saturating_sub(*changed) >= SETTLE_MS).then_some(doc)
     }
 
     /// Documents held.
@@ -94,7 +116,7 @@ impl DigestIndex {
     /// A sealed negentropy storage of every digest.
     pub fn storage(&self) -> NegentropyStorageVector {
         let mut storage = NegentropyStorageVector::with_capacity(self.by_doc.len());
-        for (key, d) in self.by_doc.values() {
+        for (key, d, _) in self.by_doc.values() {
             // Inserting into an unsealed storage cannot fail.
             let _ = storage.insert(*key, Id::from_byte_array(*d));
         }
@@ -363,5 +385,24 @@ mod tests {
         }
         let (mut init, _) = Initiator::start(a.storage()).expect("start");
         let _ = init.step(&[0x61, 0x00, 0x05]);
+    }
+
+    #[test]
+    fn recently_changed_documents_wait_for_the_next_round() {
+        let mut idx = DigestIndex::new();
+        let doc = DocId::new("a").expect("valid id");
+        idx.update_at(&doc, &[ChangeHash([1; 32])], 10_000);
+        let d = digest(&doc, &[ChangeHash([1; 32])]);
+        assert_eq!(idx.doc_for(&d), Some(&doc));
+        assert_eq!(idx.settled_doc_for(&d, 10_000 + SETTLE_MS - 1), None);
+        assert_eq!(idx.settled_doc_for(&d, 10_000 + SETTLE_MS), Some(&doc));
+        let loaded = DocId::new("b").expect("valid id");
+        idx.update(&loaded, &[ChangeHash([2; 32])]);
+        let d = digest(&loaded, &[ChangeHash([2; 32])]);
+        assert_eq!(
+            idx.settled_doc_for(&d, 0),
+            Some(&loaded),
+            "loaded documents are settled"
+        );
     }
 }

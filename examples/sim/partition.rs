@@ -55,9 +55,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err(format!("the replicas did not converge (seed {seed})").into());
     }
     for (i, node) in state.nodes.iter().enumerate() {
-        let cart = node["cart/42"].as_ref().map(|v| v.doc.clone());
-        println!("n{i}: {}", cart.unwrap_or_default());
-        if cart.as_ref().and_then(|c| c["apples"].as_i64()) != Some(5) {
+        let cart = node
+            .get("cart/42")
+            .and_then(Option::as_ref)
+            .map(|v| v.doc.clone())
+            .unwrap_or_default();
+        println!("n{i}: {cart}");
+        if cart["apples"].as_i64() != Some(5) {
             return Err(format!("n{i} lost apples (seed {seed})").into());
         }
     }

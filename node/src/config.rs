@@ -52,6 +52,10 @@ pub struct NodeArgs {
     /// Address peers reach this node on (QUIC, UDP).
     #[arg(long, env = "VERGE_GOSSIP_ADDR", value_name = "ADDR")]
     pub gossip_addr: Option<String>,
+    /// Address peers are told to reach this node at, when `--gossip-addr` listens on every
+    /// interface (0.0.0.0 or [::]) or behind a NAT.
+    #[arg(long, env = "VERGE_ADVERTISE_ADDR", value_name = "ADDR")]
+    pub advertise_addr: Option<String>,
     /// A seed peer's gossip address (repeatable; the environment takes a comma-separated list).
     #[arg(
         long = "peer",
@@ -210,6 +214,7 @@ struct FileConfig {
     api_addr: Option<String>,
     log_format: Option<LogFormat>,
     gossip_addr: Option<String>,
+    advertise_addr: Option<String>,
     #[serde(default)]
     peers: Vec<String>,
     #[serde(default)]
@@ -242,6 +247,9 @@ pub struct Config {
     pub encryption_key: Option<crate::store::EncryptionKey>,
     /// Gossip listen address.
     pub gossip_addr: SocketAddr,
+    /// The address peers are told to reach this node at; `None`: the gossip address itself
+    /// (as bound, so a port 0 becomes the chosen port).
+    pub advertise_addr: Option<SocketAddr>,
     /// Seed peers.
     pub peers: Vec<SocketAddr>,
     /// Configured TLS files; `None` means the node's own in `DATA_DIR/tls`.
@@ -370,10 +378,38 @@ impl Config {
             .clone()
             .or(file.gossip_addr)
             .unwrap_or_else(|| DEFAULT_GOSSIP_ADDR.to_owned());
-        let gossip_addr = gossip_addr.parse().map_err(|e| ConfigError::Invalid {
+        let gossip_addr: SocketAddr = gossip_addr.parse().map_err(|e| ConfigError::Invalid {
             key: "gossip_addr",
             message: format!("{gossip_addr:?} is not an IP:port address ({e})"),
         })?;
+        let advertise_addr = match args.advertise_addr.clone().or(file.advertise_addr) {
+            Some(text) => {
+                let addr: SocketAddr = text.parse().map_err(|e| ConfigError::Invalid {
+                    key: "advertise_addr",
+                    message: format!("{text:?} is not an IP:port address ({e})"),
+                })?;
+                if addr.ip().is_unspecified() || addr.port() == 0 {
+                    return Err(ConfigError::Invalid {
+                        key: "advertise_addr",
+                        message: format!("{addr} is not an address peers can reach"),
+                    });
+                }
+                Some(addr)
+            }
+            // A node listening on every interface would otherwise introduce itself to its
+            // peers as 0.0.0.0, which they cannot reach and membership refuses.
+            None if gossip_addr.ip().is_unspecified() => {
+                return Err(ConfigError::Invalid {
+                    key: "advertise_addr",
+                    message: format!(
+                        "gossip_addr {gossip_addr} listens on every interface; set advertise_addr \
+                         (--advertise-addr, VERGE_ADVERTISE_ADDR) to the address peers reach \
+                         this node at"
+                    ),
+                });
+            }
+            None => None,
+        };
         let peer_names = if args.peers.is_empty() {
             file.peers
         } else {
@@ -451,6 +487,7 @@ impl Config {
             storage,
             encryption_key,
             gossip_addr,
+            advertise_addr,
             peers,
             tls,
             replication,

@@ -223,6 +223,14 @@ impl Documents {
         lock(&self.digests).doc_for(digest).cloned()
     }
 
+    /// The document with this digest, if this node holds it at those heads and it has not
+    /// changed for a moment (see `verge_core::anti_entropy::SETTLE_MS`).
+    pub fn settled_doc_for_digest(&self, digest: &[u8; 32]) -> Option<DocId> {
+        lock(&self.digests)
+            .settled_doc_for(digest, self.now_ms())
+            .cloned()
+    }
+
     /// The actor this node writes new changes as.
     pub fn actor(&self) -> ActorId {
         lock(&self.actor).clone()
@@ -493,7 +501,7 @@ impl Documents {
         match outcome {
             Ok(()) => {
                 self.metrics.writes.inc();
-                lock(&self.digests).update(&entry.id, &pending.heads);
+                lock(&self.digests).update_at(&entry.id, &pending.heads, self.now_ms());
                 let _ = self.events.send(Arc::new(pending.event));
                 if origin == Origin::Client
                     && let Some(feed) = self.feed.get()

@@ -218,6 +218,7 @@ where
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (replication, replication_tasks) = Replication::start(
         ReplicationConfig {
+            advertise_addr: config.advertise_addr,
             peers: config.peers.clone(),
             batch_window: Duration::from_millis(config.replication.batch_window_ms),
             batch_bytes_max: config.replication.batch_bytes_max,

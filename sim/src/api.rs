@@ -213,20 +213,36 @@ impl NodeApi {
     /// The value of a counter in `GET /metrics`, summed over its labels; `None` when the page
     /// could not be read.
     pub async fn metric(&self, name: &str) -> Option<f64> {
+        Some(self.metric_series(name).await?.values().sum())
+    }
+
+    /// Every series of a metric in `GET /metrics`, by its label text (`{kind="changes"}`, or
+    /// empty without labels); `None` when the page could not be read.
+    pub async fn metric_series(
+        &self,
+        name: &str,
+    ) -> Option<std::collections::BTreeMap<String, f64>> {
         let answer = self
             .request(Method::GET, "/metrics", None)
             .await
             .ok()
             .filter(|a| a.status == StatusCode::OK)?;
         let text = String::from_utf8_lossy(&answer.body);
-        Some(
-            text.lines()
-                .filter(|l| {
-                    l.strip_prefix(name)
-                        .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-                })
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum(),
-        )
+        let mut series = std::collections::BTreeMap::new();
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix(name) else {
+                continue;
+            };
+            if !(rest.starts_with(' ') || rest.starts_with('{')) {
+                continue;
+            }
+            let Some((labels, value)) = rest.rsplit_once(' ') else {
+                continue;
+            };
+            if let Ok(value) = value.parse::<f64>() {
+                *series.entry(labels.trim().to_owned()).or_insert(0.0) += value;
+            }
+        }
+        Some(series)
     }
 }

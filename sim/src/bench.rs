@@ -26,7 +26,7 @@ use crate::workload::lock;
 /// before the measurement.
 const WARM_UP: Duration = Duration::from_secs(15);
 /// How long after the last write the bench waits for stragglers.
-const DRAIN: Duration = Duration::from_secs(10);
+const DRAIN: Duration = Duration::from_secs(2);
 /// The counter of replication frames sent.
 pub const MESSAGES_METRIC: &str = "verge_peer_messages_sent_total";
 
@@ -54,6 +54,8 @@ pub struct BroadcastReport {
     pub complete: usize,
     /// Replication frames sent in the measured window.
     pub messages: f64,
+    /// The same by kind (`{kind="changes"}` …).
+    pub by_kind: BTreeMap<String, f64>,
     /// Latencies from acknowledgement to the last node, sorted, in ms.
     pub latencies_ms: Vec<u64>,
 }
@@ -79,7 +81,7 @@ struct Observed {
     acked: BTreeMap<u64, Duration>,
     /// Per write, per node: when it first showed.
     seen: BTreeMap<u64, BTreeMap<usize, Duration>>,
-    messages: Vec<(usize, f64)>,
+    messages: Vec<BTreeMap<String, f64>>,
 }
 
 async fn watch(node: usize, observed: Arc<Mutex<Observed>>) {
@@ -120,13 +122,16 @@ async fn watch(node: usize, observed: Arc<Mutex<Observed>>) {
     }
 }
 
-async fn messages(nodes: usize) -> f64 {
-    let mut total = 0.0;
+async fn messages(nodes: usize) -> BTreeMap<String, f64> {
+    let mut total = BTreeMap::new();
     for i in 0..nodes {
-        total += NodeApi::of(&host_name(i))
-            .metric(MESSAGES_METRIC)
+        let series = NodeApi::of(&host_name(i))
+            .metric_series(MESSAGES_METRIC)
             .await
-            .unwrap_or(0.0);
+            .unwrap_or_default();
+        for (labels, value) in series {
+            *total.entry(labels).or_insert(0.0) += value;
+        }
     }
     total
 }
@@ -157,7 +162,7 @@ pub fn broadcast(config: &BroadcastConfig) -> Result<BroadcastReport, SimError> 
     let writer_observed = Arc::clone(&observed);
     cluster.client("writer", async move {
         let before = messages(nodes).await;
-        lock(&writer_observed).messages.push((0, before));
+        lock(&writer_observed).messages.push(before);
         let mut rng = StdRng::seed_from_u64(seed);
         let interval = Duration::from_secs(1) / rate;
         let writes = (duration.as_secs_f64() * f64::from(rate)) as u64;
@@ -181,7 +186,7 @@ pub fn broadcast(config: &BroadcastConfig) -> Result<BroadcastReport, SimError> 
         }
         tokio::time::sleep(DRAIN).await;
         let after = messages(nodes).await;
-        lock(&writer_observed).messages.push((1, after));
+        lock(&writer_observed).messages.push(after);
         Ok(())
     });
     let limit = config.duration + DRAIN + Duration::from_secs(120);
@@ -193,10 +198,14 @@ pub fn broadcast(config: &BroadcastConfig) -> Result<BroadcastReport, SimError> 
         }
     }
     let observed = lock(&observed);
-    let messages = match observed.messages.as_slice() {
-        [(_, before), (_, after)] => after - before,
+    let by_kind: BTreeMap<String, f64> = match observed.messages.as_slice() {
+        [before, after] => after
+            .iter()
+            .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
+            .collect(),
         _ => return Err(SimError::Invalid("the bench did not finish in time".into())),
     };
+    let messages = by_kind.values().sum();
     let mut latencies_ms = Vec::new();
     for (k, acked) in &observed.acked {
         let Some(seen) = observed.seen.get(k) else {
@@ -213,6 +222,7 @@ pub fn broadcast(config: &BroadcastConfig) -> Result<BroadcastReport, SimError> 
         writes: observed.acked.len(),
         complete: latencies_ms.len(),
         messages,
+        by_kind,
         latencies_ms,
     })
 }

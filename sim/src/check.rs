@@ -189,7 +189,8 @@ fn check_doc(id: &str, doc: &Value, exp: &Expectations, out: &mut Vec<Violation>
         })
     };
     // Own keys.
-    for (key, (acked, unknown)) in &exp.keys {
+    for (key, expected) in &exp.keys {
+        let (acked, unknown) = (&expected.acked, &expected.unknown);
         let actual = doc
             .get(key)
             .map(|v| v.as_str().map(str::to_owned).unwrap_or(v.to_string()));

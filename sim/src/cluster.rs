@@ -172,6 +172,8 @@ impl ClusterBuilder {
         // writes, as a disk with 4 KiB sectors gives.
         builder.fs().block_size(TORN_WRITE_BLOCK);
         let mut sim = builder.build();
+        // A new run starts at zero (the previous run on this thread left its end time here).
+        DRIVER_NOW.with(|n| n.set(Duration::ZERO));
         let trace = Trace::default();
         let mut nodes = Vec::with_capacity(self.nodes);
         for i in 0..self.nodes {
@@ -254,17 +256,15 @@ fn host_seed(seed: u64, index: usize, boot: u64) -> u64 {
     x ^ (x >> 31)
 }
 
-fn run_host(spec: Arc<HostSpec>) -> impl Future<Output = turmoil::Result> {
-    async move {
-        // A node that stops on an error exits, as a process would; the driver restarts it
-        // (see `Cluster::supervise`), as a service manager would.
-        if let Err(e) = run_node(&spec).await {
-            spec.trace
-                .event(format!("{} exited: {e}", host_name(spec.index)));
-        }
-        *crate::workload::lock(&spec.exited) = Some(now());
-        Ok(())
+async fn run_host(spec: Arc<HostSpec>) -> turmoil::Result {
+    // A node that stops on an error exits, as a process would; the driver restarts it (see
+    // `Cluster::supervise`), as a service manager would.
+    if let Err(e) = run_node(&spec).await {
+        spec.trace
+            .event(format!("{} exited: {e}", host_name(spec.index)));
     }
+    *crate::workload::lock(&spec.exited) = Some(now());
+    Ok(())
 }
 
 async fn run_node(spec: &HostSpec) -> turmoil::Result {
@@ -298,14 +298,14 @@ async fn run_node(spec: &HostSpec) -> turmoil::Result {
         config.node_id = Some(name.clone());
         config.data_dir = "/verge".into();
         config.api_addr = SocketAddr::new(turmoil::lookup(name.as_str()), API_PORT);
-        config.gossip_addr = SocketAddr::new(turmoil::lookup(name.as_str()), GOSSIP_PORT);
+        config.gossip_addr = SocketAddr::new(any, GOSSIP_PORT);
+        // The socket reports 0.0.0.0: peers must learn the host's own address.
+        config.advertise_addr = Some(SocketAddr::new(turmoil::lookup(name.as_str()), GOSSIP_PORT));
         config.peers = (0..spec.nodes)
             .filter(|j| *j != spec.index)
             .map(|j| SocketAddr::new(turmoil::lookup(host_name(j).as_str()), GOSSIP_PORT))
             .collect();
         config.auth = verge_node::auth::Auth::Open { explicit: true };
-        // Anti-entropy every 5 s instead of 30: repairs after a fault show within a short run.
-        config.replication.anti_entropy_interval_s = 5;
         if let Some(configure) = &spec.configure {
             configure(spec.index, &mut config);
         }
@@ -563,14 +563,15 @@ impl<'a> Cluster<'a> {
         timeout: Duration,
     ) -> Result<crate::check::FinalState, SimError> {
         let out: crate::check::SharedFinal = Arc::default();
-        let apis = (0..self.nodes.len())
-            .map(|i| crate::api::NodeApi::of(&host_name(i)))
-            .collect();
+        let nodes = self.nodes.len();
         let ids: Vec<String> = ids.iter().map(|s| (*s).to_owned()).collect();
         let prefix = common_prefix(&ids);
         let slot = Arc::clone(&out);
         let name = format!("converge-{}", self.clients);
         self.client(name, async move {
+            let apis = (0..nodes)
+                .map(|i| crate::api::NodeApi::of(&host_name(i)))
+                .collect();
             crate::check::converge(apis, ids, prefix, timeout, slot).await;
             Ok(())
         });

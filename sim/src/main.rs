@@ -189,6 +189,16 @@ fn main() -> ExitCode {
                         r.quantile_ms(0.9),
                         started.elapsed().as_secs_f64()
                     );
+                    for (kind, n) in &r.by_kind {
+                        println!("messages{kind} per_write={:.2}", n / r.writes.max(1) as f64);
+                    }
+                    println!(
+                        "latency_ms p10={} p50={} p90={} p99={}",
+                        r.quantile_ms(0.1),
+                        r.quantile_ms(0.5),
+                        r.quantile_ms(0.9),
+                        r.quantile_ms(0.99)
+                    );
                     println!(
                         "messages_per_write={:.2} median_ms={} max_ms={}",
                         r.messages_per_write(),

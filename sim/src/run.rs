@@ -87,6 +87,8 @@ pub fn run(config: &RunConfig) -> Result<Report, SimError> {
         .seed(config.seed)
         .latency(network.latency)
         .jitter(network.jitter)
+        // Anti-entropy every 5 s instead of 30: repairs after a fault show within a short run.
+        .configure(|_, config| config.replication.anti_entropy_interval_s = 5)
         .build()?;
     let trace = cluster.trace().clone();
     trace.event(format!(
@@ -99,9 +101,10 @@ pub fn run(config: &RunConfig) -> Result<Report, SimError> {
     // Create the shared documents, replicated to every node, before any client starts.
     {
         let (history, trace) = (Arc::clone(&history), trace.clone());
-        let replicas = config.nodes - 1;
+        let nodes = config.nodes;
         cluster.client("setup", async move {
-            workload::setup(NodeApi::of("n0"), docs, replicas, history, trace).await;
+            let all = (0..nodes).map(|i| NodeApi::of(&host_name(i))).collect();
+            workload::setup(NodeApi::of("n0"), all, docs, history, trace).await;
             Ok(())
         });
     }
@@ -181,7 +184,7 @@ pub fn run(config: &RunConfig) -> Result<Report, SimError> {
         trace.event(format!("violation {v}"));
     }
     let panics = panics::since(panics_before);
-    let mut needles: Vec<&str> = vec!["fault", "restart", "heal", "start boot"];
+    let mut needles: Vec<&str> = vec!["fault", "restart", "heal", "start boot", "exited"];
     for v in &violations {
         needles.extend(v.needles.iter().map(String::as_str));
     }
@@ -233,5 +236,13 @@ fn apply(cluster: &mut Cluster<'_>, fault: &Fault, down: &mut [bool]) {
         }
         Fault::Restart(_) => {}
         Fault::DiskErrors(i, n) => cluster.fail_syncs(*i, *n),
+        Fault::PowerCutAfterWrites(i, k) => {
+            cluster.trace().event(format!(
+                "fault power cut of n{i} after {k} more disk writes"
+            ));
+            if let Some(disk) = cluster.disk(*i) {
+                disk.power_cut_after_writes(*k);
+            }
+        }
     }
 }

@@ -21,6 +21,9 @@ pub enum Fault {
     Slow(usize, Duration),
     /// Power-cut a node: unsynced writes are lost.
     Crash(usize),
+    /// Cut a node's power at its `k`-th next disk write, in the middle of whatever commit is
+    /// under way (a `Crash` follows shortly).
+    PowerCutAfterWrites(usize, u64),
     /// Start a crashed node again.
     Restart(usize),
     /// Fail a node's next disk syncs (its commits fail).
@@ -257,7 +260,7 @@ pub const SCENARIOS: &[Scenario] = &[
     },
     Scenario {
         name: "crash-restart",
-        about: "power cuts: unsynced writes are lost, the node restarts on what its disk kept",
+        about: "power cuts, some in the middle of a commit: unsynced writes are lost or torn, the node restarts on what its disk kept",
         nodes_min: 1,
         plan: crash_restart,
         network: steady,

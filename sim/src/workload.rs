@@ -116,31 +116,44 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Creates the shared documents through `node`, waiting until `replicas` peers hold each
-/// (retrying on a timeout). Returns when all are created.
+/// Creates the shared documents through `node`, then waits until every one of `nodes` holds
+/// each. A create is sent again only when the node does not hold the document: a timed-out
+/// `?replicas` write is durable where it was made, and sending it twice would push `init`
+/// twice.
 pub async fn setup(
     node: NodeApi,
+    nodes: Vec<NodeApi>,
     docs: usize,
-    replicas: usize,
     history: SharedHistory,
     trace: Trace,
 ) {
+    let replicas = nodes.len().saturating_sub(1);
     for i in 0..docs {
+        let id = doc_id(i);
         let ops = json!([
             {"op": "inc", "path": ["n"], "by": 0},
             {"op": "push", "path": ["log"], "value": "init"},
             {"op": "splice", "path": ["t"], "index": 0, "text": ""},
         ]);
         loop {
-            let result = node
-                .patch_replicated(&doc_id(i), ops.clone(), replicas)
-                .await;
-            if matches!(&result, Ok(a) if a.status.is_success()) {
-                trace.event(format!("setup {} created", doc_id(i)));
-                break;
+            match node.get(&id).await {
+                Ok(a) if a.status.is_success() => break,
+                Ok(a) if a.status.as_u16() == 404 => {
+                    let result = node.patch_replicated(&id, ops.clone(), replicas).await;
+                    if matches!(&result, Ok(a) if a.status.is_success()) {
+                        break;
+                    }
+                }
+                _ => {}
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+        for other in &nodes {
+            while !matches!(other.get(&id).await, Ok(a) if a.status.is_success()) {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        trace.event(format!("setup {id} created on every node"));
     }
     lock(&history).ready = true;
 }
@@ -225,12 +238,24 @@ pub async fn client(
     }
 }
 
+/// A key's value: `None` when absent.
+pub type KeyValue = Option<String>;
+
+/// What a client's own key may hold at the end.
+#[derive(Debug, Default, Clone)]
+pub struct KeyExpectation {
+    /// The value the last acknowledged write left (`None`: no write was acknowledged, the key
+    /// is absent unless an unknown write set it).
+    pub acked: Option<KeyValue>,
+    /// Values that writes with an unknown outcome after it may have left instead.
+    pub unknown: Vec<KeyValue>,
+}
+
 /// Per document, what the writes of a history allow the final state to be.
 #[derive(Debug, Default, Clone)]
 pub struct Expectations {
-    /// Per client key: the acknowledged value at the end (`None`: absent) and the values that
-    /// unknown writes after it may have left instead.
-    pub keys: BTreeMap<String, (Option<Option<String>>, Vec<Option<String>>)>,
+    /// Per client key.
+    pub keys: BTreeMap<String, KeyExpectation>,
     /// Sum of acknowledged increments.
     pub counter_acked: i64,
     /// Sum of increments with an unknown outcome.
@@ -263,9 +288,12 @@ pub fn expectations(history: &History, docs: usize) -> Vec<Expectations> {
                 if outcome == Outcome::Acked {
                     // A client's writes are sequential: an acknowledged one supersedes all
                     // before it.
-                    *entry = (Some(value), Vec::new());
+                    *entry = KeyExpectation {
+                        acked: Some(value),
+                        unknown: Vec::new(),
+                    };
                 } else {
-                    entry.1.push(value);
+                    entry.unknown.push(value);
                 }
             }
             (WriteOp::Inc(by), Outcome::Acked) => e.counter_acked += by,

@@ -1,51 +1,93 @@
-//! Every scenario over a fixed set of seeds: the invariants hold. A failure prints the command
-//! that replays it.
+//! Every scenario over a fixed set of seeds, on 3 nodes and on 5: the invariants hold. A
+//! failure prints the command that replays it and the events that matter. Thousands more
+//! seeds: `scripts/sim-sweep.sh`.
 
 use std::time::Duration;
 
 use verge_sim::run::{RunConfig, run};
-use verge_sim::scenario::SCENARIOS;
+use verge_sim::scenario;
 use verge_sim::workload::WorkloadConfig;
 
-/// Seeds per scenario in CI; `scripts/sim-sweep.sh` runs thousands.
-const SEEDS: &[u64] = &[1, 2];
+/// Seeds each scenario runs with on 3 nodes in CI.
+const SEEDS: &[u64] = &[1, 2, 3];
+/// The seed each scenario runs with on 5 nodes in CI.
+const SEED_5_NODES: u64 = 4;
+/// Simulated seconds of workload per run.
+const DURATION_S: u64 = 8;
 
-#[test]
-fn every_scenario_keeps_the_invariants() {
+fn check(name: &str) {
     verge_sim::panics::install();
+    let scenario = scenario::find(name).expect("scenario exists");
+    let runs = SEEDS.iter().map(|s| (*s, 3)).chain([(SEED_5_NODES, 5)]);
     let mut failures = Vec::new();
-    for scenario in SCENARIOS {
-        for &seed in SEEDS {
-            let config = RunConfig {
-                seed,
-                nodes: 3.max(scenario.nodes_min),
-                scenario,
-                duration: Duration::from_secs(8),
-                workload: WorkloadConfig::default(),
-            };
-            let report =
-                run(&config).unwrap_or_else(|e| panic!("{} seed {seed}: {e}", scenario.name));
-            let (acked, _, _) = report.writes;
-            assert!(
-                acked > 0,
-                "{} seed {seed}: the workload made no acknowledged write",
-                scenario.name
-            );
-            if !report.ok() {
-                failures.push(format!(
-                    "verge-sim run --seed {seed} --nodes {} --scenario {}: {:?} {:?}\n{}",
-                    config.nodes,
-                    scenario.name,
-                    report
-                        .violations
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>(),
-                    report.panics,
-                    report.evidence.join("\n")
-                ));
+    for (seed, nodes) in runs {
+        let config = RunConfig {
+            seed,
+            nodes: nodes.max(scenario.nodes_min),
+            scenario,
+            duration: Duration::from_secs(DURATION_S),
+            workload: WorkloadConfig::default(),
+        };
+        let replay = format!(
+            "verge-sim run --seed {seed} --nodes {} --scenario {name} --duration {DURATION_S} --trace",
+            config.nodes
+        );
+        let report = match run(&config) {
+            Ok(r) => r,
+            Err(e) => {
+                failures.push(format!("{replay}\n  {e}"));
+                continue;
             }
+        };
+        let (acked, _, _) = report.writes;
+        assert!(
+            acked > 50,
+            "{replay}: only {acked} writes were acknowledged"
+        );
+        if !report.ok() {
+            failures.push(format!(
+                "{replay}\n  violations: {:?}\n  panics: {:?}\n{}",
+                report
+                    .violations
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>(),
+                report.panics,
+                report.evidence.join("\n")
+            ));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+macro_rules! scenarios {
+    ($($test:ident => $name:literal),* $(,)?) => {
+        $(
+            #[test]
+            fn $test() {
+                check($name);
+            }
+        )*
+
+        #[test]
+        fn every_scenario_is_tested() {
+            let tested = [$($name),*];
+            for s in scenario::SCENARIOS {
+                assert!(tested.contains(&s.name), "scenario {} has no test", s.name);
+            }
+        }
+    };
+}
+
+scenarios! {
+    baseline => "baseline",
+    partition_isolate => "partition-isolate",
+    partition_majority => "partition-majority",
+    partition_oneway => "partition-oneway",
+    partition_flapping => "partition-flapping",
+    loss_reorder => "loss-reorder",
+    crash_restart => "crash-restart",
+    disk_errors => "disk-errors",
+    slow_node => "slow-node",
+    chaos => "chaos",
 }

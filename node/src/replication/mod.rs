@@ -62,6 +62,9 @@ pub const SYNC_SESSIONS_PER_PEER_MAX: usize = 16;
 /// Replication settings.
 #[derive(Debug, Clone)]
 pub struct ReplicationConfig {
+    /// The address peers reach this node at, when it is not the bound one (listening on
+    /// every interface, NAT): it is this node's identity among its peers.
+    pub advertise_addr: Option<SocketAddr>,
     /// Seed peers.
     pub peers: Vec<SocketAddr>,
     /// How long changes wait to be batched.
@@ -164,7 +167,10 @@ impl Replication {
     ) -> Result<(Arc<Self>, Vec<JoinHandle<()>>), TransportError> {
         let (membership_tx, membership_rx) = mpsc::channel(MEMBERSHIP_QUEUE);
         let (relay_tx, relay_rx) = mpsc::channel(RELAY_QUEUE);
-        let local_addr = transport.local_addr()?;
+        let local_addr = match config.advertise_addr {
+            Some(addr) => addr,
+            None => transport.local_addr()?,
+        };
         let members = config
             .peers
             .iter()
@@ -661,8 +667,14 @@ impl Replication {
                 };
                 up += 1;
                 let now = self.clock.now_ms();
-                let interval_ms = i64::try_from(self.config.anti_entropy_interval.as_millis())
-                    .unwrap_or(i64::MAX);
+                // One session reconciles both ways (this side syncs what it has, the peer what
+                // it has), so of each pair only the node with the lower address starts the
+                // periodic rounds; both start one on every new connection.
+                let interval_ms = if self.local_addr < addr {
+                    i64::try_from(self.config.anti_entropy_interval.as_millis()).unwrap_or(i64::MAX)
+                } else {
+                    i64::MAX
+                };
                 let connection = conn.stable_id() as u64;
                 let due = lock(&self.members)
                     .get_mut(&addr)
@@ -791,11 +803,13 @@ impl Replication {
     }
 
     /// Documents to sync with a peer after reconciliation, deduplicated.
+    /// Documents that changed in the last moments are left out: the broadcast is delivering
+    /// them, and the next round checks them again.
     pub(crate) fn docs_for_digests(&self, digests: &[[u8; 32]]) -> Vec<verge_core::DocId> {
         let mut seen = HashSet::new();
         digests
             .iter()
-            .filter_map(|d| self.docs.doc_for_digest(d))
+            .filter_map(|d| self.docs.settled_doc_for_digest(d))
             .filter(|id| seen.insert(id.clone()))
             .collect()
     }
