@@ -136,6 +136,12 @@ pub struct PeerSchedule {
 
 impl PeerSchedule {
     /// Whether a session should start now on `connection`; if so it is recorded as started.
+    /// Whether a session on `connection` would be the first on it (a catch-up).
+    pub fn is_new(&self, connection: u64) -> bool {
+        self.connection != Some(connection)
+    }
+
+    /// Whether to start a session now; records the start.
     pub fn poll_start(&mut self, connection: u64, now_ms: i64, interval_ms: i64) -> bool {
         let new_connection = self.connection != Some(connection);
         let stale = self

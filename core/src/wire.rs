@@ -51,6 +51,10 @@ pub enum PeerMessage {
     SyncRequest {
         /// Digests of the receiver's documents to sync.
         digests: Vec<[u8; 32]>,
+        /// The session runs because the connection is new: the peer may have missed any
+        /// broadcast, so every document is synced, even one that just changed (periodic
+        /// rounds leave those to the broadcast delivering them).
+        catch_up: bool,
     },
     /// One message of an Automerge sync session for one document, on its own stream.
     /// `None` means the sender has nothing more to say for now.
@@ -202,7 +206,7 @@ impl PeerMessage {
                     )));
                 }
             }
-            PeerMessage::SyncRequest { digests }
+            PeerMessage::SyncRequest { digests, .. }
                 if digests.len() > WIRE_DIGESTS_PER_MESSAGE_MAX =>
             {
                 return Err(WireError::Limit(format!(
@@ -251,6 +255,7 @@ mod tests {
             },
             PeerMessage::SyncRequest {
                 digests: vec![[9; 32]],
+                catch_up: true,
             },
             PeerMessage::DocSync {
                 doc: id("a"),
@@ -331,9 +336,12 @@ mod tests {
     #[test]
     fn refuses_oversized_counts() {
         let digests = vec![[0u8; 32]; WIRE_DIGESTS_PER_MESSAGE_MAX + 1];
-        let frame = PeerMessage::SyncRequest { digests }
-            .to_frame()
-            .expect("encodes");
+        let frame = PeerMessage::SyncRequest {
+            digests,
+            catch_up: false,
+        }
+        .to_frame()
+        .expect("encodes");
         assert!(matches!(
             PeerMessage::from_body(&frame[4..]),
             Err(WireError::Limit(_))

@@ -676,14 +676,21 @@ impl Replication {
                     i64::MAX
                 };
                 let connection = conn.stable_id() as u64;
-                let due = lock(&self.members)
-                    .get_mut(&addr)
-                    .is_some_and(|m| m.schedule.poll_start(connection, now, interval_ms));
+                let (due, catch_up) =
+                    lock(&self.members)
+                        .get_mut(&addr)
+                        .map_or((false, false), |m| {
+                            let catch_up = m.schedule.is_new(connection);
+                            (
+                                m.schedule.poll_start(connection, now, interval_ms),
+                                catch_up,
+                            )
+                        });
                 if due {
                     let this = Arc::clone(&self);
                     let conn = conn.clone();
                     tokio::spawn(async move {
-                        match session::run_anti_entropy(&this, &conn).await {
+                        match session::run_anti_entropy(&this, &conn, catch_up).await {
                             Ok(synced) => {
                                 this.metrics.anti_entropy_session("ok");
                                 if synced > 0 {
@@ -803,13 +810,23 @@ impl Replication {
     }
 
     /// Documents to sync with a peer after reconciliation, deduplicated.
-    /// Documents that changed in the last moments are left out: the broadcast is delivering
-    /// them, and the next round checks them again.
-    pub(crate) fn docs_for_digests(&self, digests: &[[u8; 32]]) -> Vec<verge_core::DocId> {
+    /// Unless catching up a new connection, documents that changed in the last moments are
+    /// left out: the broadcast is delivering them, and the next round checks them again.
+    pub(crate) fn docs_for_digests(
+        &self,
+        digests: &[[u8; 32]],
+        catch_up: bool,
+    ) -> Vec<verge_core::DocId> {
         let mut seen = HashSet::new();
         digests
             .iter()
-            .filter_map(|d| self.docs.settled_doc_for_digest(d))
+            .filter_map(|d| {
+                if catch_up {
+                    self.docs.doc_for_digest(d)
+                } else {
+                    self.docs.settled_doc_for_digest(d)
+                }
+            })
             .filter(|id| seen.insert(id.clone()))
             .collect()
     }

@@ -55,9 +55,14 @@ fn decode(bytes: Option<Vec<u8>>) -> Result<Option<Message>, SessionError> {
 
 /// Reconciles with the peer on `conn` and syncs every document that differs. Returns how many
 /// documents were synced from this side.
+///
+/// A `catch_up` session (the first on a new connection) syncs every differing document; a
+/// periodic one leaves out documents that changed in the last moments, which the broadcast is
+/// still delivering.
 pub async fn run_anti_entropy(
     repl: &Arc<Replication>,
     conn: &Connection,
+    catch_up: bool,
 ) -> Result<usize, SessionError> {
     let started = tokio::time::Instant::now();
     let (mut send, mut recv) = conn.open_bi().await?;
@@ -114,13 +119,14 @@ pub async fn run_anti_entropy(
             &mut send,
             &PeerMessage::SyncRequest {
                 digests: init.need.clone(),
+                catch_up,
             },
             repl.metrics(),
         )
         .await?;
     }
     transport::finish(send);
-    let docs = repl.docs_for_digests(&init.have);
+    let docs = repl.docs_for_digests(&init.have, catch_up);
     let synced = docs.len();
     sync_docs(repl, conn.clone(), docs).await;
     repl.metrics().anti_entropy_docs.inc_by(synced as u64);
@@ -273,9 +279,9 @@ pub async fn respond_reconcile(
         .await?;
         match transport::read_frame(&mut recv).await? {
             Some(PeerMessage::Reconcile { message: next }) => message = next,
-            Some(PeerMessage::SyncRequest { digests }) => {
+            Some(PeerMessage::SyncRequest { digests, catch_up }) => {
                 transport::finish(send);
-                let docs = repl.docs_for_digests(&digests);
+                let docs = repl.docs_for_digests(&digests, catch_up);
                 repl.metrics().anti_entropy_docs.inc_by(docs.len() as u64);
                 sync_docs(repl, conn, docs).await;
                 return Ok(());
