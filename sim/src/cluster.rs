@@ -187,6 +187,11 @@ impl ClusterBuilder {
                 configure: self.configure.clone(),
                 trace: trace.clone(),
                 exited: std::sync::Mutex::new(None),
+                duplication: Arc::new(crate::net::udp::Duplication::new(host_seed(
+                    self.seed,
+                    i,
+                    u64::MAX,
+                ))),
             });
             let spec = Arc::clone(&host);
             sim.host(host_name(i), move || run_host(Arc::clone(&spec)));
@@ -237,6 +242,8 @@ struct HostSpec {
     boots: AtomicU64,
     configure: Option<Configure>,
     trace: Trace,
+    /// The duplication knob of the node's gossip socket.
+    duplication: Arc<crate::net::udp::Duplication>,
     /// When the node's process exited by itself, until it is restarted.
     exited: std::sync::Mutex<Option<Duration>>,
 }
@@ -286,7 +293,9 @@ async fn run_node(spec: &HostSpec) -> turmoil::Result {
         )?;
         let tls = spec.certs.node_tls(spec.index)?;
         let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
-        let socket = SimUdpSocket::bind(SocketAddr::new(any, GOSSIP_PORT)).await?;
+        let socket = SimUdpSocket::bind(SocketAddr::new(any, GOSSIP_PORT))
+            .await?
+            .with_duplication(Arc::clone(&spec.duplication));
         let transport = Transport::with_socket(
             Arc::new(socket),
             Arc::new(quinn::TokioRuntime),
@@ -486,6 +495,9 @@ impl<'a> Cluster<'a> {
                 }
             }
         }
+        for node in &self.nodes {
+            node.spec.duplication.set_rate(0.0);
+        }
     }
 
     /// Sets the one-way latency of every link of node `i`.
@@ -511,6 +523,14 @@ impl<'a> Cluster<'a> {
                 self.sim
                     .set_link_fail_rate(host_name(i).as_str(), host_name(j).as_str(), loss);
             }
+        }
+    }
+
+    /// Makes every node repeat this fraction of the datagrams it sends to its peers.
+    pub fn set_duplication(&mut self, p: f64) {
+        self.trace.event(format!("fault duplication={p}"));
+        for node in &self.nodes {
+            node.spec.duplication.set_rate(p);
         }
     }
 

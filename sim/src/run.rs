@@ -225,6 +225,7 @@ fn apply(cluster: &mut Cluster<'_>, fault: &Fault, down: &mut [bool]) {
         Fault::OneWay(a, b) => cluster.partition_oneway(a, b),
         Fault::Heal => cluster.heal(),
         Fault::Loss(p) => cluster.set_loss(*p),
+        Fault::Duplicate(p) => cluster.set_duplication(*p),
         Fault::Slow(i, latency) => cluster.slow_node(*i, *latency),
         Fault::Crash(i) => {
             cluster.crash(*i);

@@ -17,6 +17,8 @@ pub enum Fault {
     Heal,
     /// Lose this fraction of packets between nodes.
     Loss(f64),
+    /// Send this fraction of packets between nodes twice.
+    Duplicate(f64),
     /// Give every link of a node this one-way latency.
     Slow(usize, Duration),
     /// Power-cut a node: unsynced writes are lost.
@@ -160,8 +162,13 @@ fn flapping(rng: &mut StdRng, nodes: usize, duration: Duration) -> Vec<(Duration
 
 fn lossy(rng: &mut StdRng, _: usize, duration: Duration) -> Vec<(Duration, Fault)> {
     let loss = [0.02, 0.05, 0.1, 0.2][rng.random_range(0..4)];
+    let duplicate = [0.0, 0.01, 0.05][rng.random_range(0..3)];
     let (start, end) = window(rng, duration);
-    vec![(start, Fault::Loss(loss)), (end, Fault::Heal)]
+    vec![
+        (start, Fault::Loss(loss)),
+        (start, Fault::Duplicate(duplicate)),
+        (end, Fault::Heal),
+    ]
 }
 
 fn jittery(rng: &mut StdRng) -> Network {
@@ -253,7 +260,7 @@ pub const SCENARIOS: &[Scenario] = &[
     },
     Scenario {
         name: "loss-reorder",
-        about: "packet loss of 2-20% on jittery links that reorder packets",
+        about: "packet loss of 2-20% and duplication of 0-5% on jittery links that reorder packets",
         nodes_min: 2,
         plan: lossy,
         network: jittery,

@@ -206,6 +206,19 @@ pub async fn client(
                     json!([{"op": "splice", "path": ["t"], "index": 0, "text": token}]),
                 )
             }
+            90..95 => {
+                let result = node.list("sim/", 100).await;
+                if matches!(&result, Ok(a) if a.status.is_success()) {
+                    lock(&history).reads += 1;
+                }
+                trace.event(format!(
+                    "c{client} list -> {}",
+                    result
+                        .map(|a| a.status.as_u16().to_string())
+                        .unwrap_or_else(|e| e.to_string())
+                ));
+                continue;
+            }
             _ => {
                 let result = node.get(&id).await;
                 if matches!(&result, Ok(a) if a.status.is_success()) {

@@ -74,6 +74,51 @@ pub struct SimUdpSocket {
     readable: Mutex<Option<Readable>>,
     max_datagram: usize,
     counters: Counters,
+    faults: Option<Arc<Duplication>>,
+}
+
+/// Duplicates a fraction of the datagrams a socket sends (turmoil loses, delays and reorders
+/// packets but never repeats one). Shared by the simulator and the sockets of one host, and
+/// kept across its restarts; the choice of which datagram repeats comes from a seeded
+/// generator, so runs replay.
+#[derive(Debug)]
+pub struct Duplication {
+    /// Probability in millionths.
+    per_million: AtomicU64,
+    /// SplitMix64 state.
+    state: AtomicU64,
+}
+
+impl Duplication {
+    /// No duplication yet; `seed` drives the choices once a rate is set.
+    pub fn new(seed: u64) -> Self {
+        Self {
+            per_million: AtomicU64::new(0),
+            state: AtomicU64::new(seed),
+        }
+    }
+
+    /// Repeats each datagram sent with probability `p` (0 turns it off).
+    pub fn set_rate(&self, p: f64) {
+        let p = (p.clamp(0.0, 1.0) * 1_000_000.0) as u64;
+        self.per_million.store(p, Ordering::Relaxed);
+    }
+
+    fn roll(&self) -> bool {
+        let rate = self.per_million.load(Ordering::Relaxed);
+        if rate == 0 {
+            return false;
+        }
+        let x = self
+            .state
+            .fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed)
+            .wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        z % 1_000_000 < rate
+    }
 }
 
 #[derive(Debug, Default)]
@@ -113,7 +158,14 @@ impl SimUdpSocket {
             readable: Mutex::new(None),
             max_datagram: DEFAULT_MAX_DATAGRAM,
             counters: Counters::default(),
+            faults: None,
         }
+    }
+
+    /// Repeats datagrams as `duplication` says.
+    pub fn with_duplication(mut self, duplication: Arc<Duplication>) -> Self {
+        self.faults = Some(duplication);
+        self
     }
 
     /// Sets the largest datagram sent; larger ones are dropped as lost. quinn's initial
@@ -156,6 +208,11 @@ impl SimUdpSocket {
         match self.socket.try_send_to(datagram, destination) {
             Ok(_) => {
                 self.counters.sent.fetch_add(1, Ordering::Relaxed);
+                if self.faults.as_ref().is_some_and(|d| d.roll())
+                    && self.socket.try_send_to(datagram, destination).is_ok()
+                {
+                    self.counters.sent.fetch_add(1, Ordering::Relaxed);
+                }
             }
             Err(error) => {
                 self.counters

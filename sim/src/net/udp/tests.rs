@@ -390,3 +390,50 @@ fn a_full_receive_queue_drops_datagrams_silently() {
     });
     sim.run().expect("simulation");
 }
+
+/// With duplication on, a datagram arrives twice; off, once; the same seed repeats the same
+/// choices.
+#[test]
+fn duplication_repeats_datagrams() {
+    let all = Arc::new(Duplication::new(7));
+    all.set_rate(1.0);
+    let mut sim = turmoil::Builder::new()
+        .rng_seed(1)
+        .min_message_latency(Duration::from_millis(2))
+        .max_message_latency(Duration::from_millis(2))
+        .build();
+    sim.host("b", || async {
+        let socket = SimUdpSocket::bind(any(9000)).await?;
+        let mut bufs = vec![vec![0u8; 2048]; 8];
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            for (datagram, _) in recv_batch(&socket, &mut bufs).await? {
+                got.push(datagram);
+            }
+        }
+        assert_eq!(got, vec![b"one".to_vec(), b"one".to_vec(), b"two".to_vec()]);
+        Ok(())
+    });
+    let knob = Arc::clone(&all);
+    sim.client("a", async move {
+        let socket = SimUdpSocket::bind(any(0))
+            .await?
+            .with_duplication(Arc::clone(&knob));
+        let b = SocketAddr::new(turmoil::lookup("b"), 9000);
+        socket.try_send(&transmit(b, b"one"))?;
+        knob.set_rate(0.0);
+        socket.try_send(&transmit(b, b"two"))?;
+        assert_eq!(socket.stats().sent, 3);
+        Ok(())
+    });
+    sim.run().expect("runs");
+
+    let (a, b) = (Duplication::new(3), Duplication::new(3));
+    a.set_rate(0.3);
+    b.set_rate(0.3);
+    let rolls = |d: &Duplication| (0..100).map(|_| d.roll()).collect::<Vec<_>>();
+    let first = rolls(&a);
+    assert_eq!(first, rolls(&b));
+    let hits = first.iter().filter(|r| **r).count();
+    assert!((15..=45).contains(&hits), "about 30% repeat: {hits}");
+}
