@@ -200,6 +200,15 @@ impl ClusterBuilder {
                 up: true,
             });
         }
+        for i in 0..self.nodes {
+            let ip = sim.lookup(host_name(i).as_str());
+            if ip != gossip_addr(i).ip() {
+                return Err(SimError::Invalid(format!(
+                    "host n{i} got {ip}, not {}",
+                    gossip_addr(i).ip()
+                )));
+            }
+        }
         trace.event(format!(
             "cluster nodes={} seed={} latency={:?} jitter={:?} loss={}",
             self.nodes, self.seed, self.latency, self.jitter, self.loss
@@ -225,6 +234,13 @@ pub const TORN_WRITE_BLOCK: u64 = 4096;
 pub const UDP_QUEUE: usize = 4096;
 /// Segments a simulated TCP socket queues.
 pub const TCP_QUEUE: usize = 4096;
+
+/// The gossip address of node `i`: turmoil gives hosts 192.168.0.1, .2, … in the order they
+/// are registered, and the nodes are registered first (checked when a cluster is built).
+pub fn gossip_addr(i: usize) -> SocketAddr {
+    let last = u8::try_from(i + 1).unwrap_or(u8::MAX);
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 168, 0, last)), GOSSIP_PORT)
+}
 
 /// The host name of node `i`.
 pub fn host_name(i: usize) -> String {

@@ -82,13 +82,20 @@ pub fn run(config: &RunConfig) -> Result<Report, SimError> {
     let plan = config
         .scenario
         .plan(&mut rng, config.nodes, config.duration);
+    let relay = config.scenario.relay;
     let mut cluster = Cluster::builder()
         .nodes(config.nodes)
         .seed(config.seed)
         .latency(network.latency)
         .jitter(network.jitter)
-        // Anti-entropy every 5 s instead of 30: repairs after a fault show within a short run.
-        .configure(|_, config| config.replication.anti_entropy_interval_s = 5)
+        .configure(move |_, config| {
+            // Anti-entropy every 5 s instead of 30: repairs after a fault show within a short
+            // run.
+            config.replication.anti_entropy_interval_s = 5;
+            if relay {
+                config.replication.full_fanout_max = 1;
+            }
+        })
         .build()?;
     let trace = cluster.trace().clone();
     trace.event(format!(

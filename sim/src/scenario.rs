@@ -59,6 +59,9 @@ pub struct Scenario {
     pub about: &'static str,
     /// Least nodes it needs.
     pub nodes_min: usize,
+    /// Broadcast through a relay even in a small cluster (as clusters above
+    /// `full_fanout_max` peers do).
+    pub relay: bool,
     plan: fn(&mut StdRng, usize, Duration) -> Vec<(Duration, Fault)>,
     network: fn(&mut StdRng) -> Network,
 }
@@ -196,6 +199,14 @@ fn crash_restart(rng: &mut StdRng, nodes: usize, duration: Duration) -> Vec<(Dur
     plan
 }
 
+fn relay_crash(rng: &mut StdRng, nodes: usize, duration: Duration) -> Vec<(Duration, Fault)> {
+    let addrs: Vec<_> = (0..nodes).map(crate::cluster::gossip_addr).collect();
+    let relay = verge_core::gossip::relay(addrs[0], &addrs[1..]);
+    let node = addrs.iter().position(|a| *a == relay).unwrap_or(0);
+    let (start, end) = window(rng, duration);
+    vec![(start, Fault::Crash(node)), (end, Fault::Restart(node))]
+}
+
 fn disk_errors(rng: &mut StdRng, nodes: usize, duration: Duration) -> Vec<(Duration, Fault)> {
     let node = rng.random_range(0..nodes);
     let at = ms(rng, duration / 10, duration / 2);
@@ -227,6 +238,7 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "baseline",
         about: "no faults: the workload alone",
         nodes_min: 1,
+        relay: false,
         plan: none,
         network: steady,
     },
@@ -234,6 +246,7 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "partition-isolate",
         about: "one node cut off from all others, then healed",
         nodes_min: 2,
+        relay: false,
         plan: isolate,
         network: steady,
     },
@@ -241,6 +254,7 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "partition-majority",
         about: "a minority cut off from the majority, then healed",
         nodes_min: 3,
+        relay: false,
         plan: majority,
         network: steady,
     },
@@ -248,6 +262,7 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "partition-oneway",
         about: "one node hears the others but nothing it sends arrives",
         nodes_min: 2,
+        relay: false,
         plan: one_way,
         network: steady,
     },
@@ -255,6 +270,7 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "partition-flapping",
         about: "random splits that heal and return every few hundred ms",
         nodes_min: 2,
+        relay: false,
         plan: flapping,
         network: steady,
     },
@@ -262,6 +278,7 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "loss-reorder",
         about: "packet loss of 2-20% and duplication of 0-5% on jittery links that reorder packets",
         nodes_min: 2,
+        relay: false,
         plan: lossy,
         network: jittery,
     },
@@ -269,6 +286,7 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "crash-restart",
         about: "power cuts, some in the middle of a commit: unsynced writes are lost or torn, the node restarts on what its disk kept",
         nodes_min: 1,
+        relay: false,
         plan: crash_restart,
         network: steady,
     },
@@ -276,6 +294,7 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "disk-errors",
         about: "a node's disk fails a few syncs: its commits fail and must not be acknowledged",
         nodes_min: 1,
+        relay: false,
         plan: disk_errors,
         network: steady,
     },
@@ -283,13 +302,23 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "slow-node",
         about: "one node's links slow to 200-1500 ms",
         nodes_min: 2,
+        relay: false,
         plan: slow,
+        network: steady,
+    },
+    Scenario {
+        name: "relay-crash",
+        about: "broadcast through a relay, and the relay loses power for a few seconds",
+        nodes_min: 3,
+        relay: true,
+        plan: relay_crash,
         network: steady,
     },
     Scenario {
         name: "chaos",
         about: "a random mix of the above, overlapping",
         nodes_min: 3,
+        relay: false,
         plan: chaos,
         network: jittery,
     },

@@ -89,5 +89,6 @@ scenarios! {
     crash_restart => "crash-restart",
     disk_errors => "disk-errors",
     slow_node => "slow-node",
+    relay_crash => "relay-crash",
     chaos => "chaos",
 }
