@@ -284,3 +284,133 @@ fn check_doc(id: &str, doc: &Value, exp: &Expectations, out: &mut Vec<Violation>
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::workload::{Outcome, Write, WriteOp};
+
+    fn write(client: usize, op: WriteOp, outcome: Outcome) -> Write {
+        Write {
+            client,
+            doc: 0,
+            op,
+            outcome,
+        }
+    }
+
+    fn state(docs: &[Value]) -> FinalState {
+        let nodes = docs
+            .iter()
+            .map(|doc| {
+                let mut m = BTreeMap::new();
+                m.insert(
+                    doc_id(0),
+                    Some(DocView {
+                        heads: vec!["h".into()],
+                        doc: doc.clone(),
+                    }),
+                );
+                m
+            })
+            .collect();
+        FinalState {
+            nodes,
+            converged: true,
+            took: Duration::ZERO,
+        }
+    }
+
+    fn history() -> History {
+        History {
+            writes: vec![
+                write(0, WriteOp::Set("c0.1".into()), Outcome::Acked),
+                write(0, WriteOp::Set("c0.2".into()), Outcome::Unknown),
+                write(1, WriteOp::Set("c1.1".into()), Outcome::Acked),
+                write(1, WriteOp::Del, Outcome::Acked),
+                write(0, WriteOp::Inc(3), Outcome::Acked),
+                write(1, WriteOp::Inc(2), Outcome::Unknown),
+                write(1, WriteOp::Inc(5), Outcome::Refused),
+                write(0, WriteOp::Push("c0.3".into()), Outcome::Acked),
+                write(1, WriteOp::Push("c1.3".into()), Outcome::Unknown),
+                write(0, WriteOp::Splice("<c0.4>".into()), Outcome::Acked),
+            ],
+            reads: 0,
+            ready: true,
+        }
+    }
+
+    fn good() -> Value {
+        json!({"c0": "c0.2", "n": 5, "log": ["init", "c0.3"], "t": "<c0.4>"})
+    }
+
+    fn violations(doc: Value) -> Vec<String> {
+        verify(&state(&[doc]), &history(), 1)
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn a_state_the_history_allows_passes() {
+        assert_eq!(violations(good()), Vec::<String>::new());
+        let mut other = good();
+        other["c0"] = json!("c0.1");
+        other["n"] = json!(3);
+        assert_eq!(
+            violations(other),
+            Vec::<String>::new(),
+            "unknown writes may be absent"
+        );
+    }
+
+    #[test]
+    fn every_broken_invariant_is_reported() {
+        let mut lost = good();
+        lost["log"] = json!(["init"]);
+        assert!(violations(lost)[0].contains("acknowledged list item c0.3 is missing"));
+
+        let mut doubled = good();
+        doubled["log"] = json!(["init", "c0.3", "c0.3"]);
+        assert!(violations(doubled)[0].contains("appears 2 times"));
+
+        let mut invented = good();
+        invented["log"] = json!(["init", "c0.3", "zz"]);
+        assert!(violations(invented)[0].contains("never written"));
+
+        let mut counter = good();
+        counter["n"] = json!(2);
+        assert!(violations(counter)[0].contains("counter n is Some(2)"));
+        let mut counter = good();
+        counter["n"] = json!(10);
+        assert!(
+            violations(counter)[0].contains("counter n"),
+            "a refused increment counted"
+        );
+
+        let mut key = good();
+        key["c1"] = json!("c1.1");
+        assert!(
+            violations(key)[0].contains("key c1"),
+            "an acknowledged delete undone"
+        );
+
+        let mut text = good();
+        text["t"] = json!("");
+        assert!(violations(text)[0].contains("<c0.4> appears 0 times"));
+        let mut text = good();
+        text["t"] = json!("<c0.4>x");
+        assert!(violations(text)[0].contains("no client wrote"));
+    }
+
+    #[test]
+    fn replicas_that_differ_are_reported() {
+        let mut state = state(&[good(), good()]);
+        state.converged = false;
+        let found = verify(&state, &history(), 1);
+        assert_eq!(found.len(), 1);
+        assert!(found[0].what.contains("did not converge"));
+    }
+}

@@ -222,6 +222,12 @@ fn run_config(
     scenario: &'static scenario::Scenario,
     duration: u64,
 ) -> Result<RunConfig, String> {
+    if !(1..=verge_sim::cluster::NODES_MAX).contains(&nodes) {
+        return Err(format!(
+            "--nodes must be 1 to {}",
+            verge_sim::cluster::NODES_MAX
+        ));
+    }
     if nodes < scenario.nodes_min {
         return Err(format!(
             "scenario {} needs at least {} nodes",
@@ -328,6 +334,13 @@ fn sweep(seeds: &str, scenario: Option<&str>, nodes: usize, duration: u64) -> Ex
         },
         None => SCENARIOS.iter().filter(|s| s.nodes_min <= nodes).collect(),
     };
+    if scenarios.is_empty() || nodes > verge_sim::cluster::NODES_MAX {
+        eprintln!(
+            "error: --nodes must be 1 to {}",
+            verge_sim::cluster::NODES_MAX
+        );
+        return ExitCode::from(2);
+    }
     let started = Instant::now();
     let (mut runs, mut failed, mut simulated) = (0u64, Vec::new(), Duration::ZERO);
     for seed in a..b {
