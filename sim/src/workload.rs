@@ -127,7 +127,11 @@ pub async fn setup(
     history: SharedHistory,
     trace: Trace,
 ) {
-    let replicas = nodes.len().saturating_sub(1);
+    // The API waits for at most 16 replicas; the loop below waits for the rest.
+    let replicas = nodes
+        .len()
+        .saturating_sub(1)
+        .min(verge_node::http::REPLICAS_MAX);
     for i in 0..docs {
         let id = doc_id(i);
         let ops = json!([

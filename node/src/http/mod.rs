@@ -2,6 +2,7 @@
 
 mod auth;
 mod docs;
+pub use docs::REPLICAS_MAX;
 mod error;
 pub mod limits;
 mod node;
