@@ -8,12 +8,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde_json::Value;
-use turmoil::net::TcpStream;
+
+use crate::net::tcp::{HttpError, SimHttp};
 
 /// The port every simulated node serves its API on.
 pub const API_PORT: u16 = 7070;
@@ -21,30 +21,10 @@ pub const API_PORT: u16 = 7070;
 pub const GOSSIP_PORT: u16 = 7946;
 /// How long a client waits for an answer before it gives up (the outcome is then unknown).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
-/// Largest response body read.
-const RESPONSE_BYTES_MAX: usize = 16 * 1024 * 1024;
 
-/// Why a request got no answer.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ApiError {
-    /// The connection was refused: the node is down or partitioned away. The request was not
-    /// sent.
-    #[error("connection refused")]
-    Refused,
-    /// No answer in time: the request may or may not have been applied.
-    #[error("timed out")]
-    Timeout,
-    /// The connection broke or the answer was malformed: the request may have been applied.
-    #[error("{0}")]
-    Broken(String),
-}
-
-impl ApiError {
-    /// Whether the request certainly never reached the node.
-    pub fn not_sent(&self) -> bool {
-        matches!(self, Self::Refused)
-    }
-}
+/// Why a request got no answer: refused (never sent, [`HttpError::not_sent`]), timed out or
+/// broken (it may have been applied).
+pub type ApiError = HttpError;
 
 /// An answer: status and body.
 #[derive(Debug, Clone)]
@@ -94,6 +74,24 @@ impl NodeApi {
         self.addr.ip()
     }
 
+    fn build(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Request<Bytes>, ApiError> {
+        let bytes = body.map(|b| b.to_string()).unwrap_or_default();
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .header(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )
+            .body(Bytes::from(bytes))
+            .map_err(|e| HttpError::Protocol(e.to_string()))
+    }
+
     /// Sends one request and reads the whole answer.
     pub async fn request(
         &self,
@@ -101,26 +99,14 @@ impl NodeApi {
         path: &str,
         body: Option<Value>,
     ) -> Result<Answer, ApiError> {
-        match tokio::time::timeout(self.timeout, self.exchange(method, path, body)).await {
-            Ok(result) => result,
-            Err(_) => Err(ApiError::Timeout),
-        }
-    }
-
-    async fn exchange(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> Result<Answer, ApiError> {
-        let response = self.send(method, path, body).await?;
-        let status = response.status();
-        let body = http_body_util::Limited::new(response.into_body(), RESPONSE_BYTES_MAX)
-            .collect()
-            .await
-            .map_err(|e| ApiError::Broken(e.to_string()))?
-            .to_bytes();
-        Ok(Answer { status, body })
+        let request = self.build(method, path, body)?;
+        let response = SimHttp::new(self.timeout)
+            .send(&self.addr.ip().to_string(), self.addr.port(), request)
+            .await?;
+        Ok(Answer {
+            status: response.status(),
+            body: response.into_body(),
+        })
     }
 
     /// Sends a request and returns the response with its body still streaming (for watch).
@@ -130,31 +116,10 @@ impl NodeApi {
         path: &str,
         body: Option<Value>,
     ) -> Result<hyper::Response<Incoming>, ApiError> {
-        let stream = TcpStream::connect(self.addr).await.map_err(|e| {
-            if e.kind() == std::io::ErrorKind::ConnectionRefused {
-                ApiError::Refused
-            } else {
-                ApiError::Broken(e.to_string())
-            }
-        })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        let request = self.build(method, path, body)?;
+        SimHttp::new(self.timeout)
+            .stream(&self.addr.ip().to_string(), self.addr.port(), request)
             .await
-            .map_err(|e| ApiError::Broken(e.to_string()))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let bytes = body.map(|b| b.to_string()).unwrap_or_default();
-        let request = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", self.addr.to_string())
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(bytes)))
-            .map_err(|e| ApiError::Broken(e.to_string()))?;
-        sender
-            .send_request(request)
-            .await
-            .map_err(|e| ApiError::Broken(e.to_string()))
     }
 
     /// `GET /v1/docs/{id}`.

@@ -20,7 +20,7 @@ use serde_json::json;
 
 use crate::api::NodeApi;
 use crate::cluster::{Cluster, SimError, host_name};
-use crate::workload::lock;
+use crate::lock;
 
 /// Simulated time the cluster gets to form (membership, connections, first anti-entropy)
 /// before the measurement.

@@ -17,7 +17,8 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::api::NodeApi;
-use crate::workload::{Expectations, History, doc_id, expectations, lock};
+use crate::lock;
+use crate::workload::{Expectations, History, doc_id, expectations};
 
 /// One node's view of one document.
 #[derive(Debug, Clone, PartialEq, Eq)]

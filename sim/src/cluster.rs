@@ -286,7 +286,7 @@ async fn run_host(spec: Arc<HostSpec>) -> turmoil::Result {
         spec.trace
             .event(format!("{} exited: {e}", host_name(spec.index)));
     }
-    *crate::workload::lock(&spec.exited) = Some(now());
+    *crate::lock(&spec.exited) = Some(now());
     Ok(())
 }
 
@@ -451,7 +451,7 @@ impl<'a> Cluster<'a> {
         for i in 0..self.nodes.len() {
             let node = &self.nodes[i];
             let due = {
-                let mut exited = crate::workload::lock(&node.spec.exited);
+                let mut exited = crate::lock(&node.spec.exited);
                 match *exited {
                     Some(at) if node.up && now >= at + RESTART_DELAY => {
                         *exited = None;
@@ -612,7 +612,7 @@ impl<'a> Cluster<'a> {
             Ok(())
         });
         self.run_clients(timeout + Duration::from_secs(30))?;
-        let state = crate::workload::lock(&out).clone();
+        let state = crate::lock(&out).clone();
         Ok(state)
     }
 

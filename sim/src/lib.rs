@@ -33,6 +33,12 @@ pub mod workload;
 
 pub use cluster::{Cluster, ClusterBuilder, SimError, now};
 
+/// Locks a mutex shared by simulated hosts, whose holders never panic while holding it (a
+/// panic fails the run anyway).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Logs to stderr when `RUST_LOG` asks for it (`RUST_LOG=verge_node=debug`); silent otherwise,
 /// since a sweep runs thousands of nodes.
 pub fn init_logging() {

@@ -7,11 +7,12 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 use crate::api::NodeApi;
-use crate::check::{self, FinalState, Violation};
+use crate::check::{self, Violation};
 use crate::cluster::{Cluster, SimError, host_name};
+use crate::lock;
 use crate::panics;
 use crate::scenario::{Fault, Scenario};
-use crate::workload::{self, History, WorkloadConfig, lock};
+use crate::workload::{self, History, WorkloadConfig};
 
 /// How long the cluster gets to agree after the faults healed.
 pub const CONVERGE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -162,19 +163,9 @@ pub fn run(config: &RunConfig) -> Result<Report, SimError> {
         cluster.elapsed().as_secs_f64()
     ));
 
-    let final_state: check::SharedFinal = Arc::new(Mutex::new(FinalState::default()));
-    {
-        let out = Arc::clone(&final_state);
-        let nodes = config.nodes;
-        cluster.client("checker", async move {
-            let apis = (0..nodes).map(|i| NodeApi::of(&host_name(i))).collect();
-            let ids = (0..docs).map(workload::doc_id).collect();
-            check::converge(apis, ids, "sim/".into(), CONVERGE_TIMEOUT, out).await;
-            Ok(())
-        });
-    }
-    cluster.run_clients(CONVERGE_TIMEOUT + Duration::from_secs(30))?;
-    let state = lock(&final_state).clone();
+    let ids: Vec<String> = (0..docs).map(workload::doc_id).collect();
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let state = cluster.converge(&ids, CONVERGE_TIMEOUT)?;
     let history = lock(&history);
     let violations = check::verify(&state, &history, docs);
     for (i, node) in state.nodes.iter().enumerate() {

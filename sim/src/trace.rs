@@ -34,7 +34,7 @@ impl Trace {
     /// Records an event at the current simulated time.
     pub fn event(&self, what: impl AsRef<str>) {
         let line = format!("{:>9.3}s {}", crate::now().as_secs_f64(), what.as_ref());
-        let mut inner = crate::workload::lock(&self.0);
+        let mut inner = crate::lock(&self.0);
         inner.hasher.update(line.as_bytes());
         inner.hasher.update(b"\n");
         inner.count += 1;
@@ -45,13 +45,13 @@ impl Trace {
 
     /// The hash of every event so far, in hex.
     pub fn hash(&self) -> String {
-        let inner = crate::workload::lock(&self.0);
+        let inner = crate::lock(&self.0);
         hex::encode(inner.hasher.clone().finalize())
     }
 
     /// Events recorded.
     pub fn len(&self) -> u64 {
-        crate::workload::lock(&self.0).count
+        crate::lock(&self.0).count
     }
 
     /// Whether nothing was recorded.
@@ -61,7 +61,7 @@ impl Trace {
 
     /// The kept events containing any of `needles` (all kept events when `needles` is empty).
     pub fn matching(&self, needles: &[&str]) -> Vec<String> {
-        let inner = crate::workload::lock(&self.0);
+        let inner = crate::lock(&self.0);
         inner
             .events
             .iter()

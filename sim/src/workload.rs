@@ -18,6 +18,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 
 use crate::api::{Answer, ApiError, NodeApi};
+use crate::lock;
 use crate::trace::Trace;
 
 /// The workload's shape.
@@ -111,10 +112,6 @@ pub struct History {
 
 /// The history shared by all clients of a run.
 pub type SharedHistory = Arc<Mutex<History>>;
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// Creates the shared documents through `node`, then waits until every one of `nodes` holds
 /// each. A create is sent again only when the node does not hold the document: a timed-out

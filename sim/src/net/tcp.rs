@@ -94,6 +94,9 @@ impl axum::serve::Listener for SimListener {
     }
 }
 
+/// Largest response body [`SimHttp`] reads; a larger one fails as a protocol error.
+pub const RESPONSE_BYTES_MAX: usize = 16 * 1024 * 1024;
+
 /// Why a simulated HTTP request got no response.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -118,6 +121,11 @@ pub enum HttpError {
 }
 
 impl HttpError {
+    /// Whether the request certainly never reached the server ([`HttpError::Refused`]).
+    pub fn not_sent(&self) -> bool {
+        matches!(self, Self::Refused(_))
+    }
+
     /// Whether the server could not be reached at all ([`HttpError::Refused`] or
     /// [`HttpError::Timeout`]): the request may or may not have been applied when it timed out.
     pub fn is_unreachable(&self) -> bool {
@@ -208,6 +216,28 @@ impl SimHttp {
             .await
     }
 
+    /// Sends a prepared request to `host:port` and returns the response once its headers
+    /// arrived, its body still streaming (server-sent events, say). The timeout bounds the
+    /// wait for the headers only; the connection lives as long as the body is read.
+    pub async fn stream(
+        &self,
+        host: &str,
+        port: u16,
+        request: Request<Bytes>,
+    ) -> Result<Response<hyper::body::Incoming>, HttpError> {
+        let headers = async {
+            let (mut sender, connection, request) = connect(host, port, request).await?;
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            Ok(sender.send_request(request).await?)
+        };
+        match tokio::time::timeout(self.timeout, headers).await {
+            Ok(result) => result,
+            Err(_) => Err(HttpError::Timeout(self.timeout)),
+        }
+    }
+
     /// Sends a prepared request (its URI is the path and query) to `host:port` and returns
     /// the whole response, headers included. A `Host` header is added unless present.
     pub async fn send(
@@ -223,11 +253,19 @@ impl SimHttp {
     }
 }
 
-async fn exchange(
+/// Connects to `host:port` and adds a `Host` header to `request` unless it has one.
+async fn connect(
     host: &str,
     port: u16,
     request: Request<Bytes>,
-) -> Result<Response<Bytes>, HttpError> {
+) -> Result<
+    (
+        hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+        hyper::client::conn::http1::Connection<TokioIo<TcpStream>, Full<Bytes>>,
+        Request<Full<Bytes>>,
+    ),
+    HttpError,
+> {
     let stream = match TcpStream::connect((host, port)).await {
         Ok(stream) => stream,
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
@@ -235,7 +273,7 @@ async fn exchange(
         }
         Err(e) => return Err(HttpError::Io(e)),
     };
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(HttpError::from)?;
 
@@ -249,12 +287,30 @@ async fn exchange(
             HeaderValue::from_str(&authority).map_err(|e| HttpError::Protocol(e.to_string()))?;
         parts.headers.insert(header::HOST, value);
     }
-    let request = Request::from_parts(parts, Full::new(body));
+    Ok((
+        sender,
+        connection,
+        Request::from_parts(parts, Full::new(body)),
+    ))
+}
 
+async fn exchange(
+    host: &str,
+    port: u16,
+    request: Request<Bytes>,
+) -> Result<Response<Bytes>, HttpError> {
+    let (mut sender, connection, request) = connect(host, port, request).await?;
     let exchange = async move {
         let response = sender.send_request(request).await?;
         let (parts, body) = response.into_parts();
-        let body = body.collect().await?.to_bytes();
+        let body = http_body_util::Limited::new(body, RESPONSE_BYTES_MAX)
+            .collect()
+            .await
+            .map_err(|e| match e.downcast::<hyper::Error>() {
+                Ok(e) => HttpError::from(*e),
+                Err(e) => HttpError::Protocol(e.to_string()),
+            })?
+            .to_bytes();
         Ok::<_, HttpError>(Response::from_parts(parts, body))
     };
     tokio::pin!(exchange);
