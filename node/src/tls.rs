@@ -127,17 +127,7 @@ pub fn create_ca(dir: &Path) -> Result<(PathBuf, PathBuf), TlsError> {
         }
     }
     let key = KeyPair::generate_for(&PKCS_ED25519)?;
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "Verge cluster CA");
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let cert = params.self_signed(&key)?;
+    let cert = ca_params()?.self_signed(&key)?;
     write_file(&cert_path, &cert.pem(), false)?;
     write_file(&key_path, &key.serialize_pem(), true)?;
     Ok((cert_path, key_path))
@@ -187,8 +177,24 @@ pub fn create_node_cert(dir: &Path, name: &str) -> Result<(PathBuf, PathBuf), Tl
     Ok((cert_path, key_path))
 }
 
-fn node_cert(name: &str, issuer: &Issuer<'_, KeyPair>) -> Result<(String, String), TlsError> {
-    let key = KeyPair::generate_for(&PKCS_ED25519)?;
+/// What a cluster CA certificate says (the simulator signs its own with these too).
+pub fn ca_params() -> Result<CertificateParams, TlsError> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "Verge cluster CA");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    Ok(params)
+}
+
+/// What a node certificate says: [`CLUSTER_SERVER_NAME`] and the node's name, for both ends
+/// of mutual TLS.
+pub fn node_cert_params(name: &str) -> Result<CertificateParams, TlsError> {
     let mut params = CertificateParams::new(vec![CLUSTER_SERVER_NAME.to_owned(), name.to_owned()])?;
     params.distinguished_name.push(DnType::CommonName, name);
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -196,7 +202,12 @@ fn node_cert(name: &str, issuer: &Issuer<'_, KeyPair>) -> Result<(String, String
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
-    let cert = params.signed_by(&key, issuer)?;
+    Ok(params)
+}
+
+fn node_cert(name: &str, issuer: &Issuer<'_, KeyPair>) -> Result<(String, String), TlsError> {
+    let key = KeyPair::generate_for(&PKCS_ED25519)?;
+    let cert = node_cert_params(name)?.signed_by(&key, issuer)?;
     Ok((cert.pem(), key.serialize_pem()))
 }
 

@@ -3,16 +3,14 @@
 //! The node's own certificate commands draw keys from the operating system. A simulation needs
 //! the same bytes on every run: Ed25519 keys from seeded bytes (their signatures are
 //! deterministic and always the same length, so handshakes are the same size), fixed serial
-//! numbers, and rcgen's fixed default validity.
+//! numbers, and rcgen's fixed default validity. What the certificates say is the node's own
+//! (`verge_node::tls::ca_params`, `node_cert_params`).
 
 use std::path::Path;
 
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, PKCS_ED25519, SerialNumber,
-};
+use rcgen::{Issuer, KeyPair, PKCS_ED25519, SerialNumber};
 use rustls_pki_types::PrivatePkcs8KeyDer;
 use verge_node::tls::NodeTls;
 
@@ -21,9 +19,6 @@ use verge_node::tls::NodeTls;
 const ED25519_PKCS8_PREFIX: [u8; 16] = [
     0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
 ];
-
-/// The name every node certificate carries (the node checks peers against it).
-const CLUSTER_SERVER_NAME: &str = "verge-node";
 
 /// Why certificates could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -57,16 +52,7 @@ impl ClusterCerts {
     pub fn generate(seed: u64, nodes: usize) -> Result<Self, CertError> {
         let mut rng = StdRng::seed_from_u64(seed ^ 0x7365_7274_7321);
         let (ca_key, _) = key_from(&mut rng)?;
-        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "Verge simulated cluster CA");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        let mut params = verge_node::tls::ca_params().map_err(err)?;
         params.serial_number = Some(SerialNumber::from(vec![1]));
         let ca = params.self_signed(&ca_key).map_err(err)?;
         let ca_pem = ca.pem();
@@ -75,15 +61,7 @@ impl ClusterCerts {
         for i in 0..nodes {
             let (key, key_pem) = key_from(&mut rng)?;
             let name = format!("n{i}");
-            let mut params =
-                CertificateParams::new(vec![CLUSTER_SERVER_NAME.to_owned(), name.clone()])
-                    .map_err(err)?;
-            params.distinguished_name.push(DnType::CommonName, name);
-            params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-            params.extended_key_usages = vec![
-                ExtendedKeyUsagePurpose::ServerAuth,
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ];
+            let mut params = verge_node::tls::node_cert_params(&name).map_err(err)?;
             params.serial_number = Some(SerialNumber::from((i as u64 + 2).to_be_bytes().to_vec()));
             let cert = params.signed_by(&key, &issuer).map_err(err)?;
             certs.push((cert.pem(), key_pem));
