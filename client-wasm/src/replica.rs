@@ -194,7 +194,7 @@ impl Replica {
 
     fn write(&mut self, write: &Write, now_ms: i64) -> Result<bool, ClientError> {
         let applied = apply(&mut self.doc, write, Expiry::Keep, now_ms)?;
-        Ok(applied.change.is_some())
+        Ok(applied.changed())
     }
 
     /// Whether this replica holds changes the node has not acknowledged.

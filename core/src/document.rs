@@ -5,13 +5,16 @@
 //! tombstone and the expiry. Time comes in as an argument (`now_ms`); nothing here reads a clock
 //! or draws randomness, so the same inputs always produce the same change.
 
-use automerge::transaction::{CommitOptions, Transactable};
+use std::collections::{HashMap, HashSet};
+
+use automerge::transaction::{CommitOptions, Transactable, Transaction};
 use automerge::{
-    ActorId, Automerge, AutomergeError, ChangeHash, LoadOptions, ObjId, ObjType, Prop, ROOT,
-    ReadDoc, ScalarValue, TextEncoding, Value,
+    ActorId, Automerge, AutomergeError, Change, ChangeHash, LoadOptions, ObjId, ObjType, Prop,
+    ROOT, ReadDoc, ScalarValue, TextEncoding, Value,
 };
 use serde_json::{Map, Value as Json};
 
+use crate::implicit::{self, Kind};
 use crate::limits::{JSON_DEPTH_MAX, KEY_BYTES_MAX};
 use crate::ops::{Op, PathSegment, RESERVED_KEY_PREFIX, check_depth};
 
@@ -171,15 +174,32 @@ pub enum ApplyError {
 }
 
 /// The outcome of [`apply`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Applied {
-    /// The new change's hash, or `None` when the write changed nothing.
-    pub change: Option<ChangeHash>,
+    /// Every change the write added, in causal order: the implicit creations it needed (see
+    /// [`crate::implicit`]), its own change, and the increments of counters left conflicting by
+    /// older versions. Empty when the write changed nothing.
+    pub changes: Vec<ChangeHash>,
     /// The document's lifecycle after the write (saves reading it back).
     pub lifecycle: Lifecycle,
 }
 
-/// Applies `write` to `doc` as one change stamped with `now_ms`. On error nothing is changed.
+impl Applied {
+    /// Whether the write changed the document.
+    pub fn changed(&self) -> bool {
+        !self.changes.is_empty()
+    }
+}
+
+/// How many times [`apply`] runs a write: once to find the containers it creates, once more
+/// after creating them. A third run would mean the first missed one, which is a bug.
+const ATTEMPTS_MAX: usize = 3;
+
+/// Applies `write` to `doc` stamped with `now_ms`. On error nothing is changed.
+///
+/// The write's ops form one change. Containers its ops create implicitly are created first, each
+/// by a change of its own that every replica builds identically ([`crate::implicit`]), so the
+/// write's ops land in the same objects wherever they are applied.
 pub fn apply(
     doc: &mut Automerge,
     write: &Write,
@@ -191,87 +211,209 @@ pub fn apply(
     }
     let lifecycle = Lifecycle::of(doc);
     let expired = lifecycle.expired(now_ms);
-    let mut tx = doc.transaction();
-    let result = (|| {
-        if expired {
-            // An expired document reads as absent; writing it starts again from empty.
-            let keys: Vec<String> = tx.keys(ROOT).collect();
-            for key in keys.iter().filter(|k| !k.starts_with(RESERVED_KEY_PREFIX)) {
-                tx.delete(ROOT, key.as_str()).map_err(internal)?;
-            }
-            if expiry == Expiry::Keep {
-                tx.delete(ROOT, EXPIRES_AT_KEY).map_err(internal)?;
-            }
-        }
-        match write {
-            Write::Ops(ops) => {
-                for (index, op) in ops.iter().enumerate() {
-                    apply_op(&mut tx, op).map_err(|reason| ApplyError::NotApplicable {
-                        index,
-                        path: op.path().to_string(),
-                        reason,
-                    })?;
-                }
-            }
-            Write::Replace(map) => replace_map(&mut tx, &ROOT, map, true)
-                .map_err(|e| ApplyError::InvalidDocument(e.to_string()))?,
-            Write::Delete => {
-                let keys: Vec<String> = tx.keys(ROOT).collect();
-                for key in keys.iter().filter(|k| k.as_str() != DELETED_KEY) {
-                    tx.delete(ROOT, key.as_str()).map_err(internal)?;
-                }
-                tx.put(ROOT, DELETED_KEY, true).map_err(internal)?;
-                return Ok(());
-            }
-        }
-        if lifecycle.deleted {
-            tx.put(ROOT, DELETED_KEY, false).map_err(internal)?;
-        }
-        match expiry {
-            Expiry::Keep => {}
-            Expiry::Clear if lifecycle.expires_at_ms.is_some() && !expired => {
-                tx.delete(ROOT, EXPIRES_AT_KEY).map_err(internal)?
-            }
-            Expiry::Clear => {}
-            Expiry::At(ms) => tx.put(ROOT, EXPIRES_AT_KEY, ms).map_err(internal)?,
-        }
-        Ok(())
-    })();
-    match result {
-        Ok(()) => {
-            let time_s = now_ms.div_euclid(1000);
-            let (change, _) = tx.commit_with(CommitOptions::default().with_time(time_s));
-            // This change's ops supersede every lifecycle value this replica has seen, so the
-            // new state follows from the old one and the write alone.
-            let lifecycle = match (write, expiry) {
-                (Write::Delete, _) => Lifecycle {
-                    deleted: true,
-                    expires_at_ms: None,
-                },
-                (_, Expiry::At(at)) => Lifecycle {
-                    deleted: false,
-                    expires_at_ms: Some(at),
-                },
-                (_, Expiry::Clear) => Lifecycle {
-                    deleted: false,
-                    expires_at_ms: None,
-                },
-                (_, Expiry::Keep) => Lifecycle {
-                    deleted: false,
-                    expires_at_ms: if expired {
-                        None
-                    } else {
-                        lifecycle.expires_at_ms
-                    },
-                },
-            };
-            Ok(Applied { change, lifecycle })
-        }
-        Err(e) => {
+    let time_s = now_ms.div_euclid(1000);
+    let mut changes = Vec::new();
+    for _ in 0..ATTEMPTS_MAX {
+        let mut scope = Scope::default();
+        let mut tx = doc.transaction();
+        if let Err(e) = run(&mut tx, &mut scope, write, expiry, lifecycle, expired) {
             tx.rollback();
-            Err(e)
+            // Creations made for this write are kept only when it succeeds; a failure on the
+            // run after them (which saw the same state) cannot happen, so there are none here.
+            return Err(e);
+        }
+        if !scope.needs.is_empty() {
+            tx.rollback();
+            create_needed(doc, &scope.needs, &mut changes)?;
+            continue;
+        }
+        let (change, _) = tx.commit_with(CommitOptions::default().with_time(time_s));
+        changes.extend(change);
+        if !scope.legacy_incs.is_empty() {
+            changes.push(commit_legacy_incs(doc, &scope.legacy_incs, change, time_s)?);
+        }
+        return Ok(Applied {
+            changes,
+            lifecycle: lifecycle_after(write, expiry, lifecycle, expired),
+        });
+    }
+    Err(ApplyError::NotApplicable {
+        index: 0,
+        path: String::new(),
+        reason: "implicit creation did not settle".to_owned(),
+    })
+}
+
+/// Runs `write`'s ops in `tx`.
+fn run(
+    tx: &mut Transaction<'_>,
+    scope: &mut Scope,
+    write: &Write,
+    expiry: Expiry,
+    lifecycle: Lifecycle,
+    expired: bool,
+) -> Result<(), ApplyError> {
+    if expired {
+        // An expired document reads as absent; writing it starts again from empty.
+        let keys: Vec<String> = tx.keys(ROOT).collect();
+        for key in keys.iter().filter(|k| !k.starts_with(RESERVED_KEY_PREFIX)) {
+            delete_key(tx, scope, &ROOT, key).map_err(internal)?;
+        }
+        if expiry == Expiry::Keep {
+            tx.delete(ROOT, EXPIRES_AT_KEY).map_err(internal)?;
         }
     }
+    match write {
+        Write::Ops(ops) => {
+            for (index, op) in ops.iter().enumerate() {
+                apply_op(tx, scope, op).map_err(|reason| ApplyError::NotApplicable {
+                    index,
+                    path: op.path().to_string(),
+                    reason,
+                })?;
+            }
+        }
+        Write::Replace(map) => replace_map(tx, scope, &ROOT, map, true)
+            .map_err(|e| ApplyError::InvalidDocument(e.to_string()))?,
+        Write::Delete => {
+            let keys: Vec<String> = tx.keys(ROOT).collect();
+            for key in keys.iter().filter(|k| k.as_str() != DELETED_KEY) {
+                delete_key(tx, scope, &ROOT, key).map_err(internal)?;
+            }
+            tx.put(ROOT, DELETED_KEY, true).map_err(internal)?;
+            return Ok(());
+        }
+    }
+    if lifecycle.deleted {
+        tx.put(ROOT, DELETED_KEY, false).map_err(internal)?;
+    }
+    match expiry {
+        Expiry::Keep => {}
+        Expiry::Clear if lifecycle.expires_at_ms.is_some() && !expired => {
+            tx.delete(ROOT, EXPIRES_AT_KEY).map_err(internal)?
+        }
+        Expiry::Clear => {}
+        Expiry::At(ms) => tx.put(ROOT, EXPIRES_AT_KEY, ms).map_err(internal)?,
+    }
+    Ok(())
+}
+
+/// The lifecycle after a successful write: its ops supersede every lifecycle value this
+/// replica has seen, so the new state follows from the old one and the write alone.
+fn lifecycle_after(write: &Write, expiry: Expiry, before: Lifecycle, expired: bool) -> Lifecycle {
+    match (write, expiry) {
+        (Write::Delete, _) => Lifecycle {
+            deleted: true,
+            expires_at_ms: None,
+        },
+        (_, Expiry::At(at)) => Lifecycle {
+            deleted: false,
+            expires_at_ms: Some(at),
+        },
+        (_, Expiry::Clear) => Lifecycle {
+            deleted: false,
+            expires_at_ms: None,
+        },
+        (_, Expiry::Keep) => Lifecycle {
+            deleted: false,
+            expires_at_ms: if expired { None } else { before.expires_at_ms },
+        },
+    }
+}
+
+/// Makes the creation changes a write needs, parents first, recording their hashes.
+fn create_needed(
+    doc: &mut Automerge,
+    needs: &[Need],
+    changes: &mut Vec<ChangeHash>,
+) -> Result<(), ApplyError> {
+    let fail = |reason: String| ApplyError::NotApplicable {
+        index: 0,
+        path: String::new(),
+        reason,
+    };
+    let mut made: Vec<Option<ObjId>> = Vec::with_capacity(needs.len());
+    for need in needs {
+        let parent = match &need.parent {
+            NeedParent::Existing(id) => id.clone(),
+            NeedParent::Need(i) => made
+                .get(*i)
+                .cloned()
+                .flatten()
+                .ok_or_else(|| fail("an implicit parent was not created".to_owned()))?,
+        };
+        let hash = implicit::create(doc, &parent, &need.key, need.kind)
+            .map_err(|e| fail(e.to_string()))?;
+        changes.push(hash);
+        made.push(match doc.get(&parent, need.key.as_str()) {
+            Ok(Some((Value::Object(_), id))) => Some(id),
+            _ => None,
+        });
+    }
+    Ok(())
+}
+
+/// Commits increments of counters that older versions let replicas create concurrently, each
+/// adding to one of them only (Automerge's own increment adds to all, counting it once per
+/// counter). Reads sum them, so the total moves by exactly the increment.
+fn commit_legacy_incs(
+    doc: &mut Automerge,
+    incs: &[LegacyInc],
+    last_own: Option<ChangeHash>,
+    time_s: i64,
+) -> Result<ChangeHash, ApplyError> {
+    let fail = |reason: &str| ApplyError::NotApplicable {
+        index: 0,
+        path: String::new(),
+        reason: reason.to_owned(),
+    };
+    let seq = match last_own {
+        Some(hash) => doc.get_change_meta_by_hash(&hash).map(|m| m.seq),
+        None => doc.get_last_local_change().map(|c| c.seq()),
+    }
+    .unwrap_or(0)
+        + 1;
+    let deps = doc.get_heads();
+    let max_op = deps
+        .iter()
+        .filter_map(|h| doc.get_change_meta_by_hash(h).map(|m| m.max_op))
+        .max()
+        .unwrap_or(0);
+    let mut operations = Vec::with_capacity(incs.len());
+    for inc in incs {
+        let (ObjId::Id(counter, actor, _), obj) = (&inc.target, &inc.obj) else {
+            return Err(fail("a counter has no op id"));
+        };
+        let obj = match obj {
+            ObjId::Root => automerge::legacy::ObjectId::Root,
+            ObjId::Id(c, a, _) => {
+                automerge::legacy::ObjectId::Id(automerge::legacy::OpId(*c, a.clone()))
+            }
+        };
+        operations.push(automerge::legacy::Op {
+            action: automerge::legacy::OpType::Increment(inc.by),
+            obj,
+            key: automerge::legacy::Key::Map(inc.key.as_str().into()),
+            pred: vec![automerge::legacy::OpId(*counter, actor.clone())].into(),
+            insert: false,
+        });
+    }
+    let change = Change::from(automerge::ExpandedChange {
+        operations,
+        actor_id: doc.get_actor().clone(),
+        hash: None,
+        seq,
+        start_op: std::num::NonZeroU64::new(max_op + 1).unwrap_or(std::num::NonZeroU64::MIN),
+        time: time_s,
+        message: None,
+        deps,
+        extra_bytes: Vec::new(),
+        author: None,
+    });
+    let hash = change.hash();
+    doc.apply_changes([change])
+        .map_err(|e| fail(&e.to_string()))?;
+    Ok(hash)
 }
 
 fn internal(e: AutomergeError) -> ApplyError {
@@ -280,6 +422,101 @@ fn internal(e: AutomergeError) -> ApplyError {
         path: String::new(),
         reason: e.to_string(),
     }
+}
+
+/// What one run of a write in a transaction learned.
+#[derive(Default)]
+struct Scope {
+    /// Objects this run created in its own change: nothing made inside them can race.
+    fresh: HashSet<ObjId>,
+    /// Map keys this run deleted: a container made there again is this write's own.
+    deleted: HashSet<(ObjId, String)>,
+    /// Containers to create as changes of their own before the write's change.
+    needs: Vec<Need>,
+    /// The objects standing in for `needs` during this run, by need index.
+    stand_ins: HashMap<ObjId, usize>,
+    /// Increments of counters left conflicting by older versions.
+    legacy_incs: Vec<LegacyInc>,
+}
+
+/// A container an op creates at a key nothing occupied before the write.
+struct Need {
+    parent: NeedParent,
+    key: String,
+    kind: Kind,
+}
+
+enum NeedParent {
+    /// An object that exists before the write.
+    Existing(ObjId),
+    /// The container of an earlier need.
+    Need(usize),
+}
+
+/// One increment of one of several concurrent counters at a map key.
+struct LegacyInc {
+    obj: ObjId,
+    key: String,
+    /// The counter that takes the increment (the one Automerge shows).
+    target: ObjId,
+    by: i64,
+}
+
+fn delete_key<T: Transactable>(
+    tx: &mut T,
+    scope: &mut Scope,
+    obj: &ObjId,
+    key: &str,
+) -> Result<(), AutomergeError> {
+    tx.delete(obj, key)?;
+    scope.deleted.insert((obj.clone(), key.to_owned()));
+    Ok(())
+}
+
+/// Creates `kind` at `key` of `parent`, where nothing is. Returns the new object (none for a
+/// counter).
+///
+/// Inside an object this write created, or at a key it emptied, the container is the write's
+/// own and is created in its change. Anywhere else replicas may race to create it, so it is
+/// recorded as a need (and a stand-in created so the rest of the run can go on).
+fn ensure<T: Transactable>(
+    tx: &mut T,
+    scope: &mut Scope,
+    parent: &ObjId,
+    key: &str,
+    kind: Kind,
+) -> Result<Option<ObjId>, String> {
+    let err = |e: AutomergeError| e.to_string();
+    let made = match kind {
+        Kind::Counter => {
+            tx.put(parent, key, ScalarValue::counter(0)).map_err(err)?;
+            None
+        }
+        Kind::Map => Some(tx.put_object(parent, key, ObjType::Map).map_err(err)?),
+        Kind::List => Some(tx.put_object(parent, key, ObjType::List).map_err(err)?),
+        Kind::Text => Some(tx.put_object(parent, key, ObjType::Text).map_err(err)?),
+    };
+    let own =
+        scope.fresh.contains(parent) || scope.deleted.contains(&(parent.clone(), key.to_owned()));
+    if own {
+        if let Some(id) = &made {
+            scope.fresh.insert(id.clone());
+        }
+    } else {
+        let parent = match scope.stand_ins.get(parent) {
+            Some(i) => NeedParent::Need(*i),
+            None => NeedParent::Existing(parent.clone()),
+        };
+        scope.needs.push(Need {
+            parent,
+            key: key.to_owned(),
+            kind,
+        });
+        if let Some(id) = &made {
+            scope.stand_ins.insert(id.clone(), scope.needs.len() - 1);
+        }
+    }
+    Ok(made)
 }
 
 /// Checks a `PUT` body: no reserved root keys, bounded depth and key length.
@@ -324,16 +561,18 @@ fn describe(seg: &PathSegment) -> String {
     }
 }
 
-/// Walks the path's parent segments from the root. Missing map keys become maps when `create`;
-/// otherwise a missing step yields `None`.
+/// Walks the path's parent segments from the root. Missing map keys are created when `create`
+/// (maps, except a last parent of kind `last`); otherwise a missing step yields `None`.
 fn resolve_parent<T: Transactable>(
     tx: &mut T,
+    scope: &mut Scope,
     parents: &[PathSegment],
     create: bool,
+    last: Kind,
 ) -> Result<Option<Target>, String> {
     let mut obj = ROOT;
     let mut obj_type = ObjType::Map;
-    for seg in parents {
+    for (i, seg) in parents.iter().enumerate() {
         let next = match (obj_type, seg) {
             (ObjType::Map | ObjType::Table, PathSegment::Key(k)) => {
                 match tx.get(&obj, k.as_str()).map_err(|e| e.to_string())? {
@@ -342,10 +581,19 @@ fn resolve_parent<T: Transactable>(
                         return Err(format!("{} holds a scalar, not an object", describe(seg)));
                     }
                     None if create => {
-                        let id = tx
-                            .put_object(&obj, k.as_str(), ObjType::Map)
-                            .map_err(|e| e.to_string())?;
-                        Some((id, ObjType::Map))
+                        let kind = if i + 1 == parents.len() {
+                            last
+                        } else {
+                            Kind::Map
+                        };
+                        let id = ensure(tx, scope, &obj, k, kind)?
+                            .ok_or_else(|| "a path step cannot be a counter".to_owned())?;
+                        let t = match kind {
+                            Kind::List => ObjType::List,
+                            Kind::Text => ObjType::Text,
+                            Kind::Map | Kind::Counter => ObjType::Map,
+                        };
+                        Some((id, t))
                     }
                     None => None,
                 }
@@ -391,10 +639,106 @@ fn prop_of(target: &Target, last: &PathSegment) -> Result<Prop, String> {
     }
 }
 
-fn apply_op<T: Transactable>(tx: &mut T, op: &Op) -> Result<(), String> {
+/// The container of kind `kind` at `prop` of `target`, created when the key is missing.
+fn container_at<T: Transactable>(
+    tx: &mut T,
+    scope: &mut Scope,
+    target: &Target,
+    prop: Prop,
+    kind: Kind,
+) -> Result<ObjId, String> {
+    let (want, name) = match kind {
+        Kind::List => (ObjType::List, "push needs a list"),
+        Kind::Text => (ObjType::Text, "splice needs a text"),
+        Kind::Map | Kind::Counter => (ObjType::Map, "needs a map"),
+    };
+    match tx
+        .get(&target.obj, prop.clone())
+        .map_err(|e| e.to_string())?
+    {
+        Some((Value::Object(t), id)) if t == want => Ok(id),
+        Some(_) => Err(format!("{name}, the value there is not one")),
+        None => match prop {
+            Prop::Map(key) => ensure(tx, scope, &target.obj, &key, kind)?
+                .ok_or_else(|| format!("{name}, and none was created")),
+            Prop::Seq(_) => Err(format!("{name}, the index is out of range")),
+        },
+    }
+}
+
+/// The sum of the counters at `prop` of `obj` and the one Automerge shows, or `None` when the
+/// values there are not all counters (or there are none).
+fn counters_at<T: Transactable>(
+    tx: &T,
+    obj: &ObjId,
+    prop: Prop,
+) -> Result<Option<(i64, usize, ObjId)>, String> {
+    let values = tx.get_all(obj, prop).map_err(|e| e.to_string())?;
+    let mut sum = 0i64;
+    for (v, _) in &values {
+        match v {
+            Value::Scalar(s) => match s.as_ref() {
+                ScalarValue::Counter(c) => sum = sum.wrapping_add(i64::from(c)),
+                _ => return Ok(None),
+            },
+            Value::Object(_) => return Ok(None),
+        }
+    }
+    // `get_all` lists conflicting values in Automerge's order; the last one is the winner.
+    Ok(values.last().map(|(_, id)| (sum, values.len(), id.clone())))
+}
+
+/// Adds `by` to the counter at `prop` of `obj` (`current` is its value, `count` how many
+/// conflicting counters make it up, `winner` the one Automerge shows).
+fn add_to_counter<T: Transactable>(
+    tx: &mut T,
+    scope: &mut Scope,
+    obj: &ObjId,
+    prop: Prop,
+    counter: (i64, usize, ObjId),
+    by: i64,
+) -> Result<(), String> {
+    let (current, count, winner) = counter;
+    let pending: i64 = scope
+        .legacy_incs
+        .iter()
+        .filter(|inc| &inc.obj == obj && Prop::Map(inc.key.clone()) == prop)
+        .fold(0i64, |sum, inc| sum.wrapping_add(inc.by));
+    if current
+        .checked_add(pending)
+        .and_then(|c| c.checked_add(by))
+        .is_none()
+    {
+        return Err(format!(
+            "inc by {by} would take the counter at {current} outside the 64-bit integer range"
+        ));
+    }
+    match (count, prop) {
+        (1, prop) => tx.increment(obj, prop, by).map_err(|e| e.to_string()),
+        (_, Prop::Map(key)) => {
+            scope.legacy_incs.push(LegacyInc {
+                obj: obj.clone(),
+                key,
+                target: winner,
+                by,
+            });
+            Ok(())
+        }
+        // Conflicting counters in a list element come only from other Automerge writers; the
+        // increment adds to each of them, as Automerge's own does.
+        (_, prop) => tx.increment(obj, prop, by).map_err(|e| e.to_string()),
+    }
+}
+
+fn apply_op<T: Transactable>(tx: &mut T, scope: &mut Scope, op: &Op) -> Result<(), String> {
     let (parents, last) = op.path().split_last();
     let create = !matches!(op, Op::Del { .. });
-    let Some(target) = resolve_parent(tx, parents, create)? else {
+    let last_parent = if matches!(op, Op::Insert { .. }) {
+        Kind::List
+    } else {
+        Kind::Map
+    };
+    let Some(target) = resolve_parent(tx, scope, parents, create, last_parent)? else {
         return Ok(()); // `del` below a missing parent: nothing to delete.
     };
     let err = |e: AutomergeError| e.to_string();
@@ -405,53 +749,37 @@ fn apply_op<T: Transactable>(tx: &mut T, op: &Op) -> Result<(), String> {
                 if n >= len {
                     return Err(format!("index {n} is out of range for a list of {len}"));
                 }
-                write_value(tx, &target.obj, Prop::Seq(n), value, false)
+                write_value(tx, scope, &target.obj, Prop::Seq(n), value, false)
             }
-            prop => write_value(tx, &target.obj, prop, value, false),
+            prop => write_value(tx, scope, &target.obj, prop, value, false),
         },
         Op::Del { .. } => match prop_of(&target, last)? {
             Prop::Seq(n) if n >= tx.length(&target.obj) => {
                 let len = tx.length(&target.obj);
                 Err(format!("index {n} is out of range for a list of {len}"))
             }
-            prop => {
-                if tx.get(&target.obj, prop.clone()).map_err(err)?.is_some() {
-                    tx.delete(&target.obj, prop).map_err(err)?;
+            Prop::Map(key) => {
+                if tx.get(&target.obj, key.as_str()).map_err(err)?.is_some() {
+                    delete_key(tx, scope, &target.obj, &key).map_err(err)?;
                 }
                 Ok(())
             }
+            prop => tx.delete(&target.obj, prop).map_err(err),
         },
         Op::Inc { by, .. } => {
             let prop = prop_of(&target, last)?;
-            let values = tx.get_all(&target.obj, prop.clone()).map_err(err)?;
-            if values.is_empty() {
-                if let Prop::Seq(n) = prop {
-                    return Err(format!("index {n} is out of range"));
+            if tx.get(&target.obj, prop.clone()).map_err(err)?.is_none() {
+                match &prop {
+                    Prop::Seq(n) => return Err(format!("index {n} is out of range")),
+                    Prop::Map(key) => {
+                        ensure(tx, scope, &target.obj, key, Kind::Counter)?;
+                    }
                 }
-                return tx
-                    .put(&target.obj, prop, ScalarValue::counter(*by))
-                    .map_err(err);
             }
-            let counters = values
-                .iter()
-                .filter(|(v, _)| matches!(v, Value::Scalar(s) if matches!(s.as_ref(), ScalarValue::Counter(_))))
-                .count();
-            if counters != values.len() {
-                return Err("inc needs a counter; the value there is not one (numbers written by set or PUT are plain numbers: create counters with inc)".to_owned());
-            }
-            if values.len() > 1 {
-                // Replicas created this counter concurrently. Automerge would add `by` to each
-                // of them, counting it several times; fold them into one counter instead.
-                let sum = conflicting_counters_sum(tx, &target.obj, prop.clone()).unwrap_or(0);
-                return tx
-                    .put(
-                        &target.obj,
-                        prop,
-                        ScalarValue::counter(sum.wrapping_add(*by)),
-                    )
-                    .map_err(err);
-            }
-            tx.increment(&target.obj, prop, *by).map_err(err)
+            let counter = counters_at(tx, &target.obj, prop.clone())?.ok_or_else(|| {
+                "inc needs a counter; the value there is not one (numbers written by set or PUT are plain numbers: create counters with inc)".to_owned()
+            })?;
+            add_to_counter(tx, scope, &target.obj, prop, counter, *by)
         }
         Op::Insert { value, .. } => {
             let PathSegment::Index(n) = last else {
@@ -466,20 +794,13 @@ fn apply_op<T: Transactable>(tx: &mut T, op: &Op) -> Result<(), String> {
                     "index {n} is out of range for inserting into a list of {len}"
                 ));
             }
-            write_value(tx, &target.obj, Prop::Seq(*n), value, true)
+            write_value(tx, scope, &target.obj, Prop::Seq(*n), value, true)
         }
         Op::Push { value, .. } => {
             let prop = prop_of(&target, last)?;
-            let list = match tx.get(&target.obj, prop.clone()).map_err(err)? {
-                Some((Value::Object(ObjType::List), id)) => id,
-                Some(_) => return Err("push needs a list, the value there is not one".to_owned()),
-                None if matches!(prop, Prop::Map(_)) => tx
-                    .put_object(&target.obj, prop, ObjType::List)
-                    .map_err(err)?,
-                None => return Err("push needs a list, the index is out of range".to_owned()),
-            };
+            let list = container_at(tx, scope, &target, prop, Kind::List)?;
             let len = tx.length(&list);
-            write_value(tx, &list, Prop::Seq(len), value, true)
+            write_value(tx, scope, &list, Prop::Seq(len), value, true)
         }
         Op::Splice {
             index,
@@ -488,14 +809,7 @@ fn apply_op<T: Transactable>(tx: &mut T, op: &Op) -> Result<(), String> {
             ..
         } => {
             let prop = prop_of(&target, last)?;
-            let obj = match tx.get(&target.obj, prop.clone()).map_err(err)? {
-                Some((Value::Object(ObjType::Text), id)) => id,
-                Some(_) => return Err("splice needs a text, the value there is not one".to_owned()),
-                None if matches!(prop, Prop::Map(_)) => tx
-                    .put_object(&target.obj, prop, ObjType::Text)
-                    .map_err(err)?,
-                None => return Err("splice needs a text, the index is out of range".to_owned()),
-            };
+            let obj = container_at(tx, scope, &target, prop, Kind::Text)?;
             let len = tx.length(&obj);
             let end = index.checked_add(*delete);
             if *index > len || end.is_none_or(|end| end > len) {
@@ -510,9 +824,11 @@ fn apply_op<T: Transactable>(tx: &mut T, op: &Op) -> Result<(), String> {
     }
 }
 
-/// Writes a JSON value at `prop` of `obj`, inserting into a list when `insert`.
+/// Writes a JSON value at `prop` of `obj`, inserting into a list when `insert`. Objects and
+/// arrays are written whole as new objects: explicit writes are last-writer-wins.
 fn write_value<T: Transactable>(
     tx: &mut T,
+    scope: &mut Scope,
     obj: &ObjId,
     prop: Prop,
     value: &Json,
@@ -535,15 +851,16 @@ fn write_value<T: Transactable>(
         (Prop::Seq(n), true) => tx.insert_object(obj, n, object_type).map_err(err)?,
         (prop, _) => tx.put_object(obj, prop, object_type).map_err(err)?,
     };
+    scope.fresh.insert(child.clone());
     match value {
         Json::Array(items) => {
             for (i, item) in items.iter().enumerate() {
-                write_value(tx, &child, Prop::Seq(i), item, true)?;
+                write_value(tx, scope, &child, Prop::Seq(i), item, true)?;
             }
         }
         Json::Object(map) => {
             for (k, v) in map {
-                write_value(tx, &child, Prop::Map(k.clone()), v, false)?;
+                write_value(tx, scope, &child, Prop::Map(k.clone()), v, false)?;
             }
         }
         _ => {}
@@ -573,6 +890,7 @@ fn json_scalar(value: &Json) -> ScalarValue {
 /// nested maps and lists are diffed recursively, texts are diffed, counters are incremented.
 fn replace_map<T: Transactable>(
     tx: &mut T,
+    scope: &mut Scope,
     obj: &ObjId,
     want: &Map<String, Json>,
     is_root: bool,
@@ -583,17 +901,18 @@ fn replace_map<T: Transactable>(
             continue;
         }
         if !want.contains_key(&key) {
-            tx.delete(obj, key.as_str())?;
+            delete_key(tx, scope, obj, &key)?;
         }
     }
     for (key, value) in want {
-        replace_at(tx, obj, Prop::Map(key.clone()), value)?;
+        replace_at(tx, scope, obj, Prop::Map(key.clone()), value)?;
     }
     Ok(())
 }
 
 fn replace_at<T: Transactable>(
     tx: &mut T,
+    scope: &mut Scope,
     obj: &ObjId,
     prop: Prop,
     want: &Json,
@@ -601,26 +920,40 @@ fn replace_at<T: Transactable>(
     let current = tx.get(obj, prop.clone())?;
     match (current, want) {
         (Some((Value::Object(ObjType::Map | ObjType::Table), id)), Json::Object(map)) => {
-            replace_map(tx, &id, map, false)
+            replace_map(tx, scope, &id, map, false)
         }
         (Some((Value::Object(ObjType::List), id)), Json::Array(items)) => {
-            replace_list(tx, &id, items)
+            replace_list(tx, scope, &id, items)
         }
         (Some((Value::Object(ObjType::Text), id)), Json::String(s)) => tx.update_text(&id, s),
         (Some((Value::Scalar(cur), _)), want) if !want.is_object() && !want.is_array() => {
             match (cur.as_ref(), want.as_i64()) {
-                (ScalarValue::Counter(c), Some(n)) => {
-                    let delta = n.wrapping_sub(i64::from(c));
-                    if delta != 0 {
-                        tx.increment(obj, prop, delta)?;
+                (ScalarValue::Counter(_), Some(n)) => {
+                    let Ok(Some(counter)) = counters_at(tx, obj, prop.clone()) else {
+                        return write_value(tx, scope, obj, prop, want, false)
+                            .map_err(|_| AutomergeError::Fail);
+                    };
+                    // The difference may not fit in an i64 even though both ends do.
+                    let mut delta = i128::from(n) - i128::from(counter.0);
+                    let mut counter = counter;
+                    while delta != 0 {
+                        let step = delta.clamp(i128::from(i64::MIN), i128::from(i64::MAX));
+                        // `step` is clamped into the i64 range.
+                        let step = i64::try_from(step).unwrap_or_default();
+                        add_to_counter(tx, scope, obj, prop.clone(), counter.clone(), step)
+                            .map_err(|_| AutomergeError::Fail)?;
+                        counter.0 = counter.0.wrapping_add(step);
+                        delta -= i128::from(step);
                     }
                     Ok(())
                 }
                 (cur, _) if scalar_json(cur) == *want => Ok(()),
-                _ => write_value(tx, obj, prop, want, false).map_err(|_| AutomergeError::Fail),
+                _ => {
+                    write_value(tx, scope, obj, prop, want, false).map_err(|_| AutomergeError::Fail)
+                }
             }
         }
-        _ => write_value(tx, obj, prop, want, false).map_err(|_| AutomergeError::Fail),
+        _ => write_value(tx, scope, obj, prop, want, false).map_err(|_| AutomergeError::Fail),
     }
 }
 
@@ -628,6 +961,7 @@ fn replace_at<T: Transactable>(
 /// stay are kept, so concurrent edits inside them survive.
 fn replace_list<T: Transactable>(
     tx: &mut T,
+    scope: &mut Scope,
     list: &ObjId,
     want: &[Json],
 ) -> Result<(), AutomergeError> {
@@ -648,13 +982,13 @@ fn replace_list<T: Transactable>(
     // Elements present on both sides at the same offset are diffed in place.
     let both = old_mid.min(new_mid.len());
     for (i, item) in new_mid.iter().take(both).enumerate() {
-        replace_at(tx, list, Prop::Seq(prefix + i), item)?;
+        replace_at(tx, scope, list, Prop::Seq(prefix + i), item)?;
     }
     for _ in both..old_mid {
         tx.delete(list, prefix + both)?;
     }
     for (i, item) in new_mid.iter().enumerate().skip(both) {
-        write_value(tx, list, Prop::Seq(prefix + i), item, true)
+        write_value(tx, scope, list, Prop::Seq(prefix + i), item, true)
             .map_err(|_| AutomergeError::Fail)?;
     }
     Ok(())
@@ -793,7 +1127,7 @@ mod tests {
             Lifecycle::of(doc),
             "reported lifecycle after {w:?} {expiry:?}"
         );
-        Ok(applied.change)
+        Ok(applied.changes.last().copied())
     }
 
     #[test]
@@ -1016,7 +1350,7 @@ mod tests {
     }
 
     #[test]
-    fn concurrently_created_counters_sum() {
+    fn concurrently_created_counters_are_one_counter() {
         let base = new_document(actor(9));
         let mut a = base.fork().with_actor(actor(1));
         let mut b = base.fork().with_actor(actor(2));
@@ -1024,16 +1358,234 @@ mod tests {
         write(&mut b, ops(json!([{"op": "inc", "path": ["n"], "by": 5}])));
         a.merge(&mut b).expect("merge");
         b.merge(&mut a).expect("merge");
+        assert_eq!(a.get_all(ROOT, "n").expect("get").len(), 1, "one counter");
         assert_eq!(to_json(&a)["n"], json!(8));
-        assert_eq!(to_json(&b)["n"], json!(8));
-        // Incrementing the merged counter folds it into one and keeps every earlier increment.
+        // Concurrent increments after the merge all count, once.
         write(&mut a, ops(json!([{"op": "inc", "path": ["n"], "by": 1}])));
-        assert_eq!(to_json(&a)["n"], json!(9));
-        b.merge(&mut a).expect("merge");
         write(&mut b, ops(json!([{"op": "inc", "path": ["n"], "by": 10}])));
         a.merge(&mut b).expect("merge");
+        b.merge(&mut a).expect("merge");
         assert_eq!(to_json(&a)["n"], json!(19));
         assert_eq!(to_json(&b)["n"], json!(19));
+    }
+
+    /// Two replicas that each put their own counter at `n`, as versions before implicit
+    /// creation did.
+    fn legacy_conflicting_counters() -> (Automerge, Automerge) {
+        let mut a = new_document(actor(1));
+        let mut b = new_document(actor(2));
+        for (doc, v) in [(&mut a, 3), (&mut b, 5)] {
+            let mut tx = doc.transaction();
+            tx.put(ROOT, "n", ScalarValue::counter(v)).expect("put");
+            tx.commit();
+        }
+        a.merge(&mut b).expect("merge");
+        b.merge(&mut a).expect("merge");
+        (a, b)
+    }
+
+    #[test]
+    fn legacy_conflicting_counters_take_concurrent_increments_exactly_once() {
+        let (mut a, mut b) = legacy_conflicting_counters();
+        assert_eq!(a.get_all(ROOT, "n").expect("get").len(), 2);
+        assert_eq!(to_json(&a)["n"], json!(8), "reads sum the counters");
+        // Each replica increments on its own, several times, then they merge. The old fold put
+        // the sum as a new counter and counted the 8 twice when both folded.
+        for by in [1, 2] {
+            write(&mut a, ops(json!([{"op": "inc", "path": ["n"], "by": by}])));
+        }
+        write(
+            &mut b,
+            ops(
+                json!([{"op": "inc", "path": ["n"], "by": 10}, {"op": "set", "path": ["x"], "value": 1}]),
+            ),
+        );
+        write(
+            &mut b,
+            ops(json!([{"op": "inc", "path": ["n"], "by": 100}])),
+        );
+        a.merge(&mut b).expect("merge");
+        b.merge(&mut a).expect("merge");
+        assert_eq!(to_json(&a)["n"], json!(121));
+        assert_eq!(to_json(&b), json!({"n": 121, "x": 1}));
+        // A PUT of the counter moves it by the difference.
+        write(
+            &mut a,
+            Write::Replace(json!({"n": 7, "x": 1}).as_object().expect("obj").clone()),
+        );
+        assert_eq!(to_json(&a)["n"], json!(7));
+        // The hand-made increment changes load back and keep a's actor usable.
+        let loaded = load_document(&a.save(), actor(7)).expect("load");
+        assert_eq!(to_json(&loaded), to_json(&a));
+        write(&mut a, ops(json!([{"op": "inc", "path": ["n"]}])));
+        assert_eq!(to_json(&a)["n"], json!(8));
+    }
+
+    #[test]
+    fn legacy_conflicting_objects_read_and_write() {
+        let mut a = new_document(actor(1));
+        let mut b = new_document(actor(2));
+        for doc in [&mut a, &mut b] {
+            let mut tx = doc.transaction();
+            let l = tx.put_object(ROOT, "log", ObjType::List).expect("list");
+            tx.insert(&l, 0, "old").expect("insert");
+            let m = tx.put_object(ROOT, "m", ObjType::Map).expect("map");
+            tx.put(&m, "k", 1).expect("put");
+            tx.commit();
+        }
+        a.merge(&mut b).expect("merge");
+        write(
+            &mut a,
+            ops(json!([
+                {"op": "push", "path": ["log"], "value": "new"},
+                {"op": "set", "path": ["m", "j"], "value": 2},
+                {"op": "inc", "path": ["m", "c"]},
+            ])),
+        );
+        assert_eq!(
+            to_json(&a),
+            json!({"log": ["old", "new"], "m": {"k": 1, "j": 2, "c": 1}})
+        );
+    }
+
+    #[test]
+    fn counters_refuse_to_overflow() {
+        let mut doc = new_document(actor(1));
+        write(
+            &mut doc,
+            ops(json!([{"op": "inc", "path": ["n"], "by": i64::MAX}])),
+        );
+        let heads = doc.get_heads();
+        let err = apply(
+            &mut doc,
+            &ops(json!([{"op": "inc", "path": ["n"]}])),
+            Expiry::Keep,
+            1,
+        )
+        .expect_err("overflow");
+        assert!(err.to_string().contains("64-bit"), "{err}");
+        assert_eq!(doc.get_heads(), heads, "nothing written");
+        write(
+            &mut doc,
+            ops(json!([{"op": "inc", "path": ["m"], "by": i64::MIN}])),
+        );
+        let err = apply(
+            &mut doc,
+            &ops(json!([{"op": "inc", "path": ["m"], "by": -1}])),
+            Expiry::Keep,
+            1,
+        )
+        .expect_err("overflow");
+        assert!(err.to_string().contains("64-bit"), "{err}");
+        // Two increments in one write that overflow together are refused as a whole.
+        let err = apply(
+            &mut doc,
+            &ops(json!([{"op": "inc", "path": ["k"], "by": i64::MAX}, {"op": "inc", "path": ["k"], "by": 1}])),
+            Expiry::Keep,
+            1,
+        )
+        .expect_err("overflow");
+        assert!(err.to_string().contains("ops[1]"), "{err}");
+        assert!(
+            to_json(&doc).get("k").is_none(),
+            "the creation is not kept either"
+        );
+        // A PUT may move a counter across more than the i64 range in one go.
+        write(
+            &mut doc,
+            Write::Replace(
+                json!({"n": i64::MIN, "m": i64::MAX})
+                    .as_object()
+                    .expect("obj")
+                    .clone(),
+            ),
+        );
+        assert_eq!(to_json(&doc), json!({"n": i64::MIN, "m": i64::MAX}));
+        assert!(
+            doc.get(ROOT, "n")
+                .expect("get")
+                .is_some_and(|(v, _)| matches!(v, Value::Scalar(s) if s.is_counter()))
+        );
+    }
+
+    #[test]
+    fn insert_at_zero_creates_a_missing_list() {
+        let mut a = new_document(actor(1));
+        let mut b = new_document(actor(2));
+        write(
+            &mut a,
+            ops(json!([{"op": "insert", "path": ["l", 0], "value": "a"}])),
+        );
+        write(
+            &mut b,
+            ops(json!([{"op": "insert", "path": ["l", 0], "value": "b"}])),
+        );
+        a.merge(&mut b).expect("merge");
+        let mut l: Vec<Json> = to_json(&a)["l"].as_array().expect("list").clone();
+        l.sort_by_key(|v| v.to_string());
+        assert_eq!(l, vec![json!("a"), json!("b")]);
+        let err = apply(
+            &mut a,
+            &ops(json!([{"op": "insert", "path": ["q", 1], "value": "x"}])),
+            Expiry::Keep,
+            1,
+        )
+        .expect_err("out of range");
+        assert!(err.to_string().contains("out of range"), "{err}");
+        assert!(to_json(&a).get("q").is_none());
+    }
+
+    #[test]
+    fn a_write_that_deletes_and_recreates_keeps_its_own_container() {
+        let mut a = new_document(actor(1));
+        write(
+            &mut a,
+            ops(json!([{"op": "push", "path": ["l"], "value": 1}])),
+        );
+        let mut b = a.fork().with_actor(actor(2));
+        write(
+            &mut a,
+            ops(json!([{"op": "del", "path": ["l"]}, {"op": "push", "path": ["l"], "value": 2}])),
+        );
+        assert_eq!(to_json(&a)["l"], json!([2]));
+        // b, having seen the delete, pushes into what a made.
+        b.merge(&mut a).expect("merge");
+        write(
+            &mut b,
+            ops(json!([{"op": "push", "path": ["l"], "value": 3}])),
+        );
+        a.merge(&mut b).expect("merge");
+        assert_eq!(to_json(&a)["l"], json!([2, 3]));
+    }
+
+    #[test]
+    fn creations_are_changes_of_their_own_reported_first() {
+        let mut doc = new_document(actor(1));
+        let applied = apply(
+            &mut doc,
+            &ops(json!([{"op": "set", "path": ["a", "b", "c"], "value": 1}, {"op": "push", "path": ["l"], "value": 1}])),
+            Expiry::Keep,
+            1_000,
+        )
+        .expect("write");
+        assert_eq!(applied.changes.len(), 4, "a, a.b, l, then the write");
+        let own = doc.get_last_local_change().expect("own change");
+        assert_eq!(applied.changes.last(), Some(&own.hash()));
+        for hash in &applied.changes[..3] {
+            let change = doc.get_change_by_hash(hash).expect("held");
+            assert_eq!(change.seq(), 1);
+            assert_eq!(change.timestamp(), 0, "creation changes carry no time");
+            assert_ne!(change.actor_id(), doc.get_actor());
+        }
+        // A write into what exists creates nothing.
+        let applied = apply(
+            &mut doc,
+            &ops(json!([{"op": "push", "path": ["l"], "value": 2}])),
+            Expiry::Keep,
+            1_000,
+        )
+        .expect("write");
+        assert_eq!(applied.changes.len(), 1);
     }
 
     #[test]

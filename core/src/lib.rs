@@ -10,6 +10,7 @@ pub mod doc_id;
 pub mod document;
 pub mod gossip;
 pub mod heads;
+pub mod implicit;
 pub mod limits;
 pub mod membership;
 pub mod ops;

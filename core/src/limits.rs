@@ -30,6 +30,11 @@ pub const JSON_DEPTH_MAX: usize = 32;
 /// Longest map key in bytes.
 pub const KEY_BYTES_MAX: usize = 1024;
 
+/// Most generations of one implicitly created container that a write scans past: each is a
+/// delete and a re-creation at the same key, and each costs one hash when the key is created
+/// again. A document at [`DOC_BYTES_MAX`] holds far fewer.
+pub const IMPLICIT_GENERATIONS_MAX: u64 = 1 << 20;
+
 /// Default and largest page of `GET /v1/docs`.
 pub const LIST_LIMIT_DEFAULT: usize = 100;
 /// See [`LIST_LIMIT_DEFAULT`].

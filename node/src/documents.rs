@@ -408,32 +408,29 @@ impl Documents {
             }
             check_growth(id, &slot.meta, size_hint)?;
             let applied = document::apply(&mut slot.doc, write, expiry, now)?;
-            if applied.change.is_none() {
+            let mut hashes = applied.changes.clone();
+            if hashes.is_empty() {
                 if live {
                     return Ok(slot.meta.heads.clone());
                 }
                 // Writing nothing to an absent document still creates it.
                 let time_s = now.div_euclid(1000);
-                slot.doc.empty_commit(
+                hashes.push(slot.doc.empty_commit(
                     automerge::transaction::CommitOptions::default().with_time(time_s),
-                );
+                ));
             }
-            // The change just made is this actor's latest.
-            let change = slot
-                .doc
-                .get_last_local_change()
-                .map(|c| c.raw_bytes().to_vec())
+            // The write's changes: the implicit creations it needed, then its own.
+            let changes = hashes
+                .iter()
+                .map(|h| {
+                    automerge::ReadDoc::get_change_by_hash(&slot.doc, h)
+                        .map(|c| c.raw_bytes().to_vec())
+                })
+                .collect::<Option<Vec<_>>>()
                 .ok_or_else(|| {
                     DocError::Storage("a committed change is missing from its document".into())
                 })?;
-            self.enqueue_changes(
-                &entry,
-                slot,
-                vec![change],
-                applied.lifecycle,
-                now,
-                queue_slot,
-            )
+            self.enqueue_changes(&entry, slot, changes, applied.lifecycle, now, queue_slot)
         };
         self.finish(&entry, pending, Origin::Client, waiter).await
     }
