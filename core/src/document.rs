@@ -15,6 +15,7 @@ use automerge::{
 use serde_json::{Map, Value as Json};
 
 use crate::implicit::{self, Kind};
+use crate::incarnation::{self, INCARNATION_KEY};
 use crate::limits::{JSON_DEPTH_MAX, KEY_BYTES_MAX};
 use crate::ops::{Op, PathSegment, RESERVED_KEY_PREFIX, check_depth};
 
@@ -33,7 +34,8 @@ pub fn new_document(actor: ActorId) -> Automerge {
     Automerge::new_with_encoding(TEXT_ENCODING).with_actor(actor)
 }
 
-/// Loads saved bytes (a snapshot, changes, or both concatenated), writing as `actor`.
+/// Loads saved bytes (a snapshot, changes, or both concatenated), writing as `actor` (or, in
+/// incarnations after the first, as the actor [`incarnation::actor_for`] derives from it).
 ///
 /// Malformed bytes are an error, never a panic: Automerge 0.12 panics on some malformed input
 /// (found by fuzzing: a bundle chunk with a truncated column), so a panic while loading is
@@ -44,6 +46,7 @@ pub fn load_document(bytes: &[u8], actor: ActorId) -> Result<Automerge, Automerg
         Automerge::load_with_options(bytes, LoadOptions::new().text_encoding(TEXT_ENCODING))
     })
     .map_err(|_| AutomergeError::Fail)??;
+    let actor = incarnation::actor_for(&actor, incarnation::of(&doc));
     Ok(doc.with_actor(actor))
 }
 
@@ -182,6 +185,10 @@ pub struct Applied {
     pub changes: Vec<ChangeHash>,
     /// The document's lifecycle after the write (saves reading it back).
     pub lifecycle: Lifecycle,
+    /// The write revived a deleted or expired document, which starts a new incarnation (see
+    /// [`crate::incarnation`]): the document was replaced by a new history, beginning with the
+    /// first of `changes`, and whoever stores it must replace the stored history too.
+    pub replaced: bool,
 }
 
 impl Applied {
@@ -199,7 +206,9 @@ const ATTEMPTS_MAX: usize = 3;
 ///
 /// The write's ops form one change. Containers its ops create implicitly are created first, each
 /// by a change of its own that every replica builds identically ([`crate::implicit`]), so the
-/// write's ops land in the same objects wherever they are applied.
+/// write's ops land in the same objects wherever they are applied. A write to a deleted or
+/// expired document revives it as a new incarnation, starting from empty
+/// ([`crate::incarnation`]); `doc` is then replaced.
 pub fn apply(
     doc: &mut Automerge,
     write: &Write,
@@ -210,6 +219,33 @@ pub fn apply(
         validate_document(map)?;
     }
     let lifecycle = Lifecycle::of(doc);
+    let revives = (lifecycle.deleted || lifecycle.expired(now_ms))
+        && !matches!(write, Write::Delete)
+        && !doc.get_heads().is_empty()
+        && !incarnation::is_stub(doc);
+    if !revives {
+        return apply_in_place(doc, write, expiry, lifecycle, now_ms);
+    }
+    let next = incarnation::of(doc) + 1;
+    let mut revived = incarnation::stub(doc.get_actor(), next).map_err(internal)?;
+    let before = Lifecycle::of(&revived);
+    let mut applied = apply_in_place(&mut revived, write, expiry, before, now_ms)?;
+    applied
+        .changes
+        .insert(0, incarnation::root_change(next).hash());
+    applied.replaced = true;
+    *doc = revived;
+    Ok(applied)
+}
+
+/// [`apply`] within the document's current history; `lifecycle` is the document's.
+fn apply_in_place(
+    doc: &mut Automerge,
+    write: &Write,
+    expiry: Expiry,
+    lifecycle: Lifecycle,
+    now_ms: i64,
+) -> Result<Applied, ApplyError> {
     let expired = lifecycle.expired(now_ms);
     let time_s = now_ms.div_euclid(1000);
     let mut changes = Vec::new();
@@ -235,6 +271,7 @@ pub fn apply(
         return Ok(Applied {
             changes,
             lifecycle: lifecycle_after(write, expiry, lifecycle, expired),
+            replaced: false,
         });
     }
     Err(ApplyError::NotApplicable {
@@ -253,16 +290,6 @@ fn run(
     lifecycle: Lifecycle,
     expired: bool,
 ) -> Result<(), ApplyError> {
-    if expired {
-        // An expired document reads as absent; writing it starts again from empty.
-        let keys: Vec<String> = tx.keys(ROOT).collect();
-        for key in keys.iter().filter(|k| !k.starts_with(RESERVED_KEY_PREFIX)) {
-            delete_key(tx, scope, &ROOT, key).map_err(internal)?;
-        }
-        if expiry == Expiry::Keep {
-            tx.delete(ROOT, EXPIRES_AT_KEY).map_err(internal)?;
-        }
-    }
     match write {
         Write::Ops(ops) => {
             for (index, op) in ops.iter().enumerate() {
@@ -277,7 +304,10 @@ fn run(
             .map_err(|e| ApplyError::InvalidDocument(e.to_string()))?,
         Write::Delete => {
             let keys: Vec<String> = tx.keys(ROOT).collect();
-            for key in keys.iter().filter(|k| k.as_str() != DELETED_KEY) {
+            for key in keys
+                .iter()
+                .filter(|k| k.as_str() != DELETED_KEY && k.as_str() != INCARNATION_KEY)
+            {
                 delete_key(tx, scope, &ROOT, key).map_err(internal)?;
             }
             tx.put(ROOT, DELETED_KEY, true).map_err(internal)?;

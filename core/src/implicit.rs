@@ -9,12 +9,13 @@
 //! bytes, Automerge sees one change by hash, and every write lands in one object.
 //!
 //! A creation change `C(parent, key, kind, n)` has:
-//! - actor: the first 16 bytes of SHA-256 over those four inputs, so it is fresh for every
-//!   generation and its only change has `seq` 1 (Automerge refuses two changes with one actor
-//!   and sequence number);
+//! - actor: the first 16 bytes of SHA-256 over those four inputs and generation 0's deps, so it
+//!   is fresh for every generation (and incarnation) and its only change has `seq` 1 (Automerge
+//!   refuses two changes with one actor and sequence number);
 //! - one op at `key` of `parent`: make a map, list or text, or put a counter at 0;
-//! - generation 0: deps on the change that created `parent` (none for the root), `start_op` one
-//!   past that change's highest op, no predecessor;
+//! - generation 0: deps on the change that created `parent` (for the root: none, or the root of
+//!   the document's incarnation, see [`crate::incarnation`]), `start_op` one past that change's
+//!   highest op, no predecessor;
 //! - generation n > 0: deps on generation n−1 and overwrites its object (pred), `start_op` one
 //!   past it. A replica holding generation n therefore never shows generation n−1, even before
 //!   the delete that ended it arrives;
@@ -94,9 +95,16 @@ struct Base {
 
 fn base(doc: &Automerge, parent: &ObjId) -> Result<Base, CreateError> {
     match parent {
-        ObjId::Root => Ok(Base {
-            deps: Vec::new(),
-            start_op: 1,
+        // Every change of an incarnation descends from its root (see `crate::incarnation`).
+        ObjId::Root => Ok(match crate::incarnation::root_of(doc) {
+            None => Base {
+                deps: Vec::new(),
+                start_op: 1,
+            },
+            Some(root) => Base {
+                deps: vec![root],
+                start_op: crate::incarnation::root_change(1).max_op() + 1,
+            },
         }),
         ObjId::Id(..) => {
             let hash = doc
@@ -113,9 +121,21 @@ fn base(doc: &Automerge, parent: &ObjId) -> Result<Base, CreateError> {
     }
 }
 
-fn generation_actor(parent: &ObjId, key: &str, kind: Kind, generation: u64) -> ActorId {
+fn generation_actor(
+    parent: &ObjId,
+    key: &str,
+    kind: Kind,
+    generation: u64,
+    base: &Base,
+) -> ActorId {
     let mut h = Sha256::new();
     h.update(b"verge/implicit/v1\0");
+    // The deps tie the actor to one incarnation of the document: an actor must never make two
+    // different changes with one sequence number, and a root-level creation is otherwise the
+    // same in every incarnation.
+    for dep in &base.deps {
+        h.update(dep.0);
+    }
     match parent {
         ObjId::Root => h.update([0u8]),
         ObjId::Id(counter, actor, _) => {
@@ -150,7 +170,7 @@ fn build(
     base: &Base,
     previous: Option<(&OpId, ChangeHash)>,
 ) -> Change {
-    let actor = generation_actor(parent, key, kind, generation);
+    let actor = generation_actor(parent, key, kind, generation, base);
     let start_op = base.start_op + generation;
     let (deps, pred) = match previous {
         None => (base.deps.clone(), SortedVec::new()),

@@ -11,6 +11,7 @@ pub mod document;
 pub mod gossip;
 pub mod heads;
 pub mod implicit;
+pub mod incarnation;
 pub mod limits;
 pub mod membership;
 pub mod ops;

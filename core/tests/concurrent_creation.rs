@@ -16,6 +16,7 @@ use automerge::{ActorId, Automerge};
 use proptest::prelude::*;
 use serde_json::{Value as Json, json};
 use verge_core::document::{apply, new_document, to_json};
+use verge_core::incarnation;
 use verge_core::{Expiry, Op, Write};
 
 /// Where the ops go: each container both at the root and inside an implicitly created map.
@@ -134,6 +135,16 @@ fn at<'a>(doc: &'a Json, path: &[&str]) -> Option<&'a Json> {
     path.iter().try_fold(doc, |v, k| v.get(*k))
 }
 
+/// Gives `to` what `from` has, as a sync would, keeping one incarnation (a document deleted and
+/// written again starts a new one, see `verge_core::incarnation`).
+fn deliver(from: &mut Automerge, to: &mut Automerge) {
+    let local = incarnation::of(to);
+    let before = to.get_heads();
+    to.merge(from).expect("merge");
+    let new = to.get_changes(&before);
+    incarnation::settle(to, local, &new).expect("settle");
+}
+
 fn ops(v: Json) -> Write {
     Write::Ops(Op::parse_list(&v).expect("valid ops"))
 }
@@ -164,7 +175,7 @@ fn run(n: usize, steps: &[Step]) -> Result<(), TestCaseError> {
                     let (l, r) = replicas.split_at_mut(a);
                     (&mut r[0], &mut l[b])
                 };
-                to.doc.merge(&mut from.doc).expect("merge");
+                deliver(&mut from.doc, &mut to.doc);
                 to.seen.extend(from.seen.iter().copied());
             }
             Step::Write(r, specs) => {
@@ -285,7 +296,7 @@ fn run(n: usize, steps: &[Step]) -> Result<(), TestCaseError> {
             for b in 0..n {
                 if a != b {
                     let mut other = replicas[b].doc.fork();
-                    replicas[a].doc.merge(&mut other).expect("merge");
+                    deliver(&mut other, &mut replicas[a].doc);
                 }
             }
         }
@@ -374,7 +385,8 @@ fn check(doc: &Json, effects: &[Effect], removals: &[Removal]) -> Result<(), Tes
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(512))]
+    // 256 cases by default; PROPTEST_CASES raises it for a longer search.
+    #![proptest_config(ProptestConfig::with_cases(std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)))]
 
     #[test]
     fn concurrent_creation_keeps_every_write_once(

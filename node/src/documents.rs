@@ -17,6 +17,7 @@ use serde::Serialize;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use verge_core::anti_entropy::DigestIndex;
 use verge_core::document::{self, Lifecycle, load_document, new_document};
+use verge_core::incarnation;
 use verge_core::limits::{DOC_BYTES_MAX, SYNC_MESSAGE_BYTES_MAX};
 use verge_core::{ApplyError, DocId, Expiry, Write, heads_to_hex};
 
@@ -30,6 +31,15 @@ use crate::store::{DocMeta, Mutation, Store, StoreError};
 pub const WATCH_BUFFER: usize = 4096;
 /// Documents waiting for compaction; more are picked up by their next write.
 pub const COMPACTION_QUEUE: usize = 1024;
+
+/// How queued changes relate to the stored history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum History {
+    /// They follow it.
+    Extend,
+    /// The document was replaced by a newer incarnation: they are its whole history.
+    Replace,
+}
 
 /// Tunables of the document service.
 #[derive(Debug, Clone)]
@@ -430,13 +440,30 @@ impl Documents {
                 .ok_or_else(|| {
                     DocError::Storage("a committed change is missing from its document".into())
                 })?;
-            self.enqueue_changes(&entry, slot, changes, applied.lifecycle, now, queue_slot)
+            let history = if applied.replaced {
+                History::Replace
+            } else {
+                History::Extend
+            };
+            self.enqueue_changes(
+                &entry,
+                slot,
+                changes,
+                applied.lifecycle,
+                now,
+                queue_slot,
+                history,
+            )
         };
         self.finish(&entry, pending, Origin::Client, waiter).await
     }
 
     /// Records new in-memory changes of `slot` in its metadata and queues them for the writer.
     /// Called with the slot locked, so queue order is change order.
+    ///
+    /// `history` says whether the changes extend the stored history or, after a new
+    /// incarnation replaced the document (see `verge_core::incarnation`), replace it.
+    #[allow(clippy::too_many_arguments)]
     fn enqueue_changes(
         &self,
         entry: &Arc<Entry>,
@@ -445,27 +472,45 @@ impl Documents {
         lifecycle: Lifecycle,
         now: i64,
         queue_slot: QueueSlot,
+        history: History,
     ) -> Pending {
-        let added: u64 = changes.iter().map(|c| c.len() as u64).sum();
         let meta = &mut slot.meta;
-        let first_seq = meta.next_seq;
         meta.heads = slot.doc.get_heads();
-        meta.size_bytes += added;
         meta.updated_at_ms = now;
         meta.deleted = lifecycle.deleted;
         meta.expires_at_ms = lifecycle.expires_at_ms;
-        meta.next_seq += changes.len() as u64;
-        meta.change_rows += changes.len() as u64;
+        meta.stub = incarnation::is_stub(&slot.doc);
         slot.read_cache = None;
         let (ack_tx, ack_rx) = oneshot::channel();
         let broadcast = changes.clone();
+        let mutation = match history {
+            History::Extend => {
+                let first_seq = meta.next_seq;
+                meta.size_bytes += changes.iter().map(|c| c.len() as u64).sum::<u64>();
+                meta.next_seq += changes.len() as u64;
+                meta.change_rows += changes.len() as u64;
+                Mutation::Append {
+                    id: entry.id.clone(),
+                    first_seq,
+                    changes,
+                    meta: meta.clone(),
+                }
+            }
+            History::Replace => {
+                let snapshot = slot.doc.save();
+                meta.size_bytes = snapshot.len() as u64;
+                meta.snapshot_bytes = snapshot.len() as u64;
+                meta.change_rows = 0;
+                self.metrics.incarnations_replaced.inc();
+                Mutation::Replace {
+                    id: entry.id.clone(),
+                    snapshot,
+                    meta: meta.clone(),
+                }
+            }
+        };
         queue_slot.send(Job {
-            mutation: Mutation::Append {
-                id: entry.id.clone(),
-                first_seq,
-                changes,
-                meta: meta.clone(),
-            },
+            mutation,
             poisoned: Arc::clone(&entry.poisoned),
             ack: Some(ack_tx),
         });
@@ -599,6 +644,7 @@ impl Documents {
             let slot = guard.as_mut().expect("load fills the slot");
             check_growth(id, &slot.meta, incoming_bytes)?;
             let before = slot.doc.get_heads();
+            let incarnation_before = incarnation::of(&slot.doc);
             if let Some(message) = incoming
                 && let Err(e) = document::receive_sync_message(&mut slot.doc, state, message)
             {
@@ -607,17 +653,25 @@ impl Documents {
                 self.discard(&entry);
                 return Err(DocError::InvalidSync(e.to_string()));
             }
-            let changes: Vec<Vec<u8>> = slot
-                .doc
-                .get_changes(&before)
-                .into_iter()
-                .map(|c| c.raw_bytes().to_vec())
-                .collect();
+            let (changes, history) = match self.settle(&entry, slot, &before, incarnation_before) {
+                Ok(settled) => settled,
+                Err(e) => {
+                    drop(guard);
+                    self.discard(&entry);
+                    return Err(e);
+                }
+            };
+            if history == History::Replace {
+                // The peer's view of our history no longer holds.
+                *state = SyncState::new();
+            }
             let applied = changes.iter().map(Vec::len).sum();
             let pending = match (changes.is_empty(), queue_slot) {
                 (false, Some(queue_slot)) => {
                     let lifecycle = Lifecycle::of(&slot.doc);
-                    Some(self.enqueue_changes(&entry, slot, changes, lifecycle, now, queue_slot))
+                    Some(self.enqueue_changes(
+                        &entry, slot, changes, lifecycle, now, queue_slot, history,
+                    ))
                 }
                 (false, None) => {
                     // Unreachable in practice: changes arrive only in a message that carried
@@ -643,6 +697,41 @@ impl Documents {
         Ok((reply, applied))
     }
 
+    /// After received changes were applied to `slot`'s document (whose heads were `before` and
+    /// incarnation `incarnation_before`), keeps it in one incarnation and returns the change
+    /// bytes to persist and pass on: the new ones, or, when a newer incarnation replaced the
+    /// document, all of its changes.
+    fn settle(
+        &self,
+        entry: &Entry,
+        slot: &mut Slot,
+        before: &[ChangeHash],
+        incarnation_before: u64,
+    ) -> Result<(Vec<Vec<u8>>, History), DocError> {
+        let new = slot.doc.get_changes(before);
+        let replaced = incarnation::settle(&mut slot.doc, incarnation_before, &new)
+            .map_err(|e| DocError::InvalidSync(format!("cannot settle incarnations: {e}")))?;
+        if !replaced {
+            return Ok((
+                new.into_iter().map(|c| c.raw_bytes().to_vec()).collect(),
+                History::Extend,
+            ));
+        }
+        tracing::info!(
+            doc = %entry.id,
+            from = incarnation_before,
+            to = incarnation::of(&slot.doc),
+            "a newer incarnation replaced the document"
+        );
+        let all = slot
+            .doc
+            .get_changes(&[])
+            .into_iter()
+            .map(|c| c.raw_bytes().to_vec())
+            .collect();
+        Ok((all, History::Replace))
+    }
+
     /// Applies changes received from a peer's broadcast and makes the new ones durable.
     pub async fn apply_remote(
         &self,
@@ -658,6 +747,7 @@ impl Documents {
             let slot = guard.as_mut().expect("load fills the slot");
             check_growth(id, &slot.meta, incoming)?;
             let before = slot.doc.get_heads();
+            let incarnation_before = incarnation::of(&slot.doc);
             for change in changes {
                 if let Err(e) = document::load_incremental(&mut slot.doc, change) {
                     drop(guard);
@@ -667,20 +757,22 @@ impl Documents {
                     )));
                 }
             }
+            let (new, history) = match self.settle(&entry, slot, &before, incarnation_before) {
+                Ok(settled) => settled,
+                Err(e) => {
+                    drop(guard);
+                    self.discard(&entry);
+                    return Err(e);
+                }
+            };
             // Automerge holds back, in memory only, a change whose dependencies it lacks.
             let incomplete = !automerge::ReadDoc::get_missing_deps(&slot.doc, &[]).is_empty();
-            let new: Vec<Vec<u8>> = slot
-                .doc
-                .get_changes(&before)
-                .into_iter()
-                .map(|c| c.raw_bytes().to_vec())
-                .collect();
             if new.is_empty() {
                 return Ok(RemoteApplied { new, incomplete });
             }
             let lifecycle = Lifecycle::of(&slot.doc);
             (
-                self.enqueue_changes(&entry, slot, new, lifecycle, now, queue_slot),
+                self.enqueue_changes(&entry, slot, new, lifecycle, now, queue_slot, history),
                 incomplete,
             )
         };
@@ -771,9 +863,10 @@ impl Documents {
     pub async fn purge_expired(&self, tombstone_retention_ms: i64) -> Result<usize, DocError> {
         let now = self.now_ms();
         let purgeable = |meta: &DocMeta| {
-            meta.expires_at_ms.is_some_and(|at| at <= now)
-                || (meta.deleted
-                    && meta.updated_at_ms.saturating_add(tombstone_retention_ms) <= now)
+            !meta.stub
+                && (meta.expires_at_ms.is_some_and(|at| at <= now)
+                    || (meta.deleted
+                        && meta.updated_at_ms.saturating_add(tombstone_retention_ms) <= now))
         };
         let mut candidates = Vec::new();
         self.store.scan_meta("", None, |id, meta| {
@@ -794,21 +887,42 @@ impl Documents {
             if !purgeable(&slot.meta) {
                 continue; // Written since the scan.
             }
-            // Later writes to this id start a new document. A fresh actor keeps its changes
-            // distinct from the purged history that other replicas may still hold.
-            let actor = ActorId::from(lock(&self.rng).random::<[u8; 16]>());
+            // What remains is the root of the next incarnation: a later write here, a revival
+            // elsewhere and the same purge elsewhere all land in that incarnation, and a replica
+            // still holding the old history takes it over (see `verge_core::incarnation`).
+            let next = incarnation::of(&slot.doc) + 1;
+            let stub = incarnation::stub(slot.doc.get_actor(), next).map_err(|e| {
+                DocError::Storage(format!("cannot make the purged stub of {id}: {e}"))
+            })?;
+            let snapshot = stub.save();
+            let meta = DocMeta {
+                heads: stub.get_heads(),
+                size_bytes: snapshot.len() as u64,
+                snapshot_bytes: snapshot.len() as u64,
+                updated_at_ms: now,
+                deleted: true,
+                expires_at_ms: None,
+                next_seq: slot.meta.next_seq,
+                change_rows: 0,
+                stub: true,
+            };
+            lock(&self.digests).update_at(&id, &meta.heads, now);
             *slot = Slot {
-                doc: new_document(actor),
-                meta: DocMeta::default(),
+                doc: stub,
+                meta: meta.clone(),
                 read_cache: None,
                 compaction_queued: false,
             };
             queue_slot.send(Job {
-                mutation: Mutation::Purge { id: id.clone() },
+                mutation: Mutation::Replace {
+                    id: id.clone(),
+                    snapshot,
+                    meta,
+                },
                 poisoned: Arc::clone(&entry.poisoned),
                 ack: None,
             });
-            lock(&self.digests).remove(&id);
+            self.resize(&entry, &slot.meta);
             self.metrics.purged_docs.inc();
             purged += 1;
         }

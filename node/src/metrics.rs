@@ -54,6 +54,8 @@ pub struct Metrics {
     pub compactions: Counter,
     /// Documents purged after expiry or tombstone retention.
     pub purged_docs: Counter,
+    /// Documents whose history a newer incarnation replaced (a revival, or one received).
+    pub incarnations_replaced: Counter,
     /// Open watch streams.
     pub watchers: Gauge,
     /// Watch events dropped because a watcher was too slow.
@@ -117,6 +119,7 @@ impl Metrics {
             cache_misses: Counter::default(),
             compactions: Counter::default(),
             purged_docs: Counter::default(),
+            incarnations_replaced: Counter::default(),
             watchers: Gauge::default(),
             watch_lagged: Counter::default(),
             broadcast_dropped: Counter::default(),
@@ -218,6 +221,11 @@ impl Metrics {
             "purged_docs",
             "Documents purged after expiry or tombstone retention",
             m.purged_docs.clone(),
+        );
+        registry.register(
+            "incarnations_replaced",
+            "Documents whose history a newer incarnation replaced (a revival, or one received)",
+            m.incarnations_replaced.clone(),
         );
         registry.register("watchers", "Open watch streams", m.watchers.clone());
         registry.register(

@@ -13,6 +13,7 @@ pub const META_HEADS_MAX: usize = 64;
 
 const FLAG_DELETED: u8 = 1;
 const FLAG_EXPIRES: u8 = 2;
+const FLAG_STUB: u8 = 4;
 const FIXED_LEN: usize = 1 + 1 + 8 * 6 + 2;
 
 /// What the store knows about a document without loading it.
@@ -34,6 +35,9 @@ pub struct DocMeta {
     pub next_seq: u64,
     /// Incremental change rows not yet folded into the snapshot.
     pub change_rows: u64,
+    /// The document is what a purge leaves: the bare root of its next incarnation (see
+    /// `verge_core::incarnation`), which the purge skips.
+    pub stub: bool,
 }
 
 /// Why stored metadata could not be read: the record is from a newer version or damaged.
@@ -58,6 +62,9 @@ impl DocMeta {
         }
         if self.expires_at_ms.is_some() {
             flags |= FLAG_EXPIRES;
+        }
+        if self.stub {
+            flags |= FLAG_STUB;
         }
         out.push(flags);
         out.extend_from_slice(&self.size_bytes.to_le_bytes());
@@ -112,6 +119,7 @@ impl DocMeta {
             expires_at_ms: (flags & FLAG_EXPIRES != 0).then(|| u64_at(3) as i64),
             next_seq: u64_at(4),
             change_rows: u64_at(5),
+            stub: flags & FLAG_STUB != 0,
         })
     }
 }
@@ -131,6 +139,7 @@ mod tests {
             expires_at_ms: Some(-5),
             next_seq: 9,
             change_rows: 3,
+            stub: true,
         };
         assert_eq!(DocMeta::decode(&meta.encode()).expect("decodes"), meta);
         let plain = DocMeta::default();

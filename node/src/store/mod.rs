@@ -131,6 +131,16 @@ pub enum Mutation {
         /// The document.
         id: DocId,
     },
+    /// Replace the document's whole history (snapshot and change rows) by `snapshot`: a new
+    /// incarnation replaced the old one.
+    Replace {
+        /// The document.
+        id: DocId,
+        /// The new history (`Automerge::save`).
+        snapshot: Vec<u8>,
+        /// The record after the replacement.
+        meta: DocMeta,
+    },
 }
 
 /// How to open a store.
@@ -433,6 +443,14 @@ impl Store {
                         changes
                             .retain_in((id.as_str(), 0)..=(id.as_str(), u64::MAX), |_, _| false)?;
                         metas.remove(id.as_str())?;
+                    }
+                    Mutation::Replace { id, snapshot, meta } => {
+                        changes
+                            .retain_in((id.as_str(), 0)..=(id.as_str(), u64::MAX), |_, _| false)?;
+                        let value = self.seal(Row::Snapshot(id.as_str()), snapshot);
+                        snapshots.insert(id.as_str(), &*value)?;
+                        let meta = meta.encode();
+                        metas.insert(id.as_str(), &*self.seal(Row::Meta(id.as_str()), &meta))?;
                     }
                 }
             }

@@ -1,0 +1,384 @@
+//! Incarnations: a document that is written again after it was deleted or expired starts a new
+//! history, which every replica recognises and which replaces the old one.
+//!
+//! Why: a node purges an expired or long-deleted document's history to reclaim its space, while
+//! another node may still hold it. If a later write started an unrelated history, the node that
+//! kept the old one would merge the two: the old expiry (or tombstone) would still be visible
+//! and hide the new write, and purging again would delete it. Instead the life of a document is
+//! a sequence of incarnations `0, 1, 2, …`, each a separate Automerge history:
+//!
+//! - Incarnation 0 is any history without a root marker (documents from older versions, those
+//!   created by plain Automerge peers, and every new document).
+//! - Incarnation `j ≥ 1` starts with the root change `R(j)`, which every replica builds byte for
+//!   byte: a fixed actor derived from `j`, `seq` 1, no deps, time 0, and two ops that put
+//!   [`INCARNATION_KEY`] = `j` and the tombstone [`DELETED_KEY`] = `true`. Every other change of
+//!   incarnation `j` descends from `R(j)`.
+//! - Reviving a deleted or expired document (writing to it) starts incarnation `k + 1` from
+//!   `R(k + 1)`; purging one replaces it by the bare `R(k + 1)`, a stub that reads as deleted,
+//!   and a write to a stub goes into the stub's own incarnation. A revival and a purge of the
+//!   same incarnation `k`, wherever and in whatever order they happen, therefore land in the
+//!   same incarnation `k + 1`, and so do revivals on several replicas at once.
+//! - Changes meet by incarnation ([`admit`]): a replica that receives `R(j)` for a `j` above its
+//!   own drops its history and takes the newer one; changes rooted in an older incarnation are
+//!   dropped. Nothing from two incarnations is ever merged.
+
+use std::num::NonZeroU64;
+
+use automerge::legacy::{Key, ObjectId, Op as LegacyOp, OpType, SortedVec};
+use automerge::{
+    ActorId, Automerge, AutomergeError, Change, ChangeHash, ExpandedChange, ROOT, ReadDoc,
+    ScalarValue, Value,
+};
+use sha2::{Digest, Sha256};
+
+use crate::document::{DELETED_KEY, new_document};
+
+/// Root key holding the document's incarnation number (absent in incarnation 0).
+pub const INCARNATION_KEY: &str = "_verge_incarnation";
+
+fn root_actor(incarnation: u64) -> ActorId {
+    let mut h = Sha256::new();
+    h.update(b"verge/incarnation/v1\0");
+    h.update(incarnation.to_be_bytes());
+    let digest: [u8; 32] = h.finalize().into();
+    ActorId::from(&digest[..16])
+}
+
+/// The root change of incarnation `incarnation` (at least 1).
+pub fn root_change(incarnation: u64) -> Change {
+    let put = |key: &str, value: ScalarValue| LegacyOp {
+        action: OpType::Put(value),
+        obj: ObjectId::Root,
+        key: Key::Map(key.into()),
+        pred: SortedVec::new(),
+        insert: false,
+    };
+    // Incarnation numbers beyond i64 cannot occur: each needs a write or a purge.
+    let number = i64::try_from(incarnation).unwrap_or(i64::MAX);
+    Change::from(ExpandedChange {
+        operations: vec![
+            put(INCARNATION_KEY, ScalarValue::Int(number)),
+            put(DELETED_KEY, ScalarValue::Boolean(true)),
+        ],
+        actor_id: root_actor(incarnation),
+        hash: None,
+        seq: 1,
+        start_op: NonZeroU64::MIN,
+        time: 0,
+        message: None,
+        deps: Vec::new(),
+        extra_bytes: Vec::new(),
+        author: None,
+    })
+}
+
+/// The incarnation `doc` belongs to (0 without a marker).
+pub fn of(doc: &impl ReadDoc) -> u64 {
+    match doc.get(ROOT, INCARNATION_KEY) {
+        Ok(Some((Value::Scalar(v), _))) => match v.as_ref() {
+            ScalarValue::Int(n) => u64::try_from(*n).unwrap_or(0),
+            ScalarValue::Uint(n) => *n,
+            _ => 0,
+        },
+        _ => 0,
+    }
+}
+
+/// The hash of the root change of `doc`'s incarnation, `None` in incarnation 0.
+pub fn root_of(doc: &impl ReadDoc) -> Option<ChangeHash> {
+    match of(doc) {
+        0 => None,
+        j => Some(root_change(j).hash()),
+    }
+}
+
+/// The actor a replica whose own actor is `base` writes as in `incarnation`.
+///
+/// An actor must write in one incarnation only: two incarnations' histories meet for a moment
+/// when a replica receives a newer one (see [`settle`]), and Automerge refuses two different
+/// changes with the same actor and sequence number.
+pub fn actor_for(base: &ActorId, incarnation: u64) -> ActorId {
+    if incarnation == 0 {
+        return base.clone();
+    }
+    let mut h = Sha256::new();
+    h.update(b"verge/incarnation-actor/v1\0");
+    h.update(base.to_bytes());
+    h.update(incarnation.to_be_bytes());
+    let digest: [u8; 32] = h.finalize().into();
+    ActorId::from(&digest[..16])
+}
+
+/// A document holding only the root of `incarnation`: deleted, no user keys. What a purge
+/// leaves, and where a revival starts. It writes as [`actor_for`]`(previous, incarnation)`.
+pub fn stub(previous: &ActorId, incarnation: u64) -> Result<Automerge, AutomergeError> {
+    let mut doc = new_document(actor_for(previous, incarnation));
+    doc.apply_changes([root_change(incarnation)])?;
+    Ok(doc)
+}
+
+/// Whether `doc` is a bare incarnation root (a purged document nobody has written since).
+pub fn is_stub(doc: &Automerge) -> bool {
+    match root_of(doc) {
+        Some(root) => doc.get_heads() == [root],
+        None => false,
+    }
+}
+
+/// The incarnation whose root `change` is, if it is one.
+pub fn root_number(change: &Change) -> Option<u64> {
+    if !change.deps().is_empty()
+        || change.seq() != 1
+        || change.len() != 2
+        || change.start_op() != NonZeroU64::MIN
+        || change.timestamp() != 0
+    {
+        return None;
+    }
+    let expanded = change.decode();
+    let first = expanded.operations.first()?;
+    let number = match (&first.key, &first.action) {
+        (Key::Map(k), OpType::Put(ScalarValue::Int(n))) if k.as_str() == INCARNATION_KEY => {
+            u64::try_from(*n).ok()?
+        }
+        _ => return None,
+    };
+    (number >= 1 && root_change(number).hash() == change.hash()).then_some(number)
+}
+
+/// Keeps `doc` in one incarnation after changes from elsewhere were applied to it: `local` is
+/// its incarnation before, `new` the changes that applied. When they brought the root of a newer
+/// incarnation, or roots of another one, the document is rebuilt from the newest incarnation's
+/// changes alone. Returns whether it was rebuilt (its stored history must then be replaced).
+///
+/// The common case costs a look at each new change's deps; a rebuild walks the history.
+pub fn settle(doc: &mut Automerge, local: u64, new: &[Change]) -> Result<bool, AutomergeError> {
+    let roots: Vec<&Change> = new.iter().filter(|c| c.deps().is_empty()).collect();
+    if roots.is_empty() {
+        return Ok(false);
+    }
+    let numbers: Vec<Option<u64>> = roots.iter().map(|c| root_number(c)).collect();
+    let newest = numbers
+        .iter()
+        .flatten()
+        .copied()
+        .max()
+        .unwrap_or(0)
+        .max(local);
+    let foreign = numbers.iter().any(|n| match n {
+        Some(j) => *j != newest,
+        None => newest != 0,
+    });
+    if newest == local && !foreign {
+        return Ok(false);
+    }
+    let root = root_change(newest).hash();
+    let mut kept = std::collections::HashSet::from([root]);
+    let mut changes = Vec::new();
+    for change in doc.get_changes(&[]) {
+        if change.hash() != root
+            && change.deps().iter().all(|d| kept.contains(d))
+            && !change.deps().is_empty()
+        {
+            kept.insert(change.hash());
+            changes.push(change);
+        }
+    }
+    let mut rebuilt = stub(doc.get_actor(), newest)?;
+    rebuilt.apply_changes(changes)?;
+    *doc = rebuilt;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::document::{Applied, Lifecycle, apply, to_json};
+    use crate::{Expiry, Write};
+    use automerge::transaction::Transactable;
+
+    fn actor(n: u8) -> ActorId {
+        ActorId::from(vec![n; 16])
+    }
+
+    #[test]
+    fn roots_are_the_same_everywhere_and_distinct_per_incarnation() {
+        assert_eq!(root_change(1).raw_bytes(), root_change(1).raw_bytes());
+        assert_ne!(root_change(1).hash(), root_change(2).hash());
+        assert_eq!(root_number(&root_change(7)), Some(7));
+    }
+
+    #[test]
+    fn a_stub_is_deleted_and_empty() {
+        let doc = stub(&actor(1), 3).expect("stub");
+        assert_ne!(
+            doc.get_actor(),
+            &actor(1),
+            "a new incarnation writes as a new actor"
+        );
+        assert!(is_stub(&doc));
+        assert_eq!(of(&doc), 3);
+        assert!(Lifecycle::of(&doc).deleted);
+        assert_eq!(to_json(&doc), serde_json::json!({}));
+    }
+
+    #[test]
+    fn other_roots_are_not_incarnation_roots() {
+        let mut doc = new_document(actor(1));
+        let mut tx = doc.transaction();
+        tx.put(ROOT, INCARNATION_KEY, 1).expect("put");
+        tx.put(ROOT, DELETED_KEY, true).expect("put");
+        tx.commit();
+        let forged = doc.get_last_local_change().expect("change");
+        assert_eq!(
+            root_number(&forged),
+            None,
+            "a different actor is a different change"
+        );
+    }
+
+    fn write(doc: &mut Automerge, ops: serde_json::Value, expiry: Expiry, now_ms: i64) -> Applied {
+        let ops = crate::Op::parse_list(&ops).expect("ops");
+        apply(doc, &Write::Ops(ops), expiry, now_ms).expect("write")
+    }
+
+    /// Applies to `to` what `from` has and `to` lacks, as a sync or broadcast does, then
+    /// settles `to`.
+    fn deliver(from: &Automerge, to: &mut Automerge) -> bool {
+        let local = of(to);
+        let before = to.get_heads();
+        let changes = from.get_changes(&[]);
+        to.apply_changes(changes).expect("apply");
+        let new = to.get_changes(&before);
+        settle(to, local, &new).expect("settle")
+    }
+
+    fn expiring(actor_n: u8) -> Automerge {
+        let mut doc = new_document(actor(actor_n));
+        write(
+            &mut doc,
+            serde_json::json!([{"op": "set", "path": ["old"], "value": 1}, {"op": "push", "path": ["log"], "value": "old"}]),
+            Expiry::At(3_000),
+            1_000,
+        );
+        doc
+    }
+
+    #[test]
+    fn a_revival_replaces_the_old_history_everywhere() {
+        let mut a = expiring(1);
+        let mut b = a.fork().with_actor(actor(2));
+        // a writes after the expiry: a new incarnation.
+        let applied = write(
+            &mut a,
+            serde_json::json!([{"op": "push", "path": ["log"], "value": "new"}]),
+            Expiry::Keep,
+            8_000,
+        );
+        assert!(applied.replaced);
+        assert_eq!(of(&a), 1);
+        assert_eq!(to_json(&a), serde_json::json!({"log": ["new"]}));
+        // b, still holding the expired history, takes the new incarnation whole.
+        assert!(deliver(&a, &mut b));
+        assert_eq!(to_json(&b), to_json(&a));
+        assert_eq!(b.get_heads(), a.get_heads());
+        assert!(Lifecycle::of(&b).live(8_000));
+        // And the old history sent back to a is dropped.
+        let old = expiring(3);
+        assert!(deliver(&old, &mut a));
+        assert_eq!(to_json(&a), serde_json::json!({"log": ["new"]}));
+        assert_eq!(a.get_heads(), b.get_heads());
+    }
+
+    #[test]
+    fn a_purge_and_a_revival_of_one_incarnation_meet_in_the_next() {
+        let old = expiring(1);
+        // a purges: a stub of incarnation 1.
+        let mut a = stub(old.get_actor(), of(&old) + 1).expect("stub");
+        // b revives the expired document: incarnation 1 as well.
+        let mut b = old.fork().with_actor(actor(2));
+        write(
+            &mut b,
+            serde_json::json!([{"op": "push", "path": ["log"], "value": "b"}]),
+            Expiry::Keep,
+            8_000,
+        );
+        // a writes into its stub: the same incarnation, not a later one.
+        let applied = write(
+            &mut a,
+            serde_json::json!([{"op": "push", "path": ["log"], "value": "a"}]),
+            Expiry::Keep,
+            8_000,
+        );
+        assert!(!applied.replaced);
+        assert_eq!(of(&a), 1);
+        assert!(!deliver(&b, &mut a), "one incarnation: a plain merge");
+        assert!(!deliver(&a, &mut b));
+        assert_eq!(a.get_heads(), b.get_heads());
+        let mut log: Vec<serde_json::Value> = to_json(&a)["log"].as_array().expect("list").clone();
+        log.sort_by_key(|v| v.to_string());
+        assert_eq!(log, vec![serde_json::json!("a"), serde_json::json!("b")]);
+    }
+
+    #[test]
+    fn a_stale_replica_written_again_cannot_mix_incarnations() {
+        // a, in incarnation 1 after a revival, and c, still in incarnation 0 and writing into
+        // it: actors never repeat across incarnations, so the histories meet without a clash.
+        let mut a = expiring(1);
+        let mut c = a.fork().with_actor(actor(1)); // the same base actor, as after a restart.
+        write(
+            &mut a,
+            serde_json::json!([{"op": "set", "path": ["x"], "value": 1}]),
+            Expiry::Keep,
+            8_000,
+        );
+        write(
+            &mut c,
+            serde_json::json!([{"op": "set", "path": ["y"], "value": 2}]),
+            Expiry::Clear,
+            2_000,
+        );
+        assert!(deliver(&a, &mut c));
+        assert_eq!(to_json(&c), serde_json::json!({"x": 1}));
+        assert!(deliver(&c, &mut a) || a.get_heads() == c.get_heads());
+        assert_eq!(to_json(&a), serde_json::json!({"x": 1}));
+    }
+
+    #[test]
+    fn a_deleted_document_revives_as_a_new_incarnation() {
+        let mut a = new_document(actor(1));
+        write(
+            &mut a,
+            serde_json::json!([{"op": "push", "path": ["log"], "value": 1}]),
+            Expiry::Keep,
+            1,
+        );
+        apply(&mut a, &Write::Delete, Expiry::Keep, 2).expect("delete");
+        let mut b = a.fork().with_actor(actor(2));
+        write(
+            &mut a,
+            serde_json::json!([{"op": "push", "path": ["log"], "value": "a"}]),
+            Expiry::Keep,
+            3,
+        );
+        write(
+            &mut b,
+            serde_json::json!([{"op": "push", "path": ["log"], "value": "b"}]),
+            Expiry::Keep,
+            3,
+        );
+        assert_eq!((of(&a), of(&b)), (1, 1));
+        assert!(
+            !deliver(&b, &mut a),
+            "both revived into incarnation 1: a plain merge"
+        );
+        assert!(!deliver(&a, &mut b));
+        assert_eq!(a.get_heads(), b.get_heads());
+        assert_eq!(
+            to_json(&a)["log"].as_array().expect("list").len(),
+            2,
+            "{}",
+            to_json(&a)
+        );
+    }
+}
