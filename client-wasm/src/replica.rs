@@ -13,6 +13,7 @@ use automerge::sync::{BloomFilter, Have, Message, MessageFlags, MessageVersion, 
 use automerge::{ActorId, Automerge, ChangeHash, ObjId, Prop, ROOT, ReadDoc, Value};
 use serde_json::{Map, Value as Json};
 use verge_core::document::{Lifecycle, load_document, new_document, value_json};
+use verge_core::incarnation;
 use verge_core::ops::RESERVED_KEY_PREFIX;
 use verge_core::{DocId, Expiry, Op, PathSegment, Write, apply, to_json};
 
@@ -194,6 +195,10 @@ impl Replica {
 
     fn write(&mut self, write: &Write, now_ms: i64) -> Result<bool, ClientError> {
         let applied = apply(&mut self.doc, write, Expiry::Keep, now_ms)?;
+        if applied.replaced {
+            // A revival started a new history: the node holds none of it yet.
+            self.shared.clear();
+        }
         Ok(applied.changed())
     }
 
@@ -320,9 +325,20 @@ impl Replica {
         let node_heads = message.heads.clone();
         let node_needs = !message.need.is_empty();
         let before = self.doc.get_heads();
+        let incarnation_before = incarnation::of(&self.doc);
         self.doc
             .receive_sync_message(&mut s.state, message)
             .map_err(|e| ClientError::InvalidSyncMessage(e.to_string()))?;
+        let new = self.doc.get_changes(&before);
+        if incarnation::settle(&mut self.doc, incarnation_before, &new)
+            .map_err(|e| ClientError::InvalidSyncMessage(e.to_string()))?
+        {
+            // The node's copy is a newer incarnation (the document was deleted or expired and
+            // written again): ours was replaced by it, and the exchange so far describes
+            // histories that are gone.
+            s.state = State::new();
+            self.shared.clear();
+        }
         if self.doc.get_heads() != before {
             s.stats.changed = true;
         }

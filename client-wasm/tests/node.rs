@@ -233,3 +233,81 @@ fn node_errors_keep_their_codes() {
     assert!(!r.has_unsynced_changes());
     assert_eq!(node_doc(&node.addr, "rs/x"), json!({"k": 1}));
 }
+
+#[test]
+fn offline_replicas_creating_the_same_list_and_counter_converge_exactly() {
+    let node = start_node();
+    let mut t = transport(&node.addr);
+    let id = DocId::new("rs/room").unwrap();
+    // Both open the document before it exists, then write offline: each creates the list, the
+    // counter, the text and the nested maps on its own.
+    let mut a = Replica::open(id.clone(), &mut t).unwrap();
+    let mut b = Replica::open(id, &mut t).unwrap();
+    for (name, r) in [("a", &mut a), ("b", &mut b)] {
+        for i in 0..10 {
+            r.apply(
+                ops(json!([
+                    {"op": "push", "path": ["messages"], "value": {"from": name, "i": i}},
+                    {"op": "inc", "path": ["count"]},
+                    {"op": "set", "path": ["seen", name, format!("m{i}")], "value": true},
+                    {"op": "splice", "path": ["log"], "index": 0, "text": format!("<{name}{i}>")},
+                ])),
+                1,
+            )
+            .unwrap();
+        }
+    }
+    a.sync(&mut t).unwrap();
+    b.sync(&mut t).unwrap();
+    a.sync(&mut t).unwrap();
+    assert_eq!(a.heads(), b.heads());
+    let doc = a.to_json();
+    assert_eq!(b.to_json(), doc);
+    assert_eq!(doc["messages"].as_array().unwrap().len(), 20, "{doc}");
+    assert_eq!(doc["count"], json!(20));
+    assert_eq!(doc["seen"]["a"].as_object().unwrap().len(), 10);
+    assert_eq!(doc["seen"]["b"].as_object().unwrap().len(), 10);
+    assert_eq!(doc["log"].as_str().unwrap().matches('<').count(), 20);
+    assert_eq!(node_doc(&node.addr, "rs/room"), doc);
+}
+
+#[test]
+fn a_revived_document_replaces_a_stale_replica() {
+    let node = start_node();
+    let mut t = transport(&node.addr);
+    let id = DocId::new("rs/revived").unwrap();
+    let mut a = Replica::open(id.clone(), &mut t).unwrap();
+    a.apply(
+        ops(json!([{"op": "push", "path": ["log"], "value": "old"}])),
+        1,
+    )
+    .unwrap();
+    a.sync(&mut t).unwrap();
+    let mut stale = Replica::open(id.clone(), &mut t).unwrap();
+    assert_eq!(stale.to_json(), json!({"log": ["old"]}));
+    // a deletes and writes again: a new incarnation, starting from empty.
+    a.delete(2).unwrap();
+    a.apply(
+        ops(json!([{"op": "push", "path": ["log"], "value": "new"}])),
+        3,
+    )
+    .unwrap();
+    a.sync(&mut t).unwrap();
+    assert_eq!(node_doc(&node.addr, "rs/revived"), json!({"log": ["new"]}));
+    // The stale replica takes the new incarnation whole.
+    stale.sync(&mut t).unwrap();
+    assert_eq!(stale.to_json(), json!({"log": ["new"]}));
+    assert_eq!(stale.heads(), a.heads());
+    // And writes into it land on the node.
+    stale
+        .apply(
+            ops(json!([{"op": "push", "path": ["log"], "value": "after"}])),
+            4,
+        )
+        .unwrap();
+    stale.sync(&mut t).unwrap();
+    assert_eq!(
+        node_doc(&node.addr, "rs/revived"),
+        json!({"log": ["new", "after"]})
+    );
+}
