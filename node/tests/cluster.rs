@@ -17,6 +17,8 @@ use std::sync::Barrier;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use automerge::sync::{Message, State as SyncState, SyncDoc};
+use automerge::{AutoCommit, ROOT, ReadDoc, ScalarValue, Value as AmValue};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
@@ -431,6 +433,337 @@ fn three_nodes_write_anywhere_read_everywhere_and_converge() {
         "three nodes: slowest write-to-visible-everywhere {slowest:?}; concurrent writes converged {took:?} after the last answer; {} heads",
         heads.len()
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Concurrent implicit creation
+// ---------------------------------------------------------------------------------------------
+
+/// Anti-entropy every second. A broadcast that arrives before a change it depends on waits in
+/// memory until a sync completes it; with the 30 s default, convergence would hang on that.
+const FAST_ANTI_ENTROPY: &str = "[replication]\nanti_entropy_interval_s = 1\n";
+/// Each measurement runs on this many fresh documents: the original loss was intermittent.
+const CREATION_ROUNDS: usize = 3;
+
+/// Three connected nodes named `{prefix}-1..=3`, each seeding the others, with fast
+/// anti-entropy.
+fn three_fast_nodes(prefix: &str) -> Cluster {
+    let c = Cluster::start_configured(prefix, 3, 0, all_others(3), Some(FAST_ANTI_ENTROPY));
+    c.wait_connected();
+    c
+}
+
+/// Sends `per_node` PATCHes of `id` to every node at once, each from its own thread, all
+/// released by one barrier; the `k`th PATCH at node `i` carries `ops(i, k)`. Asserts that every
+/// answer is 200.
+fn patch_all_at_once(
+    nodes: &[Node],
+    id: &str,
+    per_node: usize,
+    ops: impl Fn(usize, usize) -> Value,
+) {
+    let barrier = Barrier::new(nodes.len() * per_node);
+    let failed: Vec<String> = thread::scope(|s| {
+        let mut handles = Vec::new();
+        for (i, node) in nodes.iter().enumerate() {
+            for k in 0..per_node {
+                let body = ops(i, k);
+                let barrier = &barrier;
+                handles.push(s.spawn(move || {
+                    barrier.wait();
+                    let r = node.patch_doc(id, body);
+                    (r.status != 200)
+                        .then(|| format!("PATCH #{k} at {}: {}", node.node_id, r.describe()))
+                }));
+            }
+        }
+        handles
+            .into_iter()
+            .filter_map(|h| h.join().expect("a PATCH thread panicked"))
+            .collect()
+    });
+    assert!(
+        failed.is_empty(),
+        "{} of {} concurrent PATCHes of {id} failed: {failed:#?}",
+        failed.len(),
+        nodes.len() * per_node
+    );
+}
+
+/// Waits until every node holds `id` at the same heads with the same JSON; returns the JSON and
+/// how long that took. Called once every write was acknowledged, each by the node that holds it,
+/// so equal heads mean every node holds every write.
+fn wait_converged(nodes: &[Node], id: &str) -> (Value, Duration) {
+    let ((doc, _heads), took) = wait_for(
+        REPLICATION_DEADLINE,
+        &format!("every replica of {id} to hold the same heads and JSON"),
+        || {
+            let states: Vec<_> = nodes.iter().map(|n| read_doc(n, id)).collect();
+            match &states[0] {
+                Some(first) if states.iter().all(|s| s.as_ref() == Some(first)) => {
+                    Ok(first.clone())
+                }
+                _ => Err(format!("{states:?}")),
+            }
+        },
+    );
+    (doc, took)
+}
+
+/// Waits until every node reads `id` as absent.
+fn wait_absent(nodes: &[Node], id: &str) {
+    for node in nodes {
+        wait_for(
+            REPLICATION_DEADLINE,
+            &format!("{id} to read 404 at {}", node.node_id),
+            || match node.get_doc(id).status {
+                404 => Ok(()),
+                s => Err(format!("status {s}")),
+            },
+        );
+    }
+}
+
+/// Asserts that a plain Automerge peer, pulling `id` from `node` through `POST /v1/sync/{id}`,
+/// sees one counter at root key `key`, at `expected`. (Verge's own JSON sums counters that
+/// replicas of older versions left conflicting; a plain peer shows only one of them.)
+fn assert_peer_sees_one_counter(node: &Node, id: &str, key: &str, expected: i64) {
+    let peer = plain_peer_copy(node, id);
+    let counters: Vec<i64> = peer
+        .get_all(ROOT, key)
+        .expect("read the peer's copy")
+        .into_iter()
+        .map(|(value, _)| match value {
+            AmValue::Scalar(s) => match s.as_ref() {
+                ScalarValue::Counter(c) => i64::from(c),
+                other => panic!("{key} is not a counter in the peer's copy: {other:?}"),
+            },
+            other => panic!("{key} is not a counter in the peer's copy: {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        counters,
+        [expected],
+        "the counters at {key} of {id} in a plain Automerge peer's copy from {}",
+        node.node_id
+    );
+}
+
+/// A plain Automerge peer's copy of `id`, pulled from `node` through `POST /v1/sync/{id}`.
+fn plain_peer_copy(node: &Node, id: &str) -> AutoCommit {
+    const ROUNDS_MAX: usize = 10;
+    let mut peer = AutoCommit::new();
+    let mut state = SyncState::new();
+    for round in 0..ROUNDS_MAX {
+        let Some(msg) = peer.sync().generate_sync_message(&mut state) else {
+            return peer;
+        };
+        let r = node.req("POST", &format!("/v1/sync/{id}"), &msg.encode());
+        assert_eq!(
+            r.status,
+            200,
+            "sync round {round} of {id}: {}",
+            r.describe()
+        );
+        let reply = Message::decode(&r.body).expect("the node's sync reply decodes");
+        peer.sync()
+            .receive_sync_message(&mut state, reply)
+            .expect("the peer takes the node's sync reply");
+    }
+    panic!(
+        "the sync of {id} from {} took more than {ROUNDS_MAX} rounds",
+        node.node_id
+    );
+}
+
+/// What node `i` writes in its `k`th PATCH of `round`: unique, and whole in a text.
+fn token(round: usize, i: usize, k: usize) -> String {
+    format!("<{round}.{i}.{k}>")
+}
+
+/// Every token of `round` at `nodes` nodes sending `per_node` PATCHes each, sorted.
+fn tokens(round: usize, nodes: usize, per_node: usize) -> Vec<String> {
+    let mut all: Vec<String> = (0..nodes)
+        .flat_map(|i| (0..per_node).map(move |k| token(round, i, k)))
+        .collect();
+    all.sort();
+    all
+}
+
+/// The keys of a JSON object, sorted.
+fn keys(doc: &Value) -> Vec<&str> {
+    let mut keys: Vec<&str> = doc
+        .as_object()
+        .unwrap_or_else(|| panic!("not an object: {doc}"))
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    keys
+}
+
+/// The items of a JSON list of strings, sorted.
+fn sorted_items(list: &Value) -> Vec<String> {
+    let mut items: Vec<String> = list
+        .as_array()
+        .unwrap_or_else(|| panic!("not a list: {list}"))
+        .iter()
+        .map(|v| {
+            v.as_str()
+                .unwrap_or_else(|| panic!("not a string: {v}"))
+                .to_string()
+        })
+        .collect();
+    items.sort();
+    items
+}
+
+/// The `<…>` tokens of a text, sorted (anything else in it shows up as a token of its own).
+fn text_tokens(text: &Value) -> Vec<String> {
+    let t = text
+        .as_str()
+        .unwrap_or_else(|| panic!("not a text: {text}"));
+    let mut tokens: Vec<String> = t.split_inclusive('>').map(str::to_string).collect();
+    tokens.sort();
+    tokens
+}
+
+/// Measurement (a): push onto a missing list, increment a missing counter, set a key under two
+/// missing maps and splice into a missing text, all in one PATCH.
+fn creating_ops(node: &Node, round: usize, i: usize, k: usize) -> Value {
+    let tok = token(round, i, k);
+    json!([
+        { "op": "push", "path": ["log"], "value": tok },
+        { "op": "inc", "path": ["n"], "by": 1 },
+        { "op": "set", "path": ["by", node.node_id, k.to_string()], "value": tok },
+        { "op": "splice", "path": ["t"], "index": 0, "text": tok }
+    ])
+}
+
+/// Asserts `doc` holds exactly what [`creating_ops`] wrote in `round` at every node: each
+/// token once in the list and once in the text, each node's keys under its name, and the
+/// counter at the number of PATCHes.
+fn assert_created_exactly(doc: &Value, nodes: &[Node], round: usize, per_node: usize) {
+    let expected = tokens(round, nodes.len(), per_node);
+    assert_eq!(keys(doc), ["by", "log", "n", "t"], "keys of {doc}");
+    assert_eq!(
+        sorted_items(&doc["log"]),
+        expected,
+        "every push once in log: {doc}"
+    );
+    assert_eq!(
+        text_tokens(&doc["t"]),
+        expected,
+        "every splice once in t: {doc}"
+    );
+    assert_eq!(
+        doc["n"],
+        json!(nodes.len() * per_node),
+        "every inc once in n: {doc}"
+    );
+    let by: serde_json::Map<String, Value> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, node)| {
+            let under: serde_json::Map<String, Value> = (0..per_node)
+                .map(|k| (k.to_string(), json!(token(round, i, k))))
+                .collect();
+            (node.node_id.clone(), Value::Object(under))
+        })
+        .collect();
+    assert_eq!(
+        doc["by"],
+        Value::Object(by),
+        "every set once under by: {doc}"
+    );
+}
+
+/// Measurement (a): three nodes each send 10 PATCHes at once to a document that does not exist
+/// yet, every one creating the same list, counter, maps and text. Nothing is lost or doubled.
+#[test]
+fn concurrent_creation_of_list_counter_maps_and_text_keeps_every_write() {
+    const PER_NODE: usize = 10;
+    let c = three_fast_nodes("create");
+    for round in 0..CREATION_ROUNDS {
+        let id = format!("implicit/all-{round}");
+        patch_all_at_once(&c.nodes, &id, PER_NODE, |i, k| {
+            creating_ops(&c.nodes[i], round, i, k)
+        });
+        let (doc, took) = wait_converged(&c.nodes, &id);
+        assert_created_exactly(&doc, &c.nodes, round, PER_NODE);
+        assert_peer_sees_one_counter(&c.nodes[round % 3], &id, "n", 3 * PER_NODE as i64);
+        eprintln!("concurrent creation: {id} converged {took:?} after the last answer");
+    }
+}
+
+/// Measurement (b): three nodes each increment a counter that does not exist yet 20 times at
+/// once; it ends at exactly 60 everywhere.
+#[test]
+fn concurrent_creation_of_a_counter_by_increments_counts_each_once() {
+    const PER_NODE: usize = 20;
+    let c = three_fast_nodes("count");
+    for round in 0..CREATION_ROUNDS {
+        let id = format!("implicit/counter-{round}");
+        patch_all_at_once(
+            &c.nodes,
+            &id,
+            PER_NODE,
+            |_, _| json!([{ "op": "inc", "path": ["n"], "by": 1 }]),
+        );
+        let (doc, took) = wait_converged(&c.nodes, &id);
+        assert_eq!(doc, json!({ "n": 3 * PER_NODE }), "{id}");
+        assert_peer_sees_one_counter(&c.nodes[round % 3], &id, "n", 3 * PER_NODE as i64);
+        eprintln!("concurrent counter creation: {id} converged {took:?} after the last answer");
+    }
+}
+
+/// A document written as in measurement (a) is deleted, and all three nodes write to it again
+/// at once: they re-create one list and one counter, which hold exactly the new writes. Three
+/// rounds, each deleted at another node, so the containers are re-created three times.
+#[test]
+fn concurrent_creation_after_a_delete_revives_one_list_and_one_counter() {
+    const FIRST_PER_NODE: usize = 10;
+    const PER_NODE: usize = 5;
+    let c = three_fast_nodes("revive");
+    let id = "implicit/revived";
+    patch_all_at_once(&c.nodes, id, FIRST_PER_NODE, |i, k| {
+        creating_ops(&c.nodes[i], 0, i, k)
+    });
+    let (doc, _) = wait_converged(&c.nodes, id);
+    assert_created_exactly(&doc, &c.nodes, 0, FIRST_PER_NODE);
+
+    for round in 1..=CREATION_ROUNDS {
+        let deleter = &c.nodes[(round - 1) % c.nodes.len()];
+        let r = deleter.delete_doc(id);
+        assert_eq!(
+            r.status,
+            200,
+            "DELETE {id} at {}: {}",
+            deleter.node_id,
+            r.describe()
+        );
+        wait_absent(&c.nodes, id);
+        patch_all_at_once(&c.nodes, id, PER_NODE, |i, k| {
+            json!([
+                { "op": "push", "path": ["log"], "value": token(round, i, k) },
+                { "op": "inc", "path": ["n"], "by": 1 }
+            ])
+        });
+        let (doc, took) = wait_converged(&c.nodes, id);
+        assert_eq!(keys(&doc), ["log", "n"], "round {round}: keys of {doc}");
+        assert_eq!(
+            sorted_items(&doc["log"]),
+            tokens(round, c.nodes.len(), PER_NODE),
+            "round {round}: exactly the new pushes in log: {doc}"
+        );
+        assert_eq!(
+            doc["n"],
+            json!(c.nodes.len() * PER_NODE),
+            "round {round}: exactly the new incs in n: {doc}"
+        );
+        assert_peer_sees_one_counter(&c.nodes[round % 3], id, "n", 3 * PER_NODE as i64);
+        eprintln!("revival {round}: {id} converged {took:?} after the last answer");
+    }
 }
 
 #[test]

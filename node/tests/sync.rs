@@ -4,9 +4,14 @@
 
 mod common;
 
+use std::sync::Barrier;
+use std::thread;
+
 use automerge::sync::{Message, State as SyncState, SyncDoc};
 use automerge::transaction::Transactable;
-use automerge::{AutoCommit, AutoSerde, ObjType, ROOT, ReadDoc, ScalarValue, Value as AmValue};
+use automerge::{
+    AutoCommit, AutoSerde, ObjId, ObjType, ROOT, ReadDoc, ScalarValue, Value as AmValue,
+};
 use serde_json::{Value, json};
 
 use common::{Node, heads_of};
@@ -88,6 +93,24 @@ fn replica_counter(replica: &AutoCommit, key: &str) -> Option<i64> {
         },
         _ => None,
     }
+}
+
+/// The list at a root key of the replica and its items, which must be strings.
+fn replica_strings(replica: &AutoCommit, key: &str) -> (ObjId, Vec<String>) {
+    let list = match replica.get(ROOT, key).expect("read the replica") {
+        Some((AmValue::Object(ObjType::List), obj)) => obj,
+        other => panic!("{key} is not a list in the replica: {other:?}"),
+    };
+    let items = (0..replica.length(&list))
+        .map(|i| match replica.get(&list, i).expect("read a list item") {
+            Some((AmValue::Scalar(s), _)) => match s.as_ref() {
+                ScalarValue::Str(t) => t.to_string(),
+                other => panic!("{key}[{i}] is not a string: {other:?}"),
+            },
+            other => panic!("{key}[{i}] is not a scalar: {other:?}"),
+        })
+        .collect();
+    (list, items)
 }
 
 #[test]
@@ -307,4 +330,88 @@ fn sync_survives_a_node_restart() {
     let (http, http_heads) = http_doc(&node, id);
     assert_eq!(http, json!({ "a": 1, "b": 2 }));
     assert_eq!(replica_heads(&mut replica), http_heads);
+}
+
+/// A list and a counter created implicitly by concurrent PATCHes (creation changes Verge builds
+/// itself, not through an Automerge transaction) reach a plain Automerge peer, which reads and
+/// extends them. After a delete, the document written again (a new incarnation, see
+/// `verge_core::incarnation`) reaches a new peer with only the re-created objects.
+#[test]
+fn implicitly_created_list_and_counter_sync_to_a_plain_peer() {
+    const WRITERS: usize = 4;
+    let node = Node::start("test-sync5");
+    let id = "s/implicit";
+    let barrier = Barrier::new(WRITERS);
+    thread::scope(|s| {
+        for w in 0..WRITERS {
+            let (node, barrier) = (&node, &barrier);
+            s.spawn(move || {
+                barrier.wait();
+                node.patch_doc(
+                    id,
+                    json!([
+                        { "op": "push", "path": ["items"], "value": format!("w{w}") },
+                        { "op": "inc", "path": ["n"], "by": 1 }
+                    ]),
+                )
+                .ok_json(&format!("concurrent PATCH {w}"));
+            });
+        }
+    });
+
+    let mut replica = AutoCommit::new();
+    let mut state = SyncState::new();
+    sync(&node, id, &mut replica, &mut state);
+    let (http, http_heads) = http_doc(&node, id);
+    assert_eq!(replica_json(&replica), http, "replica after the first sync");
+    assert_eq!(replica_heads(&mut replica), http_heads);
+    assert_eq!(replica_counter(&replica, "n"), Some(4), "in {http}");
+    let (items, mut got) = replica_strings(&replica, "items");
+    got.sort();
+    assert_eq!(got, ["w0", "w1", "w2", "w3"], "in {http}");
+
+    // The peer writes into both objects.
+    replica
+        .insert(&items, WRITERS, "peer")
+        .expect("append to the list");
+    replica.increment(ROOT, "n", 10).expect("increment");
+    replica.commit();
+    sync(&node, id, &mut replica, &mut state);
+    let (http, http_heads) = http_doc(&node, id);
+    assert_eq!(
+        http["n"],
+        json!(14),
+        "the peer's increment at the node: {http}"
+    );
+    assert_eq!(
+        http["items"][WRITERS], "peer",
+        "the peer's item at the node: {http}"
+    );
+    assert_eq!(replica_json(&replica), http);
+    assert_eq!(replica_heads(&mut replica), http_heads);
+
+    // Deleted and written again: a new peer sees only the re-created objects.
+    let r = node.delete_doc(id);
+    assert_eq!(r.status, 200, "DELETE: {}", r.describe());
+    node.patch_doc(
+        id,
+        json!([
+            { "op": "push", "path": ["items"], "value": "again" },
+            { "op": "inc", "path": ["n"], "by": 1 }
+        ]),
+    )
+    .ok_json("PATCH after the delete");
+    let mut fresh = AutoCommit::new();
+    let mut fresh_state = SyncState::new();
+    sync(&node, id, &mut fresh, &mut fresh_state);
+    let (http, http_heads) = http_doc(&node, id);
+    assert_eq!(http, json!({ "items": ["again"], "n": 1 }));
+    assert_eq!(
+        replica_json(&fresh),
+        http,
+        "a new peer after the re-creation"
+    );
+    assert_eq!(replica_counter(&fresh, "n"), Some(1));
+    assert_eq!(replica_strings(&fresh, "items").1, ["again"]);
+    assert_eq!(replica_heads(&mut fresh), http_heads);
 }
