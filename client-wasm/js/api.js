@@ -268,17 +268,15 @@ export class VergeDoc {
       throw new VergeError("no_connection", "this document has no node to sync with");
     }
     const before = this.heads();
-    let body = this.#replica.syncBegin();
     try {
-      while (body !== undefined) {
-        const reply = await this.#connection.post(this.id, body);
-        body = this.#replica.syncReceive(reply);
-      }
+      await this.#exchange();
     } catch (e) {
-      // Part of the node's changes may have been applied before the failure.
+      if (!(e instanceof VergeError && e.code === "document_replaced")) throw e;
+      // The document was deleted or expired and written again since this copy was made: the
+      // copy can never merge with the node's, so it starts over from the node's.
+      this.#replica.startOver();
       this.#cache.clear();
-      this.#replica.syncAbort();
-      rethrow(e);
+      await this.#exchange();
     }
     const [roundTrips, bytesSent, bytesReceived, changed] = this.#replica.lastSync();
     if (changed === 1) this.#cache.clear();
@@ -298,6 +296,21 @@ export class VergeDoc {
       }
     }
     return result;
+  }
+
+  async #exchange() {
+    let body = this.#replica.syncBegin();
+    try {
+      while (body !== undefined) {
+        const reply = await this.#connection.post(this.id, body);
+        body = this.#replica.syncReceive(reply);
+      }
+    } catch (e) {
+      // Part of the node's changes may have been applied before the failure.
+      this.#cache.clear();
+      this.#replica.syncAbort();
+      rethrow(e);
+    }
   }
 
   /** What the last completed sync did: `{ roundTrips, bytesSent, bytesReceived, changed }`. */

@@ -330,9 +330,9 @@ impl Replica {
             .receive_sync_message(&mut s.state, message)
             .map_err(|e| ClientError::InvalidSyncMessage(e.to_string()))?;
         let new = self.doc.get_changes(&before);
-        if incarnation::settle(&mut self.doc, incarnation_before, &new)
-            .map_err(|e| ClientError::InvalidSyncMessage(e.to_string()))?
-        {
+        let settled = incarnation::settle(&mut self.doc, incarnation_before, &new)
+            .map_err(|e| ClientError::InvalidSyncMessage(e.to_string()))?;
+        if matches!(settled, incarnation::Settled::Replaced) {
             // The node's copy is a newer incarnation (the document was deleted or expired and
             // written again): ours was replaced by it, and the exchange so far describes
             // histories that are gone.
@@ -387,6 +387,17 @@ impl Replica {
         }
     }
 
+    /// Drops the local copy after the node answered `document_replaced`: the document was
+    /// deleted or expired and written again since this copy was made, so the copy can never
+    /// merge with the node's. Local writes not yet synced (made without seeing that delete or
+    /// expiry) go with it. The next sync fetches the current document. A fresh actor keeps any
+    /// changes of the dropped copy from ever clashing with new ones.
+    pub fn start_over(&mut self) {
+        self.doc = new_document(ActorId::random());
+        self.shared.clear();
+        self.session = None;
+    }
+
     /// Abandons the sync in progress (after a transport failure). Nothing is lost: the next
     /// sync resends whatever the node may not have.
     pub fn sync_abort(&mut self) {
@@ -401,7 +412,20 @@ impl Replica {
     /// Pushes local changes and pulls the node's over `transport`: one round trip in the steady
     /// state. On error the replica is unchanged apart from changes already received, and the
     /// call may simply be repeated.
+    ///
+    /// When the node answers `document_replaced`, the replica starts over ([`Replica::start_over`])
+    /// and syncs again, once.
     pub fn sync(&mut self, transport: &mut impl Transport) -> Result<SyncStats, ClientError> {
+        match self.sync_once(transport) {
+            Err(e) if e.code() == "document_replaced" => {
+                self.start_over();
+                self.sync_once(transport)
+            }
+            other => other,
+        }
+    }
+
+    fn sync_once(&mut self, transport: &mut impl Transport) -> Result<SyncStats, ClientError> {
         let mut body = self.sync_begin();
         loop {
             let reply = match transport.post_sync(&self.id, &body) {

@@ -151,6 +151,12 @@ impl WasmReplica {
         self.inner.sync_receive(reply).map_err(js_error)
     }
 
+    /// Drops the local copy after the node answered `document_replaced`.
+    #[wasm_bindgen(js_name = startOver)]
+    pub fn start_over(&mut self) {
+        self.inner.start_over();
+    }
+
     /// Abandons the sync in progress.
     #[wasm_bindgen(js_name = syncAbort)]
     pub fn sync_abort(&mut self) {

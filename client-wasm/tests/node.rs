@@ -311,3 +311,52 @@ fn a_revived_document_replaces_a_stale_replica() {
         json!({"log": ["new", "after"]})
     );
 }
+
+#[test]
+fn a_stale_replica_with_unsynced_writes_starts_over_from_the_revived_document() {
+    let node = start_node();
+    let mut t = transport(&node.addr);
+    let id = DocId::new("rs/stale").unwrap();
+    let mut a = Replica::open(id.clone(), &mut t).unwrap();
+    a.apply(
+        ops(json!([{"op": "push", "path": ["log"], "value": "old"}])),
+        1,
+    )
+    .unwrap();
+    a.sync(&mut t).unwrap();
+    // A replica created before the document existed, writing offline into its own history.
+    let mut stale = Replica::new(id.clone());
+    stale
+        .apply(
+            ops(json!([{"op": "push", "path": ["log"], "value": "offline"}])),
+            1,
+        )
+        .unwrap();
+    // Meanwhile the document is deleted and written again.
+    let (status, _) = http(&node.addr, "DELETE", "/v1/docs/rs/stale", b"").unwrap();
+    assert_eq!(status, 200);
+    let (status, _) = http(
+        &node.addr,
+        "PATCH",
+        "/v1/docs/rs/stale",
+        br#"{"ops":[{"op":"push","path":["log"],"value":"new"}]}"#,
+    )
+    .unwrap();
+    assert_eq!(status, 200);
+    // The stale replica's history can never merge with the new incarnation: it starts over
+    // (its offline write was concurrent with the delete) and reads what the node has.
+    stale.sync(&mut t).unwrap();
+    assert_eq!(stale.to_json(), json!({"log": ["new"]}));
+    assert_eq!(node_doc(&node.addr, "rs/stale"), json!({"log": ["new"]}));
+    stale
+        .apply(
+            ops(json!([{"op": "push", "path": ["log"], "value": "later"}])),
+            2,
+        )
+        .unwrap();
+    stale.sync(&mut t).unwrap();
+    assert_eq!(
+        node_doc(&node.addr, "rs/stale"),
+        json!({"log": ["new", "later"]})
+    );
+}

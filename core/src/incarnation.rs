@@ -146,16 +146,29 @@ pub fn root_number(change: &Change) -> Option<u64> {
     (number >= 1 && root_change(number).hash() == change.hash()).then_some(number)
 }
 
+/// What [`settle`] did.
+#[derive(Debug)]
+pub enum Settled {
+    /// Every new change belongs to the document's incarnation.
+    Kept,
+    /// Some new changes were rooted in an older incarnation (or in none, while the document has
+    /// one) and were removed; these are the new changes that stayed. The sender holds an old
+    /// history and must start over to see the current one.
+    Dropped(Vec<Change>),
+    /// The changes brought a newer incarnation, which replaced the document.
+    Replaced,
+}
+
 /// Keeps `doc` in one incarnation after changes from elsewhere were applied to it: `local` is
 /// its incarnation before, `new` the changes that applied. When they brought the root of a newer
 /// incarnation, or roots of another one, the document is rebuilt from the newest incarnation's
-/// changes alone. Returns whether it was rebuilt (its stored history must then be replaced).
+/// changes alone.
 ///
 /// The common case costs a look at each new change's deps; a rebuild walks the history.
-pub fn settle(doc: &mut Automerge, local: u64, new: &[Change]) -> Result<bool, AutomergeError> {
+pub fn settle(doc: &mut Automerge, local: u64, new: &[Change]) -> Result<Settled, AutomergeError> {
     let roots: Vec<&Change> = new.iter().filter(|c| c.deps().is_empty()).collect();
     if roots.is_empty() {
-        return Ok(false);
+        return Ok(Settled::Kept);
     }
     let numbers: Vec<Option<u64>> = roots.iter().map(|c| root_number(c)).collect();
     let newest = numbers
@@ -170,7 +183,7 @@ pub fn settle(doc: &mut Automerge, local: u64, new: &[Change]) -> Result<bool, A
         None => newest != 0,
     });
     if newest == local && !foreign {
-        return Ok(false);
+        return Ok(Settled::Kept);
     }
     let root = root_change(newest).hash();
     let mut kept = std::collections::HashSet::from([root]);
@@ -184,10 +197,25 @@ pub fn settle(doc: &mut Automerge, local: u64, new: &[Change]) -> Result<bool, A
             changes.push(change);
         }
     }
-    let mut rebuilt = stub(doc.get_actor(), newest)?;
+    let mut rebuilt = if newest == local {
+        // Same incarnation: keep writing as the same actor.
+        let mut d = crate::document::new_document(doc.get_actor().clone());
+        d.apply_changes([root_change(newest)])?;
+        d
+    } else {
+        stub(doc.get_actor(), newest)?
+    };
     rebuilt.apply_changes(changes)?;
     *doc = rebuilt;
-    Ok(true)
+    if newest == local {
+        let kept = new
+            .iter()
+            .filter(|c| kept.contains(&c.hash()))
+            .cloned()
+            .collect();
+        return Ok(Settled::Dropped(kept));
+    }
+    Ok(Settled::Replaced)
 }
 
 #[cfg(test)]
@@ -250,7 +278,7 @@ mod tests {
         let changes = from.get_changes(&[]);
         to.apply_changes(changes).expect("apply");
         let new = to.get_changes(&before);
-        settle(to, local, &new).expect("settle")
+        !matches!(settle(to, local, &new).expect("settle"), Settled::Kept)
     }
 
     fn expiring(actor_n: u8) -> Automerge {

@@ -72,6 +72,12 @@ pub enum DocError {
     /// The node is draining.
     #[error("the node is shutting down")]
     ShuttingDown,
+    /// A sync message carried changes of an older incarnation of the document: the sender's
+    /// copy is from before the document was deleted or expired and written again.
+    #[error(
+        "document {0} was deleted or expired and written again since this copy was made; discard the copy and sync from an empty document"
+    )]
+    Replaced(DocId),
     /// Storage failed; the write was not acknowledged.
     #[error("storage error: {0}")]
     Storage(String),
@@ -653,7 +659,8 @@ impl Documents {
                 self.discard(&entry);
                 return Err(DocError::InvalidSync(e.to_string()));
             }
-            let (changes, history) = match self.settle(&entry, slot, &before, incarnation_before) {
+            let settled = self.settle(&entry, slot, &before, incarnation_before, origin);
+            let (changes, history) = match settled {
                 Ok(settled) => settled,
                 Err(e) => {
                     drop(guard);
@@ -707,15 +714,30 @@ impl Documents {
         slot: &mut Slot,
         before: &[ChangeHash],
         incarnation_before: u64,
+        origin: Origin,
     ) -> Result<(Vec<Vec<u8>>, History), DocError> {
         let new = slot.doc.get_changes(before);
-        let replaced = incarnation::settle(&mut slot.doc, incarnation_before, &new)
+        let settled = incarnation::settle(&mut slot.doc, incarnation_before, &new)
             .map_err(|e| DocError::InvalidSync(format!("cannot settle incarnations: {e}")))?;
-        if !replaced {
-            return Ok((
-                new.into_iter().map(|c| c.raw_bytes().to_vec()).collect(),
-                History::Extend,
-            ));
+        let bytes = |changes: Vec<automerge::Change>| {
+            changes
+                .into_iter()
+                .map(|c| c.raw_bytes().to_vec())
+                .collect()
+        };
+        match settled {
+            incarnation::Settled::Kept => return Ok((bytes(new), History::Extend)),
+            // A client (a Wasm replica or any Automerge peer) holding an old history is told to
+            // start over; a peer node is answered with the current history, which it takes.
+            incarnation::Settled::Dropped(_) if origin == Origin::Client => {
+                self.metrics.sync_stale_incarnation.inc();
+                return Err(DocError::Replaced(entry.id.clone()));
+            }
+            incarnation::Settled::Dropped(kept) => {
+                self.metrics.sync_stale_incarnation.inc();
+                return Ok((bytes(kept), History::Extend));
+            }
+            incarnation::Settled::Replaced => {}
         }
         tracing::info!(
             doc = %entry.id,
@@ -757,7 +779,8 @@ impl Documents {
                     )));
                 }
             }
-            let (new, history) = match self.settle(&entry, slot, &before, incarnation_before) {
+            let settled = self.settle(&entry, slot, &before, incarnation_before, Origin::Peer);
+            let (new, history) = match settled {
                 Ok(settled) => settled,
                 Err(e) => {
                     drop(guard);

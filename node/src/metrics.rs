@@ -56,6 +56,8 @@ pub struct Metrics {
     pub purged_docs: Counter,
     /// Documents whose history a newer incarnation replaced (a revival, or one received).
     pub incarnations_replaced: Counter,
+    /// Sync messages that carried changes of an older incarnation (dropped).
+    pub sync_stale_incarnation: Counter,
     /// Open watch streams.
     pub watchers: Gauge,
     /// Watch events dropped because a watcher was too slow.
@@ -120,6 +122,7 @@ impl Metrics {
             compactions: Counter::default(),
             purged_docs: Counter::default(),
             incarnations_replaced: Counter::default(),
+            sync_stale_incarnation: Counter::default(),
             watchers: Gauge::default(),
             watch_lagged: Counter::default(),
             broadcast_dropped: Counter::default(),
@@ -226,6 +229,11 @@ impl Metrics {
             "incarnations_replaced",
             "Documents whose history a newer incarnation replaced (a revival, or one received)",
             m.incarnations_replaced.clone(),
+        );
+        registry.register(
+            "sync_stale_incarnation",
+            "Sync messages and broadcasts carrying changes of an older incarnation, dropped",
+            m.sync_stale_incarnation.clone(),
         );
         registry.register("watchers", "Open watch streams", m.watchers.clone());
         registry.register(

@@ -61,6 +61,35 @@ fn sync(node: &Node, id: &str, replica: &mut AutoCommit, state: &mut SyncState) 
     panic!("sync of {id} did not finish in {MAX_ROUNDS} rounds");
 }
 
+/// Syncs a peer whose copy predates the document's current incarnation until the node answers
+/// anything but 200, and returns that status.
+fn stale_sync_status(
+    node: &Node,
+    id: &str,
+    replica: &mut AutoCommit,
+    state: &mut SyncState,
+) -> u16 {
+    // As `sync` does: a peer keeps only the persistent part of its state between syncs.
+    *state = SyncState::decode(&state.encode()).expect("sync state round-trips");
+    for _ in 0..MAX_ROUNDS {
+        let msg = replica
+            .sync()
+            .generate_sync_message(state)
+            .expect("a stale peer has something to say");
+        let r = node.req("POST", &format!("/v1/sync/{id}"), &msg.encode());
+        if r.status != 200 {
+            assert!(r.text().contains("document_replaced"), "{}", r.describe());
+            return r.status;
+        }
+        let reply = Message::decode(&r.body).expect("decodes");
+        replica
+            .sync()
+            .receive_sync_message(state, reply)
+            .expect("receives");
+    }
+    panic!("the node kept answering a stale peer with 200");
+}
+
 /// The replica's document as JSON, without Verge's reserved root keys (`_verge…`, which hold
 /// the tombstone and expiry and which the HTTP view hides).
 fn replica_json(replica: &AutoCommit) -> Value {
@@ -401,6 +430,9 @@ fn implicitly_created_list_and_counter_sync_to_a_plain_peer() {
         ]),
     )
     .ok_json("PATCH after the delete");
+    // The peer that held the document before cannot merge its copy into the new incarnation:
+    // within a few rounds the node answers 409 document_replaced, and never a merge.
+    assert_eq!(stale_sync_status(&node, id, &mut replica, &mut state), 409);
     let mut fresh = AutoCommit::new();
     let mut fresh_state = SyncState::new();
     sync(&node, id, &mut fresh, &mut fresh_state);

@@ -80,6 +80,7 @@ impl From<DocError> for ApiError {
                 "op_not_applicable",
                 message,
             ),
+            DocError::Replaced(_) => Self::new(StatusCode::CONFLICT, "document_replaced", message),
             DocError::InvalidSync(_) => {
                 Self::new(StatusCode::BAD_REQUEST, "invalid_sync_message", message)
             }
