@@ -4,6 +4,8 @@
 //! requests, oversized bodies and raw bytes, and to read a server-sent-event stream).
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod cluster;
+
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
