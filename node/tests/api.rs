@@ -402,6 +402,33 @@ fn concurrent_increments_all_count() {
 }
 
 #[test]
+fn an_inc_past_the_64_bit_range_is_refused_and_changes_nothing() {
+    let node = Node::start("test-overflow");
+    patch_ok(
+        &node,
+        "cnt/max",
+        json!([{ "op": "inc", "path": ["n"], "by": i64::MAX }]),
+    );
+    let (_, heads, _) = read_doc(&node, "cnt/max");
+    let r = node.patch_doc(
+        "cnt/max",
+        json!([{ "op": "set", "path": ["other"], "value": 1 }, { "op": "inc", "path": ["n"] }]),
+    );
+    r.assert_error(422, "op_not_applicable", "inc past i64::MAX");
+    assert!(r.text().contains("64-bit"), "{}", r.describe());
+    let (doc, after, _) = read_doc(&node, "cnt/max");
+    assert_eq!(doc, json!({ "n": i64::MAX }), "the whole PATCH was refused");
+    assert_eq!(after, heads);
+    // Downwards too, and a counter the same PATCH creates.
+    let r = node.patch_doc(
+        "cnt/min",
+        json!([{ "op": "inc", "path": ["m"], "by": i64::MIN }, { "op": "inc", "path": ["m"], "by": -1 }]),
+    );
+    r.assert_error(422, "op_not_applicable", "inc past i64::MIN");
+    assert_eq!(node.get_doc("cnt/min").status, 404, "nothing was created");
+}
+
+#[test]
 fn delete_then_get_is_404_and_a_write_revives_from_empty() {
     let node = Node::start("test-delete");
     put_ok(&node, "del/1", &json!({ "a": 1, "b": { "c": 2 } }));
