@@ -882,7 +882,7 @@ impl Documents {
     }
 
     /// Purges documents expired at `now`, and tombstones older than `tombstone_retention_ms`.
-    /// Returns how many were purged.
+    /// Returns how many were purged; a pass that completes counts in `verge_purge_rounds_total`.
     pub async fn purge_expired(&self, tombstone_retention_ms: i64) -> Result<usize, DocError> {
         let now = self.now_ms();
         let purgeable = |meta: &DocMeta| {
@@ -949,6 +949,7 @@ impl Documents {
             self.metrics.purged_docs.inc();
             purged += 1;
         }
+        self.metrics.purge_rounds.inc();
         Ok(purged)
     }
 }

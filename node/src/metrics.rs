@@ -54,6 +54,8 @@ pub struct Metrics {
     pub compactions: Counter,
     /// Documents purged after expiry or tombstone retention.
     pub purged_docs: Counter,
+    /// Purge passes completed (each scans every document once).
+    pub purge_rounds: Counter,
     /// Documents whose history a newer incarnation replaced (a revival, or one received).
     pub incarnations_replaced: Counter,
     /// Sync messages that carried changes of an older incarnation (dropped).
@@ -121,6 +123,7 @@ impl Metrics {
             cache_misses: Counter::default(),
             compactions: Counter::default(),
             purged_docs: Counter::default(),
+            purge_rounds: Counter::default(),
             incarnations_replaced: Counter::default(),
             sync_stale_incarnation: Counter::default(),
             watchers: Gauge::default(),
@@ -224,6 +227,11 @@ impl Metrics {
             "purged_docs",
             "Documents purged after expiry or tombstone retention",
             m.purged_docs.clone(),
+        );
+        registry.register(
+            "purge_rounds",
+            "Purge passes completed",
+            m.purge_rounds.clone(),
         );
         registry.register(
             "incarnations_replaced",
