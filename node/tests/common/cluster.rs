@@ -44,6 +44,13 @@ pub fn node_args(certs: &Path, spec: &Spec) -> Vec<String> {
     args
 }
 
+/// Writes `text` to `dir/file` and returns the `--config` arguments naming it.
+fn config_args(dir: &Path, file: &str, text: &str) -> Vec<String> {
+    let path = dir.join(file);
+    std::fs::write(&path, text).unwrap();
+    vec!["--config".to_string(), path.display().to_string()]
+}
+
 /// Starts every node of `specs` at once (each waits for its own `/readyz`).
 pub fn start_nodes(certs: &Path, specs: &[Spec]) -> Vec<Node> {
     thread::scope(|s| {
@@ -84,20 +91,9 @@ impl Cluster {
         seeds_of: impl Fn(usize) -> Vec<usize>,
         config: Option<&str>,
     ) -> Self {
-        let certs = tempfile::Builder::new()
-            .prefix("verge-certs-")
-            .tempdir()
-            .unwrap();
-        let names: Vec<String> = (1..=n + extra).map(|i| format!("{prefix}-{i}")).collect();
-        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-        make_certs(certs.path(), &refs);
-        let ports: Vec<u16> = (0..n + extra).map(|_| free_udp_port()).collect();
+        let (certs, names, ports) = Self::prepare(prefix, n + extra);
         let extra_args = match config {
-            Some(text) => {
-                let path = certs.path().join("verge.toml");
-                std::fs::write(&path, text).unwrap();
-                vec!["--config".to_string(), path.display().to_string()]
-            }
+            Some(text) => config_args(certs.path(), "verge.toml", text),
             None => Vec::new(),
         };
         let specs: Vec<Spec> = (0..n)
@@ -115,6 +111,46 @@ impl Cluster {
             ports,
             extra: extra_args,
         }
+    }
+
+    /// `configs.len()` nodes named `{prefix}-1..`, node `i` seeded with `seeds_of(i)` and
+    /// reading `configs[i]` (TOML) as its config file: nodes configured differently.
+    pub fn start_each_configured(
+        prefix: &str,
+        seeds_of: impl Fn(usize) -> Vec<usize>,
+        configs: &[&str],
+    ) -> Self {
+        let (certs, names, ports) = Self::prepare(prefix, configs.len());
+        let specs: Vec<Spec> = configs
+            .iter()
+            .enumerate()
+            .map(|(i, text)| Spec {
+                name: names[i].clone(),
+                gossip_port: ports[i],
+                seeds: seeds_of(i).into_iter().map(|j| ports[j]).collect(),
+                extra: config_args(certs.path(), &format!("{}.toml", names[i]), text),
+            })
+            .collect();
+        let nodes = start_nodes(certs.path(), &specs);
+        Cluster {
+            certs,
+            nodes,
+            ports,
+            extra: Vec::new(),
+        }
+    }
+
+    /// Certificates for `{prefix}-1..=total` in a new directory, and a gossip port for each.
+    fn prepare(prefix: &str, total: usize) -> (TempDir, Vec<String>, Vec<u16>) {
+        let certs = tempfile::Builder::new()
+            .prefix("verge-certs-")
+            .tempdir()
+            .unwrap();
+        let names: Vec<String> = (1..=total).map(|i| format!("{prefix}-{i}")).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        make_certs(certs.path(), &refs);
+        let ports: Vec<u16> = (0..total).map(|_| free_udp_port()).collect();
+        (certs, names, ports)
     }
 
     /// Starts node number `i` (0-based, one of the `extra` ones) seeded with `seeds`.
