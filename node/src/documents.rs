@@ -423,6 +423,7 @@ impl Documents {
                 return Err(DocError::NotFound(id.clone()));
             }
             check_growth(id, &slot.meta, size_hint)?;
+            let into_stub = slot.meta.stub;
             let applied = document::apply(&mut slot.doc, write, expiry, now)?;
             let mut hashes = applied.changes.clone();
             if hashes.is_empty() {
@@ -446,6 +447,18 @@ impl Documents {
                 .ok_or_else(|| {
                     DocError::Storage("a committed change is missing from its document".into())
                 })?;
+            // The first write into a purged stub goes out with the stub's root: other nodes may
+            // still hold the old incarnation, the purge itself was not broadcast, and without
+            // the root they could not apply the write until anti-entropy. (Stored once more as
+            // a change row, which loading ignores as a duplicate.)
+            let changes = if into_stub && !applied.replaced {
+                let root = incarnation::root_change(incarnation::of(&slot.doc));
+                std::iter::once(root.raw_bytes().to_vec())
+                    .chain(changes)
+                    .collect()
+            } else {
+                changes
+            };
             let history = if applied.replaced {
                 History::Replace
             } else {

@@ -566,13 +566,10 @@ fn three_default_nodes_serve_a_write_at_a_node_that_did_not_purge_without_a_404_
     three_default_nodes_one_purging("tri-other", 1);
 }
 
-/// Known gap: the purge is not broadcast, and the write into the purged node's stub broadcasts
-/// only the write, which depends on the stub's root; nodes still holding the expired history
-/// cannot apply it, and without `?replicas=` no sync follows, so they read `404` until
-/// anti-entropy (measured: 26.5 s on both other nodes).
+/// The purge is not broadcast: the write into the purged node's stub goes out with the stub's
+/// root, so nodes still holding the expired history take the new incarnation at once instead of
+/// reading `404` until anti-entropy (26.5 s was measured before the root went along).
 #[test]
-#[ignore = "known gap: a write into a purged stub reaches nodes holding the expired history \
-            only through anti-entropy (404 for up to anti_entropy_interval_s)"]
 fn three_default_nodes_serve_a_write_at_the_purging_node_without_a_404_window() {
     three_default_nodes_one_purging("tri-purger", 0);
 }
