@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Tests of the Wasm client package against real nodes: the API under Node's test runner, the
-# workerd cart through Miniflare, the Node and Deno carts, and the browser export in headless
-# Chromium. Installs what it needs, idempotently: the wasm32 target (setup.sh), wasm-bindgen-cli
-# and the npm packages (build-client.sh), Debian's chromium when missing.
+# workerd cart through Miniflare, the Node and Deno carts, the workerd chat at two replicating
+# nodes, and the browser export in headless Chromium. Installs what it needs, idempotently: the
+# wasm32 target (setup.sh), wasm-bindgen-cli and the npm packages (build-client.sh), Debian's
+# chromium when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -2,7 +2,7 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { Verge, VergeError } from "../dist/node.js";
-import { startNode, nodeGet, nodePatch } from "./node-server.mjs";
+import { startNode, nodeGet, nodePatch, nodeDelete } from "./node-server.mjs";
 
 let node;
 let conn;
@@ -93,6 +93,93 @@ test("concurrently created counters sum instead of losing increments", async () 
   await a.sync();
   assert.equal(a.get("hits"), 7);
   assert.equal(b.get("hits"), 7);
+});
+
+test("two offline clients creating the same list and counter converge exactly", async () => {
+  const id = "t/offline-create";
+  // Neither has talked to the node: each creates the list, the counter and the maps itself.
+  const a = Verge.create(conn, id);
+  const b = Verge.create(conn, id);
+  const expected = { list: [], m: { a: {}, b: {}, both: {} } };
+  for (const [name, doc] of [["a", a], ["b", b]]) {
+    for (let i = 0; i < 10; i++) {
+      doc.push(["list"], `${name}-${i}`);
+      doc.inc(["n"]);
+      doc.set(["m", name, String(i)], i);
+      doc.set(["m", "both", `${name}-${i}`], true);
+      expected.list.push(`${name}-${i}`);
+      expected.m[name][String(i)] = i;
+      expected.m.both[`${name}-${i}`] = true;
+    }
+  }
+  assert.equal(a.get("n"), 10);
+  await a.sync();
+  await b.sync();
+  await a.sync();
+  assert.deepEqual(a.heads(), b.heads());
+  const doc = a.toJSON();
+  assert.deepEqual(b.toJSON(), doc);
+  assert.equal(doc.n, 20);
+  assert.equal(doc.list.length, 20, JSON.stringify(doc.list));
+  assert.deepEqual(doc.list.toSorted(), expected.list.toSorted(), "each item exactly once");
+  for (const name of ["a", "b"]) {
+    const own = doc.list.filter((item) => item.startsWith(`${name}-`));
+    assert.deepEqual(own, expected.list.filter((item) => item.startsWith(`${name}-`)));
+  }
+  assert.deepEqual(doc.m, expected.m);
+  const remote = await nodeGet(node.url, id);
+  assert.deepEqual(remote.doc, doc);
+  assert.deepEqual(remote.heads, a.heads());
+});
+
+test("a replica older than a delete and a revival starts over from the node's copy", async () => {
+  const id = "t/replaced";
+  const statuses = [];
+  const recording = {
+    url: node.url,
+    fetch: async (...args) => {
+      const res = await fetch(...args);
+      statuses.push(res.status);
+      return res;
+    },
+  };
+  // A replica created before the document existed, holding writes it never synced.
+  const stale = Verge.create(recording, id);
+  stale.push(["log"], "offline");
+  stale.inc(["n"]);
+  // Another replica writes the document and syncs...
+  const a = await Verge.open(conn, id);
+  a.push(["log"], "old");
+  await a.sync();
+  // ...and writes more offline while the document is deleted and written again on the node.
+  a.push(["log"], "unsynced");
+  await nodeDelete(node.url, id);
+  await nodePatch(node.url, id, [{ op: "push", path: ["log"], value: "new" }]);
+  const revived = await nodeGet(node.url, id);
+  assert.deepEqual(revived.doc, { log: ["new"] });
+
+  // The stale replica's history can never merge with the new incarnation: the node answers
+  // document_replaced, the replica starts over and syncs again. Its offline writes were
+  // concurrent with the delete and are dropped.
+  await stale.sync();
+  assert.ok(statuses.includes(409), `the node answered ${statuses}`);
+  assert.equal(statuses.at(-1), 200);
+  assert.deepEqual(stale.toJSON(), revived.doc);
+  assert.deepEqual(stale.heads(), revived.heads);
+  assert.equal(stale.hasUnsyncedChanges, false);
+  // The replica that saw the old incarnation takes the new one too.
+  await a.sync();
+  assert.deepEqual(a.toJSON(), revived.doc);
+  assert.deepEqual(a.heads(), revived.heads);
+  // Both write into the new incarnation.
+  stale.push(["log"], "later");
+  await stale.sync();
+  await a.sync();
+  a.push(["log"], "from-a");
+  await a.sync();
+  await stale.sync();
+  assert.deepEqual((await nodeGet(node.url, id)).doc, { log: ["new", "later", "from-a"] });
+  assert.deepEqual(stale.toJSON(), a.toJSON());
 });
 
 test("subscribers hear about changes brought by sync, not about local ones", async () => {

@@ -3,15 +3,15 @@
 //   GET  /cart/{user}         -> { id, items: { sku: qty }, roundTrips }
 //   POST /cart/{user}/items   body { "sku": "sku-1", "qty": 2 }
 //
-// Each cart is the document `cart/{user}`. Every item is its own root key `item:{sku}` holding
-// a counter: two functions adding the same sku at once both count (concurrent counters sum),
-// and two adding different skus write different keys. A nested `items` map would not do: two
-// replicas that both create it concurrently make two maps, and only one of them shows.
+// Each cart is the document `cart/{user}`, shaped `{ items: { sku: qty } }`: an add is
+// `inc ["items", sku]`, which creates the `items` map and the sku's counter when missing. Two
+// functions adding to the same cart at once, even one neither has seen yet, both land: replicas
+// that create the same map or counter concurrently create the same one (docs/client.md,
+// "Conflicts"), adds of the same sku sum and adds of different skus write different keys.
 //
 // The isolate keeps each cart's saved replica between requests, so a warm request is one
 // round trip to the node (push the add, pull the rest) and a cold one is one too.
 
-const ITEM = "item:";
 const USER = /^\/cart\/([A-Za-z0-9._~:@+-]{1,200})(\/items)?$/;
 
 export function cartHandler(Verge, connection) {
@@ -30,7 +30,7 @@ export function cartHandler(Verge, connection) {
         if (typeof sku !== "string" || !Number.isInteger(qty)) {
           return json({ error: "expected { sku: string, qty: integer }" }, 400);
         }
-        doc.inc([ITEM + sku], qty);
+        doc.inc(["items", sku], qty);
       } else if (request.method !== "GET" || match[2]) {
         return json({ error: "method not allowed" }, 405);
       }
@@ -46,11 +46,8 @@ export function cartHandler(Verge, connection) {
 }
 
 function items(cart) {
-  const out = {};
-  for (const [key, qty] of Object.entries(cart)) {
-    if (key.startsWith(ITEM) && qty !== 0) out[key.slice(ITEM.length)] = qty;
-  }
-  return out;
+  const items = cart.items !== null && typeof cart.items === "object" ? cart.items : {};
+  return Object.fromEntries(Object.entries(items).filter(([, qty]) => qty !== 0));
 }
 
 function json(body, status = 200) {
