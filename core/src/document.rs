@@ -122,11 +122,18 @@ pub struct Lifecycle {
 
 impl Lifecycle {
     /// Reads the lifecycle keys of `doc`.
+    ///
+    /// A delete and a concurrent write that revived the document in place (a write into a
+    /// purged stub) leave both values at the tombstone key: the delete wins, on every replica
+    /// alike. Every replica then sees a later write as a revival and starts the same next
+    /// incarnation with it; were the write to win where it was made and the delete elsewhere,
+    /// writes made after seeing both would land in different incarnations.
     pub fn of(doc: &impl ReadDoc) -> Self {
-        let deleted = matches!(
-            doc.get(ROOT, DELETED_KEY),
-            Ok(Some((Value::Scalar(v), _))) if matches!(v.as_ref(), ScalarValue::Boolean(true))
-        );
+        let deleted = doc.get_all(ROOT, DELETED_KEY).is_ok_and(|values| {
+            values.iter().any(|(v, _)| {
+                matches!(v, Value::Scalar(s) if matches!(s.as_ref(), ScalarValue::Boolean(true)))
+            })
+        });
         let expires_at_ms = match doc.get(ROOT, EXPIRES_AT_KEY) {
             Ok(Some((Value::Scalar(v), _))) => match v.as_ref() {
                 ScalarValue::Int(n) | ScalarValue::Timestamp(n) => Some(*n),

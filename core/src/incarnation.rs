@@ -408,4 +408,55 @@ mod tests {
             to_json(&a)
         );
     }
+
+    /// Found by the property test: a delete concurrent with a write that revived the document
+    /// in place must win on every replica, or writes made after seeing both would land in
+    /// different incarnations (and one set be dropped).
+    #[test]
+    fn a_delete_concurrent_with_a_revival_in_place_wins_everywhere() {
+        let mut a = new_document(actor(1));
+        apply(&mut a, &Write::Delete, Expiry::Keep, 1).expect("delete");
+        let mut b = a.fork().with_actor(actor(2));
+        // a revives (incarnation 1) and deletes again; b revives concurrently into the same
+        // incarnation 1 (the same root) without seeing a's delete.
+        write(
+            &mut a,
+            serde_json::json!([{"op": "push", "path": ["l"], "value": "a1"}]),
+            Expiry::Keep,
+            2,
+        );
+        apply(&mut a, &Write::Delete, Expiry::Keep, 3).expect("delete");
+        write(
+            &mut b,
+            serde_json::json!([{"op": "push", "path": ["l"], "value": "b1"}]),
+            Expiry::Keep,
+            2,
+        );
+        assert_eq!((of(&a), of(&b)), (1, 1));
+        deliver(&a, &mut b);
+        assert!(
+            Lifecycle::of(&b).deleted,
+            "the delete wins over b's concurrent write"
+        );
+        // Both now write having seen the delete: both revive into incarnation 2.
+        write(
+            &mut a,
+            serde_json::json!([{"op": "push", "path": ["l"], "value": "a2"}]),
+            Expiry::Keep,
+            4,
+        );
+        write(
+            &mut b,
+            serde_json::json!([{"op": "push", "path": ["l"], "value": "b2"}]),
+            Expiry::Keep,
+            4,
+        );
+        assert_eq!((of(&a), of(&b)), (2, 2));
+        deliver(&a, &mut b);
+        deliver(&b, &mut a);
+        assert_eq!(a.get_heads(), b.get_heads());
+        let mut l: Vec<serde_json::Value> = to_json(&a)["l"].as_array().expect("list").clone();
+        l.sort_by_key(|v| v.to_string());
+        assert_eq!(l, vec![serde_json::json!("a2"), serde_json::json!("b2")]);
+    }
 }
