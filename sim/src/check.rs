@@ -9,6 +9,13 @@
 //! - every counter equals the sum of its acknowledged increments, plus at most the increments
 //!   whose outcome is unknown;
 //! - no task panicked.
+//!
+//! In the racing workload (nothing created in advance, containers created concurrently by
+//! every node) the same hold, with what that mode adds and allows: every acknowledged entry
+//! `["by", node, key]` holds its value; a missing counter reads 0; a document no write reached
+//! is absent everywhere, which is agreement; and the writes under a container that was deleted
+//! in a document may have been lost with it ([`Expectations::may_be_lost`]), though they still
+//! must not appear twice or push a counter above its increments.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -18,7 +25,7 @@ use serde_json::Value;
 
 use crate::api::NodeApi;
 use crate::lock;
-use crate::workload::{Expectations, History, doc_id, expectations};
+use crate::workload::{COUNTER, Creation, ENTRIES, Expectations, History, LOG, TEXT, expectations};
 
 /// One node's view of one document.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +34,22 @@ pub struct DocView {
     pub heads: Vec<String>,
     /// Its JSON.
     pub doc: Value,
+}
+
+impl DocView {
+    /// The view of a document the node does not hold (it answered 404): no heads, no JSON.
+    /// Nodes that all answer so agree: a document no write reached exists nowhere.
+    pub fn absent() -> Self {
+        Self {
+            heads: Vec::new(),
+            doc: Value::Null,
+        }
+    }
+
+    /// Whether the node does not hold the document.
+    pub fn is_absent(&self) -> bool {
+        self.heads.is_empty() && self.doc.is_null()
+    }
 }
 
 /// What every node answered for every document, once they agreed (or when time ran out).
@@ -43,8 +66,12 @@ pub struct FinalState {
 /// Shared slot the converging client fills.
 pub type SharedFinal = Arc<Mutex<FinalState>>;
 
+/// A node's view of document `id`, or `None` when the node did not answer it.
 async fn view(node: &NodeApi, id: &str) -> Option<DocView> {
     let answer = node.get(id).await.ok()?;
+    if answer.status == hyper::StatusCode::NOT_FOUND {
+        return Some(DocView::absent());
+    }
     if !answer.status.is_success() {
         return None;
     }
@@ -118,8 +145,14 @@ pub async fn converge(
     }
 }
 
-/// Checks the final state against the history; returns the violations found.
-pub fn verify(state: &FinalState, history: &History, docs: usize) -> Vec<Violation> {
+/// Checks the final state of documents `0..docs` of a `creation` workload against the history;
+/// returns the violations found.
+pub fn verify(
+    state: &FinalState,
+    history: &History,
+    docs: usize,
+    creation: Creation,
+) -> Vec<Violation> {
     let mut out = Vec::new();
     if !state.converged {
         for (id, _) in state.nodes.first().into_iter().flatten() {
@@ -128,6 +161,7 @@ pub fn verify(state: &FinalState, history: &History, docs: usize) -> Vec<Violati
                 .iter()
                 .enumerate()
                 .map(|(i, n)| match n.get(id).and_then(Option::as_ref) {
+                    Some(v) if v.is_absent() => format!("n{i} absent"),
                     Some(v) => format!("n{i} heads={:?}", v.heads),
                     None => format!("n{i} no answer"),
                 })
@@ -148,10 +182,14 @@ pub fn verify(state: &FinalState, history: &History, docs: usize) -> Vec<Violati
         return out;
     };
     for (i, exp) in expectations(history, docs).iter().enumerate() {
-        let id = doc_id(i);
+        let id = creation.doc_id(i);
         match reference.get(&id).and_then(Option::as_ref) {
-            Some(view) => check_doc(&id, &view.doc, exp, &mut out),
-            None => out.push(Violation {
+            // Created upfront, a document must exist; racing, one no write reached is absent
+            // and holds nothing, as an empty one does.
+            Some(view) if creation == Creation::Racing || !view.is_absent() => {
+                check_doc(&id, &view.doc, exp, creation, &mut out)
+            }
+            _ => out.push(Violation {
                 doc: Some(id.clone()),
                 what: "document missing".into(),
                 needles: vec![id],
@@ -181,7 +219,16 @@ impl std::fmt::Display for Violation {
     }
 }
 
-fn check_doc(id: &str, doc: &Value, exp: &Expectations, out: &mut Vec<Violation>) {
+/// Reports one broken invariant: what is wrong, and a string that picks its trace events.
+type Fail<'a> = dyn FnMut(String, String) + 'a;
+
+fn check_doc(
+    id: &str,
+    doc: &Value,
+    exp: &Expectations,
+    creation: Creation,
+    out: &mut Vec<Violation>,
+) {
     let mut fail = |what: String, needle: String| {
         out.push(Violation {
             doc: Some(id.to_owned()),
@@ -189,7 +236,19 @@ fn check_doc(id: &str, doc: &Value, exp: &Expectations, out: &mut Vec<Violation>
             needles: vec![needle],
         })
     };
-    // Own keys.
+    check_own_keys(doc, exp, &mut fail);
+    check_counter(doc, exp, creation, &mut fail);
+    check_items(doc, exp, creation, &mut fail);
+    check_tokens(doc, exp, &mut fail);
+    check_entries(doc, exp, &mut fail);
+    if creation == Creation::Racing {
+        check_shape(doc, &mut fail);
+    }
+}
+
+/// Each client's own key holds what its last acknowledged write left, or what a later write
+/// with an unknown outcome did.
+fn check_own_keys(doc: &Value, exp: &Expectations, fail: &mut Fail<'_>) {
     for (key, expected) in &exp.keys {
         let (acked, unknown) = (&expected.acked, &expected.unknown);
         let actual = doc
@@ -211,21 +270,38 @@ fn check_doc(id: &str, doc: &Value, exp: &Expectations, out: &mut Vec<Violation>
             );
         }
     }
-    // Counter.
-    let n = doc.get("n").and_then(Value::as_i64);
-    let (low, high) = (exp.counter_acked, exp.counter_acked + exp.counter_unknown);
+}
+
+/// The counter lies between its acknowledged increments and those plus the unknown ones. A
+/// counter the racing workload never created reads 0; one it deleted keeps only the
+/// increments of its last generation, so only the upper bound holds (increments are positive).
+fn check_counter(doc: &Value, exp: &Expectations, creation: Creation, fail: &mut Fail<'_>) {
+    let n = match doc.get(COUNTER) {
+        None if creation == Creation::Racing => Some(0),
+        value => value.and_then(Value::as_i64),
+    };
+    let high = exp.counter_acked + exp.counter_unknown;
+    let (low, lost) = if exp.may_be_lost(&[COUNTER]) {
+        (0, " (the counter was deleted: only the upper bound holds)")
+    } else {
+        (exp.counter_acked, "")
+    };
     if n.is_none_or(|n| n < low || n > high) {
         fail(
             format!(
-                "counter n is {n:?}; acknowledged increments sum to {low}, unknown ones add up to {}",
-                exp.counter_unknown
+                "counter n is {n:?}; acknowledged increments sum to {}, unknown ones add up to {}{lost}",
+                exp.counter_acked, exp.counter_unknown
             ),
             "Inc(".into(),
         );
     }
-    // List items.
+}
+
+/// Every acknowledged list item is there exactly once, and nothing else is there but items
+/// with an unknown outcome (and the upfront workload's `init`).
+fn check_items(doc: &Value, exp: &Expectations, creation: Creation, fail: &mut Fail<'_>) {
     let items: Vec<String> = doc
-        .get("log")
+        .get(LOG)
         .and_then(Value::as_array)
         .map(|a| {
             a.iter()
@@ -237,18 +313,20 @@ fn check_doc(id: &str, doc: &Value, exp: &Expectations, out: &mut Vec<Violation>
     for item in &items {
         *counts.entry(item.as_str()).or_default() += 1;
     }
-    for item in &exp.items_acked {
-        match counts.get(item.as_str()) {
-            Some(1) => {}
-            Some(k) => fail(format!("list item {item} appears {k} times"), item.clone()),
-            None => fail(
-                format!("acknowledged list item {item} is missing"),
-                item.clone(),
-            ),
+    if !exp.may_be_lost(&[LOG]) {
+        for item in &exp.items_acked {
+            match counts.get(item.as_str()) {
+                Some(1) => {}
+                Some(k) => fail(format!("list item {item} appears {k} times"), item.clone()),
+                None => fail(
+                    format!("acknowledged list item {item} is missing"),
+                    item.clone(),
+                ),
+            }
         }
     }
     for (item, k) in &counts {
-        let known = *item == "init"
+        let known = (creation == Creation::Upfront && *item == "init")
             || exp.items_acked.iter().any(|i| i == item)
             || exp.items_unknown.iter().any(|i| i == item);
         if !known {
@@ -263,17 +341,23 @@ fn check_doc(id: &str, doc: &Value, exp: &Expectations, out: &mut Vec<Violation>
             );
         }
     }
-    // Text tokens.
-    let text = doc.get("t").and_then(Value::as_str).unwrap_or_default();
-    for token in &exp.tokens_acked {
-        match text.matches(token.as_str()).count() {
-            1 => {}
-            k => fail(
-                format!("acknowledged text token {token} appears {k} times"),
-                token.clone(),
-            ),
+}
+
+/// Every acknowledged text token is there exactly once, and the text holds nothing but tokens.
+fn check_tokens(doc: &Value, exp: &Expectations, fail: &mut Fail<'_>) {
+    let text = doc.get(TEXT).and_then(Value::as_str).unwrap_or_default();
+    if !exp.may_be_lost(&[TEXT]) {
+        for token in &exp.tokens_acked {
+            match text.matches(token.as_str()).count() {
+                1 => {}
+                k => fail(
+                    format!("acknowledged text token {token} appears {k} times"),
+                    token.clone(),
+                ),
+            }
         }
     }
+    // Each token removed once: a token there twice leaves its second copy behind.
     let mut rest = text.to_owned();
     for token in exp.tokens_acked.iter().chain(&exp.tokens_unknown) {
         rest = rest.replacen(token.as_str(), "", 1);
@@ -286,12 +370,81 @@ fn check_doc(id: &str, doc: &Value, exp: &Expectations, out: &mut Vec<Violation>
     }
 }
 
+/// Every acknowledged entry `["by", node, key]` holds its value, and every entry there was
+/// written, with that value.
+fn check_entries(doc: &Value, exp: &Expectations, fail: &mut Fail<'_>) {
+    let entries = doc.get(ENTRIES);
+    for ((node, key), value) in &exp.entries_acked {
+        if exp.may_be_lost(&[ENTRIES, node, key]) {
+            continue;
+        }
+        let actual = entries.and_then(|e| e.get(node)).and_then(|m| m.get(key));
+        if actual.and_then(Value::as_str) != Some(value.as_str()) {
+            fail(
+                format!("acknowledged entry {ENTRIES}/{node}/{key} is {actual:?}, not {value:?}"),
+                format!("key: \"{key}\""),
+            );
+        }
+    }
+    let Some(entries) = entries.and_then(Value::as_object) else {
+        return; // Absent; anything else there is reported by `check_shape`.
+    };
+    for (node, map) in entries {
+        let Some(map) = map.as_object() else {
+            fail(
+                format!("{ENTRIES}/{node} is {map}, which no client wrote"),
+                ENTRIES.to_owned(),
+            );
+            continue;
+        };
+        for (key, value) in map {
+            let at = (node.clone(), key.clone());
+            let written = exp
+                .entries_acked
+                .get(&at)
+                .or_else(|| exp.entries_unknown.get(&at));
+            if written.is_none_or(|w| value.as_str() != Some(w.as_str())) {
+                fail(
+                    format!("entry {ENTRIES}/{node}/{key} is {value}, which no client wrote"),
+                    format!("key: \"{key}\""),
+                );
+            }
+        }
+    }
+}
+
+/// The racing workload writes four keys, each with one kind of value: anything else at the
+/// root was never written.
+fn check_shape(doc: &Value, fail: &mut Fail<'_>) {
+    let Some(root) = doc.as_object() else {
+        if !doc.is_null() {
+            fail(format!("the document is {doc}, not a map"), "final".into());
+        }
+        return;
+    };
+    for (key, value) in root {
+        let fits = match key.as_str() {
+            COUNTER => value.is_i64(),
+            LOG => value.is_array(),
+            TEXT => value.is_string(),
+            ENTRIES => value.is_object(),
+            _ => false,
+        };
+        if !fits {
+            fail(
+                format!("key {key} holds {value}, which no client wrote"),
+                "final".into(),
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::workload::{Outcome, Write, WriteOp};
+    use crate::workload::{Outcome, Write, WriteOp, doc_id, race_doc_id};
 
     fn write(client: usize, op: WriteOp, outcome: Outcome) -> Write {
         Write {
@@ -348,7 +501,7 @@ mod tests {
     }
 
     fn violations(doc: Value) -> Vec<String> {
-        verify(&state(&[doc]), &history(), 1)
+        verify(&state(&[doc]), &history(), 1, Creation::Upfront)
             .iter()
             .map(ToString::to_string)
             .collect()
@@ -410,8 +563,171 @@ mod tests {
     fn replicas_that_differ_are_reported() {
         let mut state = state(&[good(), good()]);
         state.converged = false;
-        let found = verify(&state, &history(), 1);
+        let found = verify(&state, &history(), 1, Creation::Upfront);
         assert_eq!(found.len(), 1);
         assert!(found[0].what.contains("did not converge"));
+    }
+
+    #[test]
+    fn an_upfront_document_absent_everywhere_is_missing() {
+        let mut state = state(&[good()]);
+        state.nodes[0].insert(doc_id(0), Some(DocView::absent()));
+        let found = verify(&state, &history(), 1, Creation::Upfront);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].what, "document missing");
+    }
+
+    fn entry(client: usize, key: &str, value: &str) -> WriteOp {
+        WriteOp::Entry {
+            node: format!("n{client}"),
+            key: key.into(),
+            value: value.into(),
+        }
+    }
+
+    /// A racing document: created by the writes themselves.
+    fn racing_history(removed: &[&[&str]]) -> History {
+        let mut writes = vec![
+            write(0, entry(0, "c0.1", "v0.1"), Outcome::Acked),
+            write(1, entry(1, "c1.1", "v1.1"), Outcome::Unknown),
+            write(1, entry(1, "c1.2", "v1.2"), Outcome::Refused),
+            write(0, WriteOp::Inc(3), Outcome::Acked),
+            write(1, WriteOp::Inc(2), Outcome::Unknown),
+            write(0, WriteOp::Push("c0.2".into()), Outcome::Acked),
+            write(1, WriteOp::Push("c1.3".into()), Outcome::Refused),
+            write(0, WriteOp::Splice("<c0.3>".into()), Outcome::Acked),
+        ];
+        for path in removed {
+            let path = path.iter().map(|s| (*s).to_owned()).collect();
+            writes.push(write(0, WriteOp::Remove(path), Outcome::Unknown));
+        }
+        writes.push(write(
+            1,
+            WriteOp::Remove(vec!["t".into()]),
+            Outcome::Refused,
+        ));
+        History {
+            writes,
+            reads: 0,
+            ready: true,
+        }
+    }
+
+    fn racing_good() -> Value {
+        json!({"by": {"n0": {"c0.1": "v0.1"}}, "n": 3, "log": ["c0.2"], "t": "<c0.3>"})
+    }
+
+    fn racing_violations(doc: Option<Value>, removed: &[&[&str]]) -> Vec<String> {
+        let view = doc.map_or_else(DocView::absent, |doc| DocView {
+            heads: vec!["h".into()],
+            doc,
+        });
+        let mut node = BTreeMap::new();
+        node.insert(race_doc_id(0), Some(view));
+        let state = FinalState {
+            nodes: vec![node],
+            converged: true,
+            took: Duration::ZERO,
+        };
+        verify(&state, &racing_history(removed), 1, Creation::Racing)
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn a_racing_state_the_history_allows_passes() {
+        assert_eq!(
+            racing_violations(Some(racing_good()), &[]),
+            Vec::<String>::new()
+        );
+        let mut more = racing_good();
+        more["by"]["n1"] = json!({"c1.1": "v1.1"});
+        more["n"] = json!(5);
+        assert_eq!(
+            racing_violations(Some(more), &[]),
+            Vec::<String>::new(),
+            "unknown writes may be present"
+        );
+        let none = History::default();
+        let mut node = BTreeMap::new();
+        node.insert(race_doc_id(0), Some(DocView::absent()));
+        let state = FinalState {
+            nodes: vec![node],
+            converged: true,
+            took: Duration::ZERO,
+        };
+        assert!(
+            verify(&state, &none, 1, Creation::Racing).is_empty(),
+            "a document no write reached is absent"
+        );
+    }
+
+    #[test]
+    fn every_broken_racing_invariant_is_reported() {
+        let found = racing_violations(None, &[]);
+        assert_eq!(
+            found.len(),
+            4,
+            "an absent document lost every write: {found:?}"
+        );
+
+        let mut lost = racing_good();
+        lost["by"] = json!({"n0": {}});
+        assert!(racing_violations(Some(lost), &[])[0].contains("acknowledged entry by/n0/c0.1"));
+
+        let mut wrong = racing_good();
+        wrong["by"]["n0"]["c0.1"] = json!("v0.9");
+        assert!(racing_violations(Some(wrong), &[])[0].contains("is Some(String(\"v0.9\"))"));
+
+        let mut refused = racing_good();
+        refused["by"]["n1"] = json!({"c1.2": "v1.2"});
+        assert!(racing_violations(Some(refused), &[])[0].contains("no client wrote"));
+
+        let mut counter = racing_good();
+        if let Some(root) = counter.as_object_mut() {
+            root.remove("n");
+        }
+        assert!(racing_violations(Some(counter), &[])[0].contains("counter n is Some(0)"));
+
+        let mut refused = racing_good();
+        refused["log"] = json!(["c0.2", "c1.3"]);
+        assert!(racing_violations(Some(refused), &[])[0].contains("c1.3 was never written"));
+
+        let mut stray = racing_good();
+        stray["x"] = json!(1);
+        assert!(racing_violations(Some(stray), &[])[0].contains("key x holds 1"));
+    }
+
+    #[test]
+    fn a_deleted_container_excuses_its_lost_writes_only() {
+        let mut emptied = racing_good();
+        emptied["log"] = json!([]);
+        emptied["by"] = json!({});
+        emptied["n"] = json!(0);
+        emptied["t"] = json!("");
+        let all: &[&[&str]] = &[&["log"], &["by"], &["n"], &["t"]];
+        assert_eq!(
+            racing_violations(Some(emptied.clone()), all),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            racing_violations(Some(emptied.clone()), &[&["by", "n0"], &["log"]]).len(),
+            2,
+            "the counter and the text were not deleted (and a refused delete counts for nothing)"
+        );
+        let found = racing_violations(Some(emptied), &[&["by", "n1"], &["n"], &["t"]]);
+        assert_eq!(found.len(), 2, "another node's map and the list: {found:?}");
+
+        let mut doubled = racing_good();
+        doubled["log"] = json!(["c0.2", "c0.2"]);
+        doubled["t"] = json!("<c0.3><c0.3>");
+        doubled["n"] = json!(6);
+        let found = racing_violations(Some(doubled), all);
+        assert_eq!(
+            found.len(),
+            3,
+            "still nothing twice, no counter above its sum: {found:?}"
+        );
     }
 }

@@ -101,7 +101,7 @@ fn main() -> ExitCode {
         Command::List { verbose } => {
             for s in SCENARIOS {
                 if verbose {
-                    println!("{:<20} {}", s.name, s.about);
+                    println!("{:<22} {}", s.name, s.about);
                 } else {
                     println!("{}", s.name);
                 }

@@ -12,11 +12,12 @@ use crate::cluster::{Cluster, SimError, host_name};
 use crate::lock;
 use crate::panics;
 use crate::scenario::{Fault, Scenario};
-use crate::workload::{self, History, WorkloadConfig};
+use crate::workload::{self, Creation, History, RaceClient, WorkloadConfig};
 
 /// How long the cluster gets to agree after the faults healed.
 pub const CONVERGE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Simulated time given to creating the shared documents before the workload starts.
+/// Simulated time given to the setup (creating the shared documents, or waiting for every node
+/// to answer) before the workload starts.
 const SETUP_LIMIT: Duration = Duration::from_secs(30);
 
 /// What to run.
@@ -104,23 +105,10 @@ pub fn run(config: &RunConfig) -> Result<Report, SimError> {
         config.scenario.name, config.duration
     ));
     let history: workload::SharedHistory = Arc::new(Mutex::new(History::default()));
-    let docs = config.workload.docs;
+    let creation = config.scenario.creation;
+    let docs = creation.docs(&config.workload, config.duration);
 
-    // Create the shared documents, replicated to every node, before any client starts.
-    {
-        let (history, trace) = (Arc::clone(&history), trace.clone());
-        let nodes = config.nodes;
-        cluster.client("setup", async move {
-            let all = (0..nodes).map(|i| NodeApi::of(&host_name(i))).collect();
-            workload::setup(NodeApi::of("n0"), all, docs, history, trace).await;
-            Ok(())
-        });
-    }
-    if !cluster.run_clients(SETUP_LIMIT)? {
-        return Err(SimError::Invalid(format!(
-            "the shared documents were not created within {SETUP_LIMIT:?}"
-        )));
-    }
+    setup(&mut cluster, config, &history)?;
     let start = cluster.elapsed();
     let until = start + config.duration;
     for i in 0..config.nodes {
@@ -129,9 +117,23 @@ pub fn run(config: &RunConfig) -> Result<Report, SimError> {
             let (history, trace, wl) =
                 (Arc::clone(&history), trace.clone(), config.workload.clone());
             let seed = config.seed;
+            let racer = RaceClient {
+                client: index,
+                node: i,
+                nodes: config.nodes,
+                clients: config.nodes * config.workload.clients_per_node,
+                seed,
+                start,
+                until,
+            };
             cluster.client(format!("c{index}"), async move {
-                let node = NodeApi::of(&host_name(i));
-                workload::client(index, node, wl, seed, until, history, trace).await;
+                match creation {
+                    Creation::Upfront => {
+                        let node = NodeApi::of(&host_name(i));
+                        workload::client(index, node, wl, seed, until, history, trace).await
+                    }
+                    Creation::Racing => workload::race_client(racer, wl, history, trace).await,
+                }
                 Ok(())
             });
         }
@@ -163,11 +165,11 @@ pub fn run(config: &RunConfig) -> Result<Report, SimError> {
         cluster.elapsed().as_secs_f64()
     ));
 
-    let ids: Vec<String> = (0..docs).map(workload::doc_id).collect();
+    let ids: Vec<String> = (0..docs).map(|i| creation.doc_id(i)).collect();
     let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
     let state = cluster.converge(&ids, CONVERGE_TIMEOUT)?;
     let history = lock(&history);
-    let violations = check::verify(&state, &history, docs);
+    let violations = check::verify(&state, &history, docs, creation);
     for (i, node) in state.nodes.iter().enumerate() {
         for (id, view) in node {
             trace.event(format!(
@@ -215,6 +217,36 @@ pub fn run(config: &RunConfig) -> Result<Report, SimError> {
         trace,
         evidence,
     })
+}
+
+/// Readies the cluster for the clients. Upfront: creates the shared documents, replicated to
+/// every node. Racing: creates nothing, and waits until every node answers, so that the first
+/// round races between all of them.
+fn setup(
+    cluster: &mut Cluster<'_>,
+    config: &RunConfig,
+    history: &workload::SharedHistory,
+) -> Result<(), SimError> {
+    let (history, trace) = (Arc::clone(history), cluster.trace().clone());
+    let nodes = config.nodes;
+    let creation = config.scenario.creation;
+    let docs = config.workload.docs;
+    cluster.client("setup", async move {
+        let all = (0..nodes).map(|i| NodeApi::of(&host_name(i))).collect();
+        match creation {
+            Creation::Upfront => {
+                workload::setup(NodeApi::of("n0"), all, docs, history, trace).await
+            }
+            Creation::Racing => workload::await_nodes(all, history, trace).await,
+        }
+        Ok(())
+    });
+    if !cluster.run_clients(SETUP_LIMIT)? {
+        return Err(SimError::Invalid(format!(
+            "the setup ({creation:?}) did not finish within {SETUP_LIMIT:?}"
+        )));
+    }
+    Ok(())
 }
 
 fn apply(cluster: &mut Cluster<'_>, fault: &Fault, down: &mut [bool]) {

@@ -6,6 +6,8 @@ use std::time::Duration;
 use rand::Rng;
 use rand::rngs::StdRng;
 
+use crate::workload::Creation;
+
 /// One fault action, applied between simulation steps.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Fault {
@@ -62,6 +64,9 @@ pub struct Scenario {
     /// Broadcast through a relay even in a small cluster (as clusters above
     /// `full_fanout_max` peers do).
     pub relay: bool,
+    /// Whether the workload's documents exist before the clients start, or the clients create
+    /// them (and everything in them) concurrently.
+    pub creation: Creation,
     plan: fn(&mut StdRng, usize, Duration) -> Vec<(Duration, Fault)>,
     network: fn(&mut StdRng) -> Network,
 }
@@ -232,6 +237,27 @@ fn chaos(rng: &mut StdRng, nodes: usize, duration: Duration) -> Vec<(Duration, F
     plan
 }
 
+/// Splits that come and go while packets are lost, duplicated and reordered: creations and
+/// deletes reach the other nodes late, out of order or after a heal, while those nodes create
+/// the same containers again on their own.
+fn race_faults(rng: &mut StdRng, nodes: usize, duration: Duration) -> Vec<(Duration, Fault)> {
+    let splits = flapping(rng, nodes, duration);
+    let loss = [0.02, 0.05, 0.1][rng.random_range(0..3)];
+    let duplicate = [0.0, 0.01, 0.05][rng.random_range(0..3)];
+    let lossy = |at: Duration| [(at, Fault::Loss(loss)), (at, Fault::Duplicate(duplicate))];
+    // A heal also ends loss and duplication: start them again right after each one (the plan's
+    // sort is stable, so they follow the heal they share a time with).
+    let mut plan: Vec<(Duration, Fault)> = lossy(Duration::ZERO).into();
+    for (at, fault) in splits {
+        let healed = fault == Fault::Heal;
+        plan.push((at, fault));
+        if healed {
+            plan.extend(lossy(at));
+        }
+    }
+    plan
+}
+
 /// Every scenario.
 pub const SCENARIOS: &[Scenario] = &[
     Scenario {
@@ -239,6 +265,7 @@ pub const SCENARIOS: &[Scenario] = &[
         about: "no faults: the workload alone",
         nodes_min: 1,
         relay: false,
+        creation: Creation::Upfront,
         plan: none,
         network: steady,
     },
@@ -247,6 +274,7 @@ pub const SCENARIOS: &[Scenario] = &[
         about: "one node cut off from all others, then healed",
         nodes_min: 2,
         relay: false,
+        creation: Creation::Upfront,
         plan: isolate,
         network: steady,
     },
@@ -255,6 +283,7 @@ pub const SCENARIOS: &[Scenario] = &[
         about: "a minority cut off from the majority, then healed",
         nodes_min: 3,
         relay: false,
+        creation: Creation::Upfront,
         plan: majority,
         network: steady,
     },
@@ -263,6 +292,7 @@ pub const SCENARIOS: &[Scenario] = &[
         about: "one node hears the others but nothing it sends arrives",
         nodes_min: 2,
         relay: false,
+        creation: Creation::Upfront,
         plan: one_way,
         network: steady,
     },
@@ -271,6 +301,7 @@ pub const SCENARIOS: &[Scenario] = &[
         about: "random splits that heal and return every few hundred ms",
         nodes_min: 2,
         relay: false,
+        creation: Creation::Upfront,
         plan: flapping,
         network: steady,
     },
@@ -279,6 +310,7 @@ pub const SCENARIOS: &[Scenario] = &[
         about: "packet loss of 2-20% and duplication of 0-5% on jittery links that reorder packets",
         nodes_min: 2,
         relay: false,
+        creation: Creation::Upfront,
         plan: lossy,
         network: jittery,
     },
@@ -287,6 +319,7 @@ pub const SCENARIOS: &[Scenario] = &[
         about: "power cuts, some in the middle of a commit: unsynced writes are lost or torn, the node restarts on what its disk kept",
         nodes_min: 1,
         relay: false,
+        creation: Creation::Upfront,
         plan: crash_restart,
         network: steady,
     },
@@ -295,6 +328,7 @@ pub const SCENARIOS: &[Scenario] = &[
         about: "a node's disk fails a few syncs: its commits fail and must not be acknowledged",
         nodes_min: 1,
         relay: false,
+        creation: Creation::Upfront,
         plan: disk_errors,
         network: steady,
     },
@@ -303,6 +337,7 @@ pub const SCENARIOS: &[Scenario] = &[
         about: "one node's links slow to 200-1500 ms",
         nodes_min: 2,
         relay: false,
+        creation: Creation::Upfront,
         plan: slow,
         network: steady,
     },
@@ -311,6 +346,7 @@ pub const SCENARIOS: &[Scenario] = &[
         about: "broadcast through a relay, and the relay loses power for a few seconds",
         nodes_min: 3,
         relay: true,
+        creation: Creation::Upfront,
         plan: relay_crash,
         network: steady,
     },
@@ -319,7 +355,26 @@ pub const SCENARIOS: &[Scenario] = &[
         about: "a random mix of the above, overlapping",
         nodes_min: 3,
         relay: false,
+        creation: Creation::Upfront,
         plan: chaos,
+        network: jittery,
+    },
+    Scenario {
+        name: "create-race",
+        about: "nothing created in advance: every node creates each fresh document's list, counter, text and maps at the same moment, deletes and re-creates them",
+        nodes_min: 2,
+        relay: false,
+        creation: Creation::Racing,
+        plan: none,
+        network: steady,
+    },
+    Scenario {
+        name: "create-race-partition",
+        about: "create-race under flapping partitions, with packet loss, duplication and reordering",
+        nodes_min: 2,
+        relay: false,
+        creation: Creation::Racing,
+        plan: race_faults,
         network: jittery,
     },
 ];

@@ -30,6 +30,18 @@ fn same_seed_same_trace_in_one_process() {
     );
 }
 
+#[test]
+fn same_seed_same_trace_when_nodes_race_to_create() {
+    let config = RunConfig {
+        duration: Duration::from_secs(3),
+        ..config(13, "create-race-partition")
+    };
+    let first = run(&config).expect("runs");
+    let second = run(&config).expect("runs");
+    assert!(first.ok(), "{:?}", first.violations);
+    assert_eq!(first.trace_hash, second.trace_hash);
+}
+
 fn trace_line(seed: u64) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_verge-sim"))
         .args([

@@ -91,4 +91,6 @@ scenarios! {
     slow_node => "slow-node",
     relay_crash => "relay-crash",
     chaos => "chaos",
+    create_race => "create-race",
+    create_race_partition => "create-race-partition",
 }
