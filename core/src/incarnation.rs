@@ -26,7 +26,7 @@ use std::num::NonZeroU64;
 
 use automerge::legacy::{Key, ObjectId, Op as LegacyOp, OpType, SortedVec};
 use automerge::{
-    ActorId, Automerge, AutomergeError, Change, ChangeHash, ExpandedChange, ROOT, ReadDoc,
+    ActorId, Automerge, AutomergeError, Change, ChangeHash, ExpandedChange, ObjId, ROOT, ReadDoc,
     ScalarValue, Value,
 };
 use sha2::{Digest, Sha256};
@@ -117,11 +117,27 @@ pub fn stub(previous: &ActorId, incarnation: u64) -> Result<Automerge, Automerge
     Ok(doc)
 }
 
-/// Whether `doc` is a bare incarnation root (a purged document nobody has written since).
+/// Whether nothing has been written into `doc`'s incarnation yet: its tombstone is still its
+/// root's own value. That is a bare root (a purged document nobody has written since), or one
+/// holding implicit creations (`crate::implicit`) that arrived ahead of the writes that made
+/// them: a creation depends on the root alone, the write itself on what its writer had seen, so
+/// a replica that missed an earlier write into the stub applies the creation and holds the
+/// write back. A write into a stub goes into its incarnation (a revival would start the next
+/// one and drop the writes already made in this one), and a purge leaves it alone.
 pub fn is_stub(doc: &Automerge) -> bool {
-    let heads = doc.get_heads();
-    // Most documents have more than a root: answer without building one.
-    heads.len() == 1 && root_of(doc).is_some_and(|root| heads == [root])
+    // Every write into an incarnation supersedes the root's value (the first one at a replica
+    // puts `false` over it, later ones build on that), and a delete puts its own.
+    let Ok(values) = doc.get_all(ROOT, DELETED_KEY) else {
+        return false;
+    };
+    let [(_, ObjId::Id(_, actor, _))] = values.as_slice() else {
+        return false; // No tombstone, or a delete concurrent with a write.
+    };
+    // A live document answers above; only a deleted one builds the root's actor.
+    match of(doc) {
+        0 => false,
+        incarnation => *actor == root_actor(incarnation),
+    }
 }
 
 /// The incarnation whose root `change` is, if it is one.
@@ -458,5 +474,91 @@ mod tests {
         let mut l: Vec<serde_json::Value> = to_json(&a)["l"].as_array().expect("list").clone();
         l.sort_by_key(|v| v.to_string());
         assert_eq!(l, vec![serde_json::json!("a2"), serde_json::json!("b2")]);
+    }
+
+    /// Found by the simulator (`ttl-revive-partition`, seed 89): every node held the stub of
+    /// incarnation 3; a wrote into it, b wrote after a's write reached it, and c received b's
+    /// changes but not a's (lost). b's list creation depends on the root alone, so it applied
+    /// at c, while b's own change waited for a's: c then held the root and a creation, no longer
+    /// a bare root but still deleted by the root's own value. A write at c revived it into
+    /// incarnation 4, which replaced a's and b's writes everywhere (and a purge there would
+    /// have done the same). Nothing has been written into such an incarnation yet: it is a stub.
+    #[test]
+    fn a_stub_holding_creations_that_arrived_early_is_written_into() {
+        let base = stub(&actor(9), 3).expect("stub");
+        let mut a = base.fork().with_actor(actor(1));
+        let mut b = base.fork().with_actor(actor(2));
+        let mut c = base.fork().with_actor(actor(3));
+        write(
+            &mut a,
+            serde_json::json!([{"op": "inc", "path": ["n"], "by": 2}]),
+            Expiry::Keep,
+            5,
+        );
+        assert!(!deliver(&a, &mut b));
+        let before = b.get_heads();
+        write(
+            &mut b,
+            serde_json::json!([{"op": "push", "path": ["log"], "value": "b"}]),
+            Expiry::Keep,
+            6,
+        );
+        // c gets b's changes alone: the creation of the list applies, the push waits for a's.
+        let from_b = b.get_changes(&before);
+        assert_eq!(from_b.len(), 2, "the list's creation and the push");
+        let c_before = c.get_heads();
+        c.apply_changes(from_b).expect("apply");
+        let new = c.get_changes(&c_before);
+        assert_eq!(new.len(), 1, "only the creation applies");
+        assert!(matches!(
+            settle(&mut c, 3, &new).expect("settle"),
+            Settled::Kept
+        ));
+        assert!(Lifecycle::of(&c).deleted);
+        assert!(is_stub(&c), "nothing was written into incarnation 3 yet");
+        let applied = write(
+            &mut c,
+            serde_json::json!([{"op": "push", "path": ["log"], "value": "c"}]),
+            Expiry::Keep,
+            7,
+        );
+        assert!(
+            !applied.replaced,
+            "c writes into incarnation 3, as a and b did"
+        );
+        assert_eq!(of(&c), 3);
+        for _ in 0..2 {
+            deliver(&a, &mut c);
+            deliver(&b, &mut c);
+            deliver(&c, &mut a);
+            deliver(&c, &mut b);
+        }
+        assert_eq!(a.get_heads(), c.get_heads());
+        assert_eq!(b.get_heads(), c.get_heads());
+        assert_eq!(of(&a), 3);
+        let json = to_json(&a);
+        assert_eq!(json["n"], serde_json::json!(2));
+        let mut log: Vec<serde_json::Value> = json["log"].as_array().expect("list").clone();
+        log.sort_by_key(|v| v.to_string());
+        assert_eq!(log, vec![serde_json::json!("b"), serde_json::json!("c")]);
+    }
+
+    #[test]
+    fn a_written_or_deleted_incarnation_is_no_stub() {
+        let mut doc = stub(&actor(1), 2).expect("stub");
+        write(
+            &mut doc,
+            serde_json::json!([{"op": "set", "path": ["x"], "value": 1}]),
+            Expiry::Keep,
+            1,
+        );
+        assert!(!is_stub(&doc));
+        apply(&mut doc, &Write::Delete, Expiry::Keep, 2).expect("delete");
+        assert!(Lifecycle::of(&doc).deleted);
+        assert!(!is_stub(&doc), "deleted by a delete, not by its root");
+        assert!(
+            !is_stub(&new_document(actor(1))),
+            "incarnation 0 has no root"
+        );
     }
 }

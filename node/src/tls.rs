@@ -284,9 +284,20 @@ impl NodeTls {
     /// Builds both configurations from PEM text, each named by the path it came from (the
     /// simulator passes certificates it made in memory).
     pub fn from_pem(
+        ca: (&Path, &str),
+        cert: (&Path, &str),
+        key: (&Path, &str),
+    ) -> Result<Self, TlsError> {
+        Self::from_pem_with_provider(ca, cert, key, provider())
+    }
+
+    /// [`Self::from_pem`] with another crypto provider (the simulator's draws its randomness
+    /// from the run's seed).
+    pub fn from_pem_with_provider(
         (ca_path, ca_pem): (&Path, &str),
         (cert_path, cert_pem): (&Path, &str),
         (key_path, key_pem): (&Path, &str),
+        provider: Arc<CryptoProvider>,
     ) -> Result<Self, TlsError> {
         let invalid = |path: &Path, message: String| TlsError::Invalid {
             path: path.to_owned(),
@@ -312,7 +323,6 @@ impl NodeTls {
         let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
             .map_err(|e| invalid(key_path, format!("no private key: {e}")))?;
         let roots = Arc::new(roots);
-        let provider = provider();
         let verifier =
             WebPkiClientVerifier::builder_with_provider(Arc::clone(&roots), Arc::clone(&provider))
                 .build()?;

@@ -138,6 +138,65 @@ impl NodeApi {
         .await
     }
 
+    /// `PATCH /v1/docs/{id}?ttl=SECONDS`: the document expires that long after the write, by
+    /// the node's clock.
+    pub async fn patch_ttl(&self, id: &str, ops: Value, ttl_s: u64) -> Result<Answer, ApiError> {
+        self.request(
+            Method::PATCH,
+            &format!("/v1/docs/{id}?ttl={ttl_s}"),
+            Some(serde_json::json!({ "ops": ops })),
+        )
+        .await
+    }
+
+    /// `POST /v1/sync/{id}` with one Automerge sync message: the node's answer (an empty body
+    /// when it has nothing to say).
+    pub async fn sync(&self, id: &str, message: Vec<u8>) -> Result<Answer, ApiError> {
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(format!("/v1/sync/{id}"))
+            .header(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            )
+            .body(Bytes::from(message))
+            .map_err(|e| HttpError::Protocol(e.to_string()))?;
+        let response = SimHttp::new(self.timeout)
+            .send(&self.addr.ip().to_string(), self.addr.port(), request)
+            .await?;
+        Ok(Answer {
+            status: response.status(),
+            body: response.into_body(),
+        })
+    }
+
+    /// The heads of the node's whole copy of document `id`, whatever its state (live, expired,
+    /// deleted or a purged stub; empty when the node holds nothing), sorted, in hex. Read by
+    /// syncing an empty Automerge document with it, which changes nothing on the node; `None`
+    /// when the node did not answer.
+    pub async fn stored_heads(&self, id: &str) -> Option<Vec<String>> {
+        use automerge::sync::{Message, State, SyncDoc};
+        let mut doc = automerge::Automerge::new();
+        let mut state = State::new();
+        for _ in 0..16 {
+            let Some(message) = doc.generate_sync_message(&mut state) else {
+                break;
+            };
+            let answer = self.sync(id, message.encode()).await.ok()?;
+            if !answer.status.is_success() {
+                return None;
+            }
+            if answer.body.is_empty() {
+                break;
+            }
+            let reply = Message::decode(&answer.body).ok()?;
+            doc.receive_sync_message(&mut state, reply).ok()?;
+        }
+        let mut heads: Vec<String> = doc.get_heads().iter().map(ToString::to_string).collect();
+        heads.sort();
+        Some(heads)
+    }
+
     /// `PATCH /v1/docs/{id}?replicas=N`: answered once `replicas` peers persisted the change.
     pub async fn patch_replicated(
         &self,

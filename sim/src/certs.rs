@@ -72,16 +72,18 @@ impl ClusterCerts {
         })
     }
 
-    /// The TLS configuration of node `index`.
-    pub fn node_tls(&self, index: usize) -> Result<NodeTls, CertError> {
+    /// The TLS configuration of node `index`, whose handshakes draw their randomness from
+    /// `seed` (see [`crate::crypto`]).
+    pub fn node_tls(&self, index: usize, seed: u64) -> Result<NodeTls, CertError> {
         let (cert, key) = self
             .nodes
             .get(index)
             .ok_or_else(|| CertError(format!("no certificate for node {index}")))?;
-        NodeTls::from_pem(
+        NodeTls::from_pem_with_provider(
             (Path::new("sim/ca.pem"), &self.ca_pem),
             (Path::new("sim/node.pem"), cert),
             (Path::new("sim/node.key"), key),
+            crate::crypto::seeded_provider(seed),
         )
         .map_err(err)
     }

@@ -25,7 +25,11 @@ use serde_json::Value;
 
 use crate::api::NodeApi;
 use crate::lock;
-use crate::workload::{COUNTER, Creation, ENTRIES, Expectations, History, LOG, TEXT, expectations};
+use crate::revival::{self, Cycle, End, Plan, VISIBLE_WITHIN};
+use crate::workload::{
+    COUNTER, Creation, ENTRIES, Expectations, History, LOG, Outcome, TEXT, Write, WriteOp,
+    expectations,
+};
 
 /// One node's view of one document.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,28 +159,7 @@ pub fn verify(
 ) -> Vec<Violation> {
     let mut out = Vec::new();
     if !state.converged {
-        for (id, _) in state.nodes.first().into_iter().flatten() {
-            let views: Vec<String> = state
-                .nodes
-                .iter()
-                .enumerate()
-                .map(|(i, n)| match n.get(id).and_then(Option::as_ref) {
-                    Some(v) if v.is_absent() => format!("n{i} absent"),
-                    Some(v) => format!("n{i} heads={:?}", v.heads),
-                    None => format!("n{i} no answer"),
-                })
-                .collect();
-            out.push(Violation {
-                doc: Some(id.clone()),
-                what: format!(
-                    "replicas did not converge within {:?}: {}",
-                    state.took,
-                    views.join("; ")
-                ),
-                needles: vec![id.clone()],
-            });
-        }
-        return out;
+        return divergence(state);
     }
     let Some(reference) = state.nodes.first() else {
         return out;
@@ -184,9 +167,9 @@ pub fn verify(
     for (i, exp) in expectations(history, docs).iter().enumerate() {
         let id = creation.doc_id(i);
         match reference.get(&id).and_then(Option::as_ref) {
-            // Created upfront, a document must exist; racing, one no write reached is absent
-            // and holds nothing, as an empty one does.
-            Some(view) if creation == Creation::Racing || !view.is_absent() => {
+            // Created upfront, a document must exist; created by the clients, one no write
+            // reached is absent and holds nothing, as an empty one does.
+            Some(view) if creation.creates_containers() || !view.is_absent() => {
                 check_doc(&id, &view.doc, exp, creation, &mut out)
             }
             _ => out.push(Violation {
@@ -197,6 +180,244 @@ pub fn verify(
         }
     }
     out
+}
+
+/// What each node holds of each document, when they did not agree.
+fn divergence(state: &FinalState) -> Vec<Violation> {
+    let mut out = Vec::new();
+    for (id, _) in state.nodes.first().into_iter().flatten() {
+        let views: Vec<String> = state
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| match n.get(id).and_then(Option::as_ref) {
+                Some(v) if v.is_absent() => format!("n{i} absent"),
+                Some(v) => format!("n{i} heads={:?}", v.heads),
+                None => format!("n{i} no answer"),
+            })
+            .collect();
+        out.push(Violation {
+            doc: Some(id.clone()),
+            what: format!(
+                "replicas did not converge within {:?}: {}",
+                state.took,
+                views.join("; ")
+            ),
+            needles: vec![id.clone()],
+        });
+    }
+    out
+}
+
+/// Checks a revival workload ([`crate::revival`]) that ran `plan`: the final state, and, when
+/// `live` (a run without faults), every read made during the cycles.
+///
+/// At the end every document holds exactly its last cycle: every acknowledged write of that
+/// cycle once (list items and text tokens once, entries with their values, the counter within
+/// its acknowledged and unknown increments), nothing of an earlier cycle, and it reads 200 when
+/// any of those writes was acknowledged.
+///
+/// During the run (`live`): every read of a document in cycle `c` made while it is live on
+/// every clock (and before its delete) holds only writes of cycle `c`, and every write of
+/// cycle `c` acknowledged at least [`VISIBLE_WITHIN`] before the read; a 404 is a violation as
+/// soon as one such write exists (a revival that reached a node late). A cycle after a delete
+/// that was not acknowledged is left out: its writes may have landed before the delete.
+pub fn verify_revival(
+    state: &FinalState,
+    history: &History,
+    plan: &Plan,
+    live: bool,
+) -> Vec<Violation> {
+    let mut out = Vec::new();
+    if let Some(what) = &history.unsettled {
+        out.push(Violation {
+            doc: None,
+            what: what.clone(),
+            needles: vec!["settled".into()],
+        });
+    }
+    if live {
+        for (doc, cycles) in plan.docs.iter().enumerate() {
+            for (c, cycle) in cycles.iter().enumerate() {
+                check_cycle_reads(history, doc, c, cycle, cycles, &mut out);
+            }
+        }
+    }
+    if !state.converged {
+        out.extend(divergence(state));
+        return out;
+    }
+    let Some(reference) = state.nodes.first() else {
+        return out;
+    };
+    for (doc, cycles) in plan.docs.iter().enumerate() {
+        let id = revival::doc_id(doc);
+        let last = cycles.len().saturating_sub(1);
+        let mut exp = Expectations::default();
+        let mut acked = 0;
+        for w in history
+            .writes
+            .iter()
+            .filter(|w| w.doc == doc && w.cycle == last)
+        {
+            exp.add(w, w.outcome);
+            acked += usize::from(w.outcome == Outcome::Acked);
+        }
+        let view = reference.get(&id).and_then(Option::as_ref);
+        let json = match view {
+            Some(v) if v.is_absent() && acked > 0 => {
+                out.push(Violation {
+                    doc: Some(id.clone()),
+                    what: format!(
+                        "reads 404 on every node, though {acked} writes of its last cycle ({last}) were acknowledged"
+                    ),
+                    needles: vec![format!("{id}#")],
+                });
+                continue;
+            }
+            Some(v) => &v.doc,
+            None => continue, // Not converged: reported above.
+        };
+        let earlier: Vec<&Write> = history
+            .writes
+            .iter()
+            .filter(|w| w.doc == doc && w.cycle < last && w.outcome != Outcome::Refused)
+            .collect();
+        let before = out.len();
+        check_earlier(&id, json, &earlier, &mut out);
+        check_doc(&id, json, &exp, Creation::Revival, &mut out);
+        for v in &mut out[before..] {
+            v.what = format!("last cycle ({last}): {}", v.what);
+        }
+    }
+    out
+}
+
+/// The reads of document `doc` in cycle `c` (see [`verify_revival`]); reports the first read
+/// that breaks an invariant, and how many more did.
+fn check_cycle_reads(
+    history: &History,
+    doc: usize,
+    c: usize,
+    cycle: &Cycle,
+    cycles: &[Cycle],
+    out: &mut Vec<Violation>,
+) {
+    let id = revival::doc_id(doc);
+    let writes: Vec<&Write> = history
+        .writes
+        .iter()
+        .filter(|w| w.doc == doc && w.cycle == c)
+        .collect();
+    if let Some(previous) = c.checked_sub(1).map(|p| &cycles[p])
+        && matches!(previous.end, End::Delete { .. })
+        && !history.writes.iter().any(|w| {
+            w.doc == doc
+                && w.cycle + 1 == c
+                && w.op == WriteOp::DeleteDoc
+                && w.outcome == Outcome::Acked
+        })
+    {
+        return;
+    }
+    let mut first: Option<Vec<Violation>> = None;
+    let mut more = 0;
+    for probe in history
+        .probes
+        .iter()
+        .filter(|p| p.doc == doc && p.cycle == c)
+    {
+        if probe.at < cycle.opens || probe.at >= cycle.probes_until() {
+            continue;
+        }
+        let mut exp = Expectations::default();
+        let mut due = 0;
+        for w in &writes {
+            let outcome = match w.outcome {
+                Outcome::Acked if w.at + VISIBLE_WITHIN <= probe.at => {
+                    due += 1;
+                    Outcome::Acked
+                }
+                Outcome::Refused => Outcome::Refused,
+                _ => Outcome::Unknown,
+            };
+            exp.add(w, outcome);
+        }
+        let mut found = Vec::new();
+        match probe.status {
+            Some(404) if due > 0 => found.push(Violation {
+                doc: Some(id.clone()),
+                what: format!(
+                    "n{} read 404 at {:.3}s, though {due} writes of cycle {c} had been acknowledged {VISIBLE_WITHIN:?} or more before",
+                    probe.node,
+                    probe.at.as_secs_f64()
+                ),
+                needles: vec![format!("{id}#{c}")],
+            }),
+            Some(200) => {
+                check_doc(&id, &probe.doc_json, &exp, Creation::Revival, &mut found);
+                for v in &mut found {
+                    v.what = format!(
+                        "cycle {c}, read at n{} at {:.3}s: {}",
+                        probe.node,
+                        probe.at.as_secs_f64(),
+                        v.what
+                    );
+                }
+            }
+            _ => {}
+        }
+        if found.is_empty() {
+            continue;
+        }
+        if first.is_none() {
+            first = Some(found);
+        } else {
+            more += 1;
+        }
+    }
+    if let Some(mut found) = first {
+        if more > 0
+            && let Some(last) = found.last_mut()
+        {
+            last.what = format!("{} (and {more} later reads of cycle {c} failed)", last.what);
+        }
+        out.extend(found);
+    }
+}
+
+/// Nothing written in an earlier cycle of the document is visible: no list item, text token or
+/// entry (a counter that kept earlier increments exceeds its bound, which `check_doc` reports).
+fn check_earlier(id: &str, doc: &Value, earlier: &[&Write], out: &mut Vec<Violation>) {
+    let text = doc.get(TEXT).and_then(Value::as_str).unwrap_or_default();
+    let items = doc.get(LOG).and_then(Value::as_array);
+    for w in earlier {
+        let (visible, needle) = match &w.op {
+            WriteOp::Push(item) => (
+                items.is_some_and(|a| a.iter().any(|v| v.as_str() == Some(item.as_str()))),
+                item.clone(),
+            ),
+            WriteOp::Splice(token) => (text.contains(token.as_str()), token.clone()),
+            WriteOp::Entry { node, key, .. } => (
+                doc.get(ENTRIES)
+                    .and_then(|e| e.get(node))
+                    .and_then(|m| m.get(key))
+                    .is_some(),
+                format!("key: \"{key}\""),
+            ),
+            _ => continue,
+        };
+        if visible {
+            out.push(Violation {
+                doc: Some(id.to_owned()),
+                what: format!(
+                    "{:?} of cycle {} (c{}, {:?}) is visible",
+                    w.op, w.cycle, w.client, w.outcome
+                ),
+                needles: vec![needle],
+            });
+        }
+    }
 }
 
 /// A broken invariant.
@@ -241,7 +462,7 @@ fn check_doc(
     check_items(doc, exp, creation, &mut fail);
     check_tokens(doc, exp, &mut fail);
     check_entries(doc, exp, &mut fail);
-    if creation == Creation::Racing {
+    if creation.creates_containers() {
         check_shape(doc, &mut fail);
     }
 }
@@ -277,7 +498,7 @@ fn check_own_keys(doc: &Value, exp: &Expectations, fail: &mut Fail<'_>) {
 /// increments of its last generation, so only the upper bound holds (increments are positive).
 fn check_counter(doc: &Value, exp: &Expectations, creation: Creation, fail: &mut Fail<'_>) {
     let n = match doc.get(COUNTER) {
-        None if creation == Creation::Racing => Some(0),
+        None if creation.creates_containers() => Some(0),
         value => value.and_then(Value::as_i64),
     };
     let high = exp.counter_acked + exp.counter_unknown;
@@ -444,14 +665,16 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::workload::{Outcome, Write, WriteOp, doc_id, race_doc_id};
+    use crate::workload::{Probe, doc_id, race_doc_id};
 
     fn write(client: usize, op: WriteOp, outcome: Outcome) -> Write {
         Write {
             client,
             doc: 0,
+            cycle: 0,
             op,
             outcome,
+            at: Duration::ZERO,
         }
     }
 
@@ -493,6 +716,7 @@ mod tests {
             ],
             reads: 0,
             ready: true,
+            ..History::default()
         }
     }
 
@@ -610,6 +834,7 @@ mod tests {
             writes,
             reads: 0,
             ready: true,
+            ..History::default()
         }
     }
 
@@ -728,6 +953,169 @@ mod tests {
             found.len(),
             3,
             "still nothing twice, no counter above its sum: {found:?}"
+        );
+    }
+
+    /// One document of two cycles: cycle 0 (expired) opened at 10 s, the last at 20 s.
+    fn revival_plan() -> Plan {
+        let cycle = |opens: u64, end: End| Cycle {
+            opens: Duration::from_secs(opens),
+            end,
+            openers: vec![0],
+            writers: vec![0, 1],
+        };
+        Plan {
+            docs: vec![vec![cycle(10, End::Expire), cycle(20, End::Last)]],
+        }
+    }
+
+    fn revival_write(
+        client: usize,
+        cycle: usize,
+        op: WriteOp,
+        outcome: Outcome,
+        at_ms: u64,
+    ) -> Write {
+        Write {
+            client,
+            doc: 0,
+            cycle,
+            op,
+            outcome,
+            at: Duration::from_millis(at_ms),
+        }
+    }
+
+    fn revival_history(probes: Vec<Probe>) -> History {
+        History {
+            writes: vec![
+                revival_write(0, 0, WriteOp::Push("c0.0.1".into()), Outcome::Acked, 10_010),
+                revival_write(0, 0, WriteOp::Inc(4), Outcome::Acked, 10_020),
+                revival_write(0, 1, WriteOp::Push("c0.0.2".into()), Outcome::Acked, 20_010),
+                revival_write(1, 1, WriteOp::Inc(2), Outcome::Acked, 20_500),
+                revival_write(
+                    1,
+                    1,
+                    WriteOp::Splice("<c1.0.1>".into()),
+                    Outcome::Unknown,
+                    20_600,
+                ),
+            ],
+            probes,
+            ..History::default()
+        }
+    }
+
+    fn revival_final(doc: Option<Value>) -> FinalState {
+        let view = doc.map_or_else(DocView::absent, |doc| DocView {
+            heads: vec!["h".into()],
+            doc,
+        });
+        let mut node = BTreeMap::new();
+        node.insert(revival::doc_id(0), Some(view));
+        FinalState {
+            nodes: vec![node],
+            converged: true,
+            took: Duration::ZERO,
+        }
+    }
+
+    fn revival_violations(doc: Option<Value>, probes: Vec<Probe>) -> Vec<String> {
+        verify_revival(
+            &revival_final(doc),
+            &revival_history(probes),
+            &revival_plan(),
+            true,
+        )
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+    }
+
+    fn probe(cycle: usize, at_ms: u64, status: u16, doc: Value) -> Probe {
+        Probe {
+            node: 1,
+            doc: 0,
+            cycle,
+            at: Duration::from_millis(at_ms),
+            status: Some(status),
+            doc_json: doc,
+        }
+    }
+
+    #[test]
+    fn a_revived_document_holds_its_last_cycle_alone() {
+        let last = json!({"log": ["c0.0.2"], "n": 2});
+        assert_eq!(
+            revival_violations(Some(last.clone()), vec![]),
+            Vec::<String>::new()
+        );
+        let mut with_token = last.clone();
+        with_token["t"] = json!("<c1.0.1>");
+        assert_eq!(
+            revival_violations(Some(with_token), vec![]),
+            Vec::<String>::new(),
+            "an unknown write may be there"
+        );
+
+        let mut stale = last.clone();
+        stale["log"] = json!(["c0.0.1", "c0.0.2"]);
+        let found = revival_violations(Some(stale), vec![]);
+        assert!(
+            found[0].contains("last cycle (1): Push(\"c0.0.1\") of cycle 0"),
+            "{found:?}"
+        );
+        let mut counted = last.clone();
+        counted["n"] = json!(6);
+        assert!(revival_violations(Some(counted), vec![])[0].contains("counter n is Some(6)"));
+        let mut lost = last;
+        lost["log"] = json!([]);
+        assert!(revival_violations(Some(lost), vec![])[0].contains("c0.0.2 is missing"));
+        let found = revival_violations(None, vec![]);
+        assert!(
+            found[0].contains("reads 404 on every node, though 2 writes"),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn reads_during_a_cycle_show_what_was_acknowledged_a_second_before() {
+        let last = Some(json!({"log": ["c0.0.2"], "n": 2}));
+        let fine = vec![
+            // Before anything of cycle 1 was acknowledged a second ago: 404 or a part is fine.
+            probe(1, 20_900, 404, Value::Null),
+            probe(1, 21_100, 200, json!({"log": ["c0.0.2"]})),
+            // Later, everything acknowledged a second before.
+            probe(
+                1,
+                21_600,
+                200,
+                json!({"log": ["c0.0.2"], "n": 2, "t": "<c1.0.1>"}),
+            ),
+            // After the cycle may have expired somewhere: not checked.
+            probe(0, 13_500, 404, Value::Null),
+        ];
+        assert_eq!(revival_violations(last.clone(), fine), Vec::<String>::new());
+
+        let late = vec![probe(1, 21_100, 404, Value::Null)];
+        let found = revival_violations(last.clone(), late);
+        assert!(
+            found[0].contains("n1 read 404 at 21.100s, though 1 writes of cycle 1"),
+            "{found:?}"
+        );
+        let partial = vec![
+            probe(1, 21_600, 200, json!({"log": ["c0.0.2"]})),
+            probe(1, 21_800, 200, json!({"log": ["c0.0.2"]})),
+        ];
+        let found = revival_violations(last.clone(), partial);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].contains("cycle 1, read at n1 at 21.600s: counter n is Some(0)"));
+        assert!(found[0].contains("(and 1 later reads of cycle 1 failed)"));
+        let old = vec![probe(1, 20_700, 200, json!({"log": ["c0.0.1"]}))];
+        let found = revival_violations(last, old);
+        assert!(
+            found[0].contains("list item c0.0.1 was never written"),
+            "{found:?}"
         );
     }
 }

@@ -70,6 +70,7 @@ pub struct ClusterBuilder {
     loss: f64,
     configure: Option<Configure>,
     limit: Duration,
+    clock_skew: Duration,
 }
 
 impl std::fmt::Debug for ClusterBuilder {
@@ -80,6 +81,7 @@ impl std::fmt::Debug for ClusterBuilder {
             .field("latency", &self.latency)
             .field("jitter", &self.jitter)
             .field("loss", &self.loss)
+            .field("clock_skew", &self.clock_skew)
             .finish_non_exhaustive()
     }
 }
@@ -94,6 +96,7 @@ impl Default for ClusterBuilder {
             loss: 0.0,
             configure: None,
             limit: Duration::from_secs(3600),
+            clock_skew: Duration::ZERO,
         }
     }
 }
@@ -132,6 +135,15 @@ impl ClusterBuilder {
     /// Adjusts each node's configuration (for example a shorter anti-entropy interval).
     pub fn configure(mut self, f: impl Fn(usize, &mut Config) + Send + Sync + 'static) -> Self {
         self.configure = Some(Arc::new(f));
+        self
+    }
+
+    /// Sets every host's wall clock off from the simulation's by its own fixed amount, drawn
+    /// from the seed between `-max` and `+max` (default zero: every clock agrees). The node
+    /// reads wall-clock time (expiry, change timestamps) through it; timers and timeouts run on
+    /// simulated time, as monotonic clocks do.
+    pub fn clock_skew(mut self, max: Duration) -> Self {
+        self.clock_skew = max;
         self
     }
 
@@ -177,7 +189,9 @@ impl ClusterBuilder {
         let trace = Trace::default();
         let mut nodes = Vec::with_capacity(self.nodes);
         for i in 0..self.nodes {
+            let clock_offset_ms = clock_offset(self.seed, i, self.clock_skew);
             let host = Arc::new(HostSpec {
+                clock_offset_ms,
                 index: i,
                 nodes: self.nodes,
                 seed: self.seed,
@@ -213,6 +227,13 @@ impl ClusterBuilder {
             "cluster nodes={} seed={} latency={:?} jitter={:?} loss={}",
             self.nodes, self.seed, self.latency, self.jitter, self.loss
         ));
+        if !self.clock_skew.is_zero() {
+            let offsets: Vec<String> = nodes
+                .iter()
+                .map(|n| format!("n{}={:+}ms", n.spec.index, n.spec.clock_offset_ms))
+                .collect();
+            trace.event(format!("clock offsets {}", offsets.join(" ")));
+        }
         let mut cluster = Cluster {
             sim,
             nodes,
@@ -249,6 +270,8 @@ pub fn host_name(i: usize) -> String {
 
 struct HostSpec {
     index: usize,
+    /// How far the host's wall clock is off the simulation's, in ms.
+    clock_offset_ms: i64,
     nodes: usize,
     seed: u64,
     certs: Arc<ClusterCerts>,
@@ -267,6 +290,17 @@ struct HostSpec {
 struct NodeState {
     spec: Arc<HostSpec>,
     up: bool,
+}
+
+/// The wall-clock offset of node `index`: uniform in `-max..=max` at millisecond resolution,
+/// from the seed (and zero when `max` is).
+fn clock_offset(seed: u64, index: usize, max: Duration) -> i64 {
+    let max = i64::try_from(max.as_millis()).unwrap_or(i64::MAX / 4);
+    if max == 0 {
+        return 0;
+    }
+    let draw = host_seed(seed, index, u64::MAX - 1);
+    (draw % (2 * max as u64 + 1)) as i64 - max
 }
 
 /// The seed of start `boot` of node `index`.
@@ -307,7 +341,7 @@ async fn run_node(spec: &HostSpec) -> turmoil::Result {
                 nonce_seed,
             },
         )?;
-        let tls = spec.certs.node_tls(spec.index)?;
+        let tls = spec.certs.node_tls(spec.index, seed)?;
         let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
         let socket = SimUdpSocket::bind(SocketAddr::new(any, GOSSIP_PORT))
             .await?
@@ -335,7 +369,7 @@ async fn run_node(spec: &HostSpec) -> turmoil::Result {
             configure(spec.index, &mut config);
         }
         let platform = Platform {
-            clock: Arc::new(SimClock),
+            clock: Arc::new(SimClock::with_offset(spec.clock_offset_ms)),
             seed: Some(seed),
             store,
             node_id: name,
@@ -614,6 +648,12 @@ impl<'a> Cluster<'a> {
         self.run_clients(timeout + Duration::from_secs(30))?;
         let state = crate::lock(&out).clone();
         Ok(state)
+    }
+
+    /// How far node `i`'s wall clock is off the simulation's, in ms (see
+    /// [`ClusterBuilder::clock_skew`]).
+    pub fn clock_offset_ms(&self, i: usize) -> i64 {
+        self.nodes.get(i).map_or(0, |n| n.spec.clock_offset_ms)
     }
 
     /// Whether node `i` is running.

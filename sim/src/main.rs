@@ -42,9 +42,13 @@ enum Command {
         /// The scenario (see `list`).
         #[arg(long, default_value = "baseline")]
         scenario: String,
-        /// How long the workload runs, in simulated seconds.
+        /// How long the workload runs, in simulated seconds (revival scenarios: one document
+        /// per 2 s of it).
         #[arg(long, default_value_t = 10)]
         duration: u64,
+        /// Revival scenarios: cycles per document (2 or more).
+        #[arg(long, default_value_t = 4)]
+        cycles: usize,
         /// Print the whole trace.
         #[arg(long)]
         trace: bool,
@@ -60,9 +64,13 @@ enum Command {
         /// Nodes.
         #[arg(long, default_value_t = 3)]
         nodes: usize,
-        /// How long each workload runs, in simulated seconds.
+        /// How long each workload runs, in simulated seconds (revival scenarios: one
+        /// document per 2 s of it).
         #[arg(long, default_value_t = 10)]
         duration: u64,
+        /// Revival scenarios: cycles per document (2 or more).
+        #[arg(long, default_value_t = 4)]
+        cycles: usize,
     },
     /// Benchmarks.
     Bench {
@@ -113,13 +121,14 @@ fn main() -> ExitCode {
             nodes,
             scenario,
             duration,
+            cycles,
             trace,
         } => {
             let Some(scenario) = scenario::find(&scenario) else {
                 eprintln!("error: no scenario {scenario:?} (see `verge-sim list`)");
                 return ExitCode::from(2);
             };
-            let config = match run_config(seed, nodes, scenario, duration) {
+            let config = match run_config(seed, nodes, scenario, duration, cycles) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("error: {e}");
@@ -157,7 +166,8 @@ fn main() -> ExitCode {
             scenario,
             nodes,
             duration,
-        } => sweep(&seeds, scenario.as_deref(), nodes, duration),
+            cycles,
+        } => sweep(&seeds, scenario.as_deref(), nodes, duration, cycles),
         Command::Bench {
             bench:
                 Bench::Broadcast {
@@ -221,6 +231,7 @@ fn run_config(
     nodes: usize,
     scenario: &'static scenario::Scenario,
     duration: u64,
+    cycles: usize,
 ) -> Result<RunConfig, String> {
     if !(1..=verge_sim::cluster::NODES_MAX).contains(&nodes) {
         return Err(format!(
@@ -237,12 +248,18 @@ fn run_config(
     if !(1..=3600).contains(&duration) {
         return Err("--duration must be 1 to 3600 seconds".into());
     }
+    if !(2..=100).contains(&cycles) {
+        return Err("--cycles must be 2 to 100".into());
+    }
     Ok(RunConfig {
         seed,
         nodes,
         scenario,
         duration: Duration::from_secs(duration),
-        workload: WorkloadConfig::default(),
+        workload: WorkloadConfig {
+            revival_cycles: cycles,
+            ..WorkloadConfig::default()
+        },
     })
 }
 
@@ -261,6 +278,9 @@ fn print_report(report: &Report, wall: Duration) {
     println!("seed: {}", report.seed);
     println!("scenario: {}", report.scenario);
     println!("nodes: {}", report.nodes);
+    for line in &report.notes {
+        println!("note: {line}");
+    }
     for fault in &report.faults {
         println!("fault: {fault}");
     }
@@ -315,7 +335,13 @@ fn print_report(report: &Report, wall: Duration) {
     println!("trace: {}", report.trace_hash);
 }
 
-fn sweep(seeds: &str, scenario: Option<&str>, nodes: usize, duration: u64) -> ExitCode {
+fn sweep(
+    seeds: &str,
+    scenario: Option<&str>,
+    nodes: usize,
+    duration: u64,
+    cycles: usize,
+) -> ExitCode {
     let Some((a, b)) = seeds
         .split_once("..")
         .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)))
@@ -345,7 +371,7 @@ fn sweep(seeds: &str, scenario: Option<&str>, nodes: usize, duration: u64) -> Ex
     let (mut runs, mut failed, mut simulated) = (0u64, Vec::new(), Duration::ZERO);
     for seed in a..b {
         let scenario = scenarios[(seed % scenarios.len() as u64) as usize];
-        let config = match run_config(seed, nodes, scenario, duration) {
+        let config = match run_config(seed, nodes, scenario, duration, cycles) {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("error: {e}");

@@ -11,6 +11,7 @@ use crate::check::{self, Violation};
 use crate::cluster::{Cluster, SimError, host_name};
 use crate::lock;
 use crate::panics;
+use crate::revival::{self, RevivalClient};
 use crate::scenario::{Fault, Scenario};
 use crate::workload::{self, Creation, History, RaceClient, WorkloadConfig};
 
@@ -44,6 +45,9 @@ pub struct Report {
     pub scenario: &'static str,
     /// Nodes.
     pub nodes: usize,
+    /// What helps to read the run, one line each: in revival runs, the clock offsets and
+    /// purge schedules, and what each node's purges and incarnations did.
+    pub notes: Vec<String>,
     /// The faults injected, with their simulated time.
     pub faults: Vec<String>,
     /// Writes acknowledged, refused and unknown.
@@ -81,36 +85,72 @@ pub fn run(config: &RunConfig) -> Result<Report, SimError> {
     let panics_before = panics::count();
     let mut rng = StdRng::seed_from_u64(config.seed);
     let network = config.scenario.network(&mut rng);
-    let plan = config
-        .scenario
-        .plan(&mut rng, config.nodes, config.duration);
+    let creation = config.scenario.creation;
+    let docs = creation.docs(&config.workload, config.duration);
+    let clients = config.nodes * config.workload.clients_per_node;
+    // Revival: the documents' cycles, from the seed; faults come before their last cycles.
+    let revival_plan = (creation == Creation::Revival)
+        .then(|| revival::plan(config.seed, docs, config.workload.revival_cycles, clients));
+    let fault_span = revival_plan
+        .as_ref()
+        .map_or(config.duration, revival::Plan::before_last);
+    let plan = config.scenario.plan(&mut rng, config.nodes, fault_span);
     let relay = config.scenario.relay;
-    let mut cluster = Cluster::builder()
+    let schedules = revival_plan
+        .is_some()
+        .then(|| revival::purge_schedules(config.seed, config.nodes));
+    let node_schedules = schedules.clone();
+    let mut builder = Cluster::builder()
         .nodes(config.nodes)
         .seed(config.seed)
         .latency(network.latency)
         .jitter(network.jitter)
-        .configure(move |_, config| {
+        .configure(move |i, config| {
             // Anti-entropy every 5 s instead of 30: repairs after a fault show within a short
             // run.
             config.replication.anti_entropy_interval_s = 5;
             if relay {
                 config.replication.full_fanout_max = 1;
             }
-        })
-        .build()?;
+            if let Some((purge, retention)) = node_schedules.as_ref().and_then(|s| s.get(i)) {
+                config.storage.purge_interval_s = *purge;
+                config.storage.tombstone_retention_s = *retention;
+            }
+        });
+    if revival_plan.is_some() {
+        builder = builder.clock_skew(revival::CLOCK_SKEW_MAX);
+    }
+    let mut cluster = builder.build()?;
     let trace = cluster.trace().clone();
     trace.event(format!(
         "run scenario={} duration={:?}",
         config.scenario.name, config.duration
     ));
+    let mut notes = Vec::new();
+    if let Some(schedules) = &schedules {
+        let clocks: Vec<String> = (0..config.nodes)
+            .map(|i| format!("n{i} {:+}ms", cluster.clock_offset_ms(i)))
+            .collect();
+        notes.push(format!("clock offsets: {}", clocks.join(", ")));
+        let purges: Vec<String> = schedules
+            .iter()
+            .enumerate()
+            .map(|(i, (purge, retention))| {
+                format!("n{i} every {purge}s (tombstones kept {retention}s)")
+            })
+            .collect();
+        notes.push(format!("purges: {}", purges.join(", ")));
+    }
+    for line in &notes {
+        trace.event(format!("setup {line}"));
+    }
     let history: workload::SharedHistory = Arc::new(Mutex::new(History::default()));
-    let creation = config.scenario.creation;
-    let docs = creation.docs(&config.workload, config.duration);
 
     setup(&mut cluster, config, &history)?;
     let start = cluster.elapsed();
     let until = start + config.duration;
+    let revival_plan = revival_plan.map(|p| Arc::new(p.starting_at(start)));
+    let settles = revival_plan.is_some() && !plan.is_empty();
     for i in 0..config.nodes {
         for k in 0..config.workload.clients_per_node {
             let index = i * config.workload.clients_per_node + k;
@@ -126,19 +166,54 @@ pub fn run(config: &RunConfig) -> Result<Report, SimError> {
                 start,
                 until,
             };
+            let reviver = revival_plan.as_ref().map(|plan| RevivalClient {
+                client: index,
+                node: i,
+                seed,
+                plan: Arc::clone(plan),
+                settle: settles,
+            });
             cluster.client(format!("c{index}"), async move {
-                match creation {
-                    Creation::Upfront => {
+                match (creation, reviver) {
+                    (Creation::Upfront, _) => {
                         let node = NodeApi::of(&host_name(i));
                         workload::client(index, node, wl, seed, until, history, trace).await
                     }
-                    Creation::Racing => workload::race_client(racer, wl, history, trace).await,
+                    (Creation::Racing, _) => workload::race_client(racer, wl, history, trace).await,
+                    (Creation::Revival, Some(reviver)) => {
+                        revival::client(reviver, wl, history, trace).await
+                    }
+                    (Creation::Revival, None) => {}
                 }
                 Ok(())
             });
         }
     }
+    if settles {
+        // Once the faults are healed, the last cycles wait until every node holds the same
+        // history of every document.
+        let (history, trace) = (Arc::clone(&history), trace.clone());
+        let nodes = config.nodes;
+        let from = start + fault_span + Duration::from_millis(100);
+        cluster.client("settle", async move {
+            let all = (0..nodes).map(|i| NodeApi::of(&host_name(i))).collect();
+            revival::settle(all, docs, from, history, trace).await;
+            Ok(())
+        });
+    }
+    // How long the clients may take after the workload's nominal end.
+    let until = match &revival_plan {
+        Some(plan) if settles => {
+            plan.last_closes().max(start + fault_span)
+                + revival::SETTLE_TIMEOUT
+                + revival::WINDOW
+                + Duration::from_secs(10)
+        }
+        Some(plan) => plan.last_closes() + Duration::from_secs(5),
+        None => until,
+    };
 
+    let plan_empty = plan.is_empty();
     let mut faults = Vec::new();
     let mut down = vec![false; config.nodes];
     for (at, fault) in plan {
@@ -168,8 +243,16 @@ pub fn run(config: &RunConfig) -> Result<Report, SimError> {
     let ids: Vec<String> = (0..docs).map(|i| creation.doc_id(i)).collect();
     let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
     let state = cluster.converge(&ids, CONVERGE_TIMEOUT)?;
+    if revival_plan.is_some() {
+        let line = incarnation_counters(&mut cluster)?;
+        trace.event(format!("counters {line}"));
+        notes.push(line);
+    }
     let history = lock(&history);
-    let violations = check::verify(&state, &history, docs, creation);
+    let violations = match &revival_plan {
+        Some(revival_plan) => check::verify_revival(&state, &history, revival_plan, plan_empty),
+        None => check::verify(&state, &history, docs, creation),
+    };
     for (i, node) in state.nodes.iter().enumerate() {
         for (id, view) in node {
             trace.event(format!(
@@ -205,6 +288,7 @@ pub fn run(config: &RunConfig) -> Result<Report, SimError> {
         seed: config.seed,
         scenario: config.scenario.name,
         nodes: config.nodes,
+        notes,
         faults,
         writes,
         reads: history.reads,
@@ -219,9 +303,45 @@ pub fn run(config: &RunConfig) -> Result<Report, SimError> {
     })
 }
 
+/// What each node's purges and incarnations did over the run, from its metrics: documents
+/// purged (to a stub), histories replaced by a newer incarnation (its own revivals and ones
+/// received), stale changes dropped, and changes left to anti-entropy because a broadcast
+/// queue was full.
+fn incarnation_counters(cluster: &mut Cluster<'_>) -> Result<String, SimError> {
+    let out: Arc<Mutex<Vec<String>>> = Arc::default();
+    let slot = Arc::clone(&out);
+    let nodes = cluster.len();
+    cluster.client("counters", async move {
+        for i in 0..nodes {
+            let api = NodeApi::of(&host_name(i));
+            let mut line = format!("n{i}");
+            for (name, what) in [
+                ("verge_purged_docs_total", "purged"),
+                ("verge_incarnations_replaced_total", "replaced"),
+                ("verge_sync_stale_incarnation_total", "stale"),
+                ("verge_broadcast_dropped_total", "unbroadcast"),
+            ] {
+                let value = api.metric_series(name).await.filter(|s| !s.is_empty());
+                match value {
+                    Some(series) => {
+                        let n: f64 = series.values().sum();
+                        line.push_str(&format!(" {what}={n}"));
+                    }
+                    None => line.push_str(&format!(" {what}=n/a")),
+                }
+            }
+            lock(&slot).push(line);
+        }
+        Ok(())
+    });
+    cluster.run_clients(Duration::from_secs(30))?;
+    let lines = lock(&out).join(", ");
+    Ok(format!("incarnations: {lines}"))
+}
+
 /// Readies the cluster for the clients. Upfront: creates the shared documents, replicated to
-/// every node. Racing: creates nothing, and waits until every node answers, so that the first
-/// round races between all of them.
+/// every node. Racing and revival: creates nothing, and waits until every node answers, so
+/// that the first round (or cycle) races between all of them.
 fn setup(
     cluster: &mut Cluster<'_>,
     config: &RunConfig,
@@ -237,7 +357,9 @@ fn setup(
             Creation::Upfront => {
                 workload::setup(NodeApi::of("n0"), all, docs, history, trace).await
             }
-            Creation::Racing => workload::await_nodes(all, history, trace).await,
+            Creation::Racing | Creation::Revival => {
+                workload::await_nodes(all, history, trace).await
+            }
         }
         Ok(())
     });

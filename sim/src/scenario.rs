@@ -242,6 +242,12 @@ fn chaos(rng: &mut StdRng, nodes: usize, duration: Duration) -> Vec<(Duration, F
 /// the same containers again on their own.
 fn race_faults(rng: &mut StdRng, nodes: usize, duration: Duration) -> Vec<(Duration, Fault)> {
     let splits = flapping(rng, nodes, duration);
+    with_loss(rng, splits)
+}
+
+/// `splits` with 2-10% packet loss and 0-5% duplication from the start, applied again after
+/// each heal.
+fn with_loss(rng: &mut StdRng, splits: Vec<(Duration, Fault)>) -> Vec<(Duration, Fault)> {
     let loss = [0.02, 0.05, 0.1][rng.random_range(0..3)];
     let duplicate = [0.0, 0.01, 0.05][rng.random_range(0..3)];
     let lossy = |at: Duration| [(at, Fault::Loss(loss)), (at, Fault::Duplicate(duplicate))];
@@ -255,6 +261,30 @@ fn race_faults(rng: &mut StdRng, nodes: usize, duration: Duration) -> Vec<(Durat
             plan.extend(lossy(at));
         }
     }
+    plan
+}
+
+/// The revival workload's faults, all before the documents' last cycles (`duration` is the time
+/// until then): in half the runs, splits that come and go; in the other half, one node cut off
+/// (or a minority from the majority) for a third to a half of that time, long enough to miss
+/// whole cycles, revivals and purges of the others. Both with packet loss and duplication, on
+/// jittery links; everything heals at the end.
+fn revival_faults(rng: &mut StdRng, nodes: usize, duration: Duration) -> Vec<(Duration, Fault)> {
+    let splits = if rng.random_bool(0.5) {
+        flapping(rng, nodes, duration)
+    } else if rng.random_bool(0.5) {
+        isolate(rng, nodes, duration)
+    } else {
+        majority(rng, nodes, duration)
+    };
+    // A split may heal after `duration`, and loss returns after every heal: cut the plan
+    // there, so that the last event is the heal and nothing is broken once the last cycles
+    // start.
+    let mut plan: Vec<(Duration, Fault)> = with_loss(rng, splits)
+        .into_iter()
+        .filter(|(at, _)| *at < duration)
+        .collect();
+    plan.push((duration, Fault::Heal));
     plan
 }
 
@@ -375,6 +405,24 @@ pub const SCENARIOS: &[Scenario] = &[
         relay: false,
         creation: Creation::Racing,
         plan: race_faults,
+        network: jittery,
+    },
+    Scenario {
+        name: "ttl-revive",
+        about: "documents written with a 5 s TTL expire or are deleted, and are revived by writes at several nodes at once, cycle after cycle, while nodes purge at different times (every 1 s, 5 s, hourly) and their clocks are up to 800 ms apart",
+        nodes_min: 2,
+        relay: false,
+        creation: Creation::Revival,
+        plan: none,
+        network: steady,
+    },
+    Scenario {
+        name: "ttl-revive-partition",
+        about: "ttl-revive with splits (flapping, or a node or minority cut off for several cycles), packet loss and duplication on jittery links before the last cycles",
+        nodes_min: 2,
+        relay: false,
+        creation: Creation::Revival,
+        plan: revival_faults,
         network: jittery,
     },
 ];

@@ -12,6 +12,8 @@
 //!   client fires one push, one increment, one map entry and one splice into it without
 //!   pausing, then keeps writing, and now and then deletes the round's deletable container so
 //!   that it is created again (generation after generation) while others write into it.
+//! - **Revival.** Documents written with a short TTL expire (or are deleted) and are written
+//!   again, cycle after cycle, by clients at several nodes at once; see [`crate::revival`].
 //!
 //! Every write's outcome is recorded: acknowledged, refused (never reached the node), or
 //! unknown (timed out, broke, or failed on the node).
@@ -44,6 +46,11 @@ pub struct WorkloadConfig {
     /// Racing mode: pause between a client's operations after a round's opening burst, in ms.
     /// Shorter than upfront: the more writes land while creations replicate, the more races.
     pub race_pause_ms: (u64, u64),
+    /// Revival mode: cycles per document (at least 2): each but the last ends by expiry or
+    /// delete, and each after the first revives the document.
+    pub revival_cycles: usize,
+    /// Revival mode: pause between a client's writes in a cycle's write window, in ms.
+    pub revival_pause_ms: (u64, u64),
 }
 
 impl Default for WorkloadConfig {
@@ -54,6 +61,8 @@ impl Default for WorkloadConfig {
             pause_ms: (20, 200),
             round: Duration::from_secs(1),
             race_pause_ms: (30, 150),
+            revival_cycles: 4,
+            revival_pause_ms: (50, 200),
         }
     }
 }
@@ -67,6 +76,10 @@ pub enum Creation {
     /// Nothing is created in advance: clients at every node create the documents and their
     /// containers concurrently, round after round, and delete and re-create containers.
     Racing,
+    /// Nothing is created in advance either: documents are written with a short TTL, expire
+    /// or are deleted, and are revived by writes at several nodes at once, cycle after cycle
+    /// ([`crate::revival`]).
+    Revival,
 }
 
 impl Creation {
@@ -75,6 +88,7 @@ impl Creation {
         match self {
             Creation::Upfront => doc_id(i),
             Creation::Racing => race_doc_id(i),
+            Creation::Revival => crate::revival::doc_id(i),
         }
     }
 
@@ -83,7 +97,14 @@ impl Creation {
         match self {
             Creation::Upfront => config.docs,
             Creation::Racing => rounds(config.round, duration),
+            Creation::Revival => crate::revival::docs(duration),
         }
+    }
+
+    /// Whether the clients create the documents and their containers (as opposed to a setup
+    /// that creates them first).
+    pub fn creates_containers(self) -> bool {
+        self != Creation::Upfront
     }
 }
 
@@ -134,10 +155,14 @@ pub struct Write {
     pub client: usize,
     /// The document index.
     pub doc: usize,
+    /// Revival mode: the document's cycle the write belongs to (0 in the other modes).
+    pub cycle: usize,
     /// What it did.
     pub op: WriteOp,
     /// How it ended.
     pub outcome: Outcome,
+    /// When the answer came (or the request gave up), simulated time since the start.
+    pub at: Duration,
 }
 
 /// The shared counter's key.
@@ -174,6 +199,8 @@ pub enum WriteOp {
     },
     /// Racing mode: delete the container at this path (and all written into it).
     Remove(Vec<String>),
+    /// Revival mode: delete the whole document (`DELETE`, not a `PATCH`).
+    DeleteDoc,
 }
 
 impl WriteOp {
@@ -192,8 +219,26 @@ impl WriteOp {
                 json!([{"op": "set", "path": [ENTRIES, node, key], "value": value}])
             }
             WriteOp::Remove(path) => json!([{"op": "del", "path": path}]),
+            WriteOp::DeleteDoc => serde_json::Value::Null,
         }
     }
+}
+
+/// Revival mode: one read of a document at a node, kept for the checks during the run.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    /// The node read.
+    pub node: usize,
+    /// The document index.
+    pub doc: usize,
+    /// The cycle it was read in.
+    pub cycle: usize,
+    /// When the read was sent, simulated time since the start.
+    pub at: Duration,
+    /// The status, `None` when no answer came.
+    pub status: Option<u16>,
+    /// The document's JSON when the status was 200.
+    pub doc_json: serde_json::Value,
 }
 
 /// Everything the clients did, in order.
@@ -205,6 +250,13 @@ pub struct History {
     pub reads: u64,
     /// Whether the setup finished (the clients wait for it).
     pub ready: bool,
+    /// Revival mode: the reads made during the cycles.
+    pub probes: Vec<Probe>,
+    /// Revival mode with faults: when the last cycles opened, once every node held the same
+    /// history of every document (see [`crate::revival::settle`]).
+    pub final_at: Option<Duration>,
+    /// Revival mode with faults: why the nodes did not come to hold the same histories.
+    pub unsettled: Option<String>,
 }
 
 /// The history shared by all clients of a run.
@@ -269,31 +321,53 @@ pub async fn await_nodes(nodes: Vec<NodeApi>, history: SharedHistory, trace: Tra
 }
 
 /// A client's own random choices: from the run's seed and its number only.
-fn client_rng(seed: u64, client: usize) -> StdRng {
+pub(crate) fn client_rng(seed: u64, client: usize) -> StdRng {
     StdRng::seed_from_u64(seed ^ (client as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15))
 }
 
-async fn wait_ready(history: &SharedHistory) {
+pub(crate) async fn wait_ready(history: &SharedHistory) {
     while !lock(history).ready {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
 /// A client's node and the run's records: performs operations and records each outcome.
-struct Session {
-    client: usize,
-    node: NodeApi,
-    history: SharedHistory,
-    trace: Trace,
+pub(crate) struct Session {
+    pub(crate) client: usize,
+    pub(crate) node: NodeApi,
+    pub(crate) history: SharedHistory,
+    pub(crate) trace: Trace,
 }
 
 impl Session {
     /// Sends `op` to document `id` (index `doc`) and records how it ended.
     async fn write(&self, doc: usize, id: &str, op: WriteOp) {
-        let result = self.node.patch(id, op.ops(self.client)).await;
+        self.write_in(doc, None, id, op, None).await;
+    }
+
+    /// Sends `op` to document `id` (index `doc`), in revival mode as part of `cycle` and with
+    /// `?ttl=` when `ttl_s` is given, and records how it ended and when. Returns the outcome.
+    pub(crate) async fn write_in(
+        &self,
+        doc: usize,
+        cycle: Option<usize>,
+        id: &str,
+        op: WriteOp,
+        ttl_s: Option<u64>,
+    ) -> Outcome {
+        let result = match (&op, ttl_s) {
+            (WriteOp::DeleteDoc, _) => self.node.delete(id).await,
+            (_, Some(ttl)) => self.node.patch_ttl(id, op.ops(self.client), ttl).await,
+            (_, None) => self.node.patch(id, op.ops(self.client)).await,
+        };
         let outcome = Outcome::of(&result);
+        let at = match cycle {
+            Some(c) => format!("{id}#{c}"),
+            None => id.to_owned(),
+        };
+        let ttl = ttl_s.map(|t| format!(" ttl={t}")).unwrap_or_default();
         self.trace.event(format!(
-            "c{} {op:?} {id} -> {outcome:?} ({})",
+            "c{} {op:?} {at}{ttl} -> {outcome:?} ({})",
             self.client,
             match &result {
                 Ok(a) => a.status.as_u16().to_string(),
@@ -303,8 +377,46 @@ impl Session {
         lock(&self.history).writes.push(Write {
             client: self.client,
             doc,
+            cycle: cycle.unwrap_or(0),
             op,
             outcome,
+            at: crate::now(),
+        });
+        outcome
+    }
+
+    /// Revival mode: reads document `id` (index `doc`) at node `node` during `cycle`, and keeps
+    /// what it answered for the checker.
+    pub(crate) async fn probe(&self, node: usize, doc: usize, cycle: usize, id: &str) {
+        let at = crate::now();
+        let result = self.node.get(id).await;
+        self.count_read(&result);
+        let (status, doc_json) = match &result {
+            Ok(a) => (
+                Some(a.status.as_u16()),
+                if a.status.is_success() {
+                    a.json()
+                        .get("doc")
+                        .cloned()
+                        .unwrap_or(serde_json::Value::Null)
+                } else {
+                    serde_json::Value::Null
+                },
+            ),
+            Err(_) => (None, serde_json::Value::Null),
+        };
+        self.trace.event(format!(
+            "c{} get {id}#{cycle} -> {}",
+            self.client,
+            status_text(result)
+        ));
+        lock(&self.history).probes.push(Probe {
+            node,
+            doc,
+            cycle,
+            at,
+            status,
+            doc_json,
         });
     }
 
@@ -450,7 +562,7 @@ pub fn round_plan(seed: u64, round: usize, nodes: usize, clients: usize) -> Roun
 
 /// SplitMix64's finaliser: spreads nearby inputs (consecutive rounds) over the whole range, as
 /// nearby seeds given to `StdRng::seed_from_u64` turned out not to be.
-fn splitmix(x: u64) -> u64 {
+pub(crate) fn splitmix(x: u64) -> u64 {
     let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -487,7 +599,7 @@ pub async fn race_client(
     }
 }
 
-async fn sleep_until(at: Duration) {
+pub(crate) async fn sleep_until(at: Duration) {
     let now = crate::now();
     if at > now {
         tokio::time::sleep(at - now).await;
@@ -704,17 +816,25 @@ impl Expectations {
 pub fn expectations(history: &History, docs: usize) -> Vec<Expectations> {
     let mut out = vec![Expectations::default(); docs];
     for w in &history.writes {
-        let Some(e) = out.get_mut(w.doc) else {
-            continue;
-        };
-        match (&w.op, w.outcome) {
+        if let Some(e) = out.get_mut(w.doc) {
+            e.add(w, w.outcome);
+        }
+    }
+    out
+}
+
+impl Expectations {
+    /// Takes write `w` into account as if it had ended with `outcome` (the checker may count
+    /// an acknowledged write as unknown when it need not be visible yet).
+    pub fn add(&mut self, w: &Write, outcome: Outcome) {
+        match (&w.op, outcome) {
             (_, Outcome::Refused) => {}
             (WriteOp::Set(_) | WriteOp::Del, outcome) => {
                 let value = match &w.op {
                     WriteOp::Set(v) => Some(v.clone()),
                     _ => None,
                 };
-                let entry = e.keys.entry(format!("c{}", w.client)).or_default();
+                let entry = self.keys.entry(format!("c{}", w.client)).or_default();
                 if outcome == Outcome::Acked {
                     // A client's writes are sequential: an acknowledged one supersedes all
                     // before it.
@@ -726,24 +846,25 @@ pub fn expectations(history: &History, docs: usize) -> Vec<Expectations> {
                     entry.unknown.push(value);
                 }
             }
-            (WriteOp::Inc(by), Outcome::Acked) => e.counter_acked += by,
-            (WriteOp::Inc(by), Outcome::Unknown) => e.counter_unknown += by,
-            (WriteOp::Push(item), Outcome::Acked) => e.items_acked.push(item.clone()),
-            (WriteOp::Push(item), Outcome::Unknown) => e.items_unknown.push(item.clone()),
-            (WriteOp::Splice(t), Outcome::Acked) => e.tokens_acked.push(t.clone()),
-            (WriteOp::Splice(t), Outcome::Unknown) => e.tokens_unknown.push(t.clone()),
+            (WriteOp::Inc(by), Outcome::Acked) => self.counter_acked += by,
+            (WriteOp::Inc(by), Outcome::Unknown) => self.counter_unknown += by,
+            (WriteOp::Push(item), Outcome::Acked) => self.items_acked.push(item.clone()),
+            (WriteOp::Push(item), Outcome::Unknown) => self.items_unknown.push(item.clone()),
+            (WriteOp::Splice(t), Outcome::Acked) => self.tokens_acked.push(t.clone()),
+            (WriteOp::Splice(t), Outcome::Unknown) => self.tokens_unknown.push(t.clone()),
             (WriteOp::Entry { node, key, value }, outcome) => {
                 let entries = if outcome == Outcome::Acked {
-                    &mut e.entries_acked
+                    &mut self.entries_acked
                 } else {
-                    &mut e.entries_unknown
+                    &mut self.entries_unknown
                 };
                 entries.insert((node.clone(), key.clone()), value.clone());
             }
-            (WriteOp::Remove(path), _) => e.removed.push(path.clone()),
+            (WriteOp::Remove(path), _) => self.removed.push(path.clone()),
+            // A whole document's delete ends a revival cycle: the revival checker handles it.
+            (WriteOp::DeleteDoc, _) => {}
         }
     }
-    out
 }
 
 #[cfg(test)]

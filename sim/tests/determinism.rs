@@ -42,6 +42,31 @@ fn same_seed_same_trace_when_nodes_race_to_create() {
     assert_eq!(first.trace_hash, second.trace_hash);
 }
 
+/// Revival: clock offsets, per-node purge schedules, documents revived at several nodes at
+/// once, and (with faults) the wait for every node to hold the same histories all replay.
+#[test]
+fn same_seed_same_trace_when_documents_expire_and_revive() {
+    for name in ["ttl-revive", "ttl-revive-partition"] {
+        let config = RunConfig {
+            duration: Duration::from_secs(2),
+            workload: WorkloadConfig {
+                revival_cycles: 3,
+                ..WorkloadConfig::default()
+            },
+            ..config(17, name)
+        };
+        let first = run(&config).expect("runs");
+        let second = run(&config).expect("runs");
+        assert!(first.ok(), "{name}: {:?}", first.violations);
+        assert_eq!(first.trace_hash, second.trace_hash, "{name}");
+        assert!(
+            first.notes.iter().any(|n| n.starts_with("clock offsets")),
+            "{name}: {:?}",
+            first.notes
+        );
+    }
+}
+
 fn trace_line(seed: u64) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_verge-sim"))
         .args([

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use verge_sim::run::{RunConfig, run};
 use verge_sim::scenario;
-use verge_sim::workload::WorkloadConfig;
+use verge_sim::workload::{Creation, WorkloadConfig};
 
 /// Seeds each scenario runs with on 3 nodes in CI.
 const SEEDS: &[u64] = &[1, 2, 3];
@@ -14,23 +14,44 @@ const SEEDS: &[u64] = &[1, 2, 3];
 const SEED_5_NODES: u64 = 4;
 /// Simulated seconds of workload per run.
 const DURATION_S: u64 = 8;
+/// Revival scenarios: simulated seconds that set the number of documents (one per 2 s), each
+/// living through [`REVIVAL_CYCLES`] cycles of about 9 s (kept short: idle simulated time
+/// costs CPU too).
+const REVIVAL_DURATION_S: u64 = 4;
+/// Revival scenarios: cycles per document (a delete or an expiry, an expiry, the last).
+const REVIVAL_CYCLES: usize = 3;
 
 fn check(name: &str) {
     verge_sim::panics::install();
     let scenario = scenario::find(name).expect("scenario exists");
     let runs = SEEDS.iter().map(|s| (*s, 3)).chain([(SEED_5_NODES, 5)]);
     let mut failures = Vec::new();
+    let revival = scenario.creation == Creation::Revival;
+    let (duration, workload) = if revival {
+        let workload = WorkloadConfig {
+            revival_cycles: REVIVAL_CYCLES,
+            ..WorkloadConfig::default()
+        };
+        (REVIVAL_DURATION_S, workload)
+    } else {
+        (DURATION_S, WorkloadConfig::default())
+    };
     for (seed, nodes) in runs {
         let config = RunConfig {
             seed,
             nodes: nodes.max(scenario.nodes_min),
             scenario,
-            duration: Duration::from_secs(DURATION_S),
-            workload: WorkloadConfig::default(),
+            duration: Duration::from_secs(duration),
+            workload: workload.clone(),
         };
         let replay = format!(
-            "verge-sim run --seed {seed} --nodes {} --scenario {name} --duration {DURATION_S} --trace",
-            config.nodes
+            "verge-sim run --seed {seed} --nodes {} --scenario {name} --duration {duration}{} --trace",
+            config.nodes,
+            if revival {
+                format!(" --cycles {REVIVAL_CYCLES}")
+            } else {
+                String::new()
+            }
         );
         let report = match run(&config) {
             Ok(r) => r,
@@ -93,4 +114,6 @@ scenarios! {
     chaos => "chaos",
     create_race => "create-race",
     create_race_partition => "create-race-partition",
+    ttl_revive => "ttl-revive",
+    ttl_revive_partition => "ttl-revive-partition",
 }

@@ -644,7 +644,7 @@ impl Replication {
             for addr in self.peer_addrs() {
                 // Dials run in their own tasks: an unreachable peer's connect timeout must not
                 // hold up anti-entropy with the others.
-                let Some(conn) = self.transport.cached(addr) else {
+                let Some((conn, connection)) = self.transport.cached_numbered(addr) else {
                     down += 1;
                     let first = lock(&self.members)
                         .get_mut(&addr)
@@ -675,7 +675,6 @@ impl Replication {
                 } else {
                     i64::MAX
                 };
-                let connection = conn.stable_id() as u64;
                 let (due, catch_up) =
                     lock(&self.members)
                         .get_mut(&addr)

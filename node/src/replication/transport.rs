@@ -74,8 +74,21 @@ pub enum TransportError {
 #[derive(Debug)]
 struct PeerSlot {
     conn: Option<Connection>,
+    /// How many connections to the peer were made so far: numbers the current one.
+    dialled: u64,
     backoff: Duration,
     retry_at: Option<Instant>,
+}
+
+impl PeerSlot {
+    fn new() -> Self {
+        Self {
+            conn: None,
+            dialled: 0,
+            backoff: BACKOFF_MIN,
+            retry_at: None,
+        }
+    }
 }
 
 /// The QUIC endpoint of a node and its outgoing connections.
@@ -113,6 +126,33 @@ fn token_key(seed: Option<u64>) -> Arc<dyn quinn::crypto::HandshakeTokenKey> {
         ring::hkdf::HKDF_SHA256,
         &material,
     ))
+}
+
+/// Connection ids drawn from a seed: quinn's default generators draw them from the thread RNG,
+/// and they key and address every connection's packets, so a simulated run whose packets are
+/// lost and reordered did not replay (a late Initial read with the wrong keys passes or fails
+/// the first checks depending on its bytes).
+struct SeededCids(rand::rngs::StdRng);
+
+/// The length of the connection ids a node issues (quinn's default).
+const CID_LEN: usize = 8;
+/// The length of the first destination id of a connection a node dials (quinn's default).
+const INITIAL_DST_CID_LEN: usize = 20;
+
+impl quinn::ConnectionIdGenerator for SeededCids {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        let mut bytes = [0u8; CID_LEN];
+        rand::RngCore::fill_bytes(&mut self.0, &mut bytes);
+        quinn::ConnectionId::new(&bytes)
+    }
+
+    fn cid_len(&self) -> usize {
+        CID_LEN
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
 }
 
 fn transport_config() -> Arc<TransportConfig> {
@@ -155,12 +195,34 @@ impl Transport {
             .map_err(|e| TransportError::Tls(e.to_string()))?;
         let mut client = ClientConfig::new(Arc::new(client_crypto));
         client.transport_config(transport_config());
+        if let Some(seed) = seed {
+            // The first destination id of each connection this node dials (20 bytes, as
+            // quinn's own): it keys the connection's Initial packets.
+            let rng: rand::rngs::StdRng =
+                rand::SeedableRng::seed_from_u64(seed ^ u64::from_le_bytes(*b"quic-dst"));
+            let rng = Mutex::new(rng);
+            client.initial_dst_cid_provider(Arc::new(move || {
+                let mut bytes = [0u8; INITIAL_DST_CID_LEN];
+                rand::RngCore::fill_bytes(
+                    &mut *rng.lock().unwrap_or_else(|p| p.into_inner()),
+                    &mut bytes,
+                );
+                quinn::ConnectionId::new(&bytes)
+            }));
+        }
         let mut config = EndpointConfig::new(reset_key(seed));
         config.rng_seed(seed.map(|s| {
             let mut rng_seed = [0u8; 32];
             rng_seed[..8].copy_from_slice(&s.to_le_bytes());
             rng_seed
         }));
+        if let Some(seed) = seed {
+            config.cid_generator(move || {
+                Box::new(SeededCids(rand::SeedableRng::seed_from_u64(
+                    seed ^ u64::from_le_bytes(*b"quic-cid"),
+                )))
+            });
+        }
         let endpoint = Endpoint::new_with_abstract_socket(config, Some(server), socket, runtime)?;
         Ok(Self {
             endpoint,
@@ -181,11 +243,18 @@ impl Transport {
 
     /// The live connection to `addr` if one is cached.
     pub fn cached(&self, addr: SocketAddr) -> Option<Connection> {
+        self.cached_numbered(addr).map(|(conn, _)| conn)
+    }
+
+    /// [`Self::cached`], with the connection's number: the first connection to `addr` is 1, each
+    /// new one the next. (quinn's `stable_id` is the connection's address in memory, which a
+    /// later connection may reuse: it cannot tell a new connection from the old one.)
+    pub fn cached_numbered(&self, addr: SocketAddr) -> Option<(Connection, u64)> {
         let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         peers
             .get(&addr)
-            .and_then(|s| s.conn.clone())
-            .filter(|c| c.close_reason().is_none())
+            .and_then(|s| Some((s.conn.clone()?, s.dialled)))
+            .filter(|(c, _)| c.close_reason().is_none())
     }
 
     /// The connection to `addr`: the cached one, or a new one dialled now (then the flag is
@@ -193,11 +262,7 @@ impl Transport {
     pub async fn connection(&self, addr: SocketAddr) -> Result<(Connection, bool), TransportError> {
         {
             let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-            let slot = peers.entry(addr).or_insert(PeerSlot {
-                conn: None,
-                backoff: BACKOFF_MIN,
-                retry_at: None,
-            });
+            let slot = peers.entry(addr).or_insert_with(PeerSlot::new);
             if let Some(conn) = &slot.conn {
                 if conn.close_reason().is_none() {
                     return Ok((conn.clone(), false));
@@ -210,11 +275,7 @@ impl Transport {
         }
         let result = self.dial(addr).await;
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        let slot = peers.entry(addr).or_insert(PeerSlot {
-            conn: None,
-            backoff: BACKOFF_MIN,
-            retry_at: None,
-        });
+        let slot = peers.entry(addr).or_insert_with(PeerSlot::new);
         match result {
             Ok(conn) => {
                 // Another task may have dialled concurrently; keep one connection.
@@ -223,6 +284,7 @@ impl Transport {
                     return Ok((existing.clone(), false));
                 }
                 slot.conn = Some(conn.clone());
+                slot.dialled += 1;
                 slot.backoff = BACKOFF_MIN;
                 slot.retry_at = None;
                 Ok((conn, true))
