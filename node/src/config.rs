@@ -185,12 +185,28 @@ impl Default for StorageConfig {
     }
 }
 
+/// The longest API timeout that may be configured (a day): a longer one is no bound.
+pub const TIMEOUT_S_MAX: u64 = 24 * 3600;
+
 /// Limits on what clients may take of the API (`[limits]` in the file).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
-    /// Most API connections open at once; further ones get `503` and are closed.
+    /// Most API connections open at once; further ones get `503` (or a probe's answer) and
+    /// are closed.
     pub api_connections_max: usize,
+    /// Most API connections open at once from one client address, so that one client cannot
+    /// hold every slot (raise it to `api_connections_max` behind a proxy that is the only
+    /// client).
+    pub api_connections_per_client_max: usize,
+    /// Seconds a connection has to send a request's complete head, from when it opens or its
+    /// previous response ends (this also closes kept-alive connections nobody uses).
+    pub header_timeout_s: u64,
+    /// Seconds a request's body has to arrive after its head; then `408 request_timeout`.
+    pub body_timeout_s: u64,
+    /// Seconds a connection may go with no byte moving either way while a request or its answer
+    /// is under way (a client that stops reading); then it is closed.
+    pub idle_timeout_s: u64,
     /// Requests per second (and at once) each API token may send, unless the token sets its
     /// own `requests_per_second`; `None` is unlimited.
     pub requests_per_second_per_token: Option<u32>,
@@ -200,6 +216,10 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             api_connections_max: 4096,
+            api_connections_per_client_max: 1024,
+            header_timeout_s: 10,
+            body_timeout_s: 30,
+            idle_timeout_s: 60,
             requests_per_second_per_token: None,
         }
     }
@@ -460,13 +480,29 @@ impl Config {
             }
         };
         let limits = file.limits;
-        if limits.api_connections_max == 0 || limits.requests_per_second_per_token == Some(0) {
+        if limits.api_connections_max == 0
+            || limits.api_connections_per_client_max == 0
+            || limits.requests_per_second_per_token == Some(0)
+        {
             return Err(ConfigError::Invalid {
                 key: "limits",
-                message: "api_connections_max and requests_per_second_per_token must be at \
-                          least 1 (omit requests_per_second_per_token for no limit)"
+                message: "api_connections_max, api_connections_per_client_max and \
+                          requests_per_second_per_token must be at least 1 (omit \
+                          requests_per_second_per_token for no limit)"
                     .into(),
             });
+        }
+        for (name, seconds) in [
+            ("header_timeout_s", limits.header_timeout_s),
+            ("body_timeout_s", limits.body_timeout_s),
+            ("idle_timeout_s", limits.idle_timeout_s),
+        ] {
+            if !(1..=TIMEOUT_S_MAX).contains(&seconds) {
+                return Err(ConfigError::Invalid {
+                    key: "limits",
+                    message: format!("{name} must be from 1 to {TIMEOUT_S_MAX} seconds"),
+                });
+            }
         }
         let replication = file.replication;
         if replication.anti_entropy_interval_s == 0 || replication.batch_bytes_max == 0 {

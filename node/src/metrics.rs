@@ -94,8 +94,10 @@ pub struct Metrics {
     pub auth_failures: Family<KindLabels, Counter>,
     /// Open API connections.
     pub api_connections: Gauge,
-    /// API connections refused because `api_connections_max` were open.
-    pub api_connections_refused: Counter,
+    /// API connections refused, by the limit they met (`node` or `client`).
+    pub api_connections_refused: Family<KindLabels, Counter>,
+    /// API connections and requests cut off by a timeout, by kind (`header`, `body`, `idle`).
+    pub api_timeouts: Family<KindLabels, Counter>,
     /// API requests refused with 429, by token name.
     pub rate_limited: Family<RequestLabels, Counter>,
 }
@@ -142,7 +144,8 @@ impl Metrics {
             peers_down: Gauge::default(),
             auth_failures: Family::default(),
             api_connections: Gauge::default(),
-            api_connections_refused: Counter::default(),
+            api_connections_refused: Family::default(),
+            api_timeouts: Family::default(),
             rate_limited: Family::default(),
             registry: Registry::default(),
         };
@@ -317,8 +320,14 @@ impl Metrics {
         );
         registry.register(
             "api_connections_refused",
-            "API connections refused because api_connections_max were open",
+            "API connections refused because api_connections_max (limit=node) or \
+             api_connections_per_client_max (limit=client) were open",
             m.api_connections_refused.clone(),
+        );
+        registry.register(
+            "api_timeouts",
+            "API connections closed (header, idle) or requests answered 408 (body) for a timeout",
+            m.api_timeouts.clone(),
         );
         registry.register(
             "rate_limited",
@@ -367,6 +376,20 @@ impl Metrics {
         self.http_requests
             .get_or_create(&[("route", route), ("status", status)])
             .inc();
+    }
+
+    /// Counts a connection refused by `limit`.
+    pub fn api_connection_refused(&self, limit: crate::http::serve::Refused) {
+        self.api_connections_refused
+            .get_or_create(&vec![("limit", limit.label())])
+            .inc();
+    }
+
+    /// The counter of API timeouts of `kind`, to hand to what enforces them.
+    pub fn api_timeout(&self, kind: &'static str) -> Counter {
+        self.api_timeouts
+            .get_or_create(&vec![("kind", kind)])
+            .clone()
     }
 
     /// Counts an input rejected while decoding.

@@ -252,6 +252,7 @@ where
         context: "reading the API address".into(),
         source,
     })?;
+    let body_timeouts = metrics.api_timeout("body");
     let state = Arc::new(AppState {
         docs: Arc::clone(&docs),
         metrics,
@@ -266,6 +267,11 @@ where
             config.limits.requests_per_second_per_token,
         ),
         auth: config.auth.clone(),
+        body_deadline: http::serve::BodyDeadline {
+            timeout: Duration::from_secs(config.limits.body_timeout_s),
+            timed_out: body_timeouts,
+            stop: stop_rx.clone(),
+        },
     });
     if let Some(addr_file) = &addr_file {
         std::fs::write(addr_file, format!("{api_addr}\n")).map_err(|source| NodeError::Io {
@@ -296,8 +302,14 @@ where
     }
     let drain_state = Arc::clone(&state);
     let serve_metrics = Arc::clone(&state.metrics);
-    let connections_max = config.limits.api_connections_max;
+    let serve_limits = http::serve::ServeLimits {
+        connections_max: config.limits.api_connections_max,
+        per_client_max: config.limits.api_connections_per_client_max,
+        header_timeout: Duration::from_secs(config.limits.header_timeout_s),
+        idle_timeout: Duration::from_secs(config.limits.idle_timeout_s),
+    };
     let router = http::router(Arc::clone(&state), stop_rx.clone());
+    let probes = http::probes_router(Arc::clone(&state));
     let mut failure = storage_failure.clone();
     let mut server = tokio::spawn(async move {
         let drain = async move {
@@ -315,22 +327,15 @@ where
         };
         match api_tls {
             None => {
-                let limited =
-                    http::limits::ConnectionLimit::new(listener, connections_max, serve_metrics);
-                axum::serve(limited, router)
-                    .with_graceful_shutdown(drain)
-                    .await
+                http::serve::serve(listener, router, probes, serve_limits, serve_metrics, drain)
+                    .await;
             }
             Some(tls_config) => {
                 let tls = http::TlsListener::new(listener, tls_config)?;
-                axum::serve(
-                    http::limits::ConnectionLimit::new(tls, connections_max, serve_metrics),
-                    router,
-                )
-                .with_graceful_shutdown(drain)
-                .await
+                http::serve::serve(tls, router, probes, serve_limits, serve_metrics, drain).await;
             }
         }
+        Ok(())
     });
     let mut stop_rx = stop_rx;
     tokio::select! {

@@ -13,6 +13,7 @@ use serde_json::{Value as Json_, json};
 use verge_core::limits::{LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, TTL_SECONDS_MAX};
 use verge_core::{DocId, Expiry, Op, Write, heads_to_hex};
 
+use super::serve::BodyCut;
 use super::{ApiError, AppState};
 use crate::documents::ReplicaWaiter;
 
@@ -38,7 +39,23 @@ fn doc_id(state: &AppState, path: IdPath) -> Result<DocId, ApiError> {
 
 fn body_bytes(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
     body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        if let Some(cut) = super::serve::body_cut(&e) {
+            match cut {
+                BodyCut::TimedOut => ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    format!(
+                        "the request body did not arrive within {}s (body_timeout_s)",
+                        state.body_deadline.timeout.as_secs()
+                    ),
+                ),
+                BodyCut::ShuttingDown => ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "shutting_down",
+                    "the node is shutting down; nothing of this request was written",
+                ),
+            }
+        } else if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::too_large(format!("request body too large: {}", e.body_text()))
         } else {
             state.metrics.decode_error("body");

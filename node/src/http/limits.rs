@@ -1,168 +1,16 @@
-//! Limits on how much of the API one client can take: open connections, and requests per
-//! second per token.
+//! Request rate limits per API token (connection limits are in [`super::serve`]).
 //!
-//! The connection limit wraps the listener: a connection beyond `api_connections_max` gets a
-//! `503 too_many_connections` answer and is closed, without reaching the router. The rate limit
-//! is a token bucket per API token, checked by the auth middleware right after the token is
+//! A token bucket per API token, checked by the auth middleware right after the token is
 //! recognised: a token may send `rate` requests at once, then `rate` per second on average;
 //! beyond that it gets `429 rate_limited` with `Retry-After`.
 
 use std::collections::HashMap;
-use std::io;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::sync::Mutex;
 use std::time::Duration;
 
-use prometheus_client::metrics::gauge::Gauge;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::auth::Auth;
-use crate::metrics::Metrics;
-
-/// How long a refused connection gets to receive its `503` before it is closed.
-const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
-/// Refusals being written at once; connections beyond this are closed without an answer.
-const REFUSALS_MAX: usize = 64;
-
-/// The `503` written to a connection beyond the limit.
-const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
-content-type: application/json\r\n\
-retry-after: 1\r\n\
-connection: close\r\n\
-content-length: 96\r\n\
-\r\n\
-{\"error\":{\"code\":\"too_many_connections\",\"message\":\"the node has too many open API connections\"}}";
-
-/// A listener that keeps at most `max` connections open.
-#[derive(Debug)]
-pub struct ConnectionLimit<L> {
-    inner: L,
-    open: Arc<Semaphore>,
-    refusing: Arc<Semaphore>,
-    metrics: Arc<Metrics>,
-}
-
-impl<L> ConnectionLimit<L> {
-    /// Limits `inner` to `max` open connections.
-    pub fn new(inner: L, max: usize, metrics: Arc<Metrics>) -> Self {
-        Self {
-            inner,
-            open: Arc::new(Semaphore::new(max)),
-            refusing: Arc::new(Semaphore::new(REFUSALS_MAX)),
-            metrics,
-        }
-    }
-}
-
-impl<L: axum::serve::Listener> axum::serve::Listener for ConnectionLimit<L> {
-    type Io = Limited<L::Io>;
-    type Addr = L::Addr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            let (io, addr) = self.inner.accept().await;
-            if let Ok(permit) = Arc::clone(&self.open).try_acquire_owned() {
-                let open = self.metrics.api_connections.clone();
-                open.inc();
-                return (
-                    Limited {
-                        io,
-                        _slot: Slot {
-                            _permit: permit,
-                            open,
-                        },
-                    },
-                    addr,
-                );
-            }
-            self.metrics.api_connections_refused.inc();
-            if let Ok(permit) = Arc::clone(&self.refusing).try_acquire_owned() {
-                tokio::spawn(async move {
-                    let _ = tokio::time::timeout(REFUSAL_TIMEOUT, refuse(io)).await;
-                    drop(permit);
-                });
-            }
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.inner.local_addr()
-    }
-}
-
-/// Answers `503` and closes, reading what the client sent meanwhile so that the close does not
-/// turn into a reset that could discard the answer.
-async fn refuse<T: AsyncRead + AsyncWrite + Unpin>(mut io: T) -> io::Result<()> {
-    io.write_all(REFUSAL).await?;
-    io.flush().await?;
-    io.shutdown().await?;
-    let mut sink = [0u8; 4096];
-    while io.read(&mut sink).await? > 0 {}
-    Ok(())
-}
-
-/// One open connection's place under the limit, given back when the connection closes.
-#[derive(Debug)]
-struct Slot {
-    _permit: OwnedSemaphorePermit,
-    open: Gauge,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.open.dec();
-    }
-}
-
-/// A connection counted against the limit.
-#[derive(Debug)]
-pub struct Limited<T> {
-    io: T,
-    _slot: Slot,
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Limited<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Limited<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-}
 
 /// A token bucket.
 #[derive(Debug)]
@@ -256,15 +104,6 @@ mod tests {
             assert_eq!(b.take(much_later), Ok(()));
         }
         assert!(b.take(much_later).is_err());
-    }
-
-    #[test]
-    fn refusal_is_a_complete_response() {
-        let text = std::str::from_utf8(REFUSAL).expect("ascii");
-        let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
-        assert!(head.contains(&format!("content-length: {}", body.len())));
-        let parsed: serde_json::Value = serde_json::from_str(body).expect("json");
-        assert_eq!(parsed["error"]["code"], "too_many_connections");
     }
 
     #[test]

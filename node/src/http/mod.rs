@@ -6,6 +6,7 @@ pub use docs::REPLICAS_MAX;
 mod error;
 pub mod limits;
 mod node;
+pub mod serve;
 pub mod tls;
 mod watch;
 
@@ -50,6 +51,8 @@ pub struct AppState {
     pub auth: crate::auth::Auth,
     /// Request rate limits per token.
     pub rate_limits: limits::RateLimits,
+    /// How long a request's body may take to arrive.
+    pub body_deadline: serve::BodyDeadline,
 }
 
 /// Builds the router over `state`.
@@ -70,9 +73,17 @@ pub fn router(state: Arc<AppState>, stop: tokio::sync::watch::Receiver<bool>) ->
     let sync = Router::new()
         .route("/v1/sync/{*id}", post(docs::sync))
         .layer(DefaultBodyLimit::max(SYNC_MESSAGE_BYTES_MAX));
-    let routes = Router::new()
+    // The routes that take a body; inside authorization, so that an unknown client's body is
+    // never waited for.
+    let with_body = Router::new()
         .merge(docs)
         .merge(sync)
+        .layer(middleware::from_fn_with_state(
+            state.body_deadline.clone(),
+            serve::body_deadline,
+        ));
+    let routes = Router::new()
+        .merge(with_body)
         .route("/v1/watch", get(watch::watch).layer(axum::Extension(stop)))
         .route("/v1/status", get(node::status))
         .route("/healthz", get(node::healthz))
@@ -91,6 +102,21 @@ pub fn router(state: Arc<AppState>, stop: tokio::sync::watch::Receiver<bool>) ->
         ))
     };
     routes
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            count_requests,
+        ))
+        .with_state(state)
+}
+
+/// The router a connection beyond a connection limit is served with: the probes answer as
+/// usual (a load balancer must not take a busy node for a dead one), anything else gets
+/// `503 too_many_connections`.
+pub fn probes_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(node::healthz))
+        .route("/readyz", get(node::readyz))
+        .fallback(node::too_many_connections)
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             count_requests,

@@ -80,6 +80,20 @@ pub async fn not_found() -> ApiError {
     ApiError::not_found("no such route; see docs/api.md")
 }
 
+/// Any request but a probe on a connection beyond a connection limit (`503`, then the
+/// connection closes).
+pub async fn too_many_connections() -> impl IntoResponse {
+    let error = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "too_many_connections",
+        "the node has too many open API connections",
+    );
+    (
+        [(header::RETRY_AFTER, "1"), (header::CONNECTION, "close")],
+        error,
+    )
+}
+
 /// A route that exists, called with the wrong method.
 pub async fn method_not_allowed() -> ApiError {
     ApiError::new(
