@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/setup.sh
+bash scripts/fetch-faketime.sh
 
 step() { printf '\n== %s\n' "$*"; }
 

@@ -66,6 +66,14 @@ pub enum PeerMessage {
     },
     /// A membership protocol packet.
     Membership(Vec<u8>),
+    /// The sender's wall clock, in milliseconds since the Unix epoch: a node sends it to each
+    /// peer now and then, and the peer answers with its own, so that the sender learns how far
+    /// apart their clocks are (expiry, purges and tombstone retention read the wall clock).
+    /// Appended last: a node that predates it refuses the stream and nothing else.
+    Clock {
+        /// Milliseconds since the Unix epoch.
+        now_ms: i64,
+    },
 }
 
 /// Changes to several documents, sent together to keep messages per write low under load.
@@ -143,7 +151,7 @@ pub enum WireError {
 
 impl PeerMessage {
     /// The message's kind as a metric label: `changes`, `persisted`, `reconcile`,
-    /// `sync_request`, `doc_sync` or `membership`.
+    /// `sync_request`, `doc_sync`, `membership` or `clock`.
     pub fn kind(&self) -> &'static str {
         match self {
             PeerMessage::Changes(_) => "changes",
@@ -152,6 +160,7 @@ impl PeerMessage {
             PeerMessage::SyncRequest { .. } => "sync_request",
             PeerMessage::DocSync { .. } => "doc_sync",
             PeerMessage::Membership(_) => "membership",
+            PeerMessage::Clock { .. } => "clock",
         }
     }
 
@@ -266,6 +275,8 @@ mod tests {
                 message: None,
             },
             PeerMessage::Membership(vec![1; 10]),
+            PeerMessage::Clock { now_ms: -5 },
+            PeerMessage::Clock { now_ms: i64::MAX },
         ];
         for m in &messages {
             assert_eq!(&round_trip(m), m);

@@ -90,6 +90,10 @@ pub struct Metrics {
     pub peers_up: Gauge,
     /// Peers currently unreachable.
     pub peers_down: Gauge,
+    /// The largest distance between a peer's wall clock and this node's, as last measured.
+    pub peer_clock_offset_max_ms: Gauge,
+    /// Times a peer's clock was found beyond the warning bound.
+    pub peer_clock_skews: Counter,
     /// API requests refused with 401 or 403, by reason.
     pub auth_failures: Family<KindLabels, Counter>,
     /// Open API connections.
@@ -142,6 +146,8 @@ impl Metrics {
             anti_entropy_reconcile_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 16)),
             peers_up: Gauge::default(),
             peers_down: Gauge::default(),
+            peer_clock_offset_max_ms: Gauge::default(),
+            peer_clock_skews: Counter::default(),
             auth_failures: Family::default(),
             api_connections: Gauge::default(),
             api_connections_refused: Family::default(),
@@ -303,6 +309,16 @@ impl Metrics {
             m.anti_entropy_reconcile_seconds.clone(),
         );
         registry.register("peers_up", "Peers currently reachable", m.peers_up.clone());
+        registry.register(
+            "peer_clock_offset_max_ms",
+            "The largest distance between a peer's wall clock and this node's, as last measured",
+            m.peer_clock_offset_max_ms.clone(),
+        );
+        registry.register(
+            "peer_clock_skews",
+            "Times a peer's wall clock was found further than 2 s from this node's",
+            m.peer_clock_skews.clone(),
+        );
         registry.register(
             "peers_down",
             "Peers currently unreachable",

@@ -215,6 +215,10 @@ where
         source: std::io::Error::other(e.to_string()),
     })?;
 
+    let generation = next_generation(&store, clock.now_ms()).map_err(|e| NodeError::Io {
+        context: "keeping the membership generation".into(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (replication, replication_tasks) = Replication::start(
         ReplicationConfig {
@@ -227,6 +231,7 @@ where
             policy: BroadcastPolicy {
                 full_fanout_max: config.replication.full_fanout_max,
             },
+            generation,
         },
         node_id.clone(),
         transport,
@@ -412,6 +417,26 @@ fn spawn_purger(docs: Arc<Documents>, config: &Config) -> JoinHandle<()> {
             }
         }
     })
+}
+
+/// Where the last start's membership generation is kept.
+const GENERATION_KEY: &str = "swim_generation";
+
+/// The membership generation of this start, kept before it is used: the wall clock, but always
+/// above the last start's. Peers take the higher generation of a member as the current one, so
+/// a node that ran with its clock ahead and restarts with the right clock is still taken back
+/// (with the wall clock alone its peers kept it `down` until they restarted). The wall clock
+/// still counts so that a node rebuilt on an empty data directory, under the same address,
+/// normally wins over its former self.
+fn next_generation(store: &Store, now_ms: i64) -> Result<u64, StoreError> {
+    let previous = store
+        .node_value(GENERATION_KEY)?
+        .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok())
+        .map(u64::from_be_bytes);
+    let wall = u64::try_from(now_ms).unwrap_or(0);
+    let generation = previous.map_or(wall, |previous| wall.max(previous.saturating_add(1)));
+    store.set_node_value(GENERATION_KEY, &generation.to_be_bytes())?;
+    Ok(generation)
 }
 
 /// The configured node id, else the one kept in the store, else a new one kept from now on.

@@ -31,6 +31,7 @@ pub async fn status(State(state): State<Arc<AppState>>) -> Result<impl IntoRespo
                 "rtt_ms": m.rtt_ms,
                 "lag_batches": m.lag_batches,
                 "last_sync_ms": m.last_sync_ms,
+                "clock_offset_ms": m.clock_offset_ms,
                 "seed": m.seed,
             })
         }));

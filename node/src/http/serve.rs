@@ -573,9 +573,16 @@ mod tests {
         let b: IpAddr = [10, 0, 0, 2].into();
         let a1 = admission.admit(a).expect("first of a");
         let a2 = admission.admit(a).expect("second of a");
-        assert_eq!(admission.admit(a).expect_err("a third of a"), Refused::Client);
+        assert_eq!(
+            admission.admit(a).expect_err("a third of a"),
+            Refused::Client
+        );
         let b1 = admission.admit(b).expect("first of b");
-        assert_eq!(admission.admit(b).expect_err("a fourth in all"), Refused::Node, "3 open");
+        assert_eq!(
+            admission.admit(b).expect_err("a fourth in all"),
+            Refused::Node,
+            "3 open"
+        );
         assert_eq!(metrics.api_connections.get(), 3);
         drop(a1);
         let a3 = admission.admit(a).expect("a has one open again");

@@ -77,6 +77,9 @@ pub struct ReplicationConfig {
     pub relay_window: Duration,
     /// Who gets a batch.
     pub policy: BroadcastPolicy,
+    /// This start's SWIM generation: above every earlier start's of the same data directory
+    /// (see `node::next_generation`), so that peers take the node back whatever its clock did.
+    pub generation: u64,
 }
 
 /// What `GET /v1/status` shows of a peer.
@@ -93,6 +96,9 @@ pub struct MemberStatus {
     pub lag_batches: usize,
     /// When anti-entropy last started with the peer, ms since the epoch.
     pub last_sync_ms: Option<i64>,
+    /// How far the peer's wall clock is ahead of this node's (negative: behind), as last
+    /// measured; `None` until measured.
+    pub clock_offset_ms: Option<i64>,
     /// Whether the peer is a configured seed (else it was learned from other members).
     pub seed: bool,
     /// The peer's node name, once known.
@@ -111,7 +117,29 @@ struct Member {
     alive: Option<bool>,
     /// A dial to the member is under way.
     dialing: bool,
+    /// How far the member's wall clock is ahead of this node's, as last measured.
+    clock_offset_ms: Option<i64>,
+    /// When this node last started measuring it.
+    clock_checked_ms: Option<i64>,
+    /// Whether the last measurement was beyond [`CLOCK_SKEW_WARN_MS`] (warned once per
+    /// crossing).
+    clock_skewed: bool,
 }
+
+/// Whether a member shows as up, in status and in `verge_peers_up`/`verge_peers_down` alike:
+/// what SWIM says once it has an opinion, else whether a connection is open.
+fn shown_up(alive: Option<bool>, connected: bool) -> bool {
+    alive.unwrap_or(connected)
+}
+
+/// How often a node compares its wall clock with each connected peer's.
+const CLOCK_CHECK_INTERVAL_MS: i64 = 30_000;
+/// How long a clock comparison waits for the peer's answer.
+const CLOCK_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+/// A peer whose wall clock is further than this from this node's is warned about (log and
+/// `verge_peer_clock_skews_total`): expiry, purges and tombstone retention each run on their
+/// node's own clock, so skewed clocks expire and purge documents at different times.
+pub const CLOCK_SKEW_WARN_MS: i64 = 2_000;
 
 /// Input of the membership task.
 #[derive(Debug)]
@@ -200,7 +228,7 @@ impl Replication {
         let me = MemberId {
             addr: local_addr,
             name: node_name,
-            generation: u64::try_from(repl.clock.now_ms()).unwrap_or(0),
+            generation: repl.config.generation,
         };
         let seeds: Vec<SocketAddr> = repl
             .config
@@ -243,13 +271,14 @@ impl Replication {
             .iter()
             .map(|(addr, m)| {
                 let conn = self.transport.cached(*addr);
-                let up = m.alive.unwrap_or(conn.is_some());
+                let up = shown_up(m.alive, conn.is_some());
                 MemberStatus {
                     addr: addr.to_string(),
                     state: if up { "up" } else { "down" },
                     rtt_ms: conn.map(|c| c.rtt().as_secs_f64() * 1000.0),
                     lag_batches: m.in_flight.load(Ordering::Acquire),
                     last_sync_ms: m.schedule.last_started_ms(),
+                    clock_offset_ms: m.clock_offset_ms,
                     seed: m.seed,
                     name: m.name.clone(),
                 }
@@ -324,7 +353,7 @@ impl Replication {
     async fn serve_stream(
         self: Arc<Self>,
         conn: Connection,
-        send: quinn::SendStream,
+        mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
     ) {
         let first = match transport::read_frame(&mut recv).await {
@@ -354,6 +383,14 @@ impl Replication {
                 }
                 transport::finish(send);
                 Ok(())
+            }
+            PeerMessage::Clock { .. } => {
+                let reply = PeerMessage::Clock {
+                    now_ms: self.clock.now_ms(),
+                };
+                let written = transport::write_frame(&mut send, &reply, &self.metrics).await;
+                transport::finish(send);
+                written
             }
             other => {
                 tracing::debug!(?other, "unexpected first frame on a stream");
@@ -644,8 +681,14 @@ impl Replication {
             for addr in self.peer_addrs() {
                 // Dials run in their own tasks: an unreachable peer's connect timeout must not
                 // hold up anti-entropy with the others.
-                let Some((conn, connection)) = self.transport.cached_numbered(addr) else {
+                let cached = self.transport.cached_numbered(addr);
+                let alive = lock(&self.members).get(&addr).and_then(|m| m.alive);
+                if shown_up(alive, cached.is_some()) {
+                    up += 1;
+                } else {
                     down += 1;
+                }
+                let Some((conn, connection)) = cached else {
                     let first = lock(&self.members)
                         .get_mut(&addr)
                         .is_some_and(|m| !std::mem::replace(&mut m.dialing, true));
@@ -665,8 +708,22 @@ impl Replication {
                     }
                     continue;
                 };
-                up += 1;
                 let now = self.clock.now_ms();
+                // On every new connection (the peer may have restarted with another clock),
+                // then every interval.
+                let clock_due = lock(&self.members).get_mut(&addr).is_some_and(|m| {
+                    let due = m.schedule.is_new(connection)
+                        || m.clock_checked_ms.is_none_or(|at| {
+                            now.saturating_sub(at) >= CLOCK_CHECK_INTERVAL_MS || at > now
+                        });
+                    if due {
+                        m.clock_checked_ms = Some(now);
+                    }
+                    due
+                });
+                if clock_due {
+                    tokio::spawn(Arc::clone(&self).check_clock(conn.clone(), addr));
+                }
                 // One session reconciles both ways (this side syncs what it has, the peer what
                 // it has), so of each pair only the node with the lower address starts the
                 // periodic rounds; both start one on every new connection.
@@ -711,7 +768,61 @@ impl Replication {
             }
             self.metrics.peers_up.set(up);
             self.metrics.peers_down.set(down);
+            let widest = lock(&self.members)
+                .values()
+                .filter_map(|m| m.clock_offset_ms)
+                .map(i64::abs)
+                .max()
+                .unwrap_or(0);
+            self.metrics.peer_clock_offset_max_ms.set(widest);
         }
+    }
+
+    /// Measures how far `addr`'s wall clock is from this node's: sends this node's time, reads
+    /// the peer's, and takes the peer's as of the middle of the round trip.
+    async fn check_clock(self: Arc<Self>, conn: Connection, addr: SocketAddr) {
+        let measured = tokio::time::timeout(CLOCK_CHECK_TIMEOUT, async {
+            let (mut send, mut recv) = conn.open_bi().await.ok()?;
+            let sent = self.clock.now_ms();
+            let message = PeerMessage::Clock { now_ms: sent };
+            transport::write_frame(&mut send, &message, &self.metrics)
+                .await
+                .ok()?;
+            transport::finish(send);
+            match transport::read_frame(&mut recv).await {
+                Ok(Some(PeerMessage::Clock { now_ms })) => {
+                    let received = self.clock.now_ms();
+                    let middle = sent.saturating_add(received.saturating_sub(sent) / 2);
+                    Some(now_ms.saturating_sub(middle))
+                }
+                _ => None,
+            }
+        })
+        .await;
+        let Ok(Some(offset_ms)) = measured else {
+            tracing::debug!(peer = %addr, "no clock answer from a peer");
+            return;
+        };
+        let mut members = lock(&self.members);
+        let Some(m) = members.get_mut(&addr) else {
+            return;
+        };
+        m.clock_offset_ms = Some(offset_ms);
+        let skewed = offset_ms.unsigned_abs() > CLOCK_SKEW_WARN_MS.unsigned_abs();
+        if skewed && !m.clock_skewed {
+            self.metrics.peer_clock_skews.inc();
+            tracing::warn!(
+                peer = %addr,
+                name = m.name.as_deref().unwrap_or(""),
+                offset_ms,
+                bound_ms = CLOCK_SKEW_WARN_MS,
+                "a peer's wall clock is far from this node's: documents expire and tombstones are \
+                 purged by each node's own clock, so check time synchronisation (NTP) on both"
+            );
+        } else if !skewed && m.clock_skewed {
+            tracing::info!(peer = %addr, offset_ms, "a peer's wall clock is back within the bound");
+        }
+        m.clock_skewed = skewed;
     }
 
     /// The connection to `addr`, serving the streams the peer opens on it when it is new.

@@ -43,6 +43,8 @@ pub struct Node {
     /// Extra `verge node` arguments given on every (re)start, e.g. a fixed `--gossip-addr`,
     /// `--peer` and TLS files for a cluster.
     pub extra_args: Vec<String>,
+    /// Environment variables set on every (re)start (for example a faked clock).
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
     tmp: Option<TempDir>,
 }
@@ -68,6 +70,7 @@ impl Node {
             node_id: node_id.to_string(),
             log_path,
             extra_args,
+            env: Vec::new(),
             child: None,
             tmp: Some(tmp),
         };
@@ -104,7 +107,7 @@ impl Node {
         }
         args.extend(self.extra_args.iter().cloned());
         let cwd = self.base_dir().to_path_buf();
-        let mut child = spawn_verge(&args, &cwd, &self.log_path);
+        let mut child = spawn_verge_env(&args, &cwd, &self.log_path, &self.env);
         match wait_ready(&mut child, &addr_file, &self.log_path, START_TIMEOUT) {
             Ok(addr) => {
                 self.addr = addr;
@@ -282,6 +285,11 @@ pub fn supports_flag(flag: &str) -> bool {
 
 /// Spawns the `verge` binary with `args`, in `cwd`, appending stdout and stderr to `log`.
 pub fn spawn_verge(args: &[String], cwd: &Path, log: &Path) -> Child {
+    spawn_verge_env(args, cwd, log, &[])
+}
+
+/// [`spawn_verge`] with environment variables set.
+pub fn spawn_verge_env(args: &[String], cwd: &Path, log: &Path, env: &[(String, String)]) -> Child {
     fs::create_dir_all(cwd).expect("create cwd");
     let out = OpenOptions::new()
         .create(true)
@@ -301,6 +309,7 @@ pub fn spawn_verge(args: &[String], cwd: &Path, log: &Path) -> Child {
             cmd.env_remove(k);
         }
     }
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
     cmd.spawn().expect("spawn verge binary")
 }
 
