@@ -53,12 +53,27 @@ enum CertsCommand {
         #[arg(long, default_value = ".")]
         dir: PathBuf,
     },
-    /// Create a node certificate signed by the CA in DIR: writes DIR/NAME.pem and DIR/NAME.key.
+    /// Create a node (cluster member) certificate signed by the CA in DIR: writes DIR/NAME.pem
+    /// and DIR/NAME.key. Only for nodes: it lets its holder join the cluster.
     Node {
         /// The node's name (also written into the certificate).
         #[arg(long)]
         name: String,
         /// Directory holding ca.pem and ca.key, and receiving the node's files.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Create an HTTPS certificate for the API, signed by the API CA in DIR (api-ca.pem and
+    /// api-ca.key, created on first use; clients trust api-ca.pem): writes DIR/NAME.pem and
+    /// DIR/NAME.key. It cannot join the cluster.
+    Api {
+        /// The certificate's name (its files are named after it).
+        #[arg(long)]
+        name: String,
+        /// A DNS name or IP address clients reach the API at; repeat for several.
+        #[arg(long = "host", required = true)]
+        hosts: Vec<String>,
+        /// Directory holding (or receiving) the API CA, and receiving the certificate's files.
         #[arg(long, default_value = ".")]
         dir: PathBuf,
     },
@@ -68,6 +83,9 @@ fn run_certs(cmd: CertsCommand) -> ExitCode {
     let result = match cmd {
         CertsCommand::Ca { dir } => verge_node::tls::create_ca(&dir),
         CertsCommand::Node { name, dir } => verge_node::tls::create_node_cert(&dir, &name),
+        CertsCommand::Api { name, hosts, dir } => {
+            verge_node::tls::create_api_cert(&dir, &name, &hosts)
+        }
     };
     match result {
         Ok((cert, key)) => {

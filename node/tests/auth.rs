@@ -476,8 +476,89 @@ async fn https_get(
 }
 
 fn make_api_cert(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    common::make_certs(dir, &["api"]);
-    (dir.join("ca.pem"), dir.join("api.pem"), dir.join("api.key"))
+    fs::create_dir_all(dir).unwrap();
+    let d = dir.display().to_string();
+    common::run_verge(
+        &[
+            "certs", "api", "--name", "api", "--host", "api", "--dir", &d,
+        ],
+        dir,
+    );
+    (
+        dir.join("api-ca.pem"),
+        dir.join("api.pem"),
+        dir.join("api.key"),
+    )
+}
+
+/// API certificates are not cluster credentials: a node refuses to serve its API with a member
+/// certificate, and to join with a certificate that lacks the member mark (one made for
+/// another purpose, or before the mark existed), naming the command that makes the right one.
+#[test]
+fn member_and_api_certificates_are_not_interchangeable() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    common::make_certs(&certs, &["edge-1"]);
+    let (_, api_cert, api_key) = make_api_cert(&certs);
+    let start = |extra: &[String], log: &str| {
+        let mut args: Vec<String> = [
+            "node",
+            "--data-dir",
+            &dir.path().join(log).display().to_string(),
+            "--api-addr",
+            "127.0.0.1:0",
+            "--gossip-addr",
+            "127.0.0.1:0",
+            "--tls-ca",
+            &certs.join("ca.pem").display().to_string(),
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        args.extend(extra.iter().cloned());
+        let log = dir.path().join(format!("{log}.log"));
+        let mut child = common::spawn_verge(&args, dir.path(), &log);
+        let status = common::wait_timeout(&mut child, Duration::from_secs(20));
+        if status.is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        (status, common::read_log(&log))
+    };
+    let path = |p: &Path| p.display().to_string();
+    // The API served with a member certificate: refused at start.
+    let (status, log) = start(
+        &[
+            "--tls-cert".into(),
+            path(&certs.join("edge-1.pem")),
+            "--tls-key".into(),
+            path(&certs.join("edge-1.key")),
+            "--api-tls-cert".into(),
+            path(&certs.join("edge-1.pem")),
+            "--api-tls-key".into(),
+            path(&certs.join("edge-1.key")),
+        ],
+        "api-member",
+    );
+    assert!(status.is_some_and(|s| !s.success()), "{status:?}\n{log}");
+    assert!(
+        log.contains("this is a cluster member certificate"),
+        "{log}"
+    );
+    assert!(log.contains("verge certs api"), "{log}");
+    // Joining with the API certificate (signed by the API CA, no member mark): refused at start.
+    let (status, log) = start(
+        &[
+            "--tls-cert".into(),
+            path(&api_cert),
+            "--tls-key".into(),
+            path(&api_key),
+        ],
+        "member-api",
+    );
+    assert!(status.is_some_and(|s| !s.success()), "{status:?}\n{log}");
+    assert!(log.contains("not a cluster member certificate"), "{log}");
+    assert!(log.contains("verge certs node"), "{log}");
 }
 
 #[test]

@@ -92,6 +92,16 @@ pub fn server_config(files: &ApiTlsFiles) -> Result<Arc<ServerConfig>, ApiTlsErr
     if chain.is_empty() {
         return Err(invalid(&files.cert, "no certificate in file".into()));
     }
+    if crate::tls::is_member_cert(&chain[0]) {
+        // Clients and proxies see the API's certificate, and may be handed its key: a member
+        // certificate there would let them join the cluster.
+        return Err(invalid(
+            &files.cert,
+            "this is a cluster member certificate (from `verge certs node`); serve the API with \
+             one from `verge certs api` or a public CA"
+                .into(),
+        ));
+    }
     let key = PrivateKeyDer::from_pem_slice(&read_pem(&files.key)?)
         .map_err(|e| invalid(&files.key, format!("no private key: {e}")))?;
     let mut config = ServerConfig::builder_with_provider(crate::tls::provider())
@@ -201,8 +211,8 @@ mod tests {
     #[test]
     fn loads_a_certificate_and_refuses_garbage() {
         let dir = tempfile::tempdir().expect("tempdir");
-        crate::tls::create_ca(dir.path()).expect("ca");
-        let (cert, key) = crate::tls::create_node_cert(dir.path(), "api").expect("cert");
+        let (cert, key) =
+            crate::tls::create_api_cert(dir.path(), "api", &["api".into()]).expect("cert");
         let config = server_config(&ApiTlsFiles {
             cert: cert.clone(),
             key: key.clone(),

@@ -329,7 +329,7 @@ impl Replication {
                     }
                     Err(e) => {
                         this.metrics.peer_refused("handshake");
-                        tracing::warn!(peer = %remote, error = %e, "refused a peer connection (TLS handshake failed: is its certificate from this cluster's CA?)");
+                        tracing::warn!(peer = %remote, error = %e, "refused a peer connection (TLS handshake failed: is its certificate a member certificate of this cluster's CA, made by `verge certs node`?)");
                     }
                 }
             });
