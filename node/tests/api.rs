@@ -1212,6 +1212,7 @@ fn invalid_ids_are_400_on_every_route() {
     let long300 = "a".repeat(300);
     let long257 = "a".repeat(257);
     let bad: Vec<(&str, String)> = vec![
+        ("nothing (empty)", String::new()),
         ("a space", "a%20b".to_string()),
         ("a NUL byte", "a%00b".to_string()),
         ("300 bytes", long300),

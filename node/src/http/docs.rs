@@ -37,6 +37,11 @@ fn doc_id(state: &AppState, path: IdPath) -> Result<DocId, ApiError> {
     })
 }
 
+/// `/v1/docs/` and `/v1/sync/` with nothing after the slash: an empty document id.
+pub async fn empty_id() -> ApiError {
+    ApiError::invalid_id("document id: empty")
+}
+
 fn body_bytes(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
     body.map_err(|e| {
         if let Some(cut) = super::serve::body_cut(&e) {

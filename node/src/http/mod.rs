@@ -17,7 +17,7 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use verge_core::limits::{REQUEST_BODY_BYTES_MAX, SYNC_MESSAGE_BYTES_MAX};
 
 pub use auth::ScopePrefix;
@@ -62,6 +62,8 @@ pub struct AppState {
 pub fn router(state: Arc<AppState>, stop: tokio::sync::watch::Receiver<bool>) -> Router {
     let docs = Router::new()
         .route("/v1/docs", get(docs::list))
+        .route("/v1/docs/", any(docs::empty_id))
+        .route("/v1/sync/", any(docs::empty_id))
         .route(
             "/v1/docs/{*id}",
             get(docs::read)
