@@ -169,6 +169,9 @@ pub struct StorageConfig {
     pub tombstone_retention_s: u64,
     /// File holding the key that encrypts stored documents; none stores them in plain form.
     pub encryption_key_file: Option<PathBuf>,
+    /// Writes are refused (`507 insufficient_storage`, reads go on) while the data directory's
+    /// filesystem has less than this many bytes free; 0 never refuses.
+    pub min_free_bytes: u64,
 }
 
 impl Default for StorageConfig {
@@ -181,6 +184,7 @@ impl Default for StorageConfig {
             purge_interval_s: 60,
             tombstone_retention_s: 7 * 24 * 3600,
             encryption_key_file: None,
+            min_free_bytes: 64 * 1024 * 1024,
         }
     }
 }

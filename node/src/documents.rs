@@ -48,6 +48,8 @@ pub struct DocumentsConfig {
     pub cache_bytes: usize,
     /// Incremental change rows after which a document's snapshot is rewritten.
     pub compact_after_changes: u64,
+    /// Free space on the data directory: writes are refused below its floor.
+    pub space: Arc<crate::store::space::DiskSpace>,
 }
 
 /// Why a document operation failed. Each maps to one API error code.
@@ -81,6 +83,11 @@ pub enum DocError {
     /// Storage failed; the write was not acknowledged.
     #[error("storage error: {0}")]
     Storage(String),
+    /// Free space is below `min_free_bytes`: the node takes no writes until space returns.
+    #[error(
+        "the node's disk is nearly full (below min_free_bytes): writes are refused until space returns; reads go on"
+    )]
+    StorageFull,
 }
 
 impl From<StoreError> for DocError {
@@ -358,7 +365,15 @@ impl Documents {
         Ok(guard)
     }
 
+    /// Free space on the data directory, and whether writes are refused for lack of it.
+    pub fn space(&self) -> &crate::store::space::DiskSpace {
+        &self.config.space
+    }
+
     fn reserve(&self) -> Result<QueueSlot, DocError> {
+        if self.config.space.full() {
+            return Err(DocError::StorageFull);
+        }
         self.writer.try_reserve().map_err(|e| match e {
             mpsc::error::TrySendError::Full(()) => {
                 self.metrics.write_queue_full.inc();
@@ -583,6 +598,7 @@ impl Documents {
                 self.discard(entry);
                 Err(match e {
                     CommitError::Stopped => DocError::ShuttingDown,
+                    CommitError::StorageFull => DocError::StorageFull,
                     other => DocError::Storage(other.to_string()),
                 })
             }

@@ -90,6 +90,10 @@ pub struct Metrics {
     pub peers_up: Gauge,
     /// Peers currently unreachable.
     pub peers_down: Gauge,
+    /// Free bytes on the data directory's filesystem, as last measured.
+    pub storage_free_bytes: Gauge,
+    /// 1 while writes are refused for lack of free space.
+    pub storage_read_only: Gauge,
     /// The largest distance between a peer's wall clock and this node's, as last measured.
     pub peer_clock_offset_max_ms: Gauge,
     /// Times a peer's clock was found beyond the warning bound.
@@ -147,6 +151,8 @@ impl Metrics {
             peers_up: Gauge::default(),
             peers_down: Gauge::default(),
             peer_clock_offset_max_ms: Gauge::default(),
+            storage_free_bytes: Gauge::default(),
+            storage_read_only: Gauge::default(),
             peer_clock_skews: Counter::default(),
             auth_failures: Family::default(),
             api_connections: Gauge::default(),
@@ -309,6 +315,16 @@ impl Metrics {
             m.anti_entropy_reconcile_seconds.clone(),
         );
         registry.register("peers_up", "Peers currently reachable", m.peers_up.clone());
+        registry.register(
+            "storage_free_bytes",
+            "Free bytes on the data directory's filesystem, as last measured",
+            m.storage_free_bytes.clone(),
+        );
+        registry.register(
+            "storage_read_only",
+            "1 while writes are refused because free space is below min_free_bytes",
+            m.storage_read_only.clone(),
+        );
         registry.register(
             "peer_clock_offset_max_ms",
             "The largest distance between a peer's wall clock and this node's, as last measured",

@@ -21,6 +21,7 @@ use crate::documents::{Documents, DocumentsConfig};
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
 use crate::replication::{Replication, ReplicationConfig, Transport};
+use crate::store::space::{DiskSpace, SPACE_CHECK_INTERVAL};
 use crate::store::writer::{self, WriterMode};
 use crate::store::{Store, StoreError, StoreOptions};
 use crate::tls;
@@ -184,8 +185,14 @@ where
     let mut draw = Draw::new(seed);
     let store = Arc::new(store);
     let metrics = Arc::new(Metrics::new());
+    let space = Arc::new(DiskSpace::new(
+        &config.data_dir,
+        config.storage.min_free_bytes,
+        Arc::clone(&metrics),
+    ));
     let (writer, writer_join, mut storage_failure) = writer::spawn(
         Arc::clone(&store),
+        Arc::clone(&space),
         config.storage.write_queue,
         config.storage.batch_max,
         Arc::clone(&metrics),
@@ -203,6 +210,7 @@ where
         DocumentsConfig {
             cache_bytes: config.storage.cache_bytes,
             compact_after_changes: config.storage.compact_after_changes,
+            space: Arc::clone(&space),
         },
         draw.next_u64(),
     );
@@ -210,15 +218,35 @@ where
         tokio::spawn(Arc::clone(&docs).run_compactor(compaction_rx)),
         spawn_purger(Arc::clone(&docs), &config),
     ];
+    if space.min_free_bytes() > 0 {
+        let space = Arc::clone(&space);
+        background.push(tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(SPACE_CHECK_INTERVAL);
+            loop {
+                ticker.tick().await;
+                space.check();
+            }
+        }));
+    }
     let indexed = docs.load_digests().map_err(|e| NodeError::Io {
         context: "indexing stored documents".into(),
         source: std::io::Error::other(e.to_string()),
     })?;
 
-    let generation = next_generation(&store, clock.now_ms()).map_err(|e| NodeError::Io {
-        context: "keeping the membership generation".into(),
-        source: std::io::Error::other(e.to_string()),
-    })?;
+    let generation = if space.full() {
+        // A write to a full disk would latch redb's failure and take reads down with it.
+        let generation = last_generation(&store).map_or(0, |g| g.saturating_add(1));
+        tracing::warn!(
+            "the disk is nearly full: this start's membership generation is not kept (peers may \
+             keep the node down until it restarts with space)"
+        );
+        generation.max(u64::try_from(clock.now_ms()).unwrap_or(0))
+    } else {
+        next_generation(&store, clock.now_ms()).map_err(|e| NodeError::Io {
+            context: "keeping the membership generation".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?
+    };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (replication, replication_tasks) = Replication::start(
         ReplicationConfig {
@@ -279,10 +307,10 @@ where
         },
     });
     if let Some(addr_file) = &addr_file {
-        std::fs::write(addr_file, format!("{api_addr}\n")).map_err(|source| NodeError::Io {
-            context: format!("writing {}", addr_file.display()),
-            source,
-        })?;
+        // A convenience for tools: a full disk must not keep the node from serving.
+        if let Err(e) = std::fs::write(addr_file, format!("{api_addr}\n")) {
+            tracing::warn!(path = %addr_file.display(), error = %e, "could not write the API address file");
+        }
     }
     state.ready.store(true, Ordering::Release);
     tracing::info!(
@@ -429,14 +457,21 @@ const GENERATION_KEY: &str = "swim_generation";
 /// still counts so that a node rebuilt on an empty data directory, under the same address,
 /// normally wins over its former self.
 fn next_generation(store: &Store, now_ms: i64) -> Result<u64, StoreError> {
-    let previous = store
-        .node_value(GENERATION_KEY)?
-        .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok())
-        .map(u64::from_be_bytes);
+    let previous = last_generation(store);
     let wall = u64::try_from(now_ms).unwrap_or(0);
     let generation = previous.map_or(wall, |previous| wall.max(previous.saturating_add(1)));
     store.set_node_value(GENERATION_KEY, &generation.to_be_bytes())?;
     Ok(generation)
+}
+
+/// The generation the last start kept, if any.
+fn last_generation(store: &Store) -> Option<u64> {
+    store
+        .node_value(GENERATION_KEY)
+        .ok()
+        .flatten()
+        .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok())
+        .map(u64::from_be_bytes)
 }
 
 /// The configured node id, else the one kept in the store, else a new one kept from now on.

@@ -365,6 +365,9 @@ async fn run_node(spec: &HostSpec) -> turmoil::Result {
             .map(|j| SocketAddr::new(turmoil::lookup(host_name(j).as_str()), GOSSIP_PORT))
             .collect();
         config.auth = verge_node::auth::Auth::Open { explicit: true };
+        // The store is in memory: no filesystem's free space to watch (and a run must not
+        // depend on the host's disk).
+        config.storage.min_free_bytes = 0;
         if let Some(configure) = &spec.configure {
             configure(spec.index, &mut config);
         }

@@ -43,6 +43,11 @@ pub async fn status(State(state): State<Arc<AppState>>) -> Result<impl IntoRespo
         "actor": state.docs.actor().to_hex_string(),
         "docs": docs,
         "write_queue_depth": state.docs.queue_depth(),
+        "storage": {
+            "read_only": state.docs.space().full(),
+            "free_bytes": Some(state.docs.space().free_bytes()).filter(|b| *b < u64::MAX),
+            "min_free_bytes": state.docs.space().min_free_bytes(),
+        },
         "members": members,
     })))
 }
@@ -52,10 +57,16 @@ pub async fn healthz() -> &'static str {
     "ok"
 }
 
-/// `GET /readyz`: storage is open and the node serves.
+/// `GET /readyz`: storage is open and the node serves. A node refusing writes for lack of
+/// disk space still serves reads, so it stays ready and says so: a load balancer must not turn
+/// a full disk into an outage.
 pub async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     if state.ready.load(Ordering::Acquire) {
-        (StatusCode::OK, "ready")
+        if state.docs.space().full() {
+            (StatusCode::OK, "ready (read-only: disk nearly full)")
+        } else {
+            (StatusCode::OK, "ready")
+        }
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready")
     }

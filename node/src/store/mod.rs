@@ -26,6 +26,7 @@ use verge_core::DocId;
 
 use crypt::{Cipher, Row};
 pub use crypt::{EncryptionKey, KeyError};
+pub mod space;
 pub use meta::{DocMeta, META_HEADS_MAX, MetaDecodeError};
 
 const SNAPSHOTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("snapshots");

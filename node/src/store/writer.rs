@@ -15,6 +15,7 @@ use tokio::time::Instant;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::space::DiskSpace;
 use super::{Mutation, Store, StoreError};
 use crate::metrics::Metrics;
 
@@ -31,6 +32,10 @@ pub enum CommitError {
     /// The writer has stopped (the node is shutting down).
     #[error("the writer has stopped")]
     Stopped,
+    /// Free space fell below `min_free_bytes`: the batch was not attempted (see
+    /// [`super::space`]).
+    #[error("free space is below min_free_bytes; writes are refused until space returns")]
+    StorageFull,
 }
 
 /// A mutation waiting for the writer.
@@ -118,6 +123,7 @@ pub type StorageFailure = watch::Receiver<Option<String>>;
 /// so dropping the handles is how shutdown drains pending writes.
 pub fn spawn(
     store: Arc<Store>,
+    space: Arc<DiskSpace>,
     queue_capacity: usize,
     batch_max: usize,
     metrics: Arc<Metrics>,
@@ -127,6 +133,7 @@ pub fn spawn(
     let (failed_tx, failed_rx) = watch::channel(None);
     let writer = Writer {
         store,
+        space,
         batch_max: batch_max.max(1),
         metrics,
         failed: failed_tx,
@@ -144,6 +151,7 @@ pub fn spawn(
 
 struct Writer {
     store: Arc<Store>,
+    space: Arc<DiskSpace>,
     batch_max: usize,
     metrics: Arc<Metrics>,
     failed: watch::Sender<Option<String>>,
@@ -172,6 +180,11 @@ impl Writer {
     }
 
     fn commit(&self, batch: &mut Vec<Job>) {
+        if self.space.check() {
+            // Not attempted: redb would latch the failure and fail every later read too.
+            refuse_batch(batch, CommitError::StorageFull);
+            return;
+        }
         if let Err(e) = commit_batch(&self.store, batch, &self.metrics) {
             self.failed.send_if_modified(|failed| {
                 let first = failed.is_none();
@@ -180,6 +193,16 @@ impl Writer {
                 }
                 first
             });
+        }
+    }
+}
+
+/// Answers every job of `batch` with `error`; their documents' in-memory copies are dropped.
+fn refuse_batch(batch: &mut Vec<Job>, error: CommitError) {
+    for mut job in batch.drain(..) {
+        job.poisoned.store(true, Ordering::Release);
+        if let Some(ack) = job.ack.take() {
+            let _ = ack.send(Err(error.clone()));
         }
     }
 }
