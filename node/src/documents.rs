@@ -83,6 +83,13 @@ pub enum DocError {
     /// Storage failed; the write was not acknowledged.
     #[error("storage error: {0}")]
     Storage(String),
+    /// The document's stored form does not load (a damaged store): the other documents are
+    /// unaffected, and `verge check --repair` rebuilds the store for the node to fetch it again
+    /// from its peers.
+    #[error(
+        "document {0} cannot be read from this node's store ({1}); its copies on other nodes are unaffected: stop the node and run `verge check --repair` (docs/operations.md)"
+    )]
+    Unreadable(DocId, String),
     /// Free space is below `min_free_bytes`: the node takes no writes until space returns.
     #[error(
         "the node's disk is nearly full (below min_free_bytes): writes are refused until space returns; reads go on"
@@ -323,11 +330,19 @@ impl Documents {
     fn load<'a>(&self, entry: &'a Entry) -> Result<MutexGuard<'a, Option<Slot>>, DocError> {
         let mut guard = lock(&entry.slot);
         if guard.is_none() {
-            let slot = match self.store.load(&entry.id)? {
+            let unreadable = |why: String| {
+                self.metrics.documents_unreadable.inc();
+                tracing::error!(doc = %entry.id, error = %why, "a stored document does not load");
+                DocError::Unreadable(entry.id.clone(), why)
+            };
+            let stored = self.store.load(&entry.id).map_err(|e| match e {
+                StoreError::Corrupt(why) => unreadable(why),
+                other => DocError::from(other),
+            })?;
+            let slot = match stored {
                 Some(stored) => {
-                    let doc = load_document(&stored.bytes, self.actor()).map_err(|e| {
-                        DocError::Storage(format!("document {} does not load: {e}", entry.id))
-                    })?;
+                    let doc = load_document(&stored.bytes, self.actor())
+                        .map_err(|e| unreadable(format!("its history does not load: {e}")))?;
                     Slot {
                         doc,
                         meta: stored.meta,

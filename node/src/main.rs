@@ -43,6 +43,9 @@ enum Command {
     /// Re-encrypt a stopped node's store under a new key, in one transaction (or encrypt a
     /// plaintext store, or decrypt one).
     Rekey(verge_node::store::RekeyArgs),
+    /// Check that every document of a stopped node's store loads; with --repair, rebuild the
+    /// store without those that do not, for the node to fetch them again from its peers.
+    Check(verge_node::store::CheckArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -117,6 +120,21 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Command::Check(args) = &cli.command {
+        return match verge_node::store::check_command(args) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(text) => {
+                eprint!("{text}");
+                if !text.ends_with('\n') {
+                    eprintln!();
+                }
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Command::Rekey(args) = &cli.command {
         return match verge_node::store::rekey_command(args) {
             Ok(text) => {
@@ -152,7 +170,9 @@ fn main() -> ExitCode {
             }
         }
         // Handled above, before the runtime starts.
-        Command::Certs(_) | Command::Token(_) | Command::Rekey(_) => ExitCode::SUCCESS,
+        Command::Certs(_) | Command::Token(_) | Command::Rekey(_) | Command::Check(_) => {
+            ExitCode::SUCCESS
+        }
         Command::Bench(args) => match runtime.block_on(verge_node::cli::bench(args, &cli.client)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

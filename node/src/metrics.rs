@@ -90,6 +90,10 @@ pub struct Metrics {
     pub peers_up: Gauge,
     /// Peers currently unreachable.
     pub peers_down: Gauge,
+    /// Reads of stored documents that did not load (a damaged store).
+    pub documents_unreadable: Counter,
+    /// API requests whose handler panicked (answered `500 internal`).
+    pub api_panics: Counter,
     /// Free bytes on the data directory's filesystem, as last measured.
     pub storage_free_bytes: Gauge,
     /// 1 while writes are refused for lack of free space.
@@ -152,6 +156,8 @@ impl Metrics {
             peers_down: Gauge::default(),
             peer_clock_offset_max_ms: Gauge::default(),
             storage_free_bytes: Gauge::default(),
+            documents_unreadable: Counter::default(),
+            api_panics: Counter::default(),
             storage_read_only: Gauge::default(),
             peer_clock_skews: Counter::default(),
             auth_failures: Family::default(),
@@ -315,6 +321,16 @@ impl Metrics {
             m.anti_entropy_reconcile_seconds.clone(),
         );
         registry.register("peers_up", "Peers currently reachable", m.peers_up.clone());
+        registry.register(
+            "documents_unreadable",
+            "Reads of stored documents that did not load (a damaged store; see verge check)",
+            m.documents_unreadable.clone(),
+        );
+        registry.register(
+            "api_panics",
+            "API requests whose handler panicked, answered 500 internal",
+            m.api_panics.clone(),
+        );
         registry.register(
             "storage_free_bytes",
             "Free bytes on the data directory's filesystem, as last measured",

@@ -90,6 +90,11 @@ impl From<DocError> for ApiError {
             DocError::ShuttingDown => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", message)
             }
+            DocError::Unreadable(..) => Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "document_unreadable",
+                message,
+            ),
             DocError::StorageFull => Self::new(
                 StatusCode::INSUFFICIENT_STORAGE,
                 "insufficient_storage",

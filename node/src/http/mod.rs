@@ -106,9 +106,40 @@ pub fn router(state: Arc<AppState>, stop: tokio::sync::watch::Receiver<bool>) ->
     routes
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state),
+            catch_panics,
+        ))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
             count_requests,
         ))
         .with_state(state)
+}
+
+/// Answers a request whose handler panicked with `500 internal` instead of dropping its
+/// connection unanswered, and counts it. (Store reads catch the storage engine's panics
+/// themselves; this is the net for anything else.)
+async fn catch_panics(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    use futures_util::FutureExt;
+    match std::panic::AssertUnwindSafe(next.run(request))
+        .catch_unwind()
+        .await
+    {
+        Ok(response) => response,
+        Err(panic) => {
+            state.metrics.api_panics.inc();
+            let message = crate::store::panic_message(panic.as_ref());
+            tracing::error!(panic = %message, "a request handler panicked");
+            axum::response::IntoResponse::into_response(ApiError::new(
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the node failed while answering this request; it is logged and counted",
+            ))
+        }
+    }
 }
 
 /// The router a connection beyond a connection limit is served with: the probes answer as

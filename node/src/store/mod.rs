@@ -340,7 +340,21 @@ impl Store {
     }
 
     /// Loads a document's bytes and metadata; `None` when the store has never seen it.
+    ///
+    /// A damaged file can make redb panic while decoding a page (an out-of-range length in a
+    /// key, found by flipping bytes of a store): the panic is caught here and answered as
+    /// [`StoreError::Corrupt`], so one unreadable document fails its own requests only.
     pub fn load(&self, id: &DocId) -> Result<Option<StoredDoc>, StoreError> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.load_rows(id)))
+            .unwrap_or_else(|panic| {
+                Err(StoreError::Corrupt(format!(
+                    "reading {id} failed inside the storage engine: {}",
+                    panic_message(panic.as_ref())
+                )))
+            })
+    }
+
+    fn load_rows(&self, id: &DocId) -> Result<Option<StoredDoc>, StoreError> {
         let tx = self.db.begin_read()?;
         let meta_table = tx.open_table(META)?;
         let Some(meta) = meta_table.get(id.as_str())? else {
@@ -391,6 +405,138 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// The ids of every stored document, in order.
+    fn ids(&self) -> Result<Vec<String>, StoreError> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let tx = self.db.begin_read()?;
+            let table = tx.open_table(META)?;
+            let mut ids = Vec::new();
+            for row in table.iter()? {
+                ids.push(row?.0.value().to_owned());
+            }
+            Ok(ids)
+        }))
+        .unwrap_or_else(|panic| {
+            Err(StoreError::Corrupt(format!(
+                "the document index is unreadable: {}; start the node on an empty data \
+                 directory to fetch every document from its peers, or restore a backup",
+                panic_message(panic.as_ref())
+            )))
+        })
+    }
+
+    /// Loads every stored document as the node would, and lists those that do not load.
+    pub fn check(&self) -> Result<CheckReport, StoreError> {
+        let mut report = CheckReport::default();
+        for id in self.ids()? {
+            report.checked += 1;
+            let doc = match DocId::new(&id) {
+                Ok(doc) => doc,
+                Err(e) => {
+                    report.unreadable.push((id, format!("not a valid id: {e}")));
+                    continue;
+                }
+            };
+            let loaded = self.load(&doc).and_then(|stored| {
+                let stored = stored.ok_or_else(|| StoreError::Corrupt("no rows".into()))?;
+                std::panic::catch_unwind(|| automerge::Automerge::load(&stored.bytes))
+                    .map_err(|panic| StoreError::Corrupt(panic_message(panic.as_ref())))?
+                    .map_err(|e| StoreError::Corrupt(format!("its history does not load: {e}")))
+            });
+            if let Err(e) = loaded {
+                report.unreadable.push((id, e.to_string()));
+            }
+        }
+        Ok(report)
+    }
+
+    /// Writes a new store holding everything of this one but the documents in `skip`, in one
+    /// durable transaction, then puts it in place of this one's file and keeps the old file
+    /// beside it as `verge.redb.damaged-<unix seconds>`. The node must be stopped.
+    pub fn rebuild_without(
+        &self,
+        data_dir: &Path,
+        skip: &std::collections::HashSet<String>,
+        options: StoreOptions,
+    ) -> Result<Rebuilt, StoreError> {
+        let io = |context: String| move |source| StoreError::Io { context, source };
+        let new_path = data_dir.join(format!("{DB_FILE}.rebuild"));
+        if new_path.exists() {
+            fs::remove_file(&new_path).map_err(io(format!("removing {}", new_path.display())))?;
+        }
+        let ids = self.ids()?;
+        let new_db = Database::create(&new_path)?;
+        let mut tx = new_db.begin_write()?;
+        tx.set_durability(Durability::Immediate)?;
+        let read = self.db.begin_read()?;
+        let mut documents = 0;
+        {
+            let mut node = tx.open_table(NODE)?;
+            for row in read.open_table(NODE)?.iter()? {
+                let (key, value) = row?;
+                node.insert(key.value(), value.value())?;
+            }
+            let (mut metas, mut snapshots, mut changes) = (
+                tx.open_table(META)?,
+                tx.open_table(SNAPSHOTS)?,
+                tx.open_table(CHANGES)?,
+            );
+            let (old_metas, old_snapshots, old_changes) = (
+                read.open_table(META)?,
+                read.open_table(SNAPSHOTS)?,
+                read.open_table(CHANGES)?,
+            );
+            for id in ids.iter().filter(|id| !skip.contains(*id)) {
+                let id = id.as_str();
+                let rows = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let meta = old_metas.get(id)?.map(|v| v.value().to_vec());
+                    let snapshot = old_snapshots.get(id)?.map(|v| v.value().to_vec());
+                    let mut rows = Vec::new();
+                    for row in old_changes.range((id, 0)..=(id, u64::MAX))? {
+                        let (key, value) = row?;
+                        rows.push((key.value().1, value.value().to_vec()));
+                    }
+                    Ok::<_, StoreError>((meta, snapshot, rows))
+                }))
+                .unwrap_or_else(|panic| {
+                    Err(StoreError::Corrupt(format!(
+                        "copying {id}: {}",
+                        panic_message(panic.as_ref())
+                    )))
+                })?;
+                let (meta, snapshot, rows) = rows;
+                if let Some(meta) = meta {
+                    metas.insert(id, meta.as_slice())?;
+                }
+                if let Some(snapshot) = snapshot {
+                    snapshots.insert(id, snapshot.as_slice())?;
+                }
+                for (seq, row) in rows {
+                    changes.insert((id, seq), row.as_slice())?;
+                }
+                documents += 1;
+            }
+        }
+        tx.commit()?;
+        drop(new_db);
+        // The new file must open as a store (format, key) before it replaces the old one.
+        drop(Store::from_database(
+            Database::open(&new_path)?,
+            new_path.clone(),
+            options,
+        )?);
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let damaged = data_dir.join(format!("{DB_FILE}.damaged-{stamp}"));
+        fs::rename(&self.path, &damaged)
+            .map_err(io(format!("moving {} aside", self.path.display())))?;
+        fs::rename(&new_path, &self.path)
+            .map_err(io(format!("putting {} in place", new_path.display())))?;
+        sync_dir(data_dir)?;
+        Ok(Rebuilt { documents, damaged })
     }
 
     /// Number of documents stored, tombstones included.
@@ -459,6 +605,108 @@ impl Store {
         tx.commit()?;
         Ok(())
     }
+}
+
+/// What a panic carried, for an error message.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
+/// Flags of `verge check`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CheckArgs {
+    /// The stopped node's data directory.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// The store's encryption key, if it is encrypted.
+    #[arg(long, value_name = "FILE")]
+    pub encryption_key_file: Option<PathBuf>,
+    /// Rebuild the store without the unreadable documents, keeping the damaged file aside, so
+    /// that the node fetches them again from its peers.
+    #[arg(long)]
+    pub repair: bool,
+}
+
+/// Runs `verge check`: the report on success (every document loads, or `--repair` rebuilt the
+/// store), or the report of what does not load.
+pub fn check_command(args: &CheckArgs) -> Result<String, String> {
+    let key = args
+        .encryption_key_file
+        .as_deref()
+        .map(EncryptionKey::from_file)
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    let path = args.data_dir.join(DB_FILE);
+    if !path.is_file() {
+        return Err(format!("no store at {}", path.display()));
+    }
+    let mut nonce_seed = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut nonce_seed);
+    let options = StoreOptions {
+        encryption_key: key,
+        nonce_seed,
+    };
+    let store = Store::open(&args.data_dir, options.clone())
+        .map_err(|e| format!("opening {}: {e}", path.display()))?;
+    let report = store
+        .check()
+        .map_err(|e| format!("checking {}: {e}", path.display()))?;
+    let mut text = format!(
+        "checked {} document(s) in {}: {} unreadable\n",
+        report.checked,
+        path.display(),
+        report.unreadable.len()
+    );
+    for (id, why) in &report.unreadable {
+        text.push_str(&format!("  unreadable: {id}: {why}\n"));
+    }
+    if report.unreadable.is_empty() {
+        return Ok(text);
+    }
+    if !args.repair {
+        text.push_str(
+            "run `verge check --repair` with the node stopped to rebuild the store without them; \
+             the node then fetches them from its peers\n",
+        );
+        return Err(text);
+    }
+    let skip: std::collections::HashSet<String> =
+        report.unreadable.iter().map(|(id, _)| id.clone()).collect();
+    let kept = store
+        .rebuild_without(&args.data_dir, &skip, options)
+        .map_err(|e| format!("{text}rebuilding {}: {e}", path.display()))?;
+    text.push_str(&format!(
+        "rebuilt {} with {} document(s); the damaged file is kept as {}; start the node: it \
+         fetches the {} unreadable document(s) from its peers (a document no peer holds is \
+         lost: restore it from a backup)\n",
+        path.display(),
+        kept.documents,
+        kept.damaged.display(),
+        report.unreadable.len()
+    ));
+    Ok(text)
+}
+
+/// What [`Store::check`] found.
+#[derive(Debug, Default)]
+pub struct CheckReport {
+    /// Documents looked at.
+    pub checked: usize,
+    /// Documents that do not load, with why.
+    pub unreadable: Vec<(String, String)>,
+}
+
+/// What [`Store::rebuild_without`] did.
+#[derive(Debug)]
+pub struct Rebuilt {
+    /// Documents copied into the new file.
+    pub documents: usize,
+    /// Where the damaged file was moved.
+    pub damaged: PathBuf,
 }
 
 /// Flags of `verge rekey`.
