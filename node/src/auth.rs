@@ -142,6 +142,11 @@ impl Token {
         self.requests_per_second
     }
 
+    /// Whether the token reaches every document (one of its prefixes is empty).
+    pub fn reaches_everything(&self) -> bool {
+        self.prefixes.iter().any(String::is_empty)
+    }
+
     /// Whether the token reaches the document `id`.
     pub fn covers(&self, id: &str) -> bool {
         self.prefixes.iter().any(|p| id.starts_with(p.as_str()))

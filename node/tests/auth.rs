@@ -21,6 +21,7 @@ const CART_WRITER: &str = "vg_test-cart-writer-000000000000000000000000000000000
 const CART_READER: &str = "vg_test-cart-reader-000000000000000000000000000000000000000000000000";
 const READER: &str = "vg_test-reader-0000000000000000000000000000000000000000000000000000000";
 const TWO_PREFIXES: &str = "vg_test-two-prefixes-0000000000000000000000000000000000000000000000";
+const CART_ADMIN: &str = "vg_test-cart-admin-00000000000000000000000000000000000000000000000000";
 
 /// The `[[auth.tokens]]` entries of the test config: name, secret, role, prefixes.
 const TOKENS: &[(&str, &str, &str, &[&str])] = &[
@@ -29,6 +30,7 @@ const TOKENS: &[(&str, &str, &str, &[&str])] = &[
     ("cart-reader", CART_READER, "read", &["cart/"]),
     ("reader", READER, "read", &[""]),
     ("two", TWO_PREFIXES, "read", &["cart/", "user/"]),
+    ("cart-admin", CART_ADMIN, "admin", &["cart/"]),
 ];
 
 fn token_config() -> String {
@@ -336,7 +338,23 @@ fn status_and_metrics_need_admin() {
         }
         let r = n.call("GET", target, b"", Some(ADMIN));
         assert_eq!(r.status, 200, "{target}: {}", r.describe());
+        // Status and metrics describe every document (counts, write volume, peers): an admin
+        // scoped to a prefix does not see them.
+        let scoped = n.call("GET", target, b"", Some(CART_ADMIN));
+        scoped.assert_error(
+            403,
+            "forbidden",
+            &format!("{target} by an admin scoped to cart/"),
+        );
+        assert!(
+            scoped.text().contains("every document"),
+            "{}",
+            scoped.text()
+        );
     }
+    // Within its prefix the scoped admin is a writer as any other.
+    n.call("PUT", "/v1/docs/cart/1", b"{\"a\":1}", Some(CART_ADMIN))
+        .ok_json("PUT by a scoped admin");
 }
 
 /// Waits for a child to write its API address and returns it, or its output if it exited.

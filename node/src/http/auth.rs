@@ -8,7 +8,7 @@
 //! | `GET /v1/docs/{id}` | `read`, and a prefix covering `id` |
 //! | `PUT`/`PATCH`/`DELETE /v1/docs/{id}`, `POST /v1/sync/{id}` | `write`, and a prefix covering `id` (a sync can carry changes) |
 //! | `GET /v1/docs`, `GET /v1/watch` | `read`; a `prefix` inside the token's prefixes |
-//! | `GET /v1/status`, `/metrics` | `admin` |
+//! | `GET /v1/status`, `/metrics` | `admin` reaching every document (they describe them all) |
 //! | anything else | a valid token (then `404`/`405`) |
 
 use std::collections::HashMap;
@@ -27,6 +27,11 @@ use crate::auth::{Denied, Role, Token};
 /// only one prefix.
 #[derive(Debug, Clone)]
 pub struct ScopePrefix(pub String);
+
+/// Set on a listing or watch by a token that does not reach every document: what it is told
+/// must not reveal what happens outside its prefixes.
+#[derive(Debug, Clone, Copy)]
+pub struct Scoped;
 
 /// Authenticates the request's bearer token and checks its role and scope for the route.
 pub(super) async fn authorize(
@@ -58,7 +63,16 @@ pub(super) async fn authorize(
     let (mut parts, body) = request.into_parts();
     let reads = parts.method == Method::GET || parts.method == Method::HEAD;
     let decision = match route.as_deref() {
-        Some("/v1/status" | "/metrics") => need_role(token, Role::Admin),
+        Some("/v1/status" | "/metrics") => need_role(token, Role::Admin).and_then(|()| {
+            if token.reaches_everything() {
+                Ok(())
+            } else {
+                Err(Denied::Prefix {
+                    token: token.name().to_owned(),
+                    target: "node-wide status and metrics, which describe every document".into(),
+                })
+            }
+        }),
         Some("/v1/docs/{*id}") => {
             let role = if reads { Role::Read } else { Role::Write };
             match need_role(token, role) {
@@ -124,6 +138,9 @@ fn listing_scope(token: &Token, parts: &mut axum::http::request::Parts) -> Resul
         .map(String::as_str)
         .filter(|p| !p.is_empty());
     let prefix = token.listing_prefix(requested)?;
+    if !token.reaches_everything() {
+        parts.extensions.insert(Scoped);
+    }
     if requested.is_none() && !prefix.is_empty() {
         parts.extensions.insert(ScopePrefix(prefix));
     }

@@ -20,7 +20,7 @@ use axum::response::Response;
 use axum::routing::{any, get, post};
 use verge_core::limits::{REQUEST_BODY_BYTES_MAX, SYNC_MESSAGE_BYTES_MAX};
 
-pub use auth::ScopePrefix;
+pub use auth::{ScopePrefix, Scoped};
 pub use error::ApiError;
 pub use tls::{ApiTlsFiles, TlsListener};
 

@@ -34,6 +34,7 @@ pub async fn watch(
     State(state): State<Arc<AppState>>,
     Extension(stop): Extension<tokio::sync::watch::Receiver<bool>>,
     scope: Option<Extension<super::ScopePrefix>>,
+    scoped: Option<Extension<super::Scoped>>,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let Query(params) = query.map_err(|e| ApiError::invalid_query(e.body_text()))?;
@@ -49,12 +50,16 @@ pub async fn watch(
         .or(scope.map(|Extension(super::ScopePrefix(p))| p))
         .unwrap_or_default();
     super::docs::check_prefix(&prefix)?;
+    // The buffer is shared by every watcher, so the number missed counts changes to every
+    // document: a token that does not reach them all is not told it (it would learn the write
+    // volume outside its prefixes).
+    let reveal_missed = scoped.is_none();
     let rx = state.docs.subscribe();
     state.metrics.watchers.inc();
     let guard = WatcherGuard(Arc::clone(&state.metrics));
     let events = stream::unfold(
         (rx, prefix, guard, stop),
-        |(mut rx, prefix, guard, mut stop)| async move {
+        move |(mut rx, prefix, guard, mut stop)| async move {
             loop {
                 let received = tokio::select! {
                     biased;
@@ -78,7 +83,7 @@ pub async fn watch(
                         guard.0.watch_lagged.inc_by(missed);
                         let sse = Event::default()
                             .event("lagged")
-                            .data(json!({ "missed": missed }).to_string());
+                            .data(json!({ "missed": reveal_missed.then_some(missed) }).to_string());
                         return Some((Ok(sse), (rx, prefix, guard, stop)));
                     }
                     Err(RecvError::Closed) => return None,
