@@ -12,6 +12,7 @@ pub mod gossip;
 pub mod heads;
 pub mod implicit;
 pub mod incarnation;
+pub mod json_int;
 pub mod limits;
 pub mod membership;
 pub mod ops;

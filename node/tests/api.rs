@@ -1808,3 +1808,38 @@ fn bad_sync_messages_are_400_invalid_sync_message() {
     }
     b.finish("bad sync");
 }
+
+/// Integers are kept exactly across the whole 64-bit range (beyond JavaScript's 2^53), and a
+/// literal beyond it is refused rather than rounded to the nearest float.
+#[test]
+fn integers_are_exact_in_64_bits_and_refused_beyond() {
+    let node = Node::start("test-bigint");
+    let body = br#"{"a": 9007199254740993, "b": -9223372036854775808, "c": 18446744073709551615}"#;
+    let r = node.req("PUT", "/v1/docs/ints/ok", body);
+    assert_eq!(r.status, 200, "{}", r.describe());
+    let text = node.get_doc("ints/ok").text();
+    for literal in ["9007199254740993", "-9223372036854775808", "18446744073709551615"] {
+        assert!(text.contains(literal), "{literal} not kept exactly: {text}");
+    }
+    let beyond = [
+        ("PUT", br#"{"n": 18446744073709551616}"#.to_vec()),
+        ("PUT", br#"{"n": [1, -9223372036854775809]}"#.to_vec()),
+        (
+            "PATCH",
+            br#"{"ops": [{"op": "set", "path": ["n"], "value": 100000000000000000000}]}"#.to_vec(),
+        ),
+        (
+            "PATCH",
+            br#"{"ops": [{"op": "inc", "path": ["n"], "by": 99999999999999999999}]}"#.to_vec(),
+        ),
+    ];
+    for (method, body) in beyond {
+        let r = node.req(method, "/v1/docs/ints/beyond", &body);
+        r.assert_error(400, "invalid_json", &format!("{method} with an integer beyond 64 bits"));
+        assert!(r.text().contains("64-bit"), "{}", r.text());
+    }
+    assert_eq!(node.get_doc("ints/beyond").status, 404, "nothing was written");
+    // Floats stay floats, however large.
+    let r = node.req("PUT", "/v1/docs/ints/float", br#"{"f": 1.5e300, "g": 1e20}"#);
+    assert_eq!(r.status, 200, "{}", r.describe());
+}

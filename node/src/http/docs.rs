@@ -71,6 +71,13 @@ fn body_bytes(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
 
 fn json_body(state: &AppState, body: Body) -> Result<(Json_, usize), ApiError> {
     let bytes = body_bytes(state, body)?;
+    if let Some(literal) = verge_core::json_int::first_beyond_64_bits(&bytes) {
+        state.metrics.decode_error("json");
+        return Err(ApiError::invalid_json(format!(
+            "the integer {literal} is beyond the 64-bit range a document stores (it would be \
+             rounded); send it as a string"
+        )));
+    }
     let value = serde_json::from_slice(&bytes).map_err(|e| {
         state.metrics.decode_error("json");
         ApiError::invalid_json(format!("request body is not valid JSON: {e}"))
