@@ -1818,7 +1818,11 @@ fn integers_are_exact_in_64_bits_and_refused_beyond() {
     let r = node.req("PUT", "/v1/docs/ints/ok", body);
     assert_eq!(r.status, 200, "{}", r.describe());
     let text = node.get_doc("ints/ok").text();
-    for literal in ["9007199254740993", "-9223372036854775808", "18446744073709551615"] {
+    for literal in [
+        "9007199254740993",
+        "-9223372036854775808",
+        "18446744073709551615",
+    ] {
         assert!(text.contains(literal), "{literal} not kept exactly: {text}");
     }
     let beyond = [
@@ -1835,11 +1839,23 @@ fn integers_are_exact_in_64_bits_and_refused_beyond() {
     ];
     for (method, body) in beyond {
         let r = node.req(method, "/v1/docs/ints/beyond", &body);
-        r.assert_error(400, "invalid_json", &format!("{method} with an integer beyond 64 bits"));
+        r.assert_error(
+            400,
+            "invalid_json",
+            &format!("{method} with an integer beyond 64 bits"),
+        );
         assert!(r.text().contains("64-bit"), "{}", r.text());
     }
-    assert_eq!(node.get_doc("ints/beyond").status, 404, "nothing was written");
+    assert_eq!(
+        node.get_doc("ints/beyond").status,
+        404,
+        "nothing was written"
+    );
     // Floats stay floats, however large.
-    let r = node.req("PUT", "/v1/docs/ints/float", br#"{"f": 1.5e300, "g": 1e20}"#);
+    let r = node.req(
+        "PUT",
+        "/v1/docs/ints/float",
+        br#"{"f": 1.5e300, "g": 1e20}"#,
+    );
     assert_eq!(r.status, 200, "{}", r.describe());
 }
