@@ -16,6 +16,7 @@ pub mod json_int;
 pub mod limits;
 pub mod membership;
 pub mod ops;
+pub mod replication;
 pub mod wire;
 
 pub use doc_id::{DocId, DocIdError};

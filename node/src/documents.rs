@@ -175,6 +175,8 @@ pub struct Documents {
     compaction_tx: mpsc::Sender<DocId>,
     config: DocumentsConfig,
     digests: Mutex<DigestIndex>,
+    /// The origin of [`Self::mono_ms`].
+    started: tokio::time::Instant,
     feed: OnceLock<mpsc::Sender<LocalChange>>,
 }
 
@@ -219,6 +221,7 @@ impl Documents {
             compaction_tx,
             config,
             digests: Mutex::new(DigestIndex::new()),
+            started: tokio::time::Instant::now(),
             feed: OnceLock::new(),
         });
         (docs, compaction_rx)
@@ -257,7 +260,7 @@ impl Documents {
     /// changed for a moment (see `verge_core::anti_entropy::SETTLE_MS`).
     pub fn settled_doc_for_digest(&self, digest: &[u8; 32]) -> Option<DocId> {
         lock(&self.digests)
-            .settled_doc_for(digest, self.now_ms())
+            .settled_doc_for(digest, self.mono_ms())
             .cloned()
     }
 
@@ -283,6 +286,13 @@ impl Documents {
 
     fn now_ms(&self) -> i64 {
         self.clock.now_ms()
+    }
+
+    /// Milliseconds since the service started, on the monotonic clock: when a document last
+    /// changed, for anti-entropy's settle time (a wall clock stepping back must not hold
+    /// documents out of repair).
+    fn mono_ms(&self) -> i64 {
+        i64::try_from(self.started.elapsed().as_millis()).unwrap_or(i64::MAX)
     }
 
     fn entry(&self, id: &DocId) -> Arc<Entry> {
@@ -592,7 +602,7 @@ impl Documents {
         match outcome {
             Ok(()) => {
                 self.metrics.writes.inc();
-                lock(&self.digests).update_at(&entry.id, &pending.heads, self.now_ms());
+                lock(&self.digests).update_at(&entry.id, &pending.heads, self.mono_ms());
                 let _ = self.events.send(Arc::new(pending.event));
                 if origin == Origin::Client
                     && let Some(feed) = self.feed.get()
@@ -973,7 +983,7 @@ impl Documents {
                 change_rows: 0,
                 stub: true,
             };
-            lock(&self.digests).update_at(&id, &meta.heads, now);
+            lock(&self.digests).update_at(&id, &meta.heads, self.mono_ms());
             *slot = Slot {
                 doc: stub,
                 meta: meta.clone(),

@@ -28,12 +28,12 @@ use quinn::Connection;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use verge_core::anti_entropy::PeerSchedule;
 use verge_core::gossip::{
     Batcher, BroadcastPolicy, HOPS_FINAL, HOPS_TO_RELAY, RelayBatcher, Route, forwards,
 };
-use verge_core::limits::WIRE_MEMBERS_MAX;
 use verge_core::membership::{self, MemberId, Membership, Output as MembershipOutput};
+pub use verge_core::replication::peers::CLOCK_SKEW_WARN_MS;
+use verge_core::replication::peers::{Action, ClockStanding, Learned, Peers};
 use verge_core::wire::{ChangeBatch, DocChanges, PeerMessage};
 
 use crate::clock::Clock;
@@ -105,41 +105,8 @@ pub struct MemberStatus {
     pub name: Option<String>,
 }
 
-#[derive(Debug, Default)]
-struct Member {
-    /// When anti-entropy runs with this member.
-    schedule: PeerSchedule,
-    in_flight: Arc<AtomicUsize>,
-    seed: bool,
-    /// The member's name, once SWIM learned it.
-    name: Option<String>,
-    /// What SWIM says: `None` until it has an opinion, then alive or not.
-    alive: Option<bool>,
-    /// A dial to the member is under way.
-    dialing: bool,
-    /// How far the member's wall clock is ahead of this node's, as last measured.
-    clock_offset_ms: Option<i64>,
-    /// When this node last started measuring it.
-    clock_checked_ms: Option<i64>,
-    /// Whether the last measurement was beyond [`CLOCK_SKEW_WARN_MS`] (warned once per
-    /// crossing).
-    clock_skewed: bool,
-}
-
-/// Whether a member shows as up, in status and in `verge_peers_up`/`verge_peers_down` alike:
-/// what SWIM says once it has an opinion, else whether a connection is open.
-fn shown_up(alive: Option<bool>, connected: bool) -> bool {
-    alive.unwrap_or(connected)
-}
-
-/// How often a node compares its wall clock with each connected peer's.
-const CLOCK_CHECK_INTERVAL_MS: i64 = 30_000;
 /// How long a clock comparison waits for the peer's answer.
 const CLOCK_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
-/// A peer whose wall clock is further than this from this node's is warned about (log and
-/// `verge_peer_clock_skews_total`): expiry, purges and tombstone retention each run on their
-/// node's own clock, so skewed clocks expire and purge documents at different times.
-pub const CLOCK_SKEW_WARN_MS: i64 = 2_000;
 
 /// Input of the membership task.
 #[derive(Debug)]
@@ -168,7 +135,13 @@ pub struct Replication {
     docs: Arc<Documents>,
     metrics: Arc<Metrics>,
     clock: Arc<dyn Clock>,
-    members: Mutex<BTreeMap<SocketAddr, Member>>,
+    /// The monotonic origin of every schedule (batch windows, anti-entropy rounds, clock
+    /// checks): a wall clock that steps back must not stall them.
+    started: tokio::time::Instant,
+    /// Who the members are and what to do with them next.
+    peers: Mutex<Peers>,
+    /// Acknowledged batches in flight per member (`lag_batches` in status).
+    in_flight: Mutex<BTreeMap<SocketAddr, Arc<AtomicUsize>>>,
     next_batch_id: AtomicU64,
     membership_tx: mpsc::Sender<MembershipInput>,
     /// To the broadcast task, which owns the relay's window.
@@ -199,20 +172,9 @@ impl Replication {
             Some(addr) => addr,
             None => transport.local_addr()?,
         };
-        let members = config
-            .peers
-            .iter()
-            .filter(|a| **a != local_addr)
-            .map(|a| {
-                (
-                    *a,
-                    Member {
-                        seed: true,
-                        ..Member::default()
-                    },
-                )
-            })
-            .collect();
+        let interval_ms =
+            i64::try_from(config.anti_entropy_interval.as_millis()).unwrap_or(i64::MAX);
+        let peers = Peers::new(local_addr, &config.peers, interval_ms);
         let repl = Arc::new(Self {
             config,
             local_addr,
@@ -220,7 +182,9 @@ impl Replication {
             docs: Arc::clone(&docs),
             metrics,
             clock,
-            members: Mutex::new(members),
+            started: tokio::time::Instant::now(),
+            peers: Mutex::new(peers),
+            in_flight: Mutex::default(),
             next_batch_id: AtomicU64::new(seed),
             membership_tx: membership_tx.clone(),
             relay_tx,
@@ -266,48 +230,50 @@ impl Replication {
 
     /// Every known peer, for status.
     pub fn members(&self) -> Vec<MemberStatus> {
-        let members = lock(&self.members);
-        members
+        // Schedules run on monotonic time; status shows wall time.
+        let (now, wall) = (self.mono_ms(), self.clock.now_ms());
+        let in_flight = lock(&self.in_flight);
+        lock(&self.peers)
             .iter()
-            .map(|(addr, m)| {
+            .map(|(addr, peer)| {
                 let conn = self.transport.cached(*addr);
-                let up = shown_up(m.alive, conn.is_some());
+                let up = peer.shown_up(conn.is_some());
                 MemberStatus {
                     addr: addr.to_string(),
                     state: if up { "up" } else { "down" },
                     rtt_ms: conn.map(|c| c.rtt().as_secs_f64() * 1000.0),
-                    lag_batches: m.in_flight.load(Ordering::Acquire),
-                    last_sync_ms: m.schedule.last_started_ms(),
-                    clock_offset_ms: m.clock_offset_ms,
-                    seed: m.seed,
-                    name: m.name.clone(),
+                    lag_batches: in_flight.get(addr).map_or(0, |n| n.load(Ordering::Acquire)),
+                    last_sync_ms: peer
+                        .last_sync_at()
+                        .map(|at| wall.saturating_sub(now.saturating_sub(at))),
+                    clock_offset_ms: peer.clock_offset_ms,
+                    seed: peer.seed,
+                    name: peer.name.clone(),
                 }
             })
             .collect()
     }
 
+    /// Milliseconds since replication started, on the monotonic clock.
+    fn mono_ms(&self) -> i64 {
+        i64::try_from(self.started.elapsed().as_millis()).unwrap_or(i64::MAX)
+    }
+
     fn peer_addrs(&self) -> Vec<SocketAddr> {
-        lock(&self.members).keys().copied().collect()
+        lock(&self.peers).addrs()
     }
 
     /// The members SWIM last declared alive, the view the relay is chosen from: every node's
     /// converges to the same, so they agree on the relay.
     fn alive_peers(&self) -> Vec<SocketAddr> {
-        lock(&self.members)
-            .iter()
-            .filter(|(_, m)| m.alive == Some(true))
-            .map(|(addr, _)| *addr)
-            .collect()
+        lock(&self.peers).alive()
     }
 
     fn learn(&self, addr: SocketAddr) {
-        if addr == self.local_addr {
-            return;
-        }
-        let mut members = lock(&self.members);
-        if members.len() < WIRE_MEMBERS_MAX && !members.contains_key(&addr) {
-            tracing::info!(peer = %addr, "learned a new member");
-            members.insert(addr, Member::default());
+        match lock(&self.peers).learn(addr) {
+            Learned::New => tracing::info!(peer = %addr, "learned a new member"),
+            Learned::Full => tracing::debug!(peer = %addr, "the member table is full"),
+            Learned::Known | Learned::Itself => {}
         }
     }
 
@@ -501,7 +467,7 @@ impl Replication {
                 .into_iter()
                 .flatten()
                 .min();
-            let now = self.clock.now_ms();
+            let now = self.mono_ms();
             let due_in = due_at.map(|t| Duration::from_millis(u64::try_from(t - now).unwrap_or(0)));
             let input = tokio::select! {
                 biased;
@@ -516,7 +482,7 @@ impl Replication {
                 _ = tokio::time::sleep(due_in.unwrap_or(Duration::from_secs(3600))), if due_in.is_some() => Input::Due,
                 _ = stop.wait_for(|s| *s) => return,
             };
-            let now = self.clock.now_ms();
+            let now = self.mono_ms();
             match input {
                 Input::Local(change) => {
                     if !local.fits(&change.changes) {
@@ -622,10 +588,7 @@ impl Replication {
                 });
                 continue;
             }
-            let in_flight = lock(&self.members)
-                .get(&addr)
-                .map(|m| Arc::clone(&m.in_flight));
-            let Some(in_flight) = in_flight else { continue };
+            let in_flight = Arc::clone(lock(&self.in_flight).entry(addr).or_default());
             let waiters = Arc::clone(&waiters);
             in_flight.fetch_add(1, Ordering::AcqRel);
             tokio::spawn(async move {
@@ -677,22 +640,29 @@ impl Replication {
                 _ = ticker.tick() => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
-            let (mut up, mut down) = (0, 0);
-            for addr in self.peer_addrs() {
-                // Dials run in their own tasks: an unreachable peer's connect timeout must not
-                // hold up anti-entropy with the others.
-                let cached = self.transport.cached_numbered(addr);
-                let alive = lock(&self.members).get(&addr).and_then(|m| m.alive);
-                if shown_up(alive, cached.is_some()) {
-                    up += 1;
-                } else {
-                    down += 1;
-                }
-                let Some((conn, connection)) = cached else {
-                    let first = lock(&self.members)
-                        .get_mut(&addr)
-                        .is_some_and(|m| !std::mem::replace(&mut m.dialing, true));
-                    if first {
+            let conns: BTreeMap<SocketAddr, (Connection, u64)> = self
+                .peer_addrs()
+                .into_iter()
+                .filter_map(|addr| Some((addr, self.transport.cached_numbered(addr)?)))
+                .collect();
+            let now = self.mono_ms();
+            let (tick, widest) = {
+                let mut peers = lock(&self.peers);
+                let tick = peers.tick(now, |addr| conns.get(&addr).map(|(_, n)| *n));
+                (tick, peers.widest_clock_offset_ms())
+            };
+            self.metrics
+                .peers_up
+                .set(i64::try_from(tick.up).unwrap_or(i64::MAX));
+            self.metrics
+                .peers_down
+                .set(i64::try_from(tick.down).unwrap_or(i64::MAX));
+            self.metrics.peer_clock_offset_max_ms.set(widest);
+            for action in tick.actions {
+                match action {
+                    // Dials run in their own tasks: an unreachable peer's connect timeout must
+                    // not hold up anti-entropy with the others.
+                    Action::Dial(addr) => {
                         let this = Arc::clone(&self);
                         tokio::spawn(async move {
                             if let Err(TransportError::Connect { message, .. }) =
@@ -701,80 +671,39 @@ impl Replication {
                                 this.metrics.peer_refused("dial");
                                 tracing::debug!(peer = %addr, error = %message, "peer unreachable");
                             }
-                            if let Some(m) = lock(&this.members).get_mut(&addr) {
-                                m.dialing = false;
-                            }
+                            lock(&this.peers).dial_ended(addr);
                         });
                     }
-                    continue;
-                };
-                let now = self.clock.now_ms();
-                // On every new connection (the peer may have restarted with another clock),
-                // then every interval.
-                let clock_due = lock(&self.members).get_mut(&addr).is_some_and(|m| {
-                    let due = m.schedule.is_new(connection)
-                        || m.clock_checked_ms.is_none_or(|at| {
-                            now.saturating_sub(at) >= CLOCK_CHECK_INTERVAL_MS || at > now
-                        });
-                    if due {
-                        m.clock_checked_ms = Some(now);
-                    }
-                    due
-                });
-                if clock_due {
-                    tokio::spawn(Arc::clone(&self).check_clock(conn.clone(), addr));
-                }
-                // One session reconciles both ways (this side syncs what it has, the peer what
-                // it has), so of each pair only the node with the lower address starts the
-                // periodic rounds; both start one on every new connection.
-                let interval_ms = if self.local_addr < addr {
-                    i64::try_from(self.config.anti_entropy_interval.as_millis()).unwrap_or(i64::MAX)
-                } else {
-                    i64::MAX
-                };
-                let (due, catch_up) =
-                    lock(&self.members)
-                        .get_mut(&addr)
-                        .map_or((false, false), |m| {
-                            let catch_up = m.schedule.is_new(connection);
-                            (
-                                m.schedule.poll_start(connection, now, interval_ms),
-                                catch_up,
-                            )
-                        });
-                if due {
-                    let this = Arc::clone(&self);
-                    let conn = conn.clone();
-                    tokio::spawn(async move {
-                        match session::run_anti_entropy(&this, &conn, catch_up).await {
-                            Ok(synced) => {
-                                this.metrics.anti_entropy_session("ok");
-                                if synced > 0 {
-                                    tracing::info!(peer = %conn.remote_address(), docs = synced, "anti-entropy synced documents");
-                                }
-                            }
-                            Err(e) => {
-                                this.metrics.anti_entropy_session("error");
-                                tracing::debug!(peer = %conn.remote_address(), error = %e, "anti-entropy failed");
-                                // Retry on the next tick.
-                                if let Some(m) = lock(&this.members).get_mut(&conn.remote_address())
-                                {
-                                    m.schedule.failed();
-                                }
-                            }
+                    Action::CheckClock(addr) => {
+                        if let Some((conn, _)) = conns.get(&addr) {
+                            tokio::spawn(Arc::clone(&self).check_clock(conn.clone(), addr));
                         }
-                    });
+                    }
+                    Action::AntiEntropy { peer, catch_up } => {
+                        let Some((conn, _)) = conns.get(&peer) else {
+                            continue;
+                        };
+                        let this = Arc::clone(&self);
+                        let conn = conn.clone();
+                        tokio::spawn(async move {
+                            match session::run_anti_entropy(&this, &conn, catch_up).await {
+                                Ok(synced) => {
+                                    this.metrics.anti_entropy_session("ok");
+                                    if synced > 0 {
+                                        tracing::info!(peer = %peer, docs = synced, "anti-entropy synced documents");
+                                    }
+                                }
+                                Err(e) => {
+                                    this.metrics.anti_entropy_session("error");
+                                    tracing::debug!(peer = %peer, error = %e, "anti-entropy failed");
+                                    // Started again on the next tick.
+                                    lock(&this.peers).session_failed(peer);
+                                }
+                            }
+                        });
+                    }
                 }
             }
-            self.metrics.peers_up.set(up);
-            self.metrics.peers_down.set(down);
-            let widest = lock(&self.members)
-                .values()
-                .filter_map(|m| m.clock_offset_ms)
-                .map(i64::abs)
-                .max()
-                .unwrap_or(0);
-            self.metrics.peer_clock_offset_max_ms.set(widest);
         }
     }
 
@@ -803,26 +732,26 @@ impl Replication {
             tracing::debug!(peer = %addr, "no clock answer from a peer");
             return;
         };
-        let mut members = lock(&self.members);
-        let Some(m) = members.get_mut(&addr) else {
-            return;
-        };
-        m.clock_offset_ms = Some(offset_ms);
-        let skewed = offset_ms.unsigned_abs() > CLOCK_SKEW_WARN_MS.unsigned_abs();
-        if skewed && !m.clock_skewed {
-            self.metrics.peer_clock_skews.inc();
-            tracing::warn!(
-                peer = %addr,
-                name = m.name.as_deref().unwrap_or(""),
-                offset_ms,
-                bound_ms = CLOCK_SKEW_WARN_MS,
-                "a peer's wall clock is far from this node's: documents expire and tombstones are \
-                 purged by each node's own clock, so check time synchronisation (NTP) on both"
-            );
-        } else if !skewed && m.clock_skewed {
-            tracing::info!(peer = %addr, offset_ms, "a peer's wall clock is back within the bound");
+        let mut peers = lock(&self.peers);
+        match peers.clock_measured(addr, offset_ms) {
+            ClockStanding::Skewed => {
+                self.metrics.peer_clock_skews.inc();
+                let name = peers.get(&addr).and_then(|p| p.name.clone());
+                tracing::warn!(
+                    peer = %addr,
+                    name = name.as_deref().unwrap_or(""),
+                    offset_ms,
+                    bound_ms = CLOCK_SKEW_WARN_MS,
+                    "a peer's wall clock is far from this node's: documents expire and tombstones \
+                     are purged by each node's own clock, so check time synchronisation (NTP) on \
+                     both"
+                );
+            }
+            ClockStanding::Back => {
+                tracing::info!(peer = %addr, offset_ms, "a peer's wall clock is back within the bound");
+            }
+            ClockStanding::Same => {}
         }
-        m.clock_skewed = skewed;
     }
 
     /// The connection to `addr`, serving the streams the peer opens on it when it is new.
@@ -889,19 +818,13 @@ impl Replication {
                 }
                 MembershipOutput::Up(member) => {
                     self.learn(member.addr);
-                    if let Some(m) = lock(&self.members).get_mut(&member.addr) {
-                        if m.alive != Some(true) {
-                            tracing::info!(peer = %member.addr, name = %member.name, "member up");
-                        }
-                        m.alive = Some(true);
-                        m.name = Some(member.name.clone()).filter(|n| !n.is_empty());
+                    if lock(&self.peers).member_up(member.addr, &member.name) {
+                        tracing::info!(peer = %member.addr, name = %member.name, "member up");
                     }
                     self.transport.reset_backoff(member.addr);
                 }
                 MembershipOutput::Down(member) => {
-                    if let Some(m) = lock(&self.members).get_mut(&member.addr) {
-                        m.alive = Some(false);
-                    }
+                    lock(&self.peers).member_down(member.addr);
                     tracing::warn!(peer = %member.addr, name = %member.name, "member declared down");
                 }
                 MembershipOutput::Isolated => {

@@ -1,0 +1,10 @@
+//! Replication decisions, sans-IO: the node's replication module drives these with sockets,
+//! tasks and a monotonic clock, and they are tested on virtual time.
+//!
+//! - [`peers`]: the member table and when to dial, reconcile with and compare clocks with
+//!   each member.
+//!
+//! Batching and routing are in [`crate::gossip`], reconciliation in [`crate::anti_entropy`],
+//! failure detection in [`crate::membership`].
+
+pub mod peers;
