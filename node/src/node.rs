@@ -46,9 +46,31 @@ pub enum NodeError {
         /// The error.
         source: StoreError,
     },
-    /// TLS files could not be created or loaded.
+    /// The cluster TLS files could not be created or loaded.
     #[error("TLS: {0}")]
-    Tls(String),
+    Tls(#[from] crate::tls::TlsError),
+    /// The API's TLS files could not be loaded.
+    #[error("API TLS: {0}")]
+    ApiTls(#[from] crate::http::tls::ApiTlsError),
+    /// The gossip endpoint or replication could not start.
+    #[error("{context}: {source}")]
+    Replication {
+        /// What was being done.
+        context: String,
+        /// The error.
+        source: crate::replication::TransportError,
+    },
+    /// Reading or writing the node's own state in the store failed at start.
+    #[error("{context}: {source}")]
+    State {
+        /// What was being done.
+        context: String,
+        /// The error.
+        source: StoreError,
+    },
+    /// The stored documents could not be indexed at start.
+    #[error("indexing stored documents: {0}")]
+    Index(#[source] crate::documents::DocError),
     /// A commit failed: the node stopped, and a restart reopens (and repairs) the database.
     /// Writes acknowledged before it are durable; the failed ones were never acknowledged.
     #[error("storage failed, node stopped (restart it): {0}")]
@@ -133,12 +155,13 @@ pub async fn run(
     let addr_file = config.data_dir.join(API_ADDR_FILE);
     let _ = std::fs::remove_file(&addr_file);
     let tls_files =
-        tls::ensure_node_files(config.tls.clone(), &config.data_dir.join("tls"), &node_id)
-            .map_err(|e| NodeError::Tls(e.to_string()))?;
-    let node_tls = tls::NodeTls::load(&tls_files).map_err(|e| NodeError::Tls(e.to_string()))?;
-    let transport = Transport::bind(config.gossip_addr, &node_tls).map_err(|e| NodeError::Io {
-        context: format!("binding the gossip endpoint to {}", config.gossip_addr),
-        source: std::io::Error::other(e.to_string()),
+        tls::ensure_node_files(config.tls.clone(), &config.data_dir.join("tls"), &node_id)?;
+    let node_tls = tls::NodeTls::load(&tls_files)?;
+    let transport = Transport::bind(config.gossip_addr, &node_tls).map_err(|source| {
+        NodeError::Replication {
+            context: format!("binding the gossip endpoint to {}", config.gossip_addr),
+            source,
+        }
     })?;
     let listener = TcpListener::bind(config.api_addr)
         .await
@@ -228,10 +251,7 @@ where
             }
         }));
     }
-    let indexed = docs.load_digests().map_err(|e| NodeError::Io {
-        context: "indexing stored documents".into(),
-        source: std::io::Error::other(e.to_string()),
-    })?;
+    let indexed = docs.load_digests().map_err(NodeError::Index)?;
 
     let generation = if space.full() {
         // A write to a full disk would latch redb's failure and take reads down with it.
@@ -242,9 +262,9 @@ where
         );
         generation.max(u64::try_from(clock.now_ms()).unwrap_or(0))
     } else {
-        next_generation(&store, clock.now_ms()).map_err(|e| NodeError::Io {
+        next_generation(&store, clock.now_ms()).map_err(|source| NodeError::State {
             context: "keeping the membership generation".into(),
-            source: std::io::Error::other(e.to_string()),
+            source,
         })?
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -269,16 +289,14 @@ where
         draw.next_u64(),
         stop_rx.clone(),
     )
-    .map_err(|e| NodeError::Io {
+    .map_err(|source| NodeError::Replication {
         context: "starting replication".into(),
-        source: std::io::Error::other(e.to_string()),
+        source,
     })?;
     background.extend(replication_tasks);
 
     let api_tls = match &config.api_tls {
-        Some(files) => {
-            Some(http::tls::server_config(files).map_err(|e| NodeError::Tls(e.to_string()))?)
-        }
+        Some(files) => Some(http::tls::server_config(files)?),
         None => None,
     };
     let api_addr = listener.local_addr().map_err(|source| NodeError::Io {
