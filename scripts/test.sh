@@ -15,6 +15,9 @@ cargo fmt --all -- --check
 step "lints"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "docs (rustdoc, warnings denied)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
+
 step "core builds for wasm32"
 cargo build -p verge-core --target wasm32-unknown-unknown --locked
 

@@ -18,7 +18,7 @@
 //!   and a write to a stub goes into the stub's own incarnation. A revival and a purge of the
 //!   same incarnation `k`, wherever and in whatever order they happen, therefore land in the
 //!   same incarnation `k + 1`, and so do revivals on several replicas at once.
-//! - Changes meet by incarnation ([`admit`]): a replica that receives `R(j)` for a `j` above its
+//! - Changes meet by incarnation ([`settle`]): a replica that receives `R(j)` for a `j` above its
 //!   own drops its history and takes the newer one; changes rooted in an older incarnation are
 //!   dropped. Nothing from two incarnations is ever merged.
 

@@ -304,7 +304,7 @@ pub fn config_snippet(name: &str, role: Role, prefixes: &[String], hash: &[u8; 3
 /// Flags of `verge token`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct TokenArgs {
-    /// A name for the token, shown in logs and refusals (1-64 bytes of [A-Za-z0-9._~:/@+-]).
+    /// A name for the token, shown in logs and refusals (1-64 bytes of `[A-Za-z0-9._~:/@+-]`).
     #[arg(long)]
     pub name: String,
     /// What the token may do; each role includes the ones before it.

@@ -53,7 +53,7 @@ pub struct NodeArgs {
     #[arg(long, env = "VERGE_GOSSIP_ADDR", value_name = "ADDR")]
     pub gossip_addr: Option<String>,
     /// Address peers are told to reach this node at, when `--gossip-addr` listens on every
-    /// interface (0.0.0.0 or [::]) or behind a NAT.
+    /// interface (`0.0.0.0` or `[::]`) or behind a NAT.
     #[arg(long, env = "VERGE_ADVERTISE_ADDR", value_name = "ADDR")]
     pub advertise_addr: Option<String>,
     /// A seed peer's gossip address (repeatable; the environment takes a comma-separated list).
