@@ -137,6 +137,10 @@ pub struct ReplicationFileConfig {
     /// member carries the writes of many nodes (a larger cluster's messages per write fall as
     /// this grows; its latency grows by up to this much).
     pub relay_window_ms: u64,
+    /// Milliseconds a batch sent to the relay may go unconfirmed by its QUIC stack before the
+    /// sender sends it to every peer itself (the relay may have died with its connection still
+    /// cached). Raise it on links whose round trip nears it.
+    pub relay_delivery_timeout_ms: u64,
 }
 
 impl Default for ReplicationFileConfig {
@@ -147,6 +151,7 @@ impl Default for ReplicationFileConfig {
             anti_entropy_interval_s: 30,
             full_fanout_max: 16,
             relay_window_ms: 40,
+            relay_delivery_timeout_ms: 1_000,
         }
     }
 }

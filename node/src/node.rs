@@ -276,6 +276,9 @@ where
             batch_bytes_max: config.replication.batch_bytes_max,
             anti_entropy_interval: Duration::from_secs(config.replication.anti_entropy_interval_s),
             relay_window: Duration::from_millis(config.replication.relay_window_ms),
+            relay_delivery_timeout: Duration::from_millis(
+                config.replication.relay_delivery_timeout_ms.max(1),
+            ),
             policy: BroadcastPolicy {
                 full_fanout_max: config.replication.full_fanout_max,
             },

@@ -607,6 +607,8 @@ fn list_with_prefix_limit_and_cursor() {
 
 #[test]
 fn ttl_expires_documents_and_ttl_zero_clears() {
+    /// The ttl of the expiring documents, in seconds.
+    const TTL_S: u64 = 5;
     let node = Node::start("test-ttl");
     let t0 = Instant::now();
     let t0_ms = now_ms();
@@ -616,26 +618,28 @@ fn ttl_expires_documents_and_ttl_zero_clears() {
     let exp = body["expires_at_ms"].as_u64();
     assert!(exp.is_none(), "no ttl yet: {body}");
 
-    // Now with ttl=1.
+    // Now with a ttl. It must outlast the setup below (a dozen requests, some waiting for the
+    // disk) on a loaded machine, so it is seconds, not one.
     let r = node.req(
         "PUT",
-        "/v1/docs/ttl/a?ttl=1",
+        &format!("/v1/docs/ttl/a?ttl={TTL_S}"),
         json!({ "a": 2 }).to_string().as_bytes(),
     );
-    r.ok_json("PUT ttl/a?ttl=1");
+    r.ok_json("PUT ttl/a with a ttl");
     let (doc, _, body) = read_doc(&node, "ttl/a");
     assert_eq!(doc, json!({ "a": 2 }));
     let exp_a = body["expires_at_ms"]
         .as_u64()
-        .unwrap_or_else(|| panic!("expires_at_ms after ttl=1: {body}"));
+        .unwrap_or_else(|| panic!("expires_at_ms after a ttl: {body}"));
+    let ttl_ms = TTL_S * 1000;
     assert!(
-        exp_a >= t0_ms + 500 && exp_a <= now_ms() + 1500,
-        "expires_at_ms {exp_a} should be about 1 s after the write ({t0_ms}..{after_ms})"
+        exp_a >= t0_ms + ttl_ms - 500 && exp_a <= now_ms() + ttl_ms + 500,
+        "expires_at_ms {exp_a} should be about {TTL_S} s after the write ({t0_ms}..{after_ms})"
     );
 
     // ttl=0 clears an expiry.
-    node.req("PUT", "/v1/docs/ttl/b?ttl=1", b"{\"b\":1}")
-        .ok_json("PUT ttl/b?ttl=1");
+    node.req("PUT", &format!("/v1/docs/ttl/b?ttl={TTL_S}"), b"{\"b\":1}")
+        .ok_json("PUT ttl/b with a ttl");
     node.req(
         "PATCH",
         "/v1/docs/ttl/b?ttl=0",
@@ -649,8 +653,8 @@ fn ttl_expires_documents_and_ttl_zero_clears() {
     );
 
     // A write without ttl keeps the expiry.
-    node.req("PUT", "/v1/docs/ttl/c?ttl=1", b"{\"c\":1}")
-        .ok_json("PUT ttl/c?ttl=1");
+    node.req("PUT", &format!("/v1/docs/ttl/c?ttl={TTL_S}"), b"{\"c\":1}")
+        .ok_json("PUT ttl/c with a ttl");
     let (_, _, body) = read_doc(&node, "ttl/c");
     let exp_c = body["expires_at_ms"]
         .as_u64()
@@ -670,10 +674,10 @@ fn ttl_expires_documents_and_ttl_zero_clears() {
     // PATCH takes ttl too.
     node.req(
         "PATCH",
-        "/v1/docs/ttl/d?ttl=1",
+        &format!("/v1/docs/ttl/d?ttl={TTL_S}"),
         br#"{"ops":[{"op":"set","path":["d"],"value":1}]}"#,
     )
-    .ok_json("PATCH ttl/d?ttl=1");
+    .ok_json("PATCH ttl/d with a ttl");
     // No ttl at all.
     put_ok(&node, "ttl/e", &json!({ "e": 1 }));
 
@@ -686,8 +690,8 @@ fn ttl_expires_documents_and_ttl_zero_clears() {
         .collect();
     assert_eq!(ids, vec!["ttl/a", "ttl/b", "ttl/c", "ttl/d", "ttl/e"]);
 
-    // Poll until the expiring ones read as absent; they must not vanish before 1 s.
-    let deadline = t0 + Duration::from_millis(5000);
+    // Poll until the expiring ones read as absent; they must not vanish before their ttl.
+    let deadline = Instant::now() + Duration::from_secs(TTL_S + 10);
     let mut gone: BTreeMap<&str, Duration> = BTreeMap::new();
     while gone.len() < 3 {
         for id in ["ttl/a", "ttl/c", "ttl/d"] {
@@ -706,18 +710,18 @@ fn ttl_expires_documents_and_ttl_zero_clears() {
         }
         assert!(
             Instant::now() < deadline,
-            "documents with ttl=1 still readable 5 s later; gone so far: {gone:?}"
+            "documents with a {TTL_S} s ttl still readable 10 s after it; gone so far: {gone:?}"
         );
         thread::sleep(Duration::from_millis(100));
     }
-    // Wait until ~2.5 s so the ttl=0 document would surely have expired had the clear failed.
-    while t0.elapsed() < Duration::from_millis(2500) {
+    // Wait past the ttl of ttl/b, which would have expired had the clear failed.
+    while t0.elapsed() < Duration::from_millis(ttl_ms + 500) {
         thread::sleep(Duration::from_millis(50));
     }
     for (id, at) in &gone {
         assert!(
-            *at >= Duration::from_millis(900),
-            "{id} vanished after {at:?}, before its 1 s ttl"
+            *at >= Duration::from_millis(ttl_ms - 100),
+            "{id} vanished after {at:?}, before its {TTL_S} s ttl"
         );
     }
     let (doc, _, _) = read_doc(&node, "ttl/b");

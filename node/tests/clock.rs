@@ -70,7 +70,7 @@ fn member(node: &Node, addr: &str) -> serde_json::Value {
 /// `verge_peers_down` agrees with the members status shows as down.
 fn assert_status_and_metric_agree(node: &Node) {
     wait_for(
-        Duration::from_secs(5),
+        Duration::from_secs(10),
         "status and peers_down to agree",
         || {
             let down = members(node)
@@ -117,20 +117,31 @@ fn a_node_that_ran_a_day_ahead_is_taken_back_with_the_right_clock() {
             other => Err(format!("a's clock offset at b: {other:?}")),
         }
     });
-    assert!(a.metric("verge_peer_clock_skews_total") >= 1.0);
     wait_for(
-        Duration::from_secs(5),
+        Duration::from_secs(10),
+        "the skew to be counted",
+        || match a.metric("verge_peer_clock_skews_total") {
+            n if n >= 1.0 => Ok(()),
+            n => Err(format!("verge_peer_clock_skews_total {n}")),
+        },
+    );
+    wait_for(
+        Duration::from_secs(10),
         "the widest offset in metrics",
         || match a.metric("verge_peer_clock_offset_max_ms") {
             ms if ms > (DAY_MS - 60_000) as f64 => Ok(()),
             ms => Err(format!("verge_peer_clock_offset_max_ms {ms}")),
         },
     );
-    assert!(
-        a.output()
-            .contains("a peer's wall clock is far from this node's"),
-        "a logs the skew"
-    );
+    wait_for(Duration::from_secs(10), "a to log the skew", || {
+        if a.output()
+            .contains("a peer's wall clock is far from this node's")
+        {
+            Ok(())
+        } else {
+            Err("no skew warning in a's log".into())
+        }
+    });
 
     // b restarts with the right clock: its peers take it back (they kept it down while its
     // membership generation, the start time, was below the one of its run a day ahead).
@@ -152,19 +163,26 @@ fn a_node_that_ran_a_day_ahead_is_taken_back_with_the_right_clock() {
         }
     });
     // ...and keep it: SWIM probes the member for several rounds, which a stale generation
-    // does not survive (it was declared down a few seconds after the restart).
-    let until = std::time::Instant::now() + STAYS_UP_FOR;
-    while std::time::Instant::now() < until {
-        for (node, other) in [(a, &addrs[1]), (b, &addrs[0])] {
-            assert!(
-                members_up(node).contains(other),
-                "{} lists {other} down after the restart: {:?}",
-                node.node_id,
-                members(node)
-            );
-            assert_status_and_metric_agree(node);
-        }
-        std::thread::sleep(Duration::from_millis(250));
+    // does not survive (it was declared down a few seconds after the restart, for good). A
+    // member may flap on a starved machine, so what counts is that it is up after the rounds.
+    std::thread::sleep(STAYS_UP_FOR);
+    for (node, other) in [(a, &addrs[1]), (b, &addrs[0])] {
+        wait_for(
+            TAKEN_BACK_WITHIN,
+            "the member to be up after SWIM's rounds",
+            || {
+                if members_up(node).contains(other) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{} lists {other} down: {:?}",
+                        node.node_id,
+                        members(node)
+                    ))
+                }
+            },
+        );
+        assert_status_and_metric_agree(node);
     }
     wait_for(Duration::from_secs(10), "the clocks to agree again", || {
         match member(a, &addrs[1])["clock_offset_ms"].as_i64() {

@@ -26,13 +26,18 @@ use serde_json::{Value, json};
 use common::cluster::{Cluster, REPLICATION_DEADLINE};
 use common::{Node, wait_for};
 
-/// The TTL of the document that expires, in seconds.
-const TTL_S: u64 = 3;
+/// The TTL of the document that expires, in seconds. The writes and their replication must
+/// finish within it, and the other nodes be paused, before the purging node can purge (every
+/// second) and hand its stub over by anti-entropy: seconds, on a loaded machine.
+const TTL_S: u64 = 8;
+/// How long the purging node keeps tombstones in the delete tests: as long, for the same reason.
+const TOMBSTONE_RETENTION_S: u64 = 8;
 /// How long the expiry may take to show as `404` everywhere: the TTL plus slack for a loaded
 /// machine.
 const EXPIRY_DEADLINE: Duration = Duration::from_secs(TTL_S + 10);
-/// How long the purging node may take to purge what expired (it purges every second).
-const PURGE_DEADLINE: Duration = Duration::from_secs(10);
+/// How long the purging node may take to purge what expired (it purges every second, a
+/// tombstone once it is older than [`TOMBSTONE_RETENTION_S`]).
+const PURGE_DEADLINE: Duration = Duration::from_secs(TOMBSTONE_RETENTION_S + 10);
 /// How long three purge passes and two anti-entropy sessions may take (about 3 s unloaded).
 const STAY_DEADLINE: Duration = Duration::from_secs(20);
 /// Purge passes the purging node must complete after the write converged. A pass already
@@ -574,16 +579,16 @@ fn three_default_nodes_serve_a_write_at_the_purging_node_without_a_404_window() 
     three_default_nodes_one_purging("tri-purger", 0);
 }
 
-/// The same with a delete instead of an expiry. A keeps tombstones for 1 s (the configuration
-/// allows 0; one second leaves B time to take the delete and be paused before A can purge), so
-/// its next purge after that replaces the tombstone by the stub. While A is paused, B (holding
+/// The same with a delete instead of an expiry. A keeps tombstones for
+/// [`TOMBSTONE_RETENTION_S`] (long enough for B to take the deletes and be paused before A can
+/// purge), so its next purge after that replaces the tombstone by the stub. While A is paused, B (holding
 /// the tombstone) writes one document; while B is paused, A (holding the stub) writes the
 /// other. Both are served by both nodes and stay.
 #[test]
 fn write_after_a_purged_tombstone_is_served_by_both_and_stays() {
     let start = Instant::now();
     let prefix = "tomb";
-    let c = two_nodes(prefix, Some(1));
+    let c = two_nodes(prefix, Some(TOMBSTONE_RETENTION_S));
     let (a, b) = (&c.nodes[0], &c.nodes[1]);
     let ids = [format!("{prefix}/at-b"), format!("{prefix}/at-a")];
     for id in &ids {

@@ -3,8 +3,10 @@
 //!
 //! - [`peers`]: the member table and when to dial, reconcile with and compare clocks with
 //!   each member.
+//! - [`backoff`]: when to dial an unreachable peer again.
 //!
 //! Batching and routing are in [`crate::gossip`], reconciliation in [`crate::anti_entropy`],
 //! failure detection in [`crate::membership`].
 
+pub mod backoff;
 pub mod peers;

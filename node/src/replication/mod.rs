@@ -46,11 +46,6 @@ pub const FEED_CAPACITY: usize = 16_384;
 /// How long a broadcast waits for a peer's acknowledgement, and a send without one for the
 /// stream to take its frame.
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a batch sent to the relay may go unconfirmed by QUIC (the relay's transport
-/// acknowledging the whole stream, about one round trip) before the origin sends it to every
-/// peer itself: a relay that died keeps its cached connection until the idle timeout, and its
-/// batches would otherwise wait for anti-entropy.
-const RELAY_DELIVERY_TIMEOUT: Duration = Duration::from_secs(1);
 /// Received batches waiting to be merged into the relay's window; when full, the changes are
 /// left to anti-entropy (counted in `verge_broadcast_dropped_total`).
 const RELAY_QUEUE: usize = 1024;
@@ -75,6 +70,11 @@ pub struct ReplicationConfig {
     pub anti_entropy_interval: Duration,
     /// How long a relay merges the changes it forwards.
     pub relay_window: Duration,
+    /// How long a batch sent to the relay may go unconfirmed by QUIC (the relay's transport
+    /// acknowledging the whole stream, about one round trip) before the origin sends it to
+    /// every peer itself: a relay that died keeps its cached connection until the idle
+    /// timeout, and its batches would otherwise wait for anti-entropy.
+    pub relay_delivery_timeout: Duration,
     /// Who gets a batch.
     pub policy: BroadcastPolicy,
     /// This start's SWIM generation: above every earlier start's of the same data directory
@@ -584,7 +584,7 @@ impl Replication {
             self.metrics.gossip_batches_sent.inc();
             if !ack {
                 tokio::spawn(async move {
-                    let _ = deliver(&conn, &message, &metrics, false).await;
+                    let _ = deliver(&conn, &message, &metrics, None).await;
                 });
                 continue;
             }
@@ -614,7 +614,8 @@ impl Replication {
         self.metrics.gossip_batches_sent.inc();
         let this = Arc::clone(self);
         tokio::spawn(async move {
-            if deliver(&conn, &message, &this.metrics, true).await {
+            let confirm = Some(this.config.relay_delivery_timeout);
+            if deliver(&conn, &message, &this.metrics, confirm).await {
                 return;
             }
             tracing::debug!(relay = %hub, "the relay did not take a batch; sending it to every peer");
@@ -867,17 +868,17 @@ impl Replication {
 
 /// Sends `message` on a new stream without waiting for an answer. With `confirm`, waits until
 /// the peer's QUIC stack acknowledged the whole stream (or stopped it after reading), at most
-/// [`RELAY_DELIVERY_TIMEOUT`]. Returns whether the frame went out (and was confirmed).
+/// that long. Returns whether the frame went out (and was confirmed).
 async fn deliver(
     conn: &Connection,
     message: &PeerMessage,
     metrics: &Metrics,
-    confirm: bool,
+    confirm: Option<Duration>,
 ) -> bool {
     let attempt = async {
         let (mut send, _recv) = conn.open_bi().await.map_err(TransportError::from)?;
         transport::write_frame(&mut send, message, metrics).await?;
-        if confirm {
+        if confirm.is_some() {
             let _ = send.finish();
             // Stopped by the receiver after it read the frame, or fully acknowledged: either
             // way the relay has it.
@@ -886,11 +887,7 @@ async fn deliver(
         transport::finish(send);
         Ok(true)
     };
-    let limit = if confirm {
-        RELAY_DELIVERY_TIMEOUT
-    } else {
-        ACK_TIMEOUT
-    };
+    let limit = confirm.unwrap_or(ACK_TIMEOUT);
     matches!(tokio::time::timeout(limit, attempt).await, Ok(Ok(true)))
 }
 

@@ -15,6 +15,7 @@ use quinn::{
     TransportConfig, VarInt,
 };
 use tokio::time::Instant;
+use verge_core::replication::backoff::DialBackoff;
 use verge_core::wire::{PeerMessage, WireError};
 
 use crate::metrics::Metrics;
@@ -24,10 +25,6 @@ use crate::tls::{CLUSTER_SERVER_NAME, NodeTls};
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 /// Keep-alive interval, well under the idle timeout so live links never time out.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(1);
-/// First and largest wait between dial attempts to an unreachable peer.
-pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
-/// See [`BACKOFF_MIN`].
-pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Most concurrent streams a peer may open on one connection.
 pub const STREAMS_PER_CONNECTION_MAX: u32 = 256;
 /// How long a dial may take.
@@ -76,8 +73,7 @@ struct PeerSlot {
     conn: Option<Connection>,
     /// How many connections to the peer were made so far: numbers the current one.
     dialled: u64,
-    backoff: Duration,
-    retry_at: Option<Instant>,
+    backoff: DialBackoff,
 }
 
 impl PeerSlot {
@@ -85,8 +81,7 @@ impl PeerSlot {
         Self {
             conn: None,
             dialled: 0,
-            backoff: BACKOFF_MIN,
-            retry_at: None,
+            backoff: DialBackoff::default(),
         }
     }
 }
@@ -97,6 +92,8 @@ pub struct Transport {
     endpoint: Endpoint,
     client: ClientConfig,
     peers: Mutex<HashMap<SocketAddr, PeerSlot>>,
+    /// The origin of the back-off's monotonic clock.
+    started: Instant,
 }
 
 /// Key material: derived from `seed` in simulations, random otherwise.
@@ -228,7 +225,13 @@ impl Transport {
             endpoint,
             client,
             peers: Mutex::new(HashMap::new()),
+            started: Instant::now(),
         })
+    }
+
+    /// Milliseconds since the endpoint was bound, on the monotonic clock.
+    fn now_ms(&self) -> i64 {
+        i64::try_from(self.started.elapsed().as_millis()).unwrap_or(i64::MAX)
     }
 
     /// The bound address.
@@ -269,7 +272,7 @@ impl Transport {
                 }
                 slot.conn = None;
             }
-            if slot.retry_at.is_some_and(|t| Instant::now() < t) {
+            if !slot.backoff.allows(self.now_ms()) {
                 return Err(TransportError::BackingOff(addr));
             }
         }
@@ -285,13 +288,11 @@ impl Transport {
                 }
                 slot.conn = Some(conn.clone());
                 slot.dialled += 1;
-                slot.backoff = BACKOFF_MIN;
-                slot.retry_at = None;
+                slot.backoff.reset();
                 Ok((conn, true))
             }
             Err(e) => {
-                slot.retry_at = Some(Instant::now() + slot.backoff);
-                slot.backoff = (slot.backoff * 2).min(BACKOFF_MAX);
+                slot.backoff.failed(self.now_ms());
                 Err(e)
             }
         }
@@ -320,8 +321,7 @@ impl Transport {
     pub fn reset_backoff(&self, addr: SocketAddr) {
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(slot) = peers.get_mut(&addr) {
-            slot.backoff = BACKOFF_MIN;
-            slot.retry_at = None;
+            slot.backoff.reset();
         }
     }
 
