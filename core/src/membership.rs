@@ -20,8 +20,13 @@ use serde::{Deserialize, Serialize};
 
 /// Longest node name carried in membership packets.
 pub const NODE_NAME_BYTES_MAX: usize = 64;
-/// Largest membership packet; well under a QUIC stream frame, small enough to send often.
-pub const MEMBERSHIP_PACKET_BYTES_MAX: usize = 1400;
+/// Largest membership packet: it travels as one QUIC datagram, whose payload is at least about
+/// 1,150 bytes on any path QUIC runs over (1,200-byte packets), with room for the datagram's
+/// own header ([`DATAGRAM_HEADER`]).
+pub const MEMBERSHIP_PACKET_BYTES_MAX: usize = 1100;
+/// The bytes before a membership packet in a QUIC datagram: the wire protocol version and the
+/// datagram's kind (1: membership). Peers accept only these.
+pub const DATAGRAM_HEADER: [u8; 2] = [crate::wire::PROTOCOL_VERSION, 1];
 
 /// A member of the cluster as SWIM knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -305,15 +305,70 @@ impl Replication {
     /// Serves the streams a peer opens on `conn` until it closes.
     async fn serve_connection(self: Arc<Self>, conn: Connection) {
         loop {
-            match conn.accept_bi().await {
-                Ok((send, recv)) => {
-                    let this = Arc::clone(&self);
-                    let conn = conn.clone();
-                    tokio::spawn(async move { this.serve_stream(conn, send, recv).await });
-                }
-                Err(_) => return,
+            tokio::select! {
+                // Biased: an unbiased select draws its order from a random source the simulator
+                // does not seed.
+                biased;
+                stream = conn.accept_bi() => match stream {
+                    Ok((send, recv)) => {
+                        let this = Arc::clone(&self);
+                        let conn = conn.clone();
+                        tokio::spawn(async move { this.serve_stream(conn, send, recv).await });
+                    }
+                    Err(_) => return,
+                },
+                datagram = conn.read_datagram() => match datagram {
+                    Ok(datagram) => self.receive_datagram(&conn, &datagram),
+                    Err(_) => return,
+                },
             }
         }
+    }
+
+    /// A membership packet that came as a QUIC datagram: handed to the membership task, or
+    /// dropped (counted) when it is malformed or the task is behind; SWIM copes with loss.
+    fn receive_datagram(&self, conn: &Connection, datagram: &[u8]) {
+        let Some(packet) = datagram.strip_prefix(&membership::DATAGRAM_HEADER) else {
+            self.metrics.peer_refused("datagram");
+            tracing::debug!(peer = %conn.remote_address(), "a datagram of an unknown kind or version");
+            return;
+        };
+        if self
+            .membership_tx
+            .try_send(MembershipInput::Data(packet.to_vec()))
+            .is_err()
+        {
+            self.metrics.peer_refused("membership_queue_full");
+        }
+    }
+
+    /// Sends a membership packet: as one QUIC datagram on the open connection (no stream, no
+    /// task), else on a stream of a connection dialled for it (a peer not connected yet, or
+    /// one that takes no datagrams).
+    fn send_membership(self: &Arc<Self>, to: SocketAddr, data: Vec<u8>) {
+        if let Some(conn) = self.transport.cached(to) {
+            let len = membership::DATAGRAM_HEADER.len() + data.len();
+            if conn.max_datagram_size().is_some_and(|max| len <= max) {
+                let mut datagram = Vec::with_capacity(len);
+                datagram.extend_from_slice(&membership::DATAGRAM_HEADER);
+                datagram.extend_from_slice(&data);
+                if conn.send_datagram(datagram.into()).is_ok() {
+                    self.metrics.peer_message_sent("membership");
+                }
+                return;
+            }
+        }
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let Ok(conn) = this.connect(to).await else {
+                return;
+            };
+            if let Ok((mut send, _recv)) = conn.open_bi().await {
+                let message = PeerMessage::Membership(data);
+                let _ = transport::write_frame(&mut send, &message, &this.metrics).await;
+                transport::finish(send);
+            }
+        });
     }
 
     async fn serve_stream(
@@ -796,20 +851,7 @@ impl Replication {
     fn carry_out(self: &Arc<Self>, outputs: Vec<MembershipOutput>) {
         for output in outputs {
             match output {
-                MembershipOutput::Send { to, data } => {
-                    let this = Arc::clone(self);
-                    tokio::spawn(async move {
-                        let Ok(conn) = this.connect(to).await else {
-                            return;
-                        };
-                        if let Ok((mut send, _recv)) = conn.open_bi().await {
-                            let message = PeerMessage::Membership(data);
-                            let _ =
-                                transport::write_frame(&mut send, &message, &this.metrics).await;
-                            transport::finish(send);
-                        }
-                    });
-                }
+                MembershipOutput::Send { to, data } => self.send_membership(to, data),
                 MembershipOutput::Schedule { after, timer } => {
                     let tx = self.membership_tx.clone();
                     tokio::spawn(async move {
