@@ -4,9 +4,11 @@
 //! - [`peers`]: the member table and when to dial, reconcile with and compare clocks with
 //!   each member.
 //! - [`backoff`]: when to dial an unreachable peer again.
+//! - [`timers`]: the timers a machine asked for, in one queue.
 //!
 //! Batching and routing are in [`crate::gossip`], reconciliation in [`crate::anti_entropy`],
 //! failure detection in [`crate::membership`].
 
 pub mod backoff;
 pub mod peers;
+pub mod timers;

@@ -34,6 +34,7 @@ use verge_core::gossip::{
 use verge_core::membership::{self, MemberId, Membership, Output as MembershipOutput};
 pub use verge_core::replication::peers::CLOCK_SKEW_WARN_MS;
 use verge_core::replication::peers::{Action, ClockStanding, Learned, Peers};
+use verge_core::replication::timers::TimerQueue;
 use verge_core::wire::{ChangeBatch, DocChanges, PeerMessage};
 
 use crate::clock::Clock;
@@ -111,8 +112,8 @@ const CLOCK_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Input of the membership task.
 #[derive(Debug)]
 enum MembershipInput {
+    /// A packet from a peer.
     Data(Vec<u8>),
-    Timer(foca::Timer<MemberId>),
 }
 
 /// Membership packets and timers waiting for the membership task.
@@ -826,38 +827,52 @@ impl Replication {
         mut rx: mpsc::Receiver<MembershipInput>,
         mut stop: watch::Receiver<bool>,
     ) {
+        // SWIM's timers wait here, not in a sleeping task each.
+        let mut timers = TimerQueue::new();
         membership.announce_to_seeds();
-        self.carry_out(membership.drain());
+        self.carry_out(membership.drain(), &mut timers);
         loop {
+            let wake = timers
+                .next_deadline()
+                .map(|at| self.started + Duration::from_millis(u64::try_from(at).unwrap_or(0)));
             let input = tokio::select! {
                 biased;
-                input = rx.recv() => input,
+                input = rx.recv() => match input {
+                    Some(MembershipInput::Data(data)) => Some(data),
+                    None => return,
+                },
+                () = tokio::time::sleep_until(wake.unwrap_or_else(tokio::time::Instant::now)),
+                    if wake.is_some() => None,
                 _ = stop.wait_for(|s| *s) => return,
             };
             match input {
-                Some(MembershipInput::Data(data)) => {
+                Some(data) => {
                     if let Err(e) = membership.handle_data(&data) {
                         self.metrics.peer_refused("membership");
                         tracing::debug!(error = %e, "refused a membership packet");
                     }
                 }
-                Some(MembershipInput::Timer(timer)) => membership.handle_timer(timer),
-                None => return,
+                None => {
+                    for timer in timers.pop_due(self.mono_ms()) {
+                        membership.handle_timer(timer);
+                    }
+                }
             }
-            self.carry_out(membership.drain());
+            self.carry_out(membership.drain(), &mut timers);
         }
     }
 
-    fn carry_out(self: &Arc<Self>, outputs: Vec<MembershipOutput>) {
+    fn carry_out(
+        self: &Arc<Self>,
+        outputs: Vec<MembershipOutput>,
+        timers: &mut TimerQueue<foca::Timer<MemberId>>,
+    ) {
         for output in outputs {
             match output {
                 MembershipOutput::Send { to, data } => self.send_membership(to, data),
                 MembershipOutput::Schedule { after, timer } => {
-                    let tx = self.membership_tx.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(after).await;
-                        let _ = tx.send(MembershipInput::Timer(timer)).await;
-                    });
+                    let after_ms = i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
+                    timers.schedule(self.mono_ms(), after_ms, timer);
                 }
                 MembershipOutput::Up(member) => {
                     self.learn(member.addr);
