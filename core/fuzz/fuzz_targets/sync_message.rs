@@ -11,10 +11,10 @@ use automerge::ActorId;
 use automerge::sync::{Message, State};
 use libfuzzer_sys::fuzz_target;
 use serde_json::json;
-use verge_core::document::{
-    apply, generate_sync_message, new_document, receive_sync_message, Expiry, Write,
-};
 use verge_core::Op;
+use verge_core::document::{
+    Expiry, Write, apply, generate_sync_message, new_document, receive_sync_message,
+};
 
 fuzz_target!(
     init: std::panic::set_hook(Box::new(|_| {})),
