@@ -15,7 +15,6 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use tokio::sync::{broadcast, mpsc, oneshot};
-use verge_core::anti_entropy::DigestIndex;
 use verge_core::document::{self, Lifecycle, load_document, new_document};
 use verge_core::incarnation;
 use verge_core::limits::{DOC_BYTES_MAX, SYNC_MESSAGE_BYTES_MAX};
@@ -24,6 +23,7 @@ use verge_core::{ApplyError, DocId, Expiry, Write, heads_to_hex};
 use crate::cache::{DocCache, MEMORY_PER_DOC, MEMORY_PER_STORED_BYTE};
 use crate::clock::Clock;
 use crate::metrics::Metrics;
+use crate::replication::{LocalChange, ReplicaWaiter};
 use crate::store::writer::{CommitError, Job, QueueSlot, WriterHandle};
 use crate::store::{DocMeta, Mutation, Store, StoreError};
 
@@ -174,10 +174,18 @@ pub struct Documents {
     events: broadcast::Sender<Arc<ChangeEvent>>,
     compaction_tx: mpsc::Sender<DocId>,
     config: DocumentsConfig,
-    digests: Mutex<DigestIndex>,
-    /// The origin of [`Self::mono_ms`].
-    started: tokio::time::Instant,
-    feed: OnceLock<mpsc::Sender<LocalChange>>,
+    /// Told of every commit (replication). Set once, when replication starts.
+    listener: OnceLock<Arc<dyn CommitListener>>,
+}
+
+/// Follows the node's commits: replication keeps its digest index and broadcast feed with
+/// them, so that this service knows neither.
+pub trait CommitListener: Send + Sync + std::fmt::Debug {
+    /// `doc` now stands at `heads` here: durably, after a write or a received change; or
+    /// once queued, after a purge left a stub. `local` holds the changes made through this
+    /// node's API or a client's sync, for the broadcast. Called on the committing task: it
+    /// must not block.
+    fn committed(&self, doc: &DocId, heads: &[ChangeHash], local: Option<LocalChange>);
 }
 
 impl std::fmt::Debug for Documents {
@@ -220,48 +228,25 @@ impl Documents {
             events,
             compaction_tx,
             config,
-            digests: Mutex::new(DigestIndex::new()),
-            started: tokio::time::Instant::now(),
-            feed: OnceLock::new(),
+            listener: OnceLock::new(),
         });
         (docs, compaction_rx)
     }
 
-    /// Hands changes made here to replication. Set once, when replication starts.
-    pub fn set_feed(&self, feed: mpsc::Sender<LocalChange>) {
-        let _ = self.feed.set(feed);
+    /// Sets who is told of commits. Set once, when replication starts.
+    pub fn set_listener(&self, listener: Arc<dyn CommitListener>) {
+        let _ = self.listener.set(listener);
     }
 
-    /// Fills the digest index from the store; called once at start-up.
-    pub fn load_digests(&self) -> Result<usize, DocError> {
-        let mut index = DigestIndex::new();
+    /// Calls `visit` with every stored document's id and heads (for an index of them).
+    pub fn scan_heads(&self, mut visit: impl FnMut(&DocId, &[ChangeHash])) -> Result<(), DocError> {
         self.store.scan_meta("", None, |id, meta| {
             if let Ok(id) = DocId::new(id) {
-                index.update(&id, &meta.heads);
+                visit(&id, &meta.heads);
             }
             true
         })?;
-        let n = index.len();
-        *lock(&self.digests) = index;
-        Ok(n)
-    }
-
-    /// A sealed negentropy storage of every document's digest, for anti-entropy.
-    pub fn digest_storage(&self) -> negentropy::NegentropyStorageVector {
-        lock(&self.digests).storage()
-    }
-
-    /// The document with this digest, if this node holds it at those heads.
-    pub fn doc_for_digest(&self, digest: &[u8; 32]) -> Option<DocId> {
-        lock(&self.digests).doc_for(digest).cloned()
-    }
-
-    /// The document with this digest, if this node holds it at those heads and it has not
-    /// changed for a moment (see `verge_core::anti_entropy::SETTLE_MS`).
-    pub fn settled_doc_for_digest(&self, digest: &[u8; 32]) -> Option<DocId> {
-        lock(&self.digests)
-            .settled_doc_for(digest, self.mono_ms())
-            .cloned()
+        Ok(())
     }
 
     /// The actor this node writes new changes as.
@@ -286,13 +271,6 @@ impl Documents {
 
     fn now_ms(&self) -> i64 {
         self.clock.now_ms()
-    }
-
-    /// Milliseconds since the service started, on the monotonic clock: when a document last
-    /// changed, for anti-entropy's settle time (a wall clock stepping back must not hold
-    /// documents out of repair).
-    fn mono_ms(&self) -> i64 {
-        i64::try_from(self.started.elapsed().as_millis()).unwrap_or(i64::MAX)
     }
 
     fn entry(&self, id: &DocId) -> Arc<Entry> {
@@ -589,8 +567,8 @@ impl Documents {
         }
     }
 
-    /// Waits for the durable commit of queued changes, then tells watchers and, for changes
-    /// made here, the replication feed.
+    /// Waits for the durable commit of queued changes, then tells watchers and the commit
+    /// listener (with the changes, when made here).
     async fn finish(
         &self,
         entry: &Arc<Entry>,
@@ -602,20 +580,14 @@ impl Documents {
         match outcome {
             Ok(()) => {
                 self.metrics.writes.inc();
-                lock(&self.digests).update_at(&entry.id, &pending.heads, self.mono_ms());
                 let _ = self.events.send(Arc::new(pending.event));
-                if origin == Origin::Client
-                    && let Some(feed) = self.feed.get()
-                {
-                    let change = LocalChange {
+                if let Some(listener) = self.listener.get() {
+                    let local = (origin == Origin::Client).then(|| LocalChange {
                         doc: entry.id.clone(),
                         changes: pending.changes,
                         waiter,
-                    };
-                    if feed.try_send(change).is_err() {
-                        // Anti-entropy repairs what the broadcast misses.
-                        self.metrics.broadcast_dropped.inc();
-                    }
+                    });
+                    listener.committed(&entry.id, &pending.heads, local);
                 }
                 Ok(pending.heads)
             }
@@ -983,7 +955,9 @@ impl Documents {
                 change_rows: 0,
                 stub: true,
             };
-            lock(&self.digests).update_at(&id, &meta.heads, self.mono_ms());
+            if let Some(listener) = self.listener.get() {
+                listener.committed(&id, &meta.heads, None);
+            }
             *slot = Slot {
                 doc: stub,
                 meta: meta.clone(),
@@ -1045,49 +1019,4 @@ pub struct RemoteApplied {
     /// were sent before but are still on their way, e.g. through the relay): the batch is not
     /// durable here yet.
     pub incomplete: bool,
-}
-
-/// Changes committed here, handed to replication for broadcast.
-#[derive(Debug)]
-pub struct LocalChange {
-    /// The document.
-    pub doc: DocId,
-    /// The encoded changes.
-    pub changes: Vec<Vec<u8>>,
-    /// Counts the peers that persisted the changes, for `?replicas=N`.
-    pub waiter: Option<Arc<ReplicaWaiter>>,
-}
-
-/// Counts peer acknowledgements of one write.
-#[derive(Debug, Default)]
-pub struct ReplicaWaiter {
-    acked: std::sync::atomic::AtomicUsize,
-    notify: tokio::sync::Notify,
-}
-
-impl ReplicaWaiter {
-    /// Records that one more peer persisted the write.
-    pub fn ack(&self) {
-        self.acked.fetch_add(1, Ordering::AcqRel);
-        self.notify.notify_waiters();
-    }
-
-    /// Peers that persisted the write so far.
-    pub fn acked(&self) -> usize {
-        self.acked.load(Ordering::Acquire)
-    }
-
-    /// Waits until `n` peers persisted the write or `timeout` passes; returns the count.
-    pub async fn wait(&self, n: usize, timeout: std::time::Duration) -> usize {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let notified = self.notify.notified();
-            if self.acked() >= n {
-                return self.acked();
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return self.acked();
-            }
-        }
-    }
 }

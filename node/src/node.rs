@@ -251,7 +251,9 @@ where
             }
         }));
     }
-    let indexed = docs.load_digests().map_err(NodeError::Index)?;
+    let (follower, feed, indexed) =
+        crate::replication::Follower::start(&docs, Arc::clone(&metrics))
+            .map_err(NodeError::Index)?;
 
     let generation = if space.full() {
         // A write to a full disk would latch redb's failure and take reads down with it.
@@ -287,6 +289,7 @@ where
         node_id.clone(),
         transport,
         Arc::clone(&docs),
+        (follower, feed),
         Arc::clone(&metrics),
         Arc::clone(&clock),
         draw.next_u64(),

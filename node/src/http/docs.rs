@@ -15,7 +15,7 @@ use verge_core::{DocId, Expiry, Op, Write, heads_to_hex};
 
 use super::serve::BodyCut;
 use super::{ApiError, AppState};
-use crate::documents::ReplicaWaiter;
+use crate::replication::ReplicaWaiter;
 
 /// Most peers a write may wait for.
 pub const REPLICAS_MAX: usize = 16;

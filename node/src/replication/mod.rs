@@ -15,6 +15,7 @@
 //! The decisions (routing, batching, reconciliation) live in `verge_core`; this module drives
 //! them with sockets, tasks and the clock.
 
+pub mod follow;
 mod session;
 pub mod transport;
 
@@ -38,12 +39,11 @@ use verge_core::replication::timers::TimerQueue;
 use verge_core::wire::{ChangeBatch, DocChanges, PeerMessage};
 
 use crate::clock::Clock;
-use crate::documents::{Documents, LocalChange, ReplicaWaiter};
+use crate::documents::Documents;
 use crate::metrics::Metrics;
+pub use follow::{FEED_CAPACITY, Follower, LocalChange, ReplicaWaiter};
 pub use transport::{Transport, TransportError};
 
-/// Local changes waiting to be batched; when full, changes are left to anti-entropy.
-pub const FEED_CAPACITY: usize = 16_384;
 /// How long a broadcast waits for a peer's acknowledgement, and a send without one for the
 /// stream to take its frame.
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -141,6 +141,8 @@ pub struct Replication {
     started: tokio::time::Instant,
     /// Who the members are and what to do with them next.
     peers: Mutex<Peers>,
+    /// The digest index and the feed of local changes, following the node's commits.
+    follower: Arc<Follower>,
     /// Acknowledged batches in flight per member (`lag_batches` in status).
     in_flight: Mutex<BTreeMap<SocketAddr, Arc<AtomicUsize>>>,
     next_batch_id: AtomicU64,
@@ -162,6 +164,7 @@ impl Replication {
         node_name: String,
         transport: Transport,
         docs: Arc<Documents>,
+        (follower, feed_rx): (Arc<Follower>, mpsc::Receiver<LocalChange>),
         metrics: Arc<Metrics>,
         clock: Arc<dyn Clock>,
         seed: u64,
@@ -185,6 +188,7 @@ impl Replication {
             clock,
             started: tokio::time::Instant::now(),
             peers: Mutex::new(peers),
+            follower,
             in_flight: Mutex::default(),
             next_batch_id: AtomicU64::new(seed),
             membership_tx: membership_tx.clone(),
@@ -208,8 +212,6 @@ impl Replication {
             seed,
             membership::config(seeds.len() as u32 + 1),
         );
-        let (feed_tx, feed_rx) = mpsc::channel(FEED_CAPACITY);
-        docs.set_feed(feed_tx);
         let tasks = vec![
             tokio::spawn(Arc::clone(&repl).accept_loop(stop.clone())),
             tokio::spawn(Arc::clone(&repl).broadcast_loop(feed_rx, relay_rx, stop.clone())),
@@ -892,6 +894,11 @@ impl Replication {
         }
     }
 
+    /// The digest index anti-entropy reconciles.
+    pub(crate) fn follower(&self) -> &Follower {
+        &self.follower
+    }
+
     pub(crate) fn docs(&self) -> &Arc<Documents> {
         &self.docs
     }
@@ -913,9 +920,9 @@ impl Replication {
             .iter()
             .filter_map(|d| {
                 if catch_up {
-                    self.docs.doc_for_digest(d)
+                    self.follower.doc_for_digest(d)
                 } else {
-                    self.docs.settled_doc_for_digest(d)
+                    self.follower.settled_doc_for_digest(d)
                 }
             })
             .filter(|id| seen.insert(id.clone()))

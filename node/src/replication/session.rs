@@ -66,7 +66,7 @@ pub async fn run_anti_entropy(
 ) -> Result<usize, SessionError> {
     let started = tokio::time::Instant::now();
     let (mut send, mut recv) = conn.open_bi().await?;
-    let (mut init, first) = Initiator::start(repl.docs().digest_storage())
+    let (mut init, first) = Initiator::start(repl.follower().digest_storage())
         .map_err(|e| SessionError::Protocol(e.to_string()))?;
     repl.metrics().anti_entropy_bytes.inc_by(first.len() as u64);
     transport::write_frame(
@@ -254,7 +254,7 @@ pub async fn respond_reconcile(
     mut recv: RecvStream,
     first: Vec<u8>,
 ) -> Result<(), TransportError> {
-    let mut responder = match Responder::new(repl.docs().digest_storage()) {
+    let mut responder = match Responder::new(repl.follower().digest_storage()) {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, "cannot answer reconciliation");
