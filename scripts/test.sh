@@ -18,12 +18,6 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "docs (rustdoc, warnings denied)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 
-step "fuzz targets (build, and a seeded smoke run of each on stable)"
-cargo fmt --manifest-path fuzz/Cargo.toml -- --check
-cargo clippy --manifest-path fuzz/Cargo.toml --all-targets --locked --target-dir target -- -D warnings
-cargo build --manifest-path fuzz/Cargo.toml --bins --locked --target-dir target
-cargo test --manifest-path fuzz/Cargo.toml --locked --target-dir target
-
 step "fuzz targets build (run them with cargo +nightly fuzz, docs/security.md)"
 cargo build --manifest-path core/fuzz/Cargo.toml --bins --locked --target-dir target
 
