@@ -90,6 +90,8 @@ pub struct Metrics {
     pub peers_up: Gauge,
     /// Peers currently unreachable.
     pub peers_down: Gauge,
+    /// Batches the relay did not take in time, sent to every peer by their origin instead.
+    pub relay_fallbacks: Counter,
     /// Reads of stored documents that did not load (a damaged store).
     pub documents_unreadable: Counter,
     /// API requests whose handler panicked (answered `500 internal`).
@@ -157,6 +159,7 @@ impl Metrics {
             peer_clock_offset_max_ms: Gauge::default(),
             storage_free_bytes: Gauge::default(),
             documents_unreadable: Counter::default(),
+            relay_fallbacks: Counter::default(),
             api_panics: Counter::default(),
             storage_read_only: Gauge::default(),
             peer_clock_skews: Counter::default(),
@@ -321,6 +324,11 @@ impl Metrics {
             m.anti_entropy_reconcile_seconds.clone(),
         );
         registry.register("peers_up", "Peers currently reachable", m.peers_up.clone());
+        registry.register(
+            "relay_fallbacks",
+            "Batches the relay did not confirm in time, sent to every peer by their origin instead",
+            m.relay_fallbacks.clone(),
+        );
         registry.register(
             "documents_unreadable",
             "Reads of stored documents that did not load (a damaged store; see verge check)",

@@ -4,11 +4,14 @@
 //! - [`peers`]: the member table and when to dial, reconcile with and compare clocks with
 //!   each member.
 //! - [`backoff`]: when to dial an unreachable peer again.
+//! - [`deliveries`]: batches sent to the relay and not yet confirmed, and acknowledgements
+//!   writers wait for.
 //! - [`timers`]: the timers a machine asked for, in one queue.
 //!
 //! Batching and routing are in [`crate::gossip`], reconciliation in [`crate::anti_entropy`],
 //! failure detection in [`crate::membership`].
 
 pub mod backoff;
+pub mod deliveries;
 pub mod peers;
 pub mod timers;

@@ -33,6 +33,7 @@ use verge_core::gossip::{
     Batcher, BroadcastPolicy, HOPS_FINAL, HOPS_TO_RELAY, RelayBatcher, Route, forwards,
 };
 use verge_core::membership::{self, MemberId, Membership, Output as MembershipOutput};
+use verge_core::replication::deliveries::{Deliveries, Expired};
 pub use verge_core::replication::peers::CLOCK_SKEW_WARN_MS;
 use verge_core::replication::peers::{Action, ClockStanding, Learned, Peers};
 use verge_core::replication::timers::TimerQueue;
@@ -149,7 +150,28 @@ pub struct Replication {
     membership_tx: mpsc::Sender<MembershipInput>,
     /// To the broadcast task, which owns the relay's window.
     relay_tx: mpsc::Sender<Relayed>,
+    /// To the broadcast task, which owns the deliveries in flight: what streams did.
+    delivery_tx: mpsc::Sender<Delivery>,
 }
+
+/// What a stream carrying a batch did, for the deliveries in flight.
+#[derive(Debug, Clone, Copy)]
+enum Delivery {
+    /// The relay's transport confirmed the batch.
+    RelayTook(u64),
+    /// The batch could not be sent to the relay.
+    RelayRefused(u64),
+    /// The peer answered `Persisted` for the batch.
+    Acked(u64, SocketAddr),
+}
+
+/// Stream outcomes waiting for the broadcast task; beyond it one is lost: an acknowledgement
+/// (the writer waiting for it times out, its write durable all the same) or a relay's
+/// confirmation (the batch is then sent to everyone too, which is harmless).
+const DELIVERY_EVENTS_MAX: usize = 4096;
+
+/// The deliveries in flight, owned by the broadcast task.
+type InFlight = Deliveries<Vec<DocChanges>, Arc<ReplicaWaiter>>;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -172,6 +194,7 @@ impl Replication {
     ) -> Result<(Arc<Self>, Vec<JoinHandle<()>>), TransportError> {
         let (membership_tx, membership_rx) = mpsc::channel(MEMBERSHIP_QUEUE);
         let (relay_tx, relay_rx) = mpsc::channel(RELAY_QUEUE);
+        let (delivery_tx, delivery_rx) = mpsc::channel(DELIVERY_EVENTS_MAX);
         let local_addr = match config.advertise_addr {
             Some(addr) => addr,
             None => transport.local_addr()?,
@@ -193,6 +216,7 @@ impl Replication {
             next_batch_id: AtomicU64::new(seed),
             membership_tx: membership_tx.clone(),
             relay_tx,
+            delivery_tx,
         });
         let me = MemberId {
             addr: local_addr,
@@ -214,7 +238,12 @@ impl Replication {
         );
         let tasks = vec![
             tokio::spawn(Arc::clone(&repl).accept_loop(stop.clone())),
-            tokio::spawn(Arc::clone(&repl).broadcast_loop(feed_rx, relay_rx, stop.clone())),
+            tokio::spawn(Arc::clone(&repl).broadcast_loop(
+                feed_rx,
+                relay_rx,
+                delivery_rx,
+                stop.clone(),
+            )),
             tokio::spawn(Arc::clone(&repl).tick_loop(stop.clone())),
             tokio::spawn(Arc::clone(&repl).membership_loop(membership, membership_rx, stop)),
         ];
@@ -508,8 +537,10 @@ impl Replication {
         self: Arc<Self>,
         mut feed: mpsc::Receiver<LocalChange>,
         mut relayed: mpsc::Receiver<Relayed>,
+        mut deliveries_rx: mpsc::Receiver<Delivery>,
         mut stop: watch::Receiver<bool>,
     ) {
+        let mut deliveries: InFlight = Deliveries::new();
         let window_ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
         let bytes_max = self.config.batch_bytes_max;
         let mut local = Batcher::new(window_ms(self.config.batch_window), bytes_max);
@@ -518,13 +549,18 @@ impl Replication {
         enum Input {
             Local(LocalChange),
             Relayed(Relayed),
+            Delivery(Delivery),
             Due,
         }
         loop {
-            let due_at = [local.poll_timeout(), relay.poll_timeout()]
-                .into_iter()
-                .flatten()
-                .min();
+            let due_at = [
+                local.poll_timeout(),
+                relay.poll_timeout(),
+                deliveries.next_deadline(),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             let now = self.mono_ms();
             let due_in = due_at.map(|t| Duration::from_millis(u64::try_from(t - now).unwrap_or(0)));
             let input = tokio::select! {
@@ -537,6 +573,10 @@ impl Replication {
                     Some(batch) => Input::Relayed(batch),
                     None => return,
                 },
+                event = deliveries_rx.recv() => match event {
+                    Some(event) => Input::Delivery(event),
+                    None => return,
+                },
                 _ = tokio::time::sleep(due_in.unwrap_or(Duration::from_secs(3600))), if due_in.is_some() => Input::Due,
                 _ = stop.wait_for(|s| *s) => return,
             };
@@ -545,25 +585,57 @@ impl Replication {
                 Input::Local(change) => {
                     if !local.fits(&change.changes) {
                         let docs = local.take();
-                        self.route_local(now, docs, std::mem::take(&mut waiters), &mut relay);
+                        let waiting = std::mem::take(&mut waiters);
+                        self.route_local(now, docs, waiting, &mut relay, &mut deliveries);
                     }
                     waiters.extend(change.waiter);
                     local.push(now, change.doc, change.changes);
                 }
                 Input::Relayed(Relayed { from, docs }) => {
                     if !relay.fits(&docs) {
-                        self.forward(relay.take(&self.peer_addrs()));
+                        self.forward(relay.take(&self.peer_addrs()), now, &mut deliveries);
                     }
                     relay.push(now, from, docs);
+                }
+                Input::Delivery(Delivery::RelayTook(batch)) => deliveries.relay_took(batch),
+                Input::Delivery(Delivery::RelayRefused(batch)) => {
+                    if let Some((hub, docs)) = deliveries.relay_refused(batch) {
+                        self.fall_back(hub, docs, now, &mut deliveries);
+                    }
+                }
+                Input::Delivery(Delivery::Acked(batch, peer)) => {
+                    for waiter in deliveries.acked(batch, peer) {
+                        waiter.ack();
+                    }
                 }
                 Input::Due => {}
             }
             if local.due(now) {
                 let docs = local.take();
-                self.route_local(now, docs, std::mem::take(&mut waiters), &mut relay);
+                let waiting = std::mem::take(&mut waiters);
+                self.route_local(now, docs, waiting, &mut relay, &mut deliveries);
             }
             if relay.due(now) {
-                self.forward(relay.take(&self.peer_addrs()));
+                self.forward(relay.take(&self.peer_addrs()), now, &mut deliveries);
+            }
+            for expired in deliveries.poll(now) {
+                match expired {
+                    Expired::Fallback {
+                        relay: hub,
+                        payload,
+                        ..
+                    } => {
+                        tracing::debug!(relay = %hub, "the relay did not confirm a batch in time; sending it to every peer");
+                        self.fall_back(hub, payload, now, &mut deliveries);
+                    }
+                    Expired::Acks { batch, missing } => {
+                        tracing::debug!(
+                            batch,
+                            ?missing,
+                            "peers did not acknowledge a batch in time"
+                        );
+                    }
+                }
             }
         }
     }
@@ -575,6 +647,7 @@ impl Replication {
         docs: Vec<DocChanges>,
         waiters: Vec<Arc<ReplicaWaiter>>,
         relay: &mut RelayBatcher,
+        deliveries: &mut InFlight,
     ) {
         if docs.is_empty() {
             return;
@@ -588,11 +661,11 @@ impl Replication {
             |addr| self.transport.cached(addr).is_some(),
         );
         match route {
-            Route::Direct(targets) => self.send_direct(targets, docs, waiters),
-            Route::ToRelay(hub) => self.send_to_relay(hub, docs),
+            Route::Direct(targets) => self.send_direct(targets, docs, waiters, now_ms, deliveries),
+            Route::ToRelay(hub) => self.send_to_relay(hub, docs, now_ms, deliveries),
             Route::OwnRelay => {
                 if !relay.fits(&docs) {
-                    self.forward(relay.take(&peers));
+                    self.forward(relay.take(&peers), now_ms, deliveries);
                 }
                 relay.push(now_ms, self.local_addr, docs);
             }
@@ -600,10 +673,32 @@ impl Replication {
     }
 
     /// Sends what the relay's window gathered, one message per member.
-    fn forward(self: &Arc<Self>, batches: Vec<(SocketAddr, Vec<DocChanges>)>) {
+    fn forward(
+        self: &Arc<Self>,
+        batches: Vec<(SocketAddr, Vec<DocChanges>)>,
+        now: i64,
+        deliveries: &mut InFlight,
+    ) {
         for (peer, docs) in batches {
-            self.send_direct(vec![peer], docs, Vec::new());
+            self.send_direct(vec![peer], docs, Vec::new(), now, deliveries);
         }
+    }
+
+    /// Sends a batch the relay did not take to every other peer.
+    fn fall_back(
+        self: &Arc<Self>,
+        hub: SocketAddr,
+        docs: Vec<DocChanges>,
+        now: i64,
+        deliveries: &mut InFlight,
+    ) {
+        self.metrics.relay_fallbacks.inc();
+        let others = self
+            .peer_addrs()
+            .into_iter()
+            .filter(|a| *a != hub)
+            .collect();
+        self.send_direct(others, docs, Vec::new(), now, deliveries);
     }
 
     fn change_batch(&self, docs: Vec<DocChanges>, hops: u8, ack: bool) -> (u64, PeerMessage) {
@@ -624,6 +719,8 @@ impl Replication {
         targets: Vec<SocketAddr>,
         docs: Vec<DocChanges>,
         waiters: Vec<Arc<ReplicaWaiter>>,
+        now: i64,
+        deliveries: &mut InFlight,
     ) {
         if targets.is_empty() || docs.is_empty() {
             return;
@@ -631,12 +728,17 @@ impl Replication {
         let ack = !waiters.is_empty();
         let (batch_id, message) = self.change_batch(docs, HOPS_FINAL, ack);
         let message = Arc::new(message);
-        let waiters = Arc::new(waiters);
-        for addr in targets {
-            // Down: anti-entropy catches it up when it returns.
-            let Some(conn) = self.transport.cached(addr) else {
-                continue;
-            };
+        // Down: anti-entropy catches it up when it returns.
+        let conns: Vec<(SocketAddr, Connection)> = targets
+            .into_iter()
+            .filter_map(|addr| Some((addr, self.transport.cached(addr)?)))
+            .collect();
+        if ack {
+            let ack_timeout = i64::try_from(ACK_TIMEOUT.as_millis()).unwrap_or(i64::MAX);
+            let asked = conns.iter().map(|(addr, _)| *addr);
+            deliveries.awaiting_acks(now, ack_timeout, batch_id, asked, waiters);
+        }
+        for (addr, conn) in conns {
             let message = Arc::clone(&message);
             let metrics = Arc::clone(&self.metrics);
             self.metrics.gossip_batches_sent.inc();
@@ -647,44 +749,49 @@ impl Replication {
                 continue;
             }
             let in_flight = Arc::clone(lock(&self.in_flight).entry(addr).or_default());
-            let waiters = Arc::clone(&waiters);
+            let events = self.delivery_tx.clone();
             in_flight.fetch_add(1, Ordering::AcqRel);
             tokio::spawn(async move {
                 let acked = send_and_await_ack(&conn, &message, batch_id, &metrics).await;
                 in_flight.fetch_sub(1, Ordering::AcqRel);
                 if acked {
-                    for w in waiters.iter() {
-                        w.ack();
-                    }
+                    let _ = events.try_send(Delivery::Acked(batch_id, addr));
                 }
             });
         }
     }
 
     /// Sends a batch to the relay, which forwards it. When the relay's connection is gone, or
-    /// QUIC does not confirm the stream in time, sends it to every other peer instead.
-    fn send_to_relay(self: &Arc<Self>, hub: SocketAddr, docs: Vec<DocChanges>) {
+    /// its QUIC stack does not confirm the stream within `relay_delivery_timeout` (decided by
+    /// the deliveries in flight), the batch goes to every other peer instead.
+    fn send_to_relay(
+        self: &Arc<Self>,
+        hub: SocketAddr,
+        docs: Vec<DocChanges>,
+        now: i64,
+        deliveries: &mut InFlight,
+    ) {
         let Some(conn) = self.transport.cached(hub) else {
-            self.send_direct(self.peer_addrs(), docs, Vec::new());
+            self.send_direct(self.peer_addrs(), docs, Vec::new(), now, deliveries);
             return;
         };
-        let (_, message) = self.change_batch(docs, HOPS_TO_RELAY, false);
+        let (batch_id, message) = self.change_batch(docs.clone(), HOPS_TO_RELAY, false);
+        let timeout =
+            i64::try_from(self.config.relay_delivery_timeout.as_millis()).unwrap_or(i64::MAX);
+        deliveries.via_relay(now, timeout, batch_id, hub, docs);
         self.metrics.gossip_batches_sent.inc();
-        let this = Arc::clone(self);
+        let metrics = Arc::clone(&self.metrics);
+        let events = self.delivery_tx.clone();
         tokio::spawn(async move {
-            let confirm = Some(this.config.relay_delivery_timeout);
-            if deliver(&conn, &message, &this.metrics, confirm).await {
-                return;
-            }
-            tracing::debug!(relay = %hub, "the relay did not take a batch; sending it to every peer");
-            if let PeerMessage::Changes(batch) = message {
-                let others = this
-                    .peer_addrs()
-                    .into_iter()
-                    .filter(|a| *a != hub)
-                    .collect();
-                this.send_direct(others, batch.docs, Vec::new());
-            }
+            // Bounded by the acknowledgement timeout only to end the task: the fallback is
+            // decided at the relay's deadline.
+            let took = deliver(&conn, &message, &metrics, Some(ACK_TIMEOUT)).await;
+            let event = if took {
+                Delivery::RelayTook(batch_id)
+            } else {
+                Delivery::RelayRefused(batch_id)
+            };
+            let _ = events.try_send(event);
         });
     }
 
