@@ -425,6 +425,34 @@ mod tests {
         );
     }
 
+    /// A partition of an hour: the member is dialled with each dial's end (the back-off is
+    /// the transport's), and the connection that comes back catches up at once, whoever has
+    /// the lower address.
+    #[test]
+    fn a_long_partition_ends_with_a_catch_up() {
+        for (local, other) in [(addr(1), addr(2)), (addr(2), addr(1))] {
+            let mut peers = Peers::new(local, &[other], INTERVAL);
+            assert_eq!(anti_entropy(&peers.tick(0, |_| Some(1))).len(), 1);
+            let mut dials = 0;
+            let mut now = 500;
+            while now < 3_600_000 {
+                let tick = peers.tick(now, |_| None);
+                assert!(anti_entropy(&tick).is_empty());
+                if tick.actions.contains(&Action::Dial(other)) {
+                    dials += 1;
+                    peers.dial_ended(other);
+                }
+                now += 500;
+            }
+            assert_eq!(dials, 7_199, "one dial per tick while it stays unreachable");
+            assert_eq!(
+                anti_entropy(&peers.tick(now, |_| Some(2))),
+                vec![(other, true)],
+                "the new connection catches up at once"
+            );
+        }
+    }
+
     /// The table only ever sees the driver's monotonic time: a wall clock that steps back an
     /// hour (the driver keeps feeding monotonic time) changes nothing, and even a `now` that
     /// went backwards, were a driver to feed one, does not stall a catch-up.
