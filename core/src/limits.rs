@@ -52,6 +52,23 @@ pub const WIRE_MEMBERS_MAX: usize = 1024;
 /// Most document digests in one anti-entropy sync request.
 pub const WIRE_DIGESTS_PER_MESSAGE_MAX: usize = 100_000;
 
+// Replication's queues and sessions. Every queue between a node's replication tasks is bounded;
+// what does not fit is dropped and left to anti-entropy (or, for a membership packet, to SWIM,
+// which is built for loss), and counted.
+
+/// Local changes waiting to be batched for the broadcast.
+pub const BROADCAST_FEED_MAX: usize = 16_384;
+/// Batches a relay received, waiting to be merged into its window.
+pub const RELAY_QUEUE_MAX: usize = 1024;
+/// Membership packets waiting for the membership task.
+pub const MEMBERSHIP_QUEUE_MAX: usize = 4096;
+/// Stream outcomes (acknowledgements, relay confirmations) waiting for the broadcast task.
+pub const DELIVERY_EVENTS_MAX: usize = 4096;
+/// Anti-entropy document sessions running at once with one peer.
+pub const SYNC_SESSIONS_PER_PEER_MAX: usize = 16;
+/// Messages each way in one document's Automerge sync session between nodes.
+pub const DOC_SYNC_ROUNDS_MAX: usize = 64;
+
 // A sync message must be able to carry a whole document, a document must hold at least one
 // maximal request, and a path must fit in a value's nesting. Checked when compiling.
 const _: () = {

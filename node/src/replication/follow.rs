@@ -17,7 +17,7 @@ use crate::documents::{CommitListener, DocError, Documents};
 use crate::metrics::Metrics;
 
 /// Local changes waiting to be batched; when full, changes are left to anti-entropy.
-pub const FEED_CAPACITY: usize = 16_384;
+pub const FEED_CAPACITY: usize = verge_core::limits::BROADCAST_FEED_MAX;
 
 /// Replication's view of the node's commits.
 #[derive(Debug)]

@@ -50,11 +50,11 @@ pub use transport::{Transport, TransportError};
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Received batches waiting to be merged into the relay's window; when full, the changes are
 /// left to anti-entropy (counted in `verge_broadcast_dropped_total`).
-const RELAY_QUEUE: usize = 1024;
+const RELAY_QUEUE: usize = verge_core::limits::RELAY_QUEUE_MAX;
 /// How often peers are dialled, members exchanged and liveness checked.
 const TICK: Duration = Duration::from_millis(500);
 /// Most anti-entropy document sessions run at once per peer.
-pub const SYNC_SESSIONS_PER_PEER_MAX: usize = 16;
+pub const SYNC_SESSIONS_PER_PEER_MAX: usize = verge_core::limits::SYNC_SESSIONS_PER_PEER_MAX;
 
 /// Replication settings.
 #[derive(Debug, Clone)]
@@ -118,7 +118,7 @@ enum MembershipInput {
 }
 
 /// Membership packets and timers waiting for the membership task.
-const MEMBERSHIP_QUEUE: usize = 4096;
+const MEMBERSHIP_QUEUE: usize = verge_core::limits::MEMBERSHIP_QUEUE_MAX;
 
 /// Changes a peer sent to this node as its relay, new here, to forward to everyone else.
 #[derive(Debug)]
@@ -168,7 +168,7 @@ enum Delivery {
 /// Stream outcomes waiting for the broadcast task; beyond it one is lost: an acknowledgement
 /// (the writer waiting for it times out, its write durable all the same) or a relay's
 /// confirmation (the batch is then sent to everyone too, which is harmless).
-const DELIVERY_EVENTS_MAX: usize = 4096;
+const DELIVERY_EVENTS_MAX: usize = verge_core::limits::DELIVERY_EVENTS_MAX;
 
 /// The deliveries in flight, owned by the broadcast task.
 type InFlight = Deliveries<Vec<DocChanges>, Arc<ReplicaWaiter>>;

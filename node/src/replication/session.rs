@@ -18,7 +18,7 @@ use crate::documents::Documents;
 use crate::metrics::Metrics;
 
 /// Most messages each way in one document's sync session.
-pub const DOC_SYNC_ROUNDS_MAX: usize = 64;
+pub const DOC_SYNC_ROUNDS_MAX: usize = verge_core::limits::DOC_SYNC_ROUNDS_MAX;
 
 /// Why a session stopped early.
 #[derive(Debug, thiserror::Error)]
