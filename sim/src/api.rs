@@ -92,6 +92,17 @@ impl NodeApi {
             .map_err(|e| HttpError::Protocol(e.to_string()))
     }
 
+    /// Sends a built request and reads the whole answer.
+    async fn send_built(&self, request: Request<Bytes>) -> Result<Answer, ApiError> {
+        let response = SimHttp::new(self.timeout)
+            .send(&self.addr.ip().to_string(), self.addr.port(), request)
+            .await?;
+        Ok(Answer {
+            status: response.status(),
+            body: response.into_body(),
+        })
+    }
+
     /// Sends one request and reads the whole answer.
     pub async fn request(
         &self,
@@ -100,13 +111,7 @@ impl NodeApi {
         body: Option<Value>,
     ) -> Result<Answer, ApiError> {
         let request = self.build(method, path, body)?;
-        let response = SimHttp::new(self.timeout)
-            .send(&self.addr.ip().to_string(), self.addr.port(), request)
-            .await?;
-        Ok(Answer {
-            status: response.status(),
-            body: response.into_body(),
-        })
+        self.send_built(request).await
     }
 
     /// Sends a request and returns the response with its body still streaming (for watch).
@@ -161,13 +166,7 @@ impl NodeApi {
             )
             .body(Bytes::from(message))
             .map_err(|e| HttpError::Protocol(e.to_string()))?;
-        let response = SimHttp::new(self.timeout)
-            .send(&self.addr.ip().to_string(), self.addr.port(), request)
-            .await?;
-        Ok(Answer {
-            status: response.status(),
-            body: response.into_body(),
-        })
+        self.send_built(request).await
     }
 
     /// The heads of the node's whole copy of document `id`, whatever its state (live, expired,
