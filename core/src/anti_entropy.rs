@@ -167,10 +167,19 @@ impl PeerSchedule {
     }
 }
 
-/// Why reconciliation failed: the peer sent a malformed message or took too many rounds.
+/// Why reconciliation failed.
 #[derive(Debug, thiserror::Error)]
-#[error("reconciliation: {0}")]
-pub struct ReconcileError(String);
+#[non_exhaustive]
+pub enum ReconcileError {
+    /// The peer's message is malformed, or this side's digest index cannot be built into a
+    /// session (the negentropy library says which).
+    #[error("reconciliation: {0}")]
+    Protocol(#[from] negentropy::Error),
+    /// The session went on past [`RECONCILE_ROUNDS_MAX`] round trips (a misbehaving peer: a
+    /// real difference settles in a handful); anti-entropy tries again in its next round.
+    #[error("reconciliation took more than {RECONCILE_ROUNDS_MAX} rounds")]
+    TooManyRounds,
+}
 
 /// The initiating side of a reconciliation session.
 pub struct Initiator {
@@ -193,9 +202,8 @@ impl std::fmt::Debug for Initiator {
 impl Initiator {
     /// Starts a session over `storage`; returns the session and the first message.
     pub fn start(storage: NegentropyStorageVector) -> Result<(Self, Vec<u8>), ReconcileError> {
-        let mut ne = Negentropy::owned(storage, RECONCILE_FRAME_BYTES)
-            .map_err(|e| ReconcileError(e.to_string()))?;
-        let first = ne.initiate().map_err(|e| ReconcileError(e.to_string()))?;
+        let mut ne = Negentropy::owned(storage, RECONCILE_FRAME_BYTES)?;
+        let first = ne.initiate()?;
         Ok((
             Self {
                 ne,
@@ -212,15 +220,10 @@ impl Initiator {
     pub fn step(&mut self, reply: &[u8]) -> Result<Option<Vec<u8>>, ReconcileError> {
         self.rounds += 1;
         if self.rounds > RECONCILE_ROUNDS_MAX {
-            return Err(ReconcileError(format!(
-                "more than {RECONCILE_ROUNDS_MAX} rounds"
-            )));
+            return Err(ReconcileError::TooManyRounds);
         }
         let (mut have, mut need) = (Vec::new(), Vec::new());
-        let next = self
-            .ne
-            .reconcile_with_ids(reply, &mut have, &mut need)
-            .map_err(|e| ReconcileError(e.to_string()))?;
+        let next = self.ne.reconcile_with_ids(reply, &mut have, &mut need)?;
         self.have.extend(have.iter().map(|id| *id.as_bytes()));
         // negentropy hands the peer's ids over from a `HashSet`, in an order that changes from
         // process to process; the documents are synced in this order, so sort them (a
@@ -252,16 +255,13 @@ impl Responder {
     /// A responder over `storage`.
     pub fn new(storage: NegentropyStorageVector) -> Result<Self, ReconcileError> {
         Ok(Self {
-            ne: Negentropy::owned(storage, RECONCILE_FRAME_BYTES)
-                .map_err(|e| ReconcileError(e.to_string()))?,
+            ne: Negentropy::owned(storage, RECONCILE_FRAME_BYTES)?,
         })
     }
 
     /// Answers one message.
     pub fn reply(&mut self, message: &[u8]) -> Result<Vec<u8>, ReconcileError> {
-        self.ne
-            .reconcile(message)
-            .map_err(|e| ReconcileError(e.to_string()))
+        Ok(self.ne.reconcile(message)?)
     }
 }
 

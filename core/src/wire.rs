@@ -142,8 +142,15 @@ pub enum WireError {
     #[error("{0} trailing bytes after the message")]
     Trailing(usize),
     /// A message exceeds a count limit.
-    #[error("{0}")]
-    Limit(String),
+    #[error("{count} {what} exceed the limit of {max}")]
+    Limit {
+        /// What was counted.
+        what: &'static str,
+        /// How many the message holds.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
     /// Encoding failed (a message over the size limit).
     #[error("encoding: {0}")]
     Encode(#[from] EncodeError),
@@ -210,18 +217,21 @@ impl PeerMessage {
             PeerMessage::Changes(batch) => {
                 let n: usize = batch.docs.iter().map(|d| d.changes.len()).sum();
                 if n > WIRE_CHANGES_PER_BATCH_MAX {
-                    return Err(WireError::Limit(format!(
-                        "batch of {n} changes exceeds {WIRE_CHANGES_PER_BATCH_MAX}"
-                    )));
+                    return Err(WireError::Limit {
+                        what: "changes in one batch",
+                        count: n,
+                        max: WIRE_CHANGES_PER_BATCH_MAX,
+                    });
                 }
             }
             PeerMessage::SyncRequest { digests, .. }
                 if digests.len() > WIRE_DIGESTS_PER_MESSAGE_MAX =>
             {
-                return Err(WireError::Limit(format!(
-                    "{} digests exceed {WIRE_DIGESTS_PER_MESSAGE_MAX}",
-                    digests.len()
-                )));
+                return Err(WireError::Limit {
+                    what: "digests in one message",
+                    count: digests.len(),
+                    max: WIRE_DIGESTS_PER_MESSAGE_MAX,
+                });
             }
             _ => {}
         }
@@ -355,7 +365,10 @@ mod tests {
         .expect("encodes");
         assert!(matches!(
             PeerMessage::from_body(&frame[4..]),
-            Err(WireError::Limit(_))
+            Err(WireError::Limit {
+                what: "digests in one message",
+                ..
+            })
         ));
     }
 

@@ -59,15 +59,15 @@ pub enum DocError {
     /// The document does not exist, was deleted or expired.
     #[error("document {0} not found")]
     NotFound(DocId),
-    /// The write would grow the document past its limit.
-    #[error("{0}")]
-    TooLarge(String),
+    /// The message or write is over a size limit.
+    #[error(transparent)]
+    TooLarge(#[from] SizeLimit),
     /// The write does not fit the document.
     #[error(transparent)]
     Apply(#[from] ApplyError),
-    /// The sync message is malformed or its changes do not apply.
+    /// The sync message (or broadcast change) is malformed or its changes do not apply.
     #[error("invalid sync message: {0}")]
-    InvalidSync(String),
+    InvalidSync(#[from] InvalidSync),
     /// The write queue is full.
     #[error("the write queue is full; retry with back-off")]
     Overloaded,
@@ -82,7 +82,23 @@ pub enum DocError {
     Replaced(DocId),
     /// Storage failed; the write was not acknowledged.
     #[error("storage error: {0}")]
-    Storage(String),
+    Storage(#[source] Arc<StoreError>),
+    /// An earlier write to the document failed to commit, and this one was built on the copy
+    /// holding it: the copy was dropped, and a retry works on the durable state.
+    #[error("an earlier write to this document failed to commit; retry")]
+    Poisoned,
+    /// Automerge refused a change this node made itself (the purged stub of a document).
+    #[error("{context}: {source}")]
+    Automerge {
+        /// What was being done.
+        context: &'static str,
+        /// Automerge's error.
+        source: Box<automerge::AutomergeError>,
+    },
+    /// An invariant of this node's own bookkeeping does not hold (a bug): nothing was
+    /// acknowledged.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
     /// The document's stored form does not load (a damaged store): the other documents are
     /// unaffected, and `verge check --repair` rebuilds the store for the node to fetch it again
     /// from its peers.
@@ -99,8 +115,55 @@ pub enum DocError {
 
 impl From<StoreError> for DocError {
     fn from(e: StoreError) -> Self {
-        DocError::Storage(e.to_string())
+        DocError::Storage(Arc::new(e))
     }
+}
+
+/// Which size limit a message or write is over.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SizeLimit {
+    /// A client's sync message is over [`SYNC_MESSAGE_BYTES_MAX`].
+    #[error("sync message of {bytes} bytes exceeds {SYNC_MESSAGE_BYTES_MAX} bytes")]
+    SyncMessage {
+        /// The message's size.
+        bytes: usize,
+    },
+    /// The change could take the document past [`DOC_BYTES_MAX`].
+    #[error(
+        "document {id} holds {size_bytes} bytes; {incoming} more could take it past the {DOC_BYTES_MAX} byte limit"
+    )]
+    Document {
+        /// The document.
+        id: DocId,
+        /// Its size now.
+        size_bytes: u64,
+        /// The bytes the change brings.
+        incoming: usize,
+    },
+}
+
+/// Why a sync message or broadcast change was refused. The document is unchanged except for
+/// what [`InvalidSync::Answer`] says.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidSync {
+    /// The message does not decode.
+    #[error("{0}")]
+    Decode(#[from] automerge::sync::ReadMessageError),
+    /// Its changes do not apply to the document.
+    #[error("its changes do not apply: {0}")]
+    Receive(#[source] Box<automerge::AutomergeError>),
+    /// A broadcast change does not apply to the document.
+    #[error("a broadcast change does not apply: {0}")]
+    BroadcastChange(#[source] Box<automerge::AutomergeError>),
+    /// The received changes cannot be kept in one incarnation of the document.
+    #[error("cannot settle incarnations: {0}")]
+    Incarnation(#[source] Box<automerge::AutomergeError>),
+    /// Automerge cannot answer the message (a malformation it notices only then); the changes
+    /// it carried were valid and are durable.
+    #[error("cannot answer this message: {0}")]
+    Answer(#[source] Box<automerge::AutomergeError>),
 }
 
 /// A committed change, as published to watchers.
@@ -361,9 +424,7 @@ impl Documents {
         if entry.poisoned.load(Ordering::Acquire) {
             drop(guard);
             self.discard(entry);
-            return Err(DocError::Storage(
-                "an earlier write to this document failed; retry".into(),
-            ));
+            return Err(DocError::Poisoned);
         }
         Ok(guard)
     }
@@ -412,8 +473,10 @@ impl Documents {
             doc: document::to_json(&slot.doc),
             expires_at_ms: slot.meta.expires_at_ms,
         };
-        let bytes =
-            Bytes::from(serde_json::to_vec(&body).map_err(|e| DocError::Storage(e.to_string()))?);
+        let bytes = Bytes::from(
+            serde_json::to_vec(&body)
+                .map_err(|_| DocError::Internal("the body does not serialize"))?,
+        );
         slot.read_cache = Some(bytes.clone());
         Ok(bytes)
     }
@@ -462,9 +525,9 @@ impl Documents {
                         .map(|c| c.raw_bytes().to_vec())
                 })
                 .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| {
-                    DocError::Storage("a committed change is missing from its document".into())
-                })?;
+                .ok_or(DocError::Internal(
+                    "a committed change is missing from its document",
+                ))?;
             // The first write into a purged stub goes out with the stub's root: other nodes may
             // still hold the old incarnation, the purge itself was not broadcast, and without
             // the root they could not apply the write until anti-entropy. (Stored once more as
@@ -596,7 +659,8 @@ impl Documents {
                 Err(match e {
                     CommitError::Stopped => DocError::ShuttingDown,
                     CommitError::StorageFull => DocError::StorageFull,
-                    other => DocError::Storage(other.to_string()),
+                    CommitError::Poisoned => DocError::Poisoned,
+                    CommitError::Storage(e) => DocError::Storage(e),
                 })
             }
         }
@@ -608,11 +672,9 @@ impl Documents {
         self.metrics.sync_requests.inc();
         self.metrics.sync_bytes_received.inc_by(body.len() as u64);
         if body.len() > SYNC_MESSAGE_BYTES_MAX {
-            return Err(DocError::TooLarge(format!(
-                "sync message exceeds {SYNC_MESSAGE_BYTES_MAX} bytes"
-            )));
+            return Err(SizeLimit::SyncMessage { bytes: body.len() }.into());
         }
-        let message = Message::decode(body).map_err(|e| DocError::InvalidSync(e.to_string()))?;
+        let message = Message::decode(body).map_err(InvalidSync::from)?;
         let mut state = SyncState::new();
         let (reply, applied) = self
             .exchange(id, &mut state, Some(message), Origin::Client)
@@ -683,7 +745,7 @@ impl Documents {
                 // Some of the message's changes may have been applied before the failure.
                 drop(guard);
                 self.discard(&entry);
-                return Err(DocError::InvalidSync(e.to_string()));
+                return Err(InvalidSync::Receive(Box::new(e)).into());
             }
             let settled = self.settle(&entry, slot, &before, incarnation_before, origin);
             let (changes, history) = match settled {
@@ -711,9 +773,7 @@ impl Documents {
                     // bytes. Refuse rather than acknowledge something not durable.
                     drop(guard);
                     self.discard(&entry);
-                    return Err(DocError::InvalidSync(
-                        "changes applied without a queue slot".into(),
-                    ));
+                    return Err(DocError::Internal("changes applied without a queue slot"));
                 }
                 (true, _) => None,
             };
@@ -725,8 +785,7 @@ impl Documents {
         }
         // A message malformed in a way Automerge only notices when answering it; the changes
         // it carried (if any) are valid and already durable.
-        let reply =
-            reply.map_err(|e| DocError::InvalidSync(format!("cannot answer this message: {e}")))?;
+        let reply = reply.map_err(|e| InvalidSync::Answer(Box::new(e)))?;
         Ok((reply, applied))
     }
 
@@ -744,7 +803,7 @@ impl Documents {
     ) -> Result<(Vec<Vec<u8>>, History), DocError> {
         let new = slot.doc.get_changes(before);
         let settled = incarnation::settle(&mut slot.doc, incarnation_before, &new)
-            .map_err(|e| DocError::InvalidSync(format!("cannot settle incarnations: {e}")))?;
+            .map_err(|e| InvalidSync::Incarnation(Box::new(e)))?;
         let bytes = |changes: Vec<automerge::Change>| {
             changes
                 .into_iter()
@@ -800,9 +859,7 @@ impl Documents {
                 if let Err(e) = document::load_incremental(&mut slot.doc, change) {
                     drop(guard);
                     self.discard(&entry);
-                    return Err(DocError::InvalidSync(format!(
-                        "a broadcast change does not apply: {e}"
-                    )));
+                    return Err(InvalidSync::BroadcastChange(Box::new(e)).into());
                 }
             }
             let settled = self.settle(&entry, slot, &before, incarnation_before, Origin::Peer);
@@ -940,8 +997,11 @@ impl Documents {
             // elsewhere and the same purge elsewhere all land in that incarnation, and a replica
             // still holding the old history takes it over (see `verge_core::incarnation`).
             let next = incarnation::of(&slot.doc) + 1;
-            let stub = incarnation::stub(slot.doc.get_actor(), next).map_err(|e| {
-                DocError::Storage(format!("cannot make the purged stub of {id}: {e}"))
+            let stub = incarnation::stub(slot.doc.get_actor(), next).map_err(|source| {
+                DocError::Automerge {
+                    context: "making the purged stub",
+                    source: Box::new(source),
+                }
             })?;
             let snapshot = stub.save();
             let meta = DocMeta {
@@ -986,10 +1046,12 @@ impl Documents {
 /// [`DOC_BYTES_MAX`]; checked before the change touches the document.
 fn check_growth(id: &DocId, meta: &DocMeta, incoming: usize) -> Result<(), DocError> {
     if meta.size_bytes.saturating_add(incoming as u64) > DOC_BYTES_MAX as u64 {
-        return Err(DocError::TooLarge(format!(
-            "document {id} holds {} bytes; {incoming} more could take it past the {DOC_BYTES_MAX} byte limit",
-            meta.size_bytes
-        )));
+        return Err(SizeLimit::Document {
+            id: id.clone(),
+            size_bytes: meta.size_bytes,
+            incoming,
+        }
+        .into());
     }
     Ok(())
 }

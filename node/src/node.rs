@@ -74,7 +74,7 @@ pub enum NodeError {
     /// A commit failed: the node stopped, and a restart reopens (and repairs) the database.
     /// Writes acknowledged before it are durable; the failed ones were never acknowledged.
     #[error("storage failed, node stopped (restart it): {0}")]
-    Storage(String),
+    Storage(#[source] crate::store::writer::CommitError),
     /// A socket or file operation failed.
     #[error("{context}: {source}")]
     Io {

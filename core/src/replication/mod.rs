@@ -6,6 +6,8 @@
 //! - [`backoff`]: when to dial an unreachable peer again.
 //! - [`deliveries`]: batches sent to the relay and not yet confirmed, and acknowledgements
 //!   writers wait for.
+//! - [`doc_sync`]: whose turn it is in one document's sync session between nodes, and when
+//!   the session is over.
 //! - [`timers`]: the timers a machine asked for, in one queue.
 //!
 //! Batching and routing are in [`crate::gossip`], reconciliation in [`crate::anti_entropy`],
@@ -13,5 +15,6 @@
 
 pub mod backoff;
 pub mod deliveries;
+pub mod doc_sync;
 pub mod peers;
 pub mod timers;

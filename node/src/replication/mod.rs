@@ -40,9 +40,10 @@ use verge_core::replication::timers::TimerQueue;
 use verge_core::wire::{ChangeBatch, DocChanges, PeerMessage};
 
 use crate::clock::Clock;
-use crate::documents::Documents;
+use crate::documents::{DocError, Documents};
 use crate::metrics::Metrics;
 pub use follow::{FEED_CAPACITY, Follower, LocalChange, ReplicaWaiter};
+pub use session::SessionError;
 pub use transport::{Transport, TransportError};
 
 /// How long a broadcast waits for a peer's acknowledgement, and a send without one for the
@@ -419,7 +420,10 @@ impl Replication {
             }
         };
         let result = match first {
-            PeerMessage::Changes(batch) => self.receive_batch(&conn, send, batch).await,
+            PeerMessage::Changes(batch) => self
+                .receive_batch(&conn, send, batch)
+                .await
+                .map_err(SessionError::from),
             PeerMessage::Reconcile { message } => {
                 session::respond_reconcile(&self, conn.clone(), send, recv, message).await
             }
@@ -443,15 +447,28 @@ impl Replication {
                 };
                 let written = transport::write_frame(&mut send, &reply, &self.metrics).await;
                 transport::finish(send);
-                written
+                written.map_err(SessionError::from)
             }
             other => {
                 tracing::debug!(?other, "unexpected first frame on a stream");
                 Ok(())
             }
         };
-        if let Err(e) = result {
-            tracing::debug!(peer = %conn.remote_address(), error = %e, "peer stream ended with an error");
+        match result {
+            Ok(()) => {}
+            // The peer broke a protocol (or sent what does not apply): worth an operator's
+            // look, and counted.
+            Err(e @ SessionError::Reconcile(_)) => {
+                self.metrics.peer_refused("reconcile");
+                tracing::warn!(peer = %conn.remote_address(), error = %e, "malformed reconciliation from a peer");
+            }
+            Err(e @ (SessionError::DocSync(_) | SessionError::Doc(DocError::InvalidSync(_)))) => {
+                self.metrics.peer_refused("doc_sync");
+                tracing::warn!(peer = %conn.remote_address(), error = %e, "malformed document sync from a peer");
+            }
+            Err(e) => {
+                tracing::debug!(peer = %conn.remote_address(), error = %e, "peer stream ended with an error");
+            }
         }
     }
 

@@ -1,15 +1,17 @@
 //! Anti-entropy sessions: reconcile digests, then one Automerge sync session per document.
 //!
 //! Automerge's sync protocol assumes a reliable, in-order channel and can loop on a lost
-//! message, so every document session runs on its own QUIC stream with a fresh sync state, and
-//! ends when both sides have nothing more to say or after [`DOC_SYNC_ROUNDS_MAX`] rounds.
+//! message, so every document session runs on its own QUIC stream with a fresh sync state. The
+//! turn-taking, ending and round limit of a session are core's [`DocSync`] machine; both sides
+//! here are one driver of it.
 
 use std::sync::Arc;
 
-use automerge::sync::{Message, State as SyncState};
+use automerge::sync::State as SyncState;
 use quinn::{Connection, RecvStream, SendStream};
 use verge_core::DocId;
-use verge_core::anti_entropy::{Initiator, Responder};
+use verge_core::anti_entropy::{Initiator, ReconcileError, Responder};
+use verge_core::replication::doc_sync::{DocSync, DocSyncError, Received, Role};
 use verge_core::wire::PeerMessage;
 
 use super::transport::{self, TransportError};
@@ -17,18 +19,27 @@ use super::{Replication, SYNC_SESSIONS_PER_PEER_MAX};
 use crate::documents::Documents;
 use crate::metrics::Metrics;
 
-/// Most messages each way in one document's sync session.
-pub const DOC_SYNC_ROUNDS_MAX: usize = verge_core::limits::DOC_SYNC_ROUNDS_MAX;
-
 /// Why a session stopped early.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SessionError {
     /// The transport failed.
     #[error(transparent)]
     Transport(#[from] TransportError),
-    /// The peer broke the protocol.
-    #[error("protocol: {0}")]
-    Protocol(String),
+    /// The peer sent another message than the protocol's next (or ended the stream early).
+    #[error("expected {expected}, got {got}")]
+    Unexpected {
+        /// What the protocol expected.
+        expected: &'static str,
+        /// The kind of message received ([`PeerMessage::kind`]), or `end of stream`.
+        got: &'static str,
+    },
+    /// Digest reconciliation failed.
+    #[error(transparent)]
+    Reconcile(#[from] ReconcileError),
+    /// A document sync session broke its protocol.
+    #[error(transparent)]
+    DocSync(#[from] DocSyncError),
     /// Applying the peer's changes failed.
     #[error("document: {0}")]
     Doc(#[from] crate::documents::DocError),
@@ -40,17 +51,9 @@ impl From<quinn::ConnectionError> for SessionError {
     }
 }
 
-fn encode(message: Option<Message>) -> Option<Vec<u8>> {
-    message.map(Message::encode)
-}
-
-fn decode(bytes: Option<Vec<u8>>) -> Result<Option<Message>, SessionError> {
-    bytes
-        .map(|b| {
-            Message::decode(&b)
-                .map_err(|e| SessionError::Protocol(format!("bad sync message: {e}")))
-        })
-        .transpose()
+/// The kind of `frame` for [`SessionError::Unexpected`].
+fn kind_of(frame: &Option<PeerMessage>) -> &'static str {
+    frame.as_ref().map_or("end of stream", PeerMessage::kind)
 }
 
 /// Reconciles with the peer on `conn` and syncs every document that differs. Returns how many
@@ -66,8 +69,7 @@ pub async fn run_anti_entropy(
 ) -> Result<usize, SessionError> {
     let started = tokio::time::Instant::now();
     let (mut send, mut recv) = conn.open_bi().await?;
-    let (mut init, first) = Initiator::start(repl.follower().digest_storage())
-        .map_err(|e| SessionError::Protocol(e.to_string()))?;
+    let (mut init, first) = Initiator::start(repl.follower().digest_storage())?;
     repl.metrics().anti_entropy_bytes.inc_by(first.len() as u64);
     transport::write_frame(
         &mut send,
@@ -79,16 +81,14 @@ pub async fn run_anti_entropy(
         let reply = match transport::read_frame(&mut recv).await? {
             Some(PeerMessage::Reconcile { message }) => message,
             other => {
-                return Err(SessionError::Protocol(format!(
-                    "expected a reconcile reply, got {other:?}"
-                )));
+                return Err(SessionError::Unexpected {
+                    expected: "reconcile",
+                    got: kind_of(&other),
+                });
             }
         };
         repl.metrics().anti_entropy_bytes.inc_by(reply.len() as u64);
-        match init
-            .step(&reply)
-            .map_err(|e| SessionError::Protocol(e.to_string()))?
-        {
+        match init.step(&reply)? {
             Some(next) => {
                 repl.metrics().anti_entropy_bytes.inc_by(next.len() as u64);
                 transport::write_frame(
@@ -164,86 +164,80 @@ pub(super) async fn initiate_doc_sync(
     conn: &Connection,
     id: &DocId,
 ) -> Result<(), SessionError> {
-    let (mut send, mut recv) = conn.open_bi().await?;
-    let mut state = SyncState::new();
-    let mut out = docs.peer_sync_step(id, &mut state, None).await?;
-    for _ in 0..DOC_SYNC_ROUNDS_MAX {
-        let sent_nothing = out.is_none();
-        transport::write_frame(
-            &mut send,
-            &PeerMessage::DocSync {
-                doc: id.clone(),
-                message: encode(out),
-            },
-            metrics,
-        )
-        .await?;
-        let incoming = match transport::read_frame(&mut recv).await? {
-            Some(PeerMessage::DocSync { doc, message }) if doc == *id => decode(message)?,
-            other => {
-                return Err(SessionError::Protocol(format!(
-                    "expected a sync message for {id}, got {other:?}"
-                )));
-            }
-        };
-        if sent_nothing && incoming.is_none() {
-            transport::finish(send);
-            return Ok(());
-        }
-        out = docs.peer_sync_step(id, &mut state, incoming).await?;
-    }
-    Err(SessionError::Protocol(format!(
-        "sync of {id} took more than {DOC_SYNC_ROUNDS_MAX} rounds"
-    )))
+    let (send, recv) = conn.open_bi().await?;
+    drive_doc_sync(docs, metrics, send, recv, id, DocSync::initiator(), None).await
 }
 
-/// Serves a document sync session a peer opened.
+/// Serves a document sync session a peer opened with `first`.
 pub async fn respond_doc_sync(
+    docs: &Documents,
+    metrics: &Metrics,
+    send: SendStream,
+    recv: RecvStream,
+    id: DocId,
+    first: Option<Vec<u8>>,
+) -> Result<(), SessionError> {
+    let session = DocSync::responder();
+    drive_doc_sync(docs, metrics, send, recv, &id, session, Some(first)).await
+}
+
+/// Drives one side of a document sync session (see [`DocSync`] for the protocol): the machine
+/// decides whose turn it is and when the session is over; this moves its messages between the
+/// stream and the document.
+async fn drive_doc_sync(
     docs: &Documents,
     metrics: &Metrics,
     mut send: SendStream,
     mut recv: RecvStream,
-    id: DocId,
-    first: Option<Vec<u8>>,
-) -> Result<(), TransportError> {
+    id: &DocId,
+    mut session: DocSync,
+    mut first: Option<Option<Vec<u8>>>,
+) -> Result<(), SessionError> {
     let mut state = SyncState::new();
-    let mut incoming = first;
-    for _ in 0..DOC_SYNC_ROUNDS_MAX {
-        let received_nothing = incoming.is_none();
-        let message = match decode(incoming) {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(doc = %id, error = %e, "malformed sync message from a peer");
-                return Ok(());
-            }
-        };
-        let out = match docs.peer_sync_step(&id, &mut state, message).await {
-            Ok(out) => out,
-            Err(e) => {
-                tracing::warn!(doc = %id, error = %e, "a peer's sync message does not apply");
-                return Ok(());
-            }
-        };
-        let done = received_nothing && out.is_none();
-        transport::write_frame(
-            &mut send,
-            &PeerMessage::DocSync {
-                doc: id.clone(),
-                message: encode(out),
-            },
-            metrics,
-        )
-        .await?;
-        if done {
-            transport::finish(send);
-            return Ok(());
-        }
-        incoming = match transport::read_frame(&mut recv).await? {
-            Some(PeerMessage::DocSync { doc, message }) if doc == id => message,
-            _ => return Ok(()),
-        };
+    if session.role() == Role::Initiator {
+        let out = docs.peer_sync_step(id, &mut state, None).await?;
+        let outgoing = session.send(out)?;
+        write_doc_sync(&mut send, metrics, id, outgoing.message).await?;
     }
+    loop {
+        let message = match first.take() {
+            Some(message) => message,
+            None => match transport::read_frame(&mut recv).await? {
+                Some(PeerMessage::DocSync { doc, message }) if doc == *id => message,
+                other => {
+                    return Err(SessionError::Unexpected {
+                        expected: "doc_sync for this document",
+                        got: kind_of(&other),
+                    });
+                }
+            },
+        };
+        let incoming = match session.receive(message.as_deref())? {
+            Received::Done => break,
+            Received::Apply(m) => m,
+        };
+        let out = docs.peer_sync_step(id, &mut state, incoming).await?;
+        let outgoing = session.send(out)?;
+        write_doc_sync(&mut send, metrics, id, outgoing.message).await?;
+        if outgoing.last {
+            break;
+        }
+    }
+    transport::finish(send);
     Ok(())
+}
+
+async fn write_doc_sync(
+    send: &mut SendStream,
+    metrics: &Metrics,
+    id: &DocId,
+    message: Option<Vec<u8>>,
+) -> Result<(), TransportError> {
+    let frame = PeerMessage::DocSync {
+        doc: id.clone(),
+        message,
+    };
+    transport::write_frame(send, &frame, metrics).await
 }
 
 /// Serves a reconciliation a peer started, then syncs the documents it asks for.
@@ -253,24 +247,11 @@ pub async fn respond_reconcile(
     mut send: SendStream,
     mut recv: RecvStream,
     first: Vec<u8>,
-) -> Result<(), TransportError> {
-    let mut responder = match Responder::new(repl.follower().digest_storage()) {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot answer reconciliation");
-            return Ok(());
-        }
-    };
+) -> Result<(), SessionError> {
+    let mut responder = Responder::new(repl.follower().digest_storage())?;
     let mut message = first;
     loop {
-        let reply = match responder.reply(&message) {
-            Ok(reply) => reply,
-            Err(e) => {
-                repl.metrics().peer_refused("reconcile");
-                tracing::warn!(peer = %conn.remote_address(), error = %e, "malformed reconciliation message");
-                return Ok(());
-            }
-        };
+        let reply = responder.reply(&message)?;
         transport::write_frame(
             &mut send,
             &PeerMessage::Reconcile { message: reply },

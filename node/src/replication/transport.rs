@@ -62,7 +62,7 @@ pub enum TransportError {
     Io(#[from] std::io::Error),
     /// TLS setup failed.
     #[error("tls: {0}")]
-    Tls(String),
+    Tls(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
     /// The peer did not answer in time.
     #[error("timed out")]
     Timeout,
@@ -184,12 +184,10 @@ impl Transport {
         tls: &NodeTls,
         seed: Option<u64>,
     ) -> Result<Self, TransportError> {
-        let server_crypto = QuicServerConfig::try_from(Arc::clone(&tls.server))
-            .map_err(|e| TransportError::Tls(e.to_string()))?;
+        let server_crypto = QuicServerConfig::try_from(Arc::clone(&tls.server))?;
         let mut server = ServerConfig::new(Arc::new(server_crypto), token_key(seed));
         server.transport_config(transport_config());
-        let client_crypto = QuicClientConfig::try_from(Arc::clone(&tls.client))
-            .map_err(|e| TransportError::Tls(e.to_string()))?;
+        let client_crypto = QuicClientConfig::try_from(Arc::clone(&tls.client))?;
         let mut client = ClientConfig::new(Arc::new(client_crypto));
         client.transport_config(transport_config());
         if let Some(seed) = seed {

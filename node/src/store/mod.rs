@@ -66,7 +66,26 @@ pub enum StoreError {
     /// The encryption key does not match the store: another key, a key for a plaintext
     /// store, or none for an encrypted one.
     #[error("encryption at rest: {0}")]
-    Key(String),
+    Key(KeyMismatch),
+}
+
+/// How the encryption key given disagrees with the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyMismatch {
+    /// The store is encrypted with another key.
+    #[error("the encryption key given is not the key this store was encrypted with")]
+    WrongKey,
+    /// The store is encrypted and no key was given.
+    #[error(
+        "this store is encrypted and no encryption key was given (use --encryption-key-file, [storage] encryption_key_file or VERGE_ENCRYPTION_KEY)"
+    )]
+    KeyMissing,
+    /// A key was given for a plaintext store.
+    #[error(
+        "an encryption key was given but this store is not encrypted; start without the key, or encrypt the stopped node's store first with `verge rekey --new-key-file`"
+    )]
+    NotEncrypted,
 }
 
 macro_rules! engine_from {
@@ -782,20 +801,10 @@ fn check_canary(cipher: Option<&Cipher>, canary: Option<Vec<u8>>) -> Result<(), 
         (None, None) => Ok(()),
         (Some(c), Some(sealed)) => match c.open(Row::Node(CANARY_KEY), &sealed) {
             Ok(plain) if plain == CANARY => Ok(()),
-            _ => Err(StoreError::Key(
-                "the encryption key given is not the key this store was encrypted with".into(),
-            )),
+            _ => Err(StoreError::Key(KeyMismatch::WrongKey)),
         },
-        (None, Some(_)) => Err(StoreError::Key(
-            "this store is encrypted and no encryption key was given (use \
-             --encryption-key-file, [storage] encryption_key_file or VERGE_ENCRYPTION_KEY)"
-                .into(),
-        )),
-        (Some(_), None) => Err(StoreError::Key(
-            "an encryption key was given but this store is not encrypted; start without the \
-             key, or encrypt the stopped node's store first with `verge rekey --new-key-file`"
-                .into(),
-        )),
+        (None, Some(_)) => Err(StoreError::Key(KeyMismatch::KeyMissing)),
+        (Some(_), None) => Err(StoreError::Key(KeyMismatch::NotEncrypted)),
     }
 }
 
@@ -1008,11 +1017,11 @@ mod tests {
         assert!(!contains(&file, &[1u8; 32]), "heads are sealed too");
 
         let refused = |options| match Store::open(dir.path(), options) {
-            Err(StoreError::Key(message)) => message,
+            Err(StoreError::Key(kind)) => kind,
             other => panic!("expected a key error, got {other:?}"),
         };
-        assert!(refused(keyed(2, 2)).contains("not the key"));
-        assert!(refused(StoreOptions::plain()).contains("no encryption key"));
+        assert_eq!(refused(keyed(2, 2)), KeyMismatch::WrongKey);
+        assert_eq!(refused(StoreOptions::plain()), KeyMismatch::KeyMissing);
         // The right key, a fresh seed: everything reads back.
         let store = Store::open(dir.path(), keyed(1, 3)).expect("reopen");
         let loaded = store.load(&id("cart/2")).expect("load").expect("present");
@@ -1030,7 +1039,7 @@ mod tests {
                 metas: 2
             }
         );
-        assert!(refused(keyed(1, 5)).contains("not the key"));
+        assert_eq!(refused(keyed(1, 5)), KeyMismatch::WrongKey);
         assert!(matches!(
             Store::rekey(dir.path(), key(1), key(3), [6; 32]),
             Err(StoreError::Key(_))
@@ -1040,7 +1049,7 @@ mod tests {
         assert_eq!(loaded.bytes, [secret, b"-more"].concat());
         drop(store);
         Store::rekey(dir.path(), key(2), None, [8; 32]).expect("decrypt");
-        assert!(refused(keyed(2, 9)).contains("not encrypted"));
+        assert_eq!(refused(keyed(2, 9)), KeyMismatch::NotEncrypted);
         let store = Store::open(dir.path(), StoreOptions::plain()).expect("plain opens");
         assert_eq!(
             store

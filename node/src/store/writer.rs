@@ -25,7 +25,7 @@ use crate::metrics::Metrics;
 pub enum CommitError {
     /// The batch's transaction failed; nothing of it is on disk.
     #[error("storage commit failed: {0}")]
-    Storage(String),
+    Storage(#[source] Arc<StoreError>),
     /// An earlier write to the same document failed, and this one was built on it.
     #[error("an earlier write to this document failed to commit")]
     Poisoned,
@@ -117,7 +117,7 @@ impl WriterJoin {
 /// trusted (redb refuses further writes on it once an I/O call failed), so the node stops
 /// and its supervisor restarts it on a repaired file: fail-stop rather than limping on
 /// read-only.
-pub type StorageFailure = watch::Receiver<Option<String>>;
+pub type StorageFailure = watch::Receiver<Option<CommitError>>;
 
 /// Starts the writer. It runs until every [`WriterHandle`] is dropped and the queue is empty,
 /// so dropping the handles is how shutdown drains pending writes.
@@ -154,7 +154,7 @@ struct Writer {
     space: Arc<DiskSpace>,
     batch_max: usize,
     metrics: Arc<Metrics>,
-    failed: watch::Sender<Option<String>>,
+    failed: watch::Sender<Option<CommitError>>,
 }
 
 impl Writer {
@@ -226,7 +226,7 @@ fn take_batch(
 }
 
 /// Commits a batch and acknowledges its jobs; the commit error, if any.
-fn commit_batch(store: &Store, batch: &mut Vec<Job>, metrics: &Metrics) -> Result<(), String> {
+fn commit_batch(store: &Store, batch: &mut Vec<Job>, metrics: &Metrics) -> Result<(), CommitError> {
     let (live, poisoned): (Vec<Job>, Vec<Job>) = batch
         .drain(..)
         .partition(|job| !job.poisoned.load(Ordering::Acquire));
@@ -254,10 +254,7 @@ fn commit_batch(store: &Store, batch: &mut Vec<Job>, metrics: &Metrics) -> Resul
             for job in &live {
                 job.poisoned.store(true, Ordering::Release);
             }
-            Err(match e {
-                StoreError::Engine(e) => CommitError::Storage(e.to_string()),
-                other => CommitError::Storage(other.to_string()),
-            })
+            Err(CommitError::Storage(Arc::new(e)))
         }
     };
     for job in &mut live {
@@ -265,5 +262,5 @@ fn commit_batch(store: &Store, batch: &mut Vec<Job>, metrics: &Metrics) -> Resul
             let _ = ack.send(outcome.clone());
         }
     }
-    outcome.map_err(|e| e.to_string())
+    outcome
 }
