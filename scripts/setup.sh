@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing Verge needs, idempotently: the pinned Rust toolchain with
-# rustfmt and clippy, and the wasm32 target. Safe to run any number of times.
+# rustfmt and clippy, the wasm32 target, and cargo-deny (the dependency policy in deny.toml).
+# Safe to run any number of times.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,4 +20,11 @@ if ! rustup run "$want" rustc --print target-libdir --target wasm32-unknown-unkn
     rustup target add --toolchain "$want" wasm32-unknown-unknown 2>/dev/null \
         || rustup target add --toolchain stable wasm32-unknown-unknown
 fi
-echo "setup: rust $(rustc --version | awk '{print $2}') with wasm32-unknown-unknown ready"
+# cargo-deny, pinned: built from crates.io once (about 2 minutes), then found on PATH.
+deny_want=0.20.2
+deny_have=$(cargo deny --version 2>/dev/null | awk '{print $2}' || true)
+if [ "$deny_have" != "$deny_want" ]; then
+    echo "setup: installing cargo-deny $deny_want"
+    cargo install cargo-deny --version "$deny_want" --locked
+fi
+echo "setup: rust $(rustc --version | awk '{print $2}') with wasm32-unknown-unknown, cargo-deny $deny_want ready"

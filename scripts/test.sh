@@ -15,6 +15,9 @@ cargo fmt --all -- --check
 step "lints"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "dependency policy (licenses, duplicate versions, sources: deny.toml)"
+cargo deny --offline --locked check licenses bans sources
+
 step "docs (rustdoc, warnings denied)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 

@@ -335,7 +335,9 @@ impl Replication {
         }
     }
 
-    /// Serves the streams a peer opens on `conn` until it closes.
+    /// Serves the streams a peer opens on `conn` until it closes: bidirectional ones for
+    /// exchanges that answer (sessions, acknowledged batches, clock checks), unidirectional
+    /// ones for messages that need no answer (broadcasts, membership that missed a datagram).
     async fn serve_connection(self: Arc<Self>, conn: Connection) {
         loop {
             tokio::select! {
@@ -347,6 +349,14 @@ impl Replication {
                         let this = Arc::clone(&self);
                         let conn = conn.clone();
                         tokio::spawn(async move { this.serve_stream(conn, send, recv).await });
+                    }
+                    Err(_) => return,
+                },
+                stream = conn.accept_uni() => match stream {
+                    Ok(recv) => {
+                        let this = Arc::clone(&self);
+                        let conn = conn.clone();
+                        tokio::spawn(async move { this.serve_uni_stream(conn, recv).await });
                     }
                     Err(_) => return,
                 },
@@ -396,7 +406,7 @@ impl Replication {
             let Ok(conn) = this.connect(to).await else {
                 return;
             };
-            if let Ok((mut send, _recv)) = conn.open_bi().await {
+            if let Ok(mut send) = conn.open_uni().await {
                 let message = PeerMessage::Membership(data);
                 let _ = transport::write_frame(&mut send, &message, &this.metrics).await;
                 transport::finish(send);
@@ -421,7 +431,7 @@ impl Replication {
         };
         let result = match first {
             PeerMessage::Changes(batch) => self
-                .receive_batch(&conn, send, batch)
+                .receive_batch(&conn, Some(send), batch)
                 .await
                 .map_err(SessionError::from),
             PeerMessage::Reconcile { message } => {
@@ -431,13 +441,7 @@ impl Replication {
                 session::respond_doc_sync(&self.docs, &self.metrics, send, recv, doc, message).await
             }
             PeerMessage::Membership(data) => {
-                if self
-                    .membership_tx
-                    .try_send(MembershipInput::Data(data))
-                    .is_err()
-                {
-                    self.metrics.peer_refused("membership_queue_full");
-                }
+                self.take_membership(data);
                 transport::finish(send);
                 Ok(())
             }
@@ -472,12 +476,52 @@ impl Replication {
         }
     }
 
-    /// Applies a batch; answers `Persisted` when asked to, and forwards the changes new here
-    /// when the sender made this node its relay.
+    /// Serves a unidirectional stream: one message that needs no answer.
+    async fn serve_uni_stream(self: Arc<Self>, conn: Connection, mut recv: quinn::RecvStream) {
+        let result = match transport::read_frame(&mut recv).await {
+            Ok(Some(PeerMessage::Changes(batch))) => self.receive_batch(&conn, None, batch).await,
+            Ok(Some(PeerMessage::Membership(data))) => {
+                self.take_membership(data);
+                Ok(())
+            }
+            Ok(Some(other)) => {
+                self.metrics.peer_refused("frame");
+                tracing::debug!(
+                    kind = other.kind(),
+                    "a message that needs an answer came on a one-way stream"
+                );
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(e) => {
+                self.metrics.peer_refused("frame");
+                tracing::warn!(peer = %conn.remote_address(), error = %e, "malformed frame from a peer");
+                Ok(())
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(peer = %conn.remote_address(), error = %e, "peer stream ended with an error");
+        }
+    }
+
+    /// Hands a membership packet to the membership task, or drops it (counted) when the task
+    /// is behind; SWIM copes with loss.
+    fn take_membership(&self, data: Vec<u8>) {
+        if self
+            .membership_tx
+            .try_send(MembershipInput::Data(data))
+            .is_err()
+        {
+            self.metrics.peer_refused("membership_queue_full");
+        }
+    }
+
+    /// Applies a batch; answers `Persisted` when asked to (a batch on a bidirectional stream,
+    /// `send`), and forwards the changes new here when the sender made this node its relay.
     async fn receive_batch(
         self: &Arc<Self>,
         conn: &Connection,
-        mut send: quinn::SendStream,
+        send: Option<quinn::SendStream>,
         batch: ChangeBatch,
     ) -> Result<(), TransportError> {
         self.metrics.gossip_batches_received.inc();
@@ -524,6 +568,10 @@ impl Replication {
                 self.metrics.broadcast_dropped.inc();
             }
         }
+        let Some(mut send) = send else {
+            // One-way: nobody waits for an answer.
+            return Ok(());
+        };
         if batch.ack && durable {
             // A change that depends on one this node lacks (sent earlier through the relay and
             // still on its way) waits in memory, not durable: the writer counts this node as a
@@ -1054,7 +1102,7 @@ impl Replication {
     }
 }
 
-/// Sends `message` on a new stream without waiting for an answer. With `confirm`, waits until
+/// Sends `message` on a new unidirectional stream: no answer comes. With `confirm`, waits until
 /// the peer's QUIC stack acknowledged the whole stream (or stopped it after reading), at most
 /// that long. Returns whether the frame went out (and was confirmed).
 async fn deliver(
@@ -1064,7 +1112,7 @@ async fn deliver(
     confirm: Option<Duration>,
 ) -> bool {
     let attempt = async {
-        let (mut send, _recv) = conn.open_bi().await.map_err(TransportError::from)?;
+        let mut send = conn.open_uni().await.map_err(TransportError::from)?;
         transport::write_frame(&mut send, message, metrics).await?;
         if confirm.is_some() {
             let _ = send.finish();
