@@ -95,6 +95,11 @@ struct Base {
 
 fn base(doc: &Automerge, parent: &ObjId) -> Result<Base, CreateError> {
     match parent {
+        // Every change of a generation descends from its root (see `crate::generation`).
+        ObjId::Root if let Some((hash, max_op)) = crate::generation::root_of(doc) => Ok(Base {
+            deps: vec![hash],
+            start_op: max_op + 1,
+        }),
         // Every change of an incarnation descends from its root (see `crate::incarnation`).
         ObjId::Root => Ok(match crate::incarnation::root_of(doc) {
             None => Base {
@@ -227,6 +232,56 @@ pub fn creation_change(
         ));
     }
     Err(CreateError::TooManyGenerations)
+}
+
+/// Whether `change` (decoded: `expanded`) is a creation change of `doc`'s history, and if so
+/// what it creates: `(parent, key, kind)`. A creation is recognised by rebuilding it, so a
+/// change that merely looks like one is not taken for one.
+pub fn identify(
+    doc: &Automerge,
+    change: &Change,
+    expanded: &ExpandedChange,
+) -> Option<(ObjectId, String, Kind)> {
+    let [op] = expanded.operations.as_slice() else {
+        return None;
+    };
+    if expanded.seq != 1 || expanded.time != 0 || expanded.message.is_some() || op.insert {
+        return None;
+    }
+    let Key::Map(key) = &op.key else {
+        return None;
+    };
+    let kind = match &op.action {
+        OpType::Make(automerge::ObjType::Map) => Kind::Map,
+        OpType::Make(automerge::ObjType::List) => Kind::List,
+        OpType::Make(automerge::ObjType::Text) => Kind::Text,
+        OpType::Put(automerge::ScalarValue::Counter(c)) if i64::from(c) == 0 => Kind::Counter,
+        _ => return None,
+    };
+    let parent = match &op.obj {
+        ObjectId::Root => ObjId::Root,
+        // Automerge finds the actor by its id when the index hint does not match.
+        ObjectId::Id(OpId(counter, actor)) => ObjId::Id(*counter, actor.clone(), usize::MAX),
+    };
+    let base = base(doc, &parent).ok()?;
+    let wanted = change.hash();
+    let mut previous: Option<(OpId, ChangeHash)> = None;
+    for generation in 0..IMPLICIT_GENERATIONS_MAX {
+        let built = build(
+            &parent,
+            key,
+            kind,
+            generation,
+            &base,
+            previous.as_ref().map(|(op, h)| (op, *h)),
+        );
+        let hash = built.hash();
+        if hash == wanted {
+            return Some((op.obj.clone(), key.to_string(), kind));
+        }
+        previous = Some((OpId(built.start_op().get(), built.actor_id().clone()), hash));
+    }
+    None
 }
 
 /// Applies [`creation_change`] to `doc` and returns its hash.

@@ -8,6 +8,7 @@
 pub mod anti_entropy;
 pub mod doc_id;
 pub mod document;
+pub mod generation;
 pub mod gossip;
 pub mod heads;
 pub mod implicit;
