@@ -1,6 +1,7 @@
 // The browser export in headless Chromium (Debian's /usr/bin/chromium, never a downloaded
-// one), against a real node. A small server serves the package and proxies /v1 to the node, so
-// the page talks to it from its own origin.
+// one), against real nodes. A small server serves the package and proxies /v1 to one node, so
+// the page talks to it from its own origin; a second node, with tokens, allows the page's
+// origin by CORS and is called across origins.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { createServer } from "node:http";
@@ -10,7 +11,7 @@ import { tmpdir } from "node:os";
 import { join, dirname, normalize } from "node:path";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
-import { startNode, nodeGet } from "./node-server.mjs";
+import { startNode, nodeGet, apiToken } from "./node-server.mjs";
 
 const pkg = join(dirname(fileURLToPath(import.meta.url)), "..");
 const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
@@ -22,6 +23,9 @@ window.ready = true;
 </script>`;
 
 let node;
+let corsNode;
+let writer;
+let reader;
 let server;
 let browser;
 let profile;
@@ -58,6 +62,12 @@ before(async () => {
   });
   await new Promise((r) => server.listen(0, "127.0.0.1", r));
   base = `http://127.0.0.1:${server.address().port}`;
+  writer = apiToken("cart-writer", "write", ["cart/"]);
+  reader = apiToken("reader", "read", [""]);
+  corsNode = await startNode({
+    config: `[auth]\nmode = "tokens"\n${writer.entry}${reader.entry}`,
+    args: ["--cors-origin", base],
+  });
   profile = mkdtempSync(join(tmpdir(), "verge-chromium-"));
   // A fresh profile directory (playwright passes it as --user-data-dir).
   browser = await chromium.launchPersistentContext(profile, {
@@ -79,6 +89,7 @@ after(async () => {
   await browser?.close();
   server?.close();
   await node?.stop();
+  await corsNode?.stop();
   if (profile) rmSync(profile, { recursive: true, force: true });
 });
 
@@ -117,4 +128,46 @@ test("the browser export opens, edits, syncs and converges in Chromium", async (
   assert.equal(result.code, "op_not_applicable");
   assert.deepEqual(result.loaded, result.a);
   assert.deepEqual((await nodeGet(node.url, "browser/doc")).doc, result.a);
+});
+
+test("a page calls a node on another origin that allows it, with tokens, and reads its refusals", async () => {
+  const page = await browser.newPage();
+  await page.goto(base + "/");
+  await page.waitForFunction(() => window.ready === true, null, { timeout: 20_000 });
+  const result = await page.evaluate(
+    async ({ allowed, notAllowed, write, read }) => {
+      const { Verge, VergeError } = window.verge;
+      const code = async (f) => {
+        try {
+          await f();
+          return "no error";
+        } catch (e) {
+          return e instanceof VergeError ? e.code : `not a VergeError: ${e}`;
+        }
+      };
+      const doc = await Verge.open({ url: allowed, token: write }, "cart/browser");
+      doc.inc("n", 2);
+      const stats = await doc.sync();
+      return {
+        json: doc.toJSON(),
+        roundTrips: stats.roundTrips,
+        outsidePrefix: await code(() => Verge.open({ url: allowed, token: write }, "user/browser")),
+        readToken: await code(() => Verge.open({ url: allowed, token: read }, "cart/browser")),
+        noToken: await code(() => Verge.open({ url: allowed }, "cart/browser")),
+        // The first node does not allow this origin: the browser blocks the call.
+        blocked: await code(() => Verge.open({ url: notAllowed }, "cart/browser")),
+      };
+    },
+    { allowed: corsNode.url, notAllowed: node.url, write: writer.token, read: reader.token },
+  );
+  assert.deepEqual(result.json, { n: 2 });
+  assert.equal(result.roundTrips, 1);
+  assert.equal(result.outsidePrefix, "forbidden");
+  assert.equal(result.readToken, "forbidden");
+  assert.equal(result.noToken, "unauthorized");
+  assert.equal(result.blocked, "network");
+  const res = await fetch(`${corsNode.url}/v1/docs/cart/browser`, {
+    headers: { authorization: `Bearer ${writer.token}` },
+  });
+  assert.deepEqual((await res.json()).doc, { n: 2 });
 });

@@ -2,7 +2,7 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { Verge, VergeError } from "../dist/node.js";
-import { startNode, nodeGet, nodePatch, nodeDelete } from "./node-server.mjs";
+import { startNode, nodeGet, nodePatch, nodeDelete, apiToken } from "./node-server.mjs";
 
 let node;
 let conn;
@@ -293,4 +293,47 @@ test("a deleted document syncs its tombstone and revives on write", async () => 
   doc.set("k", 2);
   await doc.sync();
   assert.deepEqual((await nodeGet(node.url, id)).doc, { k: 2 });
+});
+
+test("against a node with tokens: a write token works in its prefix, everything else is refused with a code", async () => {
+  const writer = apiToken("cart-writer", "write", ["cart/"]);
+  const reader = apiToken("reader", "read", [""]);
+  const secured = await startNode({ config: `[auth]\nmode = "tokens"\n${writer.entry}${reader.entry}` });
+  try {
+    const url = secured.url;
+    const doc = await Verge.open({ url, token: writer.token }, "cart/tok");
+    doc.inc("n", 3);
+    await doc.sync();
+    const again = await Verge.open({ url, token: writer.token }, "cart/tok");
+    assert.equal(again.get("n"), 3);
+
+    const refusal = async (options, id) => {
+      try {
+        await Verge.open(options, id);
+      } catch (e) {
+        assert.ok(e instanceof VergeError, String(e));
+        return { code: e.code, status: e.status, message: e.message };
+      }
+      assert.fail(`open of ${id} was not refused`);
+    };
+    // Outside the write token's prefix.
+    const outside = await refusal({ url, token: writer.token }, "user/tok");
+    assert.equal(outside.code, "forbidden");
+    assert.equal(outside.status, 403);
+    assert.match(outside.message, /cart-writer/);
+    // A read token cannot sync: syncing writes.
+    const readOnly = await refusal({ url, token: reader.token }, "cart/tok");
+    assert.equal(readOnly.code, "forbidden");
+    // No token, and a wrong one.
+    assert.equal((await refusal({ url }, "cart/tok")).code, "unauthorized");
+    assert.equal((await refusal({ url, token: "vg_wrong" }, "cart/tok")).code, "unauthorized");
+    // A refused sync of local edits keeps them for a later sync with a good token.
+    const offline = Verge.load(again.save(), { url, token: reader.token });
+    offline.inc("n", 1);
+    await assert.rejects(offline.sync(), (e) => e.code === "forbidden");
+    assert.equal(offline.get("n"), 4);
+    assert.ok(offline.hasUnsyncedChanges);
+  } finally {
+    await secured.stop();
+  }
 });

@@ -4,6 +4,7 @@
 // `startCluster` starts nodes that replicate over QUIC with mutual TLS (node/tests/common/
 // cluster.rs is the Rust equivalent).
 import { spawn, spawnSync } from "node:child_process";
+import { createHash, randomBytes } from "node:crypto";
 import { createSocket } from "node:dgram";
 import { existsSync, mkdtempSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -28,10 +29,19 @@ export function vergeBinary() {
   return join(target, "debug", "verge");
 }
 
-export async function startNode() {
+/**
+ * Starts a node. `config`: TOML text for its `--config` file; `args`: more flags (e.g.
+ * `["--cors-origin", origin]`).
+ */
+export async function startNode({ config, args: extra = [] } = {}) {
   const bin = vergeBinary();
   const dir = mkdtempSync(join(tmpdir(), "verge-client-test-"));
-  const args = ["--data-dir", dir];
+  const args = ["--data-dir", dir, ...extra];
+  if (config !== undefined) {
+    const file = join(dir, "verge.toml");
+    writeFileSync(file, config);
+    args.push("--config", file);
+  }
   // Nodes that gossip must not fight over the default gossip port.
   const help = spawnSync(bin, ["node", "--help"], { encoding: "utf8" }).stdout ?? "";
   if (help.includes("--gossip-addr")) args.push("--gossip-addr", "127.0.0.1:0");
@@ -173,6 +183,18 @@ async function waitConnected(nodes, timeoutMs = 10_000) {
 }
 
 /** Reads a document through the node's HTTP API (the node's view, not a replica's). */
+/**
+ * A new API token and the `[[auth.tokens]]` entry that accepts it (what `verge token` prints).
+ */
+export function apiToken(name, role, prefixes) {
+  const token = `vg_${randomBytes(32).toString("hex")}`;
+  const hash = createHash("sha256").update(token).digest("hex");
+  const entry =
+    `[[auth.tokens]]\nname = ${JSON.stringify(name)}\nhash = "sha256:${hash}"\n` +
+    `role = ${JSON.stringify(role)}\nprefixes = ${JSON.stringify(prefixes)}\n`;
+  return { token, entry };
+}
+
 export async function nodeGet(url, id) {
   const res = await fetch(`${url}/v1/docs/${id}`);
   if (res.status === 404) return undefined;

@@ -86,6 +86,24 @@ pub struct NodeArgs {
     /// so that it does not show in the process list).
     #[arg(skip = std::env::var("VERGE_ENCRYPTION_KEY").ok().map(SecretText))]
     pub encryption_key: Option<SecretText>,
+    /// A browser origin allowed to call the API (`https://app.example.com`, or `*`);
+    /// repeatable, and added to `[cors] allowed_origins`.
+    #[arg(
+        long = "cors-origin",
+        env = "VERGE_CORS_ORIGINS",
+        value_name = "ORIGIN",
+        value_delimiter = ','
+    )]
+    pub cors_origins: Vec<String>,
+}
+
+/// Browsers on other origins (`[cors]` in the file).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorsFileConfig {
+    /// Origins allowed to call the API from a browser: exact origins, or `*` for any.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
 }
 
 /// A secret read from the environment; `Debug` never shows it.
@@ -257,6 +275,8 @@ struct FileConfig {
     api_tls: ApiTlsFileConfig,
     #[serde(default)]
     limits: LimitsConfig,
+    #[serde(default)]
+    cors: CorsFileConfig,
 }
 
 /// A fully resolved configuration.
@@ -291,6 +311,8 @@ pub struct Config {
     pub api_tls: Option<crate::http::ApiTlsFiles>,
     /// Connection and request rate limits of the API.
     pub limits: LimitsConfig,
+    /// Browser origins allowed to call the API.
+    pub cors: crate::http::cors::Cors,
     /// The file that was read, if any.
     pub source: Option<PathBuf>,
 }
@@ -513,6 +535,12 @@ impl Config {
                 });
             }
         }
+        let mut origins = file.cors.allowed_origins;
+        origins.extend(args.cors_origins.iter().cloned());
+        let cors = crate::http::cors::Cors::new(&origins).map_err(|e| ConfigError::Invalid {
+            key: "cors.allowed_origins",
+            message: e.to_string(),
+        })?;
         let replication = file.replication;
         if replication.anti_entropy_interval_s == 0 || replication.batch_bytes_max == 0 {
             return Err(ConfigError::Invalid {
@@ -539,6 +567,7 @@ impl Config {
             auth,
             api_tls,
             limits,
+            cors,
             source,
         })
     }

@@ -329,6 +329,7 @@ where
             timed_out: body_timeouts,
             stop: stop_rx.clone(),
         },
+        cors: Arc::new(config.cors.clone()),
     });
     if let Some(addr_file) = &addr_file {
         // A convenience for tools: a full disk must not keep the node from serving.

@@ -664,3 +664,161 @@ fn the_api_serves_https_with_tokens_and_refuses_plain_http() {
     );
     assert!(!data.join("api.addr").exists(), "api.addr removed on exit");
 }
+
+/// A node with the test tokens and `[cors]` allowing one origin.
+fn start_with_tokens_and_cors(name: &str) -> AuthNode {
+    let config_dir = tempfile::tempdir().unwrap();
+    let path = config_dir.path().join("verge.toml");
+    let config = format!(
+        "[cors]\nallowed_origins = [\"https://app.example.com\"]\n\n{}",
+        token_config()
+    );
+    fs::write(&path, config).unwrap();
+    let node = Node::start_with(name, vec!["--config".into(), path.display().to_string()]);
+    AuthNode {
+        node,
+        _config_dir: config_dir,
+    }
+}
+
+impl AuthNode {
+    fn call_from(
+        &self,
+        origin: &str,
+        method: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+    ) -> Resp {
+        let mut all = vec![("Origin", origin)];
+        all.extend_from_slice(headers);
+        http(self.node.addr, method, target, b"", &all, REQUEST_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{method} {target}: {e}\n{}", self.node.output()))
+    }
+}
+
+/// A browser page on an allowed origin gets its preflight answered without a token, then calls
+/// with one; the answers name the origin, errors too, so the page can read their codes. Other
+/// origins get nothing that lets a browser through.
+#[test]
+fn browsers_on_allowed_origins_pass_preflight_and_read_answers_and_errors() {
+    let n = start_with_tokens_and_cors("cors");
+    let app = "https://app.example.com";
+    let preflight = n.call_from(
+        app,
+        "OPTIONS",
+        "/v1/sync/cart/a",
+        &[
+            ("Access-Control-Request-Method", "POST"),
+            (
+                "Access-Control-Request-Headers",
+                "authorization, content-type",
+            ),
+        ],
+    );
+    assert_eq!(preflight.status, 204, "{}", preflight.describe());
+    assert_eq!(preflight.header("access-control-allow-origin"), Some(app));
+    let methods = preflight
+        .header("access-control-allow-methods")
+        .unwrap_or("");
+    assert!(
+        methods.contains("POST") && methods.contains("PATCH"),
+        "{methods}"
+    );
+    let allowed = preflight
+        .header("access-control-allow-headers")
+        .unwrap_or("");
+    assert!(allowed.contains("authorization") && allowed.contains("content-type"));
+    assert!(preflight.header("access-control-max-age").is_some());
+
+    // The call itself, with a token: answered, naming the origin.
+    let bearer = format!("Bearer {CART_WRITER}");
+    let ok = n.call_from(app, "GET", "/v1/docs/cart/a", &[("Authorization", &bearer)]);
+    assert_eq!(ok.status, 404, "{}", ok.describe());
+    assert_eq!(ok.header("access-control-allow-origin"), Some(app));
+    assert!(ok.header("vary").unwrap_or("").contains("origin"));
+    // Refusals name it too: the page reads `unauthorized` and `forbidden`, not a network error.
+    let refused = n.call_from(app, "GET", "/v1/docs/cart/a", &[]);
+    refused.assert_error(401, "unauthorized", "no token from an allowed origin");
+    assert_eq!(refused.header("access-control-allow-origin"), Some(app));
+    let expose = refused
+        .header("access-control-expose-headers")
+        .unwrap_or("");
+    assert!(expose.contains("www-authenticate"), "{expose}");
+    let reader = format!("Bearer {CART_READER}");
+    let forbidden = n.call_from(
+        app,
+        "DELETE",
+        "/v1/docs/cart/a",
+        &[("Authorization", &reader)],
+    );
+    forbidden.assert_error(403, "forbidden", "a read token deleting");
+    assert_eq!(forbidden.header("access-control-allow-origin"), Some(app));
+
+    // Another origin: its preflight is refused, and answers never name it.
+    let evil = "https://evil.example.com";
+    let refused = n.call_from(
+        evil,
+        "OPTIONS",
+        "/v1/sync/cart/a",
+        &[("Access-Control-Request-Method", "POST")],
+    );
+    refused.assert_error(
+        403,
+        "cors_origin_not_allowed",
+        "preflight from another origin",
+    );
+    assert_eq!(refused.header("access-control-allow-origin"), None);
+    let direct = n.call_from(
+        evil,
+        "GET",
+        "/v1/docs/cart/a",
+        &[("Authorization", &bearer)],
+    );
+    assert_eq!(direct.status, 404);
+    assert_eq!(direct.header("access-control-allow-origin"), None);
+}
+
+/// Without `[cors]`, no answer carries CORS headers and an `OPTIONS` is an ordinary request.
+#[test]
+fn without_cors_configured_no_origin_is_named() {
+    let n = start_with_tokens("no-cors");
+    let app = "https://app.example.com";
+    let preflight = n.call_from(
+        app,
+        "OPTIONS",
+        "/v1/sync/cart/a",
+        &[("Access-Control-Request-Method", "POST")],
+    );
+    assert_eq!(preflight.header("access-control-allow-origin"), None);
+    assert_ne!(preflight.status, 204, "{}", preflight.describe());
+    let bearer = format!("Bearer {ADMIN}");
+    let r = n.call_from(app, "GET", "/v1/status", &[("Authorization", &bearer)]);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("access-control-allow-origin"), None);
+}
+
+/// A malformed origin in the configuration stops the node at start with the setting named.
+#[test]
+fn a_malformed_cors_origin_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("verge.toml");
+    fs::write(
+        &config,
+        "[cors]\nallowed_origins = [\"https://app.example.com/\"]\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_verge"))
+        .args(["node", "--config"])
+        .arg(&config)
+        .args(["--data-dir"])
+        .arg(dir.path().join("data"))
+        .args(["--api-addr", "127.0.0.1:0", "--gossip-addr", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cors.allowed_origins") && stderr.contains("not an origin"),
+        "{stderr}"
+    );
+}

@@ -1,6 +1,7 @@
 //! The HTTP API of a node (`/v1`, probes and metrics). See docs/api.md.
 
 mod auth;
+pub mod cors;
 mod docs;
 pub use docs::REPLICAS_MAX;
 mod error;
@@ -53,6 +54,8 @@ pub struct AppState {
     pub rate_limits: limits::RateLimits,
     /// How long a request's body may take to arrive.
     pub body_deadline: serve::BodyDeadline,
+    /// Browser origins allowed to call the API.
+    pub cors: Arc<cors::Cors>,
 }
 
 /// Builds the router over `state`.
@@ -103,11 +106,20 @@ pub fn router(state: Arc<AppState>, stop: tokio::sync::watch::Receiver<bool>) ->
             auth::authorize,
         ))
     };
-    routes
-        .layer(middleware::from_fn_with_state(
-            Arc::clone(&state),
-            catch_panics,
+    let routes = routes.layer(middleware::from_fn_with_state(
+        Arc::clone(&state),
+        catch_panics,
+    ));
+    // Outside authorization: a browser's preflight carries no token.
+    let routes = if state.cors.is_off() {
+        routes
+    } else {
+        routes.layer(middleware::from_fn_with_state(
+            Arc::clone(&state.cors),
+            cors::cors,
         ))
+    };
+    routes
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             count_requests,
