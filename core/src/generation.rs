@@ -58,6 +58,23 @@ pub enum GenerationError {
     /// An implicit creation could not be rebuilt in the new generation.
     #[error(transparent)]
     Create(#[from] CreateError),
+    /// The change offered as a generation root is not one.
+    #[error("change {0} is not a generation root")]
+    NotARoot(ChangeHash),
+    /// The root starts a generation other than the next one of this document.
+    #[error(
+        "the document is in generation {have}; a root of generation {offered} does not follow it"
+    )]
+    NotNext {
+        /// This document's generation.
+        have: u64,
+        /// The root's.
+        offered: u64,
+    },
+    /// The root is not the one this node builds from the same point: the sender's document at
+    /// the point differs from this one (a defect, or a forged root), so it is not adopted.
+    #[error("generation root {0} differs from the one rebuilt here")]
+    RootMismatch(ChangeHash),
 }
 
 impl From<AutomergeError> for GenerationError {
@@ -84,6 +101,47 @@ pub fn root_of(doc: &Automerge) -> Option<(ChangeHash, u64)> {
     let hash = doc.hash_for_opid(&id)?;
     let meta = doc.get_change_meta_by_hash(&hash)?;
     Some((hash, meta.max_op))
+}
+
+/// What a generation's root says about itself: its generation and the point it was compacted
+/// at. Read from a change with no deps that puts [`GENERATION_KEY`] and
+/// [`GENERATION_POINT_KEY`]; whether it is the root every member builds is checked by
+/// rebuilding it ([`Compaction::adopt`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RootClaim {
+    /// The generation the root starts.
+    pub number: u64,
+    /// The change of the previous generation it was compacted at.
+    pub point: ChangeHash,
+}
+
+/// The generation root `change` claims to be, if it looks like one.
+pub fn root_claim(change: &Change) -> Option<RootClaim> {
+    if !change.deps().is_empty() || change.seq() != 1 || change.timestamp() != 0 {
+        return None;
+    }
+    let expanded = change.decode();
+    let (mut number, mut point) = (None, None);
+    // The markers are the root's last two ops.
+    for op in expanded.operations.iter().rev().take(2) {
+        match (&op.obj, &op.key, &op.action) {
+            (ObjectId::Root, Key::Map(k), OpType::Put(ScalarValue::Int(n)))
+                if k.as_str() == GENERATION_KEY =>
+            {
+                number = u64::try_from(*n).ok();
+            }
+            (ObjectId::Root, Key::Map(k), OpType::Put(ScalarValue::Bytes(b)))
+                if k.as_str() == GENERATION_POINT_KEY =>
+            {
+                point = <[u8; 32]>::try_from(b.as_slice()).ok().map(ChangeHash);
+            }
+            _ => {}
+        }
+    }
+    Some(RootClaim {
+        number: number.filter(|n| *n >= 1)?,
+        point: point?,
+    })
 }
 
 /// The actor of the root of generation `generation` compacted at `point`.
@@ -439,6 +497,27 @@ impl Compaction {
             carried_ids: HashMap::new(),
             next,
         })
+    }
+
+    /// Moves `doc` (of generation `g`) onto the generation `root` starts, which another node
+    /// built: rebuilds the root from `doc`'s own history at the root's point, refuses a root
+    /// that differs from the one this node builds (or one of another generation than `g + 1`),
+    /// and carries every change of `doc` outside the point. `doc` must hold the point: a node
+    /// that does not syncs the previous generation first (`docs/compaction.md`).
+    pub fn adopt(doc: &Automerge, root: &Change) -> Result<Self, GenerationError> {
+        let claim = root_claim(root).ok_or(GenerationError::NotARoot(root.hash()))?;
+        if claim.number != of(doc) + 1 {
+            return Err(GenerationError::NotNext {
+                have: of(doc),
+                offered: claim.number,
+            });
+        }
+        let mut compaction = Compaction::start(doc, claim.point)?;
+        if compaction.root_hash != root.hash() {
+            return Err(GenerationError::RootMismatch(root.hash()));
+        }
+        compaction.carry_all(doc)?;
+        Ok(compaction)
     }
 
     /// The new generation's number.
@@ -1088,6 +1167,97 @@ mod tests {
             prop_assert_eq!(apart.get_heads(), everything.get_heads());
             prop_assert_eq!(json_of(&apart), json_of(&all));
         }
+    }
+
+    #[test]
+    fn a_replica_adopts_a_generation_another_built_and_carries_its_own_writes() {
+        let base = busy_document();
+        let mut b = replica(2);
+        merge(&mut b, &base);
+        // a compacts at its head; b, still in the old generation, writes meanwhile.
+        let mut a = base.clone();
+        let mut tx = a.transaction();
+        tx.put(ROOT, PROPOSAL_KEY, 1_i64).expect("put");
+        tx.commit();
+        let point = head(&a);
+        merge(&mut b, &a);
+        write(&mut b, json!([{"op": "inc", "path": ["views"], "by": 1}]));
+        write(
+            &mut b,
+            json!([{"op": "push", "path": ["items"], "value": "b"}]),
+        );
+        let mut old_all = a.clone();
+        merge(&mut old_all, &b);
+
+        let built = compact(&a, point);
+        let root = built.root().clone();
+        let mut a_next = built.into_document();
+        a_next.set_actor(generation_actor(&ActorId::from(vec![1; 16]), 1));
+        write(
+            &mut a_next,
+            json!([{"op": "inc", "path": ["views"], "by": 10}]),
+        );
+
+        let adopted = Compaction::adopt(&b, &root).expect("b adopts");
+        assert_eq!(adopted.root().hash(), root.hash());
+        let mut b_next = adopted.into_document();
+        merge(&mut b_next, &a_next);
+        merge(&mut a_next, &b_next);
+        assert_eq!(a_next.get_heads(), b_next.get_heads());
+        let mut expected = json_of(&old_all);
+        expected["views"] = json!(111);
+        assert_eq!(json_of(&b_next), expected);
+    }
+
+    #[test]
+    fn roots_that_are_not_the_one_built_here_are_refused() {
+        let a = busy_document();
+        let point = head(&a);
+        let root = Compaction::start(&a, point).expect("starts").root().clone();
+        assert_eq!(root_claim(&root), Some(RootClaim { number: 1, point }));
+        // A replica whose history at the point differs builds another root.
+        let mut other = replica(3);
+        write(
+            &mut other,
+            json!([{"op": "set", "path": ["x"], "value": 1}]),
+        );
+        let forged_point = head(&other);
+        let forged = Compaction::start(&other, forged_point)
+            .expect("starts")
+            .root()
+            .clone();
+        assert!(matches!(
+            Compaction::adopt(&a, &forged),
+            Err(GenerationError::UnknownPoint(_))
+        ));
+        let mut both = a.clone();
+        merge(&mut both, &other);
+        // The forged root claims a point `both` holds, but `both` builds it from more state.
+        let mut tampered = forged.decode();
+        tampered
+            .operations
+            .retain(|op| !matches!(&op.key, Key::Map(k) if k.as_str() == "x"));
+        let tampered = Change::from(tampered);
+        assert!(matches!(
+            Compaction::adopt(&both, &tampered),
+            Err(GenerationError::RootMismatch(_))
+        ));
+        // Not a root at all, and a generation that does not follow.
+        let plain = a.get_changes(&[]).last().cloned().expect("a change");
+        assert!(matches!(
+            Compaction::adopt(&a, &plain),
+            Err(GenerationError::NotARoot(_))
+        ));
+        let next = Compaction::start(&a, point)
+            .expect("starts")
+            .into_document();
+        assert!(matches!(
+            Compaction::adopt(&next, &root),
+            Err(GenerationError::NotNext {
+                have: 1,
+                offered: 1
+            })
+        ));
     }
 
     #[test]
