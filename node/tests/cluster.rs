@@ -1145,6 +1145,18 @@ fn example_script_starts_a_three_node_cluster_and_stops_it() {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(std::fs::File::create(&log_path).unwrap()));
+    // A shell cannot trap a signal it was started with ignored (POSIX), and a test run in the
+    // background of a shell without job control inherits an ignored SIGINT. Ctrl-C in a
+    // terminal reaches the script with the default disposition: start it with that.
+    // SAFETY: only async-signal-safe calls (signal(2)) between fork and exec.
+    #[allow(unsafe_code)]
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            Ok(())
+        });
+    }
     let mut child = cmd.spawn().expect("run examples/cluster/run.sh");
     let pid = child.id() as libc::pid_t;
 
