@@ -256,8 +256,16 @@ fn apply_in_place(
     let expired = lifecycle.expired(now_ms);
     let time_s = now_ms.div_euclid(1000);
     let mut changes = Vec::new();
-    for _ in 0..ATTEMPTS_MAX {
+    // Ops that found nothing to do on the first run, when every op ran in order against what
+    // the ones before it had made. Later runs skip them: by then the containers later ops
+    // create exist from the start, and a `del` that found no key must not find (and delete,
+    // or trip over) one that a later op of the same write creates.
+    let mut idle: Vec<bool> = Vec::new();
+    for attempt in 0..ATTEMPTS_MAX {
         let mut scope = Scope::default();
+        if attempt > 0 {
+            scope.idle = idle.clone();
+        }
         let mut tx = doc.transaction();
         if let Err(e) = run(&mut tx, &mut scope, write, expiry, lifecycle, expired) {
             tx.rollback();
@@ -267,6 +275,9 @@ fn apply_in_place(
         }
         if !scope.needs.is_empty() {
             tx.rollback();
+            if attempt == 0 {
+                idle = scope.idle;
+            }
             create_needed(doc, &scope.needs, &mut changes)?;
             continue;
         }
@@ -299,12 +310,22 @@ fn run(
 ) -> Result<(), ApplyError> {
     match write {
         Write::Ops(ops) => {
+            let first_run = scope.idle.is_empty();
             for (index, op) in ops.iter().enumerate() {
-                apply_op(tx, scope, op).map_err(|reason| ApplyError::NotApplicable {
+                if scope.idle.get(index).copied().unwrap_or(false) && !first_run {
+                    continue;
+                }
+                let did = apply_op(tx, scope, op).map_err(|reason| ApplyError::NotApplicable {
                     index,
                     path: op.path().to_string(),
                     reason,
                 })?;
+                if first_run {
+                    scope.ran.push(!did);
+                }
+            }
+            if first_run {
+                scope.idle = std::mem::take(&mut scope.ran);
             }
         }
         Write::Replace(map) => replace_map(tx, scope, &ROOT, map, true)
@@ -474,6 +495,10 @@ struct Scope {
     stand_ins: HashMap<ObjId, usize>,
     /// Increments of counters left conflicting by older versions.
     legacy_incs: Vec<LegacyInc>,
+    /// By op index: the op had nothing to do on the first run (see `apply_in_place`).
+    idle: Vec<bool>,
+    /// The same, being recorded by the first run.
+    ran: Vec<bool>,
 }
 
 /// A container an op creates at a key nothing occupied before the write.
@@ -767,7 +792,8 @@ fn add_to_counter<T: Transactable>(
     }
 }
 
-fn apply_op<T: Transactable>(tx: &mut T, scope: &mut Scope, op: &Op) -> Result<(), String> {
+/// Applies one op; `Ok(false)` when it had nothing to do (a `del` of something missing).
+fn apply_op<T: Transactable>(tx: &mut T, scope: &mut Scope, op: &Op) -> Result<bool, String> {
     let (parents, last) = op.path().split_last();
     let create = !matches!(op, Op::Del { .. });
     let last_parent = if matches!(op, Op::Insert { .. }) {
@@ -776,10 +802,16 @@ fn apply_op<T: Transactable>(tx: &mut T, scope: &mut Scope, op: &Op) -> Result<(
         Kind::Map
     };
     let Some(target) = resolve_parent(tx, scope, parents, create, last_parent)? else {
-        return Ok(()); // `del` below a missing parent: nothing to delete.
+        return Ok(false); // `del` below a missing parent: nothing to delete.
     };
     let err = |e: AutomergeError| e.to_string();
-    match op {
+    if let Op::Del { .. } = op
+        && let Ok(Prop::Map(key)) = prop_of(&target, last)
+        && tx.get(&target.obj, key.as_str()).map_err(err)?.is_none()
+    {
+        return Ok(false); // A missing key: nothing to delete.
+    }
+    let done: Result<(), String> = match op {
         Op::Set { value, .. } => match prop_of(&target, last)? {
             Prop::Seq(n) => {
                 let len = tx.length(&target.obj);
@@ -858,7 +890,8 @@ fn apply_op<T: Transactable>(tx: &mut T, scope: &mut Scope, op: &Op) -> Result<(
                 isize::try_from(*delete).map_err(|_| "delete count too large".to_owned())?;
             tx.splice_text(&obj, *index, delete, text).map_err(err)
         }
-    }
+    };
+    done.map(|()| true)
 }
 
 /// Writes a JSON value at `prop` of `obj`, inserting into a list when `insert`. Objects and
@@ -1684,6 +1717,30 @@ mod tests {
         receive_sync_message(&mut doc, &mut state, message).expect("receives");
         assert!(generate_sync_message(&doc, &mut state).is_err());
         assert_eq!(to_json(&doc), json!({"a": 1}), "the document is unchanged");
+    }
+
+    #[test]
+    fn a_del_of_a_missing_key_ignores_what_later_ops_of_its_write_create() {
+        // The `del` runs first and finds nothing; the `inc` creates the shared counter. The
+        // write must not delete that counter (a concurrent increment elsewhere would be lost)
+        // nor trip over it.
+        let base = new_document(actor(9));
+        let mut a = base.fork().with_actor(actor(1));
+        let mut b = base.fork().with_actor(actor(2));
+        write(
+            &mut a,
+            ops(json!([{"op": "del", "path": ["n"]}, {"op": "inc", "path": ["n"]}])),
+        );
+        write(&mut b, ops(json!([{"op": "inc", "path": ["n"], "by": 5}])));
+        a.merge(&mut b).expect("merge");
+        assert_eq!(to_json(&a)["n"], json!(6), "both increments count once");
+        // Through a key a later op creates as a counter: still a no-op, not a refusal.
+        let mut c = new_document(actor(3));
+        write(
+            &mut c,
+            ops(json!([{"op": "del", "path": ["t", "a"]}, {"op": "inc", "path": ["t"]}])),
+        );
+        assert_eq!(to_json(&c), json!({"t": 1}));
     }
 
     /// A random op over a small key space so that replicas collide often.
