@@ -18,6 +18,7 @@ pub mod limits;
 pub mod membership;
 pub mod ops;
 pub mod replication;
+pub mod shadow;
 pub mod wire;
 
 pub use doc_id::{DocId, DocIdError};
