@@ -27,16 +27,39 @@ function perOp(n, f) {
   return ((performance.now() - t) * 1000) / n;
 }
 
-const doc = Verge.create(null, "bench/local");
-for (let i = 0; i < 50; i++) doc.set(["items", `sku-${i}`], { qty: i, name: `item ${i}` });
-const setUs = perOp(2_000, (i) => doc.set(["items", `sku-${i % 50}`, "qty"], i));
-const incUs = perOp(2_000, () => doc.inc(["hits"], 1));
-doc.get(["items", "sku-7", "qty"]);
-const getUs = perOp(200_000, () => doc.get(["items", "sku-7", "qty"]));
-const getAfterWriteUs = perOp(2_000, (i) => {
-  doc.set(["items", "sku-7", "qty"], i);
-  doc.get(["items", "sku-7", "qty"]);
-}) - setUs;
+/** Local costs on a 50-item document whose history is `history` changes long. */
+function local(history) {
+  const doc = Verge.create(null, `bench/local-${history}`);
+  for (let i = 0; i < 50; i++) doc.set(["items", `sku-${i}`], { qty: i, name: `item ${i}` });
+  for (let i = 0; i < history; i++) {
+    doc.inc(["history"], 1);
+    doc.heads(); // each flush is one Automerge change
+  }
+  doc.heads();
+  doc.get([]); // the read state exists, as in any function that reads before it writes
+  const set = perOp(20_000, (i) => doc.set(["items", `sku-${i % 50}`, "qty"], i));
+  const inc = perOp(20_000, () => doc.inc(["hits"], 1));
+  const get = perOp(200_000, () => doc.get(["items", "sku-7", "qty"]));
+  // Each get timed alone, right after a write to the same path (the clock's own cost, about
+  // 0.05 µs, included).
+  let afterWriteNs = 0n;
+  const n = 20_000;
+  for (let i = 0; i < n; i++) {
+    doc.set(["items", "sku-7", "qty"], i);
+    const t = process.hrtime.bigint();
+    doc.get(["items", "sku-7", "qty"]);
+    afterWriteNs += process.hrtime.bigint() - t;
+  }
+  const toJSON = perOp(20_000, () => doc.toJSON());
+  doc.heads();
+  return { set, inc, get, getAfterWrite: Number(afterWriteNs) / n / 1000, toJSON };
+}
+const small = local(100);
+const long = local(100_000);
+const setUs = small.set;
+const incUs = small.inc;
+const getUs = small.get;
+const getAfterWriteUs = small.getAfterWrite;
 
 const history = Number(process.env.HISTORY ?? 100_000);
 const node = await startNode();
@@ -45,6 +68,10 @@ let push;
 let pull;
 try {
   const conn = { url: node.url };
+  // 1,000 local ops, then one sync.
+  const batch = await Verge.open(conn, "bench/batch");
+  for (let i = 0; i < 1000; i++) batch.inc(["n"], 1);
+  var batchSync = await batch.sync();
   const writer = await Verge.open(conn, "bench/long");
   for (let i = 0; i < history; i++) {
     writer.inc("n", 1);
@@ -64,6 +91,9 @@ try {
 const kb = (n) => `${(n / 1024).toFixed(1)} KB`;
 const median = times.sort((a, b) => a - b)[2];
 console.log(`local set (map key):             ${setUs.toFixed(1)} µs`);
+console.log(`  with 100,000 changes of history: set ${long.set.toFixed(1)} µs, inc ${long.inc.toFixed(1)} µs, get ${long.get.toFixed(3)} µs, get after a write ${long.getAfterWrite.toFixed(2)} µs, toJSON ${long.toJSON.toFixed(1)} µs`);
+console.log(`local toJSON (50 items):         ${small.toJSON.toFixed(1)} µs`);
+console.log(`1,000 local ops, then sync:      ${batchSync.roundTrips} round trip, ${batchSync.bytesSent} B sent`);
 console.log(`local inc (counter):             ${incUs.toFixed(1)} µs`);
 console.log(`local get (cached path):         ${getUs.toFixed(3)} µs`);
 console.log(`local get right after a write:   ${getAfterWriteUs.toFixed(1)} µs`);

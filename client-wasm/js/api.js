@@ -42,6 +42,108 @@ function deepFreeze(value) {
   return value;
 }
 
+/** Containers larger than this are not copied to keep the read state current after a write:
+ * the state is read again from the replica on the next read instead. */
+const COPY_ENTRIES_MAX = 4096;
+
+/** A frozen copy of a JSON value given by the caller. */
+function frozenCopy(value) {
+  if (value === undefined) return null;
+  if (value === null || typeof value !== "object") return value;
+  return deepFreeze(JSON.parse(JSON.stringify(value)));
+}
+
+/** A mutable deep copy of plain JSON (faster than a JSON round trip). */
+function copyJSON(value) {
+  if (value === null || typeof value !== "object") return value;
+  if (Array.isArray(value)) return value.map(copyJSON);
+  const out = {};
+  for (const k in value) out[k] = copyJSON(value[k]);
+  return out;
+}
+
+/** Thrown to give up updating the read state in place (it is read again instead). */
+const TOO_BIG = Symbol("too big to copy");
+
+/** A shallow, unfrozen copy of a container, for one step of a path update. */
+function copyOf(node, makeList) {
+  if (Array.isArray(node)) {
+    if (node.length > COPY_ENTRIES_MAX) throw TOO_BIG;
+    return node.slice();
+  }
+  if (node !== null && typeof node === "object") {
+    const copy = { ...node };
+    if (Object.keys(copy).length > COPY_ENTRIES_MAX) throw TOO_BIG;
+    return copy;
+  }
+  return makeList ? [] : {};
+}
+
+/**
+ * The read state after `op`, which the replica has already checked and applied: the
+ * containers along its path are copied (missing ones created, as the replica does), the rest
+ * is shared. Returns a new frozen root; `state` is unchanged.
+ */
+function applyToState(state, op) {
+  const path = toPath(op.path);
+  const parents = path.length - 1;
+  if (op.op === "del") {
+    // A del below a missing parent does nothing (and creates nothing).
+    let node = state;
+    for (let i = 0; i < parents; i++) {
+      node = node?.[path[i]];
+      if (node === null || typeof node !== "object") return state;
+    }
+  }
+  const root = copyOf(state, false);
+  let node = root;
+  for (let i = 0; i < parents; i++) {
+    const seg = path[i];
+    // A missing step becomes a map, or a list when it is the last one of an insert.
+    const child = copyOf(node[seg], op.op === "insert" && i === parents - 1);
+    node[seg] = child;
+    node = child;
+  }
+  const last = path[parents];
+  switch (op.op) {
+    case "set":
+      node[last] = frozenCopy(op.value);
+      break;
+    case "del":
+      if (Array.isArray(node)) node.splice(last, 1);
+      else delete node[last];
+      break;
+    case "inc":
+      node[last] = (node[last] ?? 0) + (op.by ?? 1);
+      break;
+    case "insert":
+      node.splice(last, 0, frozenCopy(op.value));
+      break;
+    case "push": {
+      const list = copyOf(node[last], true);
+      list.push(frozenCopy(op.value));
+      node[last] = Object.freeze(list);
+      break;
+    }
+    case "splice": {
+      const chars = Array.from(node[last] ?? "");
+      chars.splice(op.index ?? 0, op.delete ?? 0, ...Array.from(op.text ?? ""));
+      node[last] = chars.join("");
+      break;
+    }
+    default:
+      throw TOO_BIG;
+  }
+  // Freeze what was copied (everything else was frozen already).
+  let walk = root;
+  Object.freeze(walk);
+  for (let i = 0; i < parents; i++) {
+    walk = walk[path[i]];
+    Object.freeze(walk);
+  }
+  return root;
+}
+
 function toPath(path) {
   if (typeof path === "string" || typeof path === "number") return [path];
   return path;
@@ -99,9 +201,10 @@ export class VergeDoc {
   #listeners = new Set();
   #queue = Promise.resolve();
   #lastSync = null;
-  // Materialised values of root keys, filled on first read and dropped by any write that may
-  // touch them: Automerge answers a path lookup in microseconds, this cache in nanoseconds.
-  #cache = new Map();
+  // The document as frozen JSON, kept current by each local write (the replica checks it,
+  // then the same op is applied here) and read again after a sync, a replace or a delete:
+  // reads are lookups in plain JavaScript objects. `null` until the first read.
+  #state = null;
 
   constructor(replica, connection) {
     this.#replica = replica;
@@ -113,29 +216,34 @@ export class VergeDoc {
     return this.#replica.id;
   }
 
+  #root() {
+    if (this.#state === null) {
+      let text;
+      try {
+        text = this.#replica.toJSONText();
+      } catch (e) {
+        rethrow(e);
+      }
+      this.#state = deepFreeze(JSON.parse(text));
+    }
+    return this.#state;
+  }
+
   /**
    * The value at `path` (a key, or an array of keys and indexes); `undefined` when absent.
-   * Objects and arrays come back frozen (they are shared with the read cache); `toJSON()`
+   * Objects and arrays come back frozen (they are shared with the read state); `toJSON()`
    * returns a mutable copy.
    */
   get(path = []) {
     const p = toPath(path);
-    const key = p[0];
-    if (typeof key !== "string" || !Array.isArray(p)) return this.#read(p);
-    let value;
-    if (this.#cache.has(key)) {
-      value = this.#cache.get(key);
-    } else {
-      value = this.#read([key]);
-      this.#cache.set(key, deepFreeze(value));
-    }
-    for (let i = 1; i < p.length; i++) {
-      const seg = p[i];
+    if (!Array.isArray(p)) return undefined;
+    let value = this.#root();
+    for (const seg of p) {
       if (Array.isArray(value)) {
-        if (typeof seg !== "number") return this.#read(p);
+        if (typeof seg !== "number") return undefined;
         value = value[seg];
       } else if (value !== null && typeof value === "object") {
-        if (typeof seg !== "string") return this.#read(p);
+        if (typeof seg !== "string") return undefined;
         value = Object.hasOwn(value, seg) ? value[seg] : undefined;
       } else {
         return undefined;
@@ -144,24 +252,18 @@ export class VergeDoc {
     return value;
   }
 
-  #read(path) {
-    let text;
-    try {
-      text = this.#replica.get(JSON.stringify(path));
-    } catch (e) {
-      rethrow(e);
-    }
-    return text === undefined ? undefined : JSON.parse(text);
-  }
-
-  /** The whole document as plain JSON (counters as numbers, text as strings). */
+  /** The whole document as plain JSON (counters as numbers, text as strings), a copy. */
   toJSON() {
-    return JSON.parse(this.#replica.toJSONText());
+    return copyJSON(this.#root());
   }
 
   /** The current heads: hex hashes naming this exact version of the document. */
   heads() {
-    return this.#replica.heads();
+    try {
+      return this.#replica.heads();
+    } catch (e) {
+      rethrow(e);
+    }
   }
 
   /** Whether the document carries a tombstone (it was deleted and not written since). */
@@ -175,21 +277,21 @@ export class VergeDoc {
   }
 
   #apply(ops) {
-    if (Array.isArray(ops)) {
-      for (const op of ops) this.#invalidate(op && op.path);
-    } else {
-      this.#invalidate(ops.path);
-    }
+    let changed;
     try {
-      return this.#replica.apply(JSON.stringify(ops), Date.now());
+      changed = this.#replica.apply(JSON.stringify(ops), Date.now());
     } catch (e) {
       rethrow(e);
     }
-  }
-
-  #invalidate(path) {
-    if (Array.isArray(path) && typeof path[0] === "string") this.#cache.delete(path[0]);
-    else this.#cache.clear();
+    if (changed && this.#state !== null) {
+      try {
+        for (const op of Array.isArray(ops) ? ops : [ops]) this.#state = applyToState(this.#state, op);
+      } catch (e) {
+        if (e !== TOO_BIG) throw e;
+        this.#state = null;
+      }
+    }
+    return changed;
   }
 
   /** Sets a map key or list element to a JSON value. */
@@ -229,7 +331,7 @@ export class VergeDoc {
 
   /** Makes the document equal to `doc`, changing only what differs (like HTTP PUT). */
   replace(doc) {
-    this.#cache.clear();
+    this.#state = null;
     try {
       return this.#replica.replace(JSON.stringify(doc), Date.now());
     } catch (e) {
@@ -239,7 +341,7 @@ export class VergeDoc {
 
   /** Deletes the document: a tombstone that syncs; a later write revives it. */
   remove() {
-    this.#cache.clear();
+    this.#state = null;
     try {
       return this.#replica.remove(Date.now());
     } catch (e) {
@@ -249,7 +351,11 @@ export class VergeDoc {
 
   /** The replica's bytes, for `Verge.load` (isolate-level caching). */
   save() {
-    return this.#replica.save();
+    try {
+      return this.#replica.save();
+    } catch (e) {
+      rethrow(e);
+    }
   }
 
   /**
@@ -275,11 +381,11 @@ export class VergeDoc {
       // The document was deleted or expired and written again since this copy was made: the
       // copy can never merge with the node's, so it starts over from the node's.
       this.#replica.startOver();
-      this.#cache.clear();
+      this.#state = null;
       await this.#exchange();
     }
     const [roundTrips, bytesSent, bytesReceived, changed] = this.#replica.lastSync();
-    if (changed === 1) this.#cache.clear();
+    if (changed === 1) this.#state = null;
     const result = { roundTrips, bytesSent, bytesReceived, changed: changed === 1 };
     this.#lastSync = result;
     if (result.changed) {
@@ -299,7 +405,12 @@ export class VergeDoc {
   }
 
   async #exchange() {
-    let body = this.#replica.syncBegin();
+    let body;
+    try {
+      body = this.#replica.syncBegin();
+    } catch (e) {
+      rethrow(e);
+    }
     try {
       while (body !== undefined) {
         const reply = await this.#connection.post(this.id, body);
@@ -307,7 +418,7 @@ export class VergeDoc {
       }
     } catch (e) {
       // Part of the node's changes may have been applied before the failure.
-      this.#cache.clear();
+      this.#state = null;
       this.#replica.syncAbort();
       rethrow(e);
     }

@@ -62,7 +62,10 @@ export class VergeDoc {
   readonly deleted: boolean;
   readonly hasUnsyncedChanges: boolean;
   readonly lastSync: SyncResult | null;
-  /** The value at `path`, `undefined` when absent. Objects and arrays are frozen. */
+  /**
+   * The value at `path`, `undefined` when absent: a lookup in plain JavaScript objects, also
+   * right after a write. Objects and arrays are frozen.
+   */
   get(path?: Path): Json | undefined;
   toJSON(): { [key: string]: Json };
   heads(): string[];

@@ -118,8 +118,10 @@ impl WasmReplica {
     }
 
     /// The current heads as hex strings.
-    pub fn heads(&self) -> Vec<String> {
-        verge_core::heads_to_hex(&self.inner.heads())
+    pub fn heads(&mut self) -> Result<Vec<String>, JsValue> {
+        Ok(verge_core::heads_to_hex(
+            &self.inner.heads().map_err(js_error)?,
+        ))
     }
 
     /// Whether the document carries a tombstone.
@@ -135,14 +137,14 @@ impl WasmReplica {
     }
 
     /// The replica's bytes for a cache.
-    pub fn save(&self) -> Vec<u8> {
-        self.inner.save()
+    pub fn save(&mut self) -> Result<Vec<u8>, JsValue> {
+        self.inner.save().map_err(js_error)
     }
 
     /// Starts a sync: the first request body.
     #[wasm_bindgen(js_name = syncBegin)]
-    pub fn sync_begin(&mut self) -> Vec<u8> {
-        self.inner.sync_begin()
+    pub fn sync_begin(&mut self) -> Result<Vec<u8>, JsValue> {
+        self.inner.sync_begin().map_err(js_error)
     }
 
     /// Consumes an answer: the next request body, or `undefined` when done.

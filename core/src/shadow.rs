@@ -132,8 +132,9 @@ impl Shadow {
     }
 
     /// Applies `ops` as one write stamped `now_ms`, as [`crate::document::apply`] does with
-    /// `Write::Ops` and `Expiry::Keep`: all of them or, on an error, none.
-    pub fn apply(&mut self, ops: &[Op], now_ms: i64) -> Result<(), ApplyError> {
+    /// `Write::Ops` and `Expiry::Keep`: all of them or, on an error, none. Returns whether the
+    /// write changed anything (a write of only `del`s of missing keys does not).
+    pub fn apply(&mut self, ops: &[Op], now_ms: i64) -> Result<bool, ApplyError> {
         let expired = self.lifecycle.expired(now_ms);
         let revives = self.lifecycle.deleted || expired;
         // A write to a deleted or expired document starts its next incarnation, empty.
@@ -144,6 +145,7 @@ impl Shadow {
         };
         // Undo for writes of several ops: the root keys they touch, as they were.
         let mut saved: Vec<(String, Option<Node>)> = Vec::new();
+        let mut changed = revives;
         for (index, op) in ops.iter().enumerate() {
             if ops.len() > 1
                 && let Some(PathSegment::Key(k)) = op.path().segments().first()
@@ -151,7 +153,11 @@ impl Shadow {
             {
                 saved.push((k.clone(), self.root.get(k).cloned()));
             }
-            if let Err(reason) = self.apply_op(op) {
+            let done = self.apply_op(op);
+            if let Ok(did) = done {
+                changed |= did;
+            }
+            if let Err(reason) = done {
                 for (k, node) in saved.into_iter().rev() {
                     match node {
                         Some(node) => self.root.insert(k, node),
@@ -176,7 +182,7 @@ impl Shadow {
                 self.lifecycle.expires_at_ms
             },
         };
-        Ok(())
+        Ok(changed)
     }
 
     /// Walks the parent segments without changing anything.
@@ -294,7 +300,8 @@ impl Shadow {
         Some(node)
     }
 
-    fn apply_op(&mut self, op: &Op) -> Result<(), String> {
+    /// Applies one op; `Ok(false)` when it had nothing to do.
+    fn apply_op(&mut self, op: &Op) -> Result<bool, String> {
         let (parents, last) = op.path().split_last();
         let create = !matches!(op, Op::Del { .. });
         let last_kind = if matches!(op, Op::Insert { .. }) {
@@ -304,7 +311,7 @@ impl Shadow {
         };
         let (found, kind) = self.find_parent(parents, create, last_kind)?;
         let missing_from = match found {
-            Parent::Absent => return Ok(()),
+            Parent::Absent => return Ok(false),
             Parent::Missing(i) => Some(i),
             Parent::Found => None,
         };
@@ -327,18 +334,18 @@ impl Shadow {
         };
         let effect = check(&target, op, last)?;
         if let Effect::Nothing = effect {
-            return Ok(());
+            return Ok(false);
         }
         if parents.is_empty() {
             effect.run(Container::Map(&mut self.root), op);
-            return Ok(());
+            return Ok(true);
         }
         match self.parent_mut(parents, missing_from, last_kind) {
             Some(Node::Map(m)) => effect.run(Container::Map(m), op),
             Some(Node::List(l)) => effect.run(Container::List(l), op),
             _ => return Err("the path does not lead to an object".to_owned()),
         }
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -640,7 +647,13 @@ mod tests {
         let want = document::apply(doc, &Write::Ops(ops.to_vec()), Expiry::Keep, now_ms);
         let got = shadow.apply(ops, now_ms);
         match (&want, &got) {
-            (Ok(_), Ok(())) => {}
+            (Ok(applied), Ok(changed)) => {
+                assert_eq!(
+                    *changed,
+                    applied.changed(),
+                    "whether {ops:?} changed anything"
+                );
+            }
             (Err(w), Err(g)) => assert_eq!(g, w, "the same refusal for {ops:?}"),
             _ => panic!("automerge {want:?}, shadow {got:?} for {ops:?}"),
         }
