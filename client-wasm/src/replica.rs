@@ -30,7 +30,14 @@ use crate::error::ClientError;
 pub const MAX_ROUND_TRIPS: u32 = 8;
 
 /// First bytes of [`Replica::save`]'s output, so `load` rejects anything else clearly.
-const SAVE_MAGIC: &[u8; 5] = b"VRGC\x01";
+const SAVE_MAGIC: &[u8; 5] = b"VRGC\x02";
+/// The first version of the format (no log of unacknowledged ops), still loaded.
+const SAVE_MAGIC_V1: &[u8; 5] = b"VRGC\x01";
+
+/// Most ops of unacknowledged writes a replica keeps for replay; beyond it the oldest are
+/// dropped (and [`Replica::log_complete`] turns false). A replica that far ahead of its node
+/// has more to fear from the 4 MiB sync message limit.
+pub const UNACKED_OPS_MAX: usize = 100_000;
 
 /// What one completed sync did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -92,6 +99,14 @@ pub struct Replica {
     shadow: Shadow,
     /// Writes applied to the shadow and not yet to `doc`, in batches of one change each.
     queued: Vec<Batch>,
+    /// The ops of writes already in `doc` that no sync has brought to the node yet, in order:
+    /// what this replica replays when the node answers that its copy can no longer merge (a
+    /// document compacted into a new generation, `docs/compaction.md`).
+    unacked: Vec<Op>,
+    /// How many of `unacked` the sync in progress carries.
+    in_flight: usize,
+    /// `unacked` holds every unacknowledged write (none was dropped for the bound).
+    log_complete: bool,
     /// Heads that this replica and the node both hold, as of the last answer. Everything after
     /// them is what a sync has to exchange.
     shared: Vec<ChangeHash>,
@@ -107,6 +122,9 @@ impl Replica {
             id,
             shadow: Shadow::of(&doc),
             queued: Vec::new(),
+            unacked: Vec::new(),
+            in_flight: 0,
+            log_complete: true,
             doc,
             shared: Vec::new(),
             session: None,
@@ -202,13 +220,20 @@ impl Replica {
         for batch in std::mem::take(&mut self.queued) {
             if let Err(e) = apply(
                 &mut self.doc,
-                &Write::Ops(batch.ops),
+                &Write::Ops(batch.ops.clone()),
                 Expiry::Keep,
                 batch.at_ms,
             ) {
                 self.shadow = Shadow::of(&self.doc);
                 return Err(e.into());
             }
+            self.unacked.extend(batch.ops);
+        }
+        if self.unacked.len() > UNACKED_OPS_MAX {
+            let excess = self.unacked.len() - UNACKED_OPS_MAX;
+            self.unacked.drain(..excess);
+            self.in_flight = self.in_flight.saturating_sub(excess);
+            self.log_complete = false;
         }
         Ok(())
     }
@@ -247,6 +272,20 @@ impl Replica {
         Ok(applied.changed())
     }
 
+    /// The ops of local writes the node has not acknowledged yet, oldest first (queued ones
+    /// included): what this replica would replay on a copy that replaced its own.
+    pub fn unacknowledged_ops(&self) -> impl Iterator<Item = &Op> {
+        self.unacked
+            .iter()
+            .chain(self.queued.iter().flat_map(|b| b.ops.iter()))
+    }
+
+    /// Whether [`Replica::unacknowledged_ops`] holds every unacknowledged write (it keeps at
+    /// most [`UNACKED_OPS_MAX`]).
+    pub fn log_complete(&self) -> bool {
+        self.log_complete
+    }
+
     /// Whether this replica holds changes the node has not acknowledged.
     pub fn has_unsynced_changes(&self) -> bool {
         !self.queued.is_empty()
@@ -269,6 +308,10 @@ impl Replica {
         for h in &self.shared {
             out.extend_from_slice(&h.0);
         }
+        let log = Json::Array(self.unacked.iter().map(Op::to_json).collect()).to_string();
+        out.push(u8::from(self.log_complete));
+        out.extend_from_slice(&(log.len() as u32).to_be_bytes());
+        out.extend_from_slice(log.as_bytes());
         out.extend_from_slice(&doc);
         Ok(out)
     }
@@ -276,9 +319,15 @@ impl Replica {
     /// Loads bytes from [`Replica::save`], writing as a fresh actor.
     pub fn load(bytes: &[u8]) -> Result<Self, ClientError> {
         let bad = |m: &str| ClientError::InvalidSave(m.to_owned());
-        let rest = bytes
-            .strip_prefix(SAVE_MAGIC.as_slice())
-            .ok_or_else(|| bad("not bytes from save()"))?;
+        let (rest, with_log) = match bytes.strip_prefix(SAVE_MAGIC.as_slice()) {
+            Some(rest) => (rest, true),
+            None => (
+                bytes
+                    .strip_prefix(SAVE_MAGIC_V1.as_slice())
+                    .ok_or_else(|| bad("not bytes from save()"))?,
+                false,
+            ),
+        };
         let (len, rest) = split(rest, 2).ok_or_else(|| bad("truncated id"))?;
         let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
         let (id, rest) = split(rest, len).ok_or_else(|| bad("truncated id"))?;
@@ -294,6 +343,24 @@ impl Replica {
             shared.push(ChangeHash(hash));
             rest = r;
         }
+        let (mut unacked, mut log_complete) = (Vec::new(), true);
+        if with_log {
+            let (flag, r) = split(rest, 1).ok_or_else(|| bad("truncated log"))?;
+            let (len, r) = split(r, 4).ok_or_else(|| bad("truncated log"))?;
+            let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+            let (log, r) = split(r, len).ok_or_else(|| bad("truncated log"))?;
+            let log: Json = serde_json::from_slice(log).map_err(|_| bad("malformed log"))?;
+            // One by one: the log is not one write, and may hold more ops than a write may.
+            unacked = log
+                .as_array()
+                .ok_or_else(|| bad("malformed log"))?
+                .iter()
+                .map(Op::parse)
+                .collect::<Result<_, _>>()
+                .map_err(|_| bad("malformed log"))?;
+            log_complete = flag[0] == 1;
+            rest = r;
+        }
         let doc = load_document(rest, ActorId::random())
             .map_err(|e| ClientError::InvalidSave(e.to_string()))?;
         // Only heads the document really holds count as shared.
@@ -302,6 +369,9 @@ impl Replica {
             id,
             shadow: Shadow::of(&doc),
             queued: Vec::new(),
+            unacked,
+            in_flight: 0,
+            log_complete,
             doc,
             shared,
             session: None,
@@ -323,6 +393,7 @@ impl Replica {
     /// exchange continues with Automerge's own protocol.
     pub fn sync_begin(&mut self) -> Result<Vec<u8>, ClientError> {
         self.flush()?;
+        self.in_flight = self.unacked.len();
         let heads = self.doc.get_heads();
         let changes = self.doc.get_changes(&self.shared);
         let mut flags = MessageFlags::new();
@@ -411,6 +482,7 @@ impl Replica {
                     .collect();
                 if s.sent_heads.iter().all(|h| !after_node.contains(h)) {
                     // The node holds all we sent and we hold all it has: done.
+                    self.acknowledged();
                     self.last_sync = s.stats;
                     return Ok(None);
                 }
@@ -433,10 +505,18 @@ impl Replica {
                 Ok(Some(body))
             }
             None => {
+                self.acknowledged();
                 self.last_sync = s.stats;
                 Ok(None)
             }
         }
+    }
+
+    /// The sync in progress ended with the node holding what it carried.
+    fn acknowledged(&mut self) {
+        let n = self.in_flight.min(self.unacked.len());
+        self.unacked.drain(..n);
+        self.in_flight = 0;
     }
 
     /// Drops the local copy after the node answered `document_replaced`: the document was
@@ -448,6 +528,8 @@ impl Replica {
         self.doc = new_document(ActorId::random());
         self.shadow = Shadow::of(&self.doc);
         self.queued.clear();
+        self.unacked.clear();
+        self.in_flight = 0;
         self.shared.clear();
         self.session = None;
     }
@@ -456,6 +538,7 @@ impl Replica {
     /// sync resends whatever the node may not have.
     pub fn sync_abort(&mut self) {
         self.session = None;
+        self.in_flight = 0;
     }
 
     /// What the last completed sync did.
@@ -602,6 +685,22 @@ mod tests {
         r.shared = r.heads().expect("flushes");
         let loaded = Replica::load(&r.save().expect("saves")).expect("loads");
         assert_eq!(loaded.id(), r.id());
+        assert_eq!(
+            loaded.unacknowledged_ops().collect::<Vec<_>>(),
+            r.unacknowledged_ops().collect::<Vec<_>>(),
+            "the log of unacknowledged writes is saved too"
+        );
+        assert_eq!(loaded.unacknowledged_ops().count(), 1);
+        // Bytes saved by the first format (no log) still load.
+        let v2 = r.save().expect("saves");
+        let head = SAVE_MAGIC.len() + 2 + r.id().as_str().len() + 4 + 32 * r.shared.len();
+        let log_len = u32::from_be_bytes(v2[head + 1..head + 5].try_into().expect("4 bytes"));
+        let mut v1 = SAVE_MAGIC_V1.to_vec();
+        v1.extend_from_slice(&v2[SAVE_MAGIC.len()..head]);
+        v1.extend_from_slice(&v2[head + 5 + log_len as usize..]);
+        let old = Replica::load(&v1).expect("a v1 save loads");
+        assert_eq!(old.to_json(), r.to_json());
+        assert_eq!(old.unacknowledged_ops().count(), 0);
         assert_eq!(loaded.to_json(), r.to_json());
         assert_eq!(loaded.shared_heads(), r.shared_heads());
         assert_ne!(loaded.doc.get_actor(), r.doc.get_actor());
@@ -721,6 +820,49 @@ mod tests {
         let mut a_doc = a.doc.clone();
         b.doc.merge(&mut a_doc).expect("merges");
         b.shadow = Shadow::of(&b.doc);
+    }
+
+    #[test]
+    fn ops_stay_logged_until_a_sync_brings_them_to_the_node() {
+        let mut server = new_document(ActorId::random());
+        let up = std::cell::Cell::new(true);
+        let mut r = Replica::new(id());
+        r.apply(ops(json!([{"op": "inc", "path": ["n"]}])), 1)
+            .expect("applies");
+        r.apply(
+            ops(json!([{"op": "set", "path": ["m"], "value": {"a": 1}}])),
+            2,
+        )
+        .expect("applies");
+        assert_eq!(r.unacknowledged_ops().count(), 2);
+        let mut transport = |_: &DocId, body: &[u8]| -> Result<Vec<u8>, ClientError> {
+            if !up.get() {
+                return Err(ClientError::Network("down".into()));
+            }
+            let mut state = State::new();
+            let msg = Message::decode(body).expect("decodes");
+            server
+                .receive_sync_message(&mut state, msg)
+                .expect("applies");
+            Ok(server
+                .generate_sync_message(&mut state)
+                .map(Message::encode)
+                .unwrap_or_default())
+        };
+        up.set(false);
+        r.sync(&mut transport).expect_err("the node is down");
+        assert_eq!(
+            r.unacknowledged_ops().count(),
+            2,
+            "a failed sync keeps the log"
+        );
+        up.set(true);
+        r.sync(&mut transport).expect("syncs");
+        assert_eq!(r.unacknowledged_ops().count(), 0);
+        r.apply(ops(json!([{"op": "inc", "path": ["n"], "by": 2}])), 3)
+            .expect("applies");
+        let logged: Vec<&Op> = r.unacknowledged_ops().collect();
+        assert!(matches!(logged.as_slice(), [Op::Inc { by: 2, .. }]));
     }
 
     #[test]

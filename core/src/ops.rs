@@ -204,6 +204,40 @@ impl Op {
         }
     }
 
+    /// The op in the JSON shape [`Op::parse`] reads (to keep ops, e.g. a client's log of
+    /// writes the node has not acknowledged).
+    pub fn to_json(&self) -> Json {
+        let path = Json::Array(
+            self.path()
+                .segments()
+                .iter()
+                .map(|seg| match seg {
+                    PathSegment::Key(k) => Json::from(k.as_str()),
+                    PathSegment::Index(n) => Json::from(*n),
+                })
+                .collect(),
+        );
+        match self {
+            Op::Set { value, .. } => serde_json::json!({"op": "set", "path": path, "value": value}),
+            Op::Del { .. } => serde_json::json!({"op": "del", "path": path}),
+            Op::Inc { by, .. } => serde_json::json!({"op": "inc", "path": path, "by": by}),
+            Op::Insert { value, .. } => {
+                serde_json::json!({"op": "insert", "path": path, "value": value})
+            }
+            Op::Push { value, .. } => {
+                serde_json::json!({"op": "push", "path": path, "value": value})
+            }
+            Op::Splice {
+                index,
+                delete,
+                text,
+                ..
+            } => serde_json::json!({
+                "op": "splice", "path": path, "index": index, "delete": delete, "text": text
+            }),
+        }
+    }
+
     /// Parses the `ops` array of a `PATCH` body: `{"ops": [...]}`.
     pub fn parse_patch(body: &Json) -> Result<Vec<Op>, OpError> {
         let Json::Object(obj) = body else {
@@ -536,5 +570,23 @@ mod tests {
 
         let long_key = "k".repeat(KEY_BYTES_MAX + 1);
         assert!(parse(json!({"ops": [{"op": "del", "path": [long_key]}]})).is_err());
+    }
+
+    #[test]
+    fn ops_read_back_from_their_json() {
+        let ops = serde_json::json!([
+            {"op": "set", "path": ["a", 0, "b"], "value": {"x": [1, null]}},
+            {"op": "del", "path": ["a"]},
+            {"op": "inc", "path": ["n"], "by": -3},
+            {"op": "insert", "path": ["l", 2], "value": "v"},
+            {"op": "push", "path": ["l"], "value": 1.5},
+            {"op": "splice", "path": ["t"], "index": 1, "delete": 2, "text": "é"},
+        ]);
+        let parsed = Op::parse_list(&ops).expect("valid");
+        let again: Vec<Op> = parsed
+            .iter()
+            .map(|op| Op::parse(&op.to_json()).expect("reads back"))
+            .collect();
+        assert_eq!(again, parsed);
     }
 }
