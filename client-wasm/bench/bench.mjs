@@ -1,6 +1,7 @@
-// Benchmark of the Wasm client in Node (not part of the tests): local set and get latency,
-// instantiate time, package size, and round trips and bytes of open and of a steady-state sync
-// on a document with a long history, against a real node.
+// Benchmark of the Wasm client in Node (not part of the tests): local set, inc, get and toJSON
+// latency on short and long histories, instantiate time, package size, round trips and bytes of
+// open and of a steady-state sync on a document with a long history, and the CPU time of an
+// edge request (load from a cached save, 20 ops, sync), against a real node.
 //   npm run build && npm run bench            (HISTORY=100000 by default)
 import { readFileSync } from "node:fs";
 import { gzipSync } from "node:zlib";
@@ -84,6 +85,27 @@ try {
   push = await reader.sync();
   pull = await writer.sync();
   if (writer.get("n") !== history + 1) throw new Error("did not converge");
+
+  // An edge request: load the replica from an isolate's cache (save()), 20 ops, one sync. CPU
+  // time of this process (the client and its HTTP calls; the node runs elsewhere).
+  const edge = async (id, saved) => {
+    const cpu = [];
+    for (let i = 0; i < 60; i++) {
+      const t = process.cpuUsage();
+      const doc = Verge.load(saved, conn);
+      for (let j = 0; j < 20; j++) doc.inc(["items", `sku-${j}`], 1);
+      await doc.sync();
+      const used = process.cpuUsage(t);
+      if (i >= 10) cpu.push((used.user + used.system) / 1000);
+    }
+    cpu.sort((a, b) => a - b);
+    return { p50: cpu[cpu.length >> 1], p99: cpu[Math.floor(cpu.length * 0.99)] };
+  };
+  const cart = await Verge.open(conn, "bench/edge");
+  for (let j = 0; j < 50; j++) cart.inc(["items", `sku-${j}`], 1);
+  await cart.sync();
+  var edgeSmall = await edge("bench/edge", cart.save());
+  var edgeLong = await edge("bench/long", reader.save());
 } finally {
   await node.stop();
 }
@@ -91,12 +113,13 @@ try {
 const kb = (n) => `${(n / 1024).toFixed(1)} KB`;
 const median = times.sort((a, b) => a - b)[2];
 console.log(`local set (map key):             ${setUs.toFixed(1)} µs`);
-console.log(`  with 100,000 changes of history: set ${long.set.toFixed(1)} µs, inc ${long.inc.toFixed(1)} µs, get ${long.get.toFixed(3)} µs, get after a write ${long.getAfterWrite.toFixed(2)} µs, toJSON ${long.toJSON.toFixed(1)} µs`);
-console.log(`local toJSON (50 items):         ${small.toJSON.toFixed(1)} µs`);
-console.log(`1,000 local ops, then sync:      ${batchSync.roundTrips} round trip, ${batchSync.bytesSent} B sent`);
 console.log(`local inc (counter):             ${incUs.toFixed(1)} µs`);
 console.log(`local get (cached path):         ${getUs.toFixed(3)} µs`);
-console.log(`local get right after a write:   ${getAfterWriteUs.toFixed(1)} µs`);
+console.log(`local get right after a write:   ${getAfterWriteUs.toFixed(2)} µs`);
+console.log(`local toJSON (50 items):         ${small.toJSON.toFixed(1)} µs`);
+console.log(`  with 100,000 changes of history: set ${long.set.toFixed(1)} µs, inc ${long.inc.toFixed(1)} µs, get ${long.get.toFixed(3)} µs, get after a write ${long.getAfterWrite.toFixed(2)} µs, toJSON ${long.toJSON.toFixed(1)} µs`);
+console.log(`1,000 local ops, then sync:      ${batchSync.roundTrips} round trip, ${batchSync.bytesSent} B sent`);
+console.log(`edge request CPU (load, 20 ops, sync): p50 ${edgeSmall.p50.toFixed(2)} ms, p99 ${edgeSmall.p99.toFixed(2)} ms; on the ${history}-change document: p50 ${edgeLong.p50.toFixed(2)} ms, p99 ${edgeLong.p99.toFixed(2)} ms`);
 console.log(`instantiate (compile+init):      ${median.toFixed(1)} ms (median of 5)`);
 console.log(`package wasm:                    ${kb(wasmBytes.length)} raw, ${kb(gzipSync(wasmBytes, { level: 9 }).length)} gzip`);
 console.log(`open (${history} changes):       ${open.roundTrips} round trip, ${open.bytesSent} B sent, ${open.bytesReceived} B received`);
