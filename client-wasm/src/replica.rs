@@ -186,7 +186,9 @@ impl Replica {
         let lifecycle = self.shadow.lifecycle();
         if lifecycle.deleted || lifecycle.expired(now_ms) {
             // A revival starts a new history: made at once, in Automerge.
-            return self.write(&Write::Ops(ops), now_ms);
+            let changed = self.write(&Write::Ops(ops.clone()), now_ms)?;
+            self.unacked.extend(ops);
+            return Ok(changed);
         }
         let changed = self.shadow.apply(&ops, now_ms)?;
         if changed {
@@ -273,7 +275,8 @@ impl Replica {
     }
 
     /// The ops of local writes the node has not acknowledged yet, oldest first (queued ones
-    /// included): what this replica would replay on a copy that replaced its own.
+    /// included): what this replica would replay on a copy that replaced its own. Whole-document
+    /// writes (`replace`, `delete`) are not ops and are not in it.
     pub fn unacknowledged_ops(&self) -> impl Iterator<Item = &Op> {
         self.unacked
             .iter()
