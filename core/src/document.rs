@@ -1140,7 +1140,8 @@ fn object_json(doc: &impl ReadDoc, obj: &ObjId, t: ObjType) -> Json {
     }
 }
 
-fn scalar_ref_json(s: &automerge::ScalarValueRef<'_>) -> Json {
+/// The JSON of a scalar read through a range iterator.
+pub(crate) fn scalar_ref_json(s: &automerge::ScalarValueRef<'_>) -> Json {
     use automerge::ScalarValueRef as S;
     match s {
         S::Null | S::Unknown { .. } => Json::Null,

@@ -30,6 +30,9 @@ pub enum Node {
     Counter(i64),
     /// Any other value, as its JSON.
     Scalar(Json),
+    /// Several values written concurrently, shown as the one Automerge picks (a counter among
+    /// them takes no increments; writing the shown value again still resolves the conflict).
+    Conflicted(Json),
 }
 
 impl Node {
@@ -56,7 +59,7 @@ impl Node {
             Node::List(items) => Json::Array(items.iter().map(Node::to_json).collect()),
             Node::Text(chars) => Json::String(chars.iter().collect()),
             Node::Counter(n) => Json::from(*n),
-            Node::Scalar(v) => v.clone(),
+            Node::Scalar(v) | Node::Conflicted(v) => v.clone(),
         }
     }
 
@@ -84,17 +87,11 @@ pub struct Shadow {
 }
 
 impl Shadow {
-    /// The shadow of `doc` as it is.
+    /// The shadow of `doc` as it is. One pass over each object's range; only keys and elements
+    /// with conflicting values are looked up one by one.
     pub fn of(doc: &impl ReadDoc) -> Shadow {
-        let mut root = BTreeMap::new();
-        for key in doc.keys(ROOT) {
-            if key.starts_with(RESERVED_KEY_PREFIX) {
-                continue;
-            }
-            root.insert(key.clone(), read(doc, &ROOT, Prop::Map(key)));
-        }
         Shadow {
-            root,
+            root: read_map(doc, &ROOT, true),
             lifecycle: Lifecycle::of(doc),
         }
     }
@@ -349,6 +346,49 @@ impl Shadow {
     }
 }
 
+fn read_map(doc: &impl ReadDoc, obj: &ObjId, is_root: bool) -> BTreeMap<String, Node> {
+    let mut out = BTreeMap::new();
+    for item in doc.map_range(obj, ..) {
+        if is_root && item.key.starts_with(RESERVED_KEY_PREFIX) {
+            continue;
+        }
+        let node = if item.conflict {
+            read(doc, obj, Prop::Map(item.key.to_string()))
+        } else {
+            read_ref(doc, &item.value, item.id())
+        };
+        out.insert(item.key.into_owned(), node);
+    }
+    out
+}
+
+fn read_object(doc: &impl ReadDoc, obj: &ObjId, t: ObjType) -> Node {
+    match t {
+        ObjType::Map | ObjType::Table => Node::Map(read_map(doc, obj, false)),
+        ObjType::List => Node::List(
+            doc.list_range(obj, ..)
+                .map(|item| {
+                    if item.conflict {
+                        read(doc, obj, Prop::Seq(item.index))
+                    } else {
+                        read_ref(doc, &item.value, item.id())
+                    }
+                })
+                .collect(),
+        ),
+        ObjType::Text => Node::Text(doc.text(obj).unwrap_or_default().chars().collect()),
+    }
+}
+
+/// A value without conflicts, as a range iterator hands it over.
+fn read_ref(doc: &impl ReadDoc, value: &automerge::ValueRef<'_>, id: ObjId) -> Node {
+    match value {
+        automerge::ValueRef::Object(t) => read_object(doc, &id, *t),
+        automerge::ValueRef::Scalar(automerge::ScalarValueRef::Counter(n)) => Node::Counter(*n),
+        automerge::ValueRef::Scalar(s) => Node::Scalar(crate::document::scalar_ref_json(s)),
+    }
+}
+
 /// Reads the value at `prop` of `obj` as a node: counters stay counters (conflicting ones
 /// summed, as Verge reads them), texts stay texts.
 fn read(doc: &impl ReadDoc, obj: &ObjId, prop: Prop) -> Node {
@@ -365,29 +405,23 @@ fn read(doc: &impl ReadDoc, obj: &ObjId, prop: Prop) -> Node {
         return Node::Counter(sum);
     }
     match doc.get(obj, prop.clone()) {
-        Ok(Some((Value::Object(ObjType::Map | ObjType::Table), id))) => Node::Map(
-            doc.keys(&id)
-                .map(|k| {
-                    let node = read(doc, &id, Prop::Map(k.clone()));
-                    (k, node)
-                })
-                .collect(),
-        ),
-        Ok(Some((Value::Object(ObjType::List), id))) => Node::List(
-            (0..doc.length(&id))
-                .map(|i| read(doc, &id, Prop::Seq(i)))
-                .collect(),
-        ),
-        Ok(Some((Value::Object(ObjType::Text), id))) => {
-            Node::Text(doc.text(&id).unwrap_or_default().chars().collect())
-        }
+        Ok(Some((Value::Object(t), id))) => read_object(doc, &id, t),
         Ok(Some((Value::Scalar(s), _))) if matches!(s.as_ref(), ScalarValue::Counter(_)) => {
             let value = s.as_i64().unwrap_or(0);
             // A counter that conflicts with something else reads as its value but takes no
             // increments (`inc` needs every value at the key to be a counter).
             match doc.get_all(obj, prop) {
-                Ok(values) if values.len() > 1 => Node::Scalar(Json::from(value)),
+                Ok(values) if values.len() > 1 => Node::Conflicted(Json::from(value)),
                 _ => Node::Counter(value),
+            }
+        }
+        Ok(Some((Value::Scalar(_), _))) => {
+            let conflicted = doc.get_all(obj, prop.clone()).is_ok_and(|v| v.len() > 1);
+            let json = value_json(doc, obj, prop);
+            if conflicted {
+                Node::Conflicted(json)
+            } else {
+                Node::Scalar(json)
             }
         }
         _ => Node::Scalar(value_json(doc, obj, prop)),
@@ -461,7 +495,7 @@ fn check(target: &Target<'_>, op: &Op, last: &PathSegment) -> Result<Effect, Str
         _ => 0,
     };
     match op {
-        Op::Set { .. } => {
+        Op::Set { value, .. } => {
             prop()?;
             if let PathSegment::Index(n) = last
                 && *n >= list_len
@@ -469,6 +503,14 @@ fn check(target: &Target<'_>, op: &Op, last: &PathSegment) -> Result<Effect, Str
                 return Err(format!(
                     "index {n} is out of range for a list of {list_len}"
                 ));
+            }
+            // Automerge makes no op for a put of the value a key already holds alone.
+            if let Some(Node::Scalar(current)) = at()
+                && current == value
+                && !value.is_object()
+                && !value.is_array()
+            {
+                return Ok(Effect::Nothing);
             }
             Ok(Effect::Set)
         }
