@@ -566,7 +566,12 @@ fn check(target: &Target<'_>, op: &Op, last: &PathSegment) -> Result<Effect, Str
                 }
             }
         }
-        Op::Splice { index, delete, .. } => {
+        Op::Splice {
+            index,
+            delete,
+            text,
+            ..
+        } => {
             prop()?;
             let len = match (at(), last) {
                 (Some(Node::Text(chars)), _) => chars.len(),
@@ -586,6 +591,11 @@ fn check(target: &Target<'_>, op: &Op, last: &PathSegment) -> Result<Effect, Str
             }
             if isize::try_from(*delete).is_err() {
                 return Err("delete count too large".to_owned());
+            }
+            // Automerge makes no op for a splice of an existing text that deletes and inserts
+            // nothing (a missing text is still created).
+            if *delete == 0 && text.is_empty() && matches!(at(), Some(Node::Text(_))) {
+                return Ok(Effect::Nothing);
             }
             Ok(Effect::Splice)
         }
