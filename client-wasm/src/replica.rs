@@ -220,16 +220,14 @@ impl Replica {
     /// the shadow is read again from the document and the error returned.
     pub fn flush(&mut self) -> Result<(), ClientError> {
         for batch in std::mem::take(&mut self.queued) {
-            if let Err(e) = apply(
-                &mut self.doc,
-                &Write::Ops(batch.ops.clone()),
-                Expiry::Keep,
-                batch.at_ms,
-            ) {
+            let write = Write::Ops(batch.ops);
+            if let Err(e) = apply(&mut self.doc, &write, Expiry::Keep, batch.at_ms) {
                 self.shadow = Shadow::of(&self.doc);
                 return Err(e.into());
             }
-            self.unacked.extend(batch.ops);
+            if let Write::Ops(ops) = write {
+                self.unacked.extend(ops);
+            }
         }
         if self.unacked.len() > UNACKED_OPS_MAX {
             let excess = self.unacked.len() - UNACKED_OPS_MAX;
@@ -825,6 +823,20 @@ mod tests {
         b.shadow = Shadow::of(&b.doc);
     }
 
+    /// A stand-in for the node's sync route: `server` answers `body` from a fresh sync state,
+    /// exactly as `POST /v1/sync` does.
+    fn answer(server: &mut Automerge, body: &[u8]) -> Vec<u8> {
+        let mut state = State::new();
+        let msg = Message::decode(body).expect("decodes");
+        server
+            .receive_sync_message(&mut state, msg)
+            .expect("applies");
+        server
+            .generate_sync_message(&mut state)
+            .map(Message::encode)
+            .unwrap_or_default()
+    }
+
     #[test]
     fn ops_stay_logged_until_a_sync_brings_them_to_the_node() {
         let mut server = new_document(ActorId::random());
@@ -842,15 +854,7 @@ mod tests {
             if !up.get() {
                 return Err(ClientError::Network("down".into()));
             }
-            let mut state = State::new();
-            let msg = Message::decode(body).expect("decodes");
-            server
-                .receive_sync_message(&mut state, msg)
-                .expect("applies");
-            Ok(server
-                .generate_sync_message(&mut state)
-                .map(Message::encode)
-                .unwrap_or_default())
+            Ok(answer(&mut server, body))
         };
         up.set(false);
         r.sync(&mut transport).expect_err("the node is down");
@@ -874,15 +878,7 @@ mod tests {
         // fresh sync state, exactly as `POST /v1/sync` does.
         let mut server = new_document(ActorId::random());
         let mut transport = |_: &DocId, body: &[u8]| -> Result<Vec<u8>, ClientError> {
-            let mut state = State::new();
-            let msg = Message::decode(body).expect("decodes");
-            server
-                .receive_sync_message(&mut state, msg)
-                .expect("applies");
-            Ok(server
-                .generate_sync_message(&mut state)
-                .map(Message::encode)
-                .unwrap_or_default())
+            Ok(answer(&mut server, body))
         };
         let mut a = Replica::open(id(), &mut transport).expect("opens");
         let mut b = Replica::open(id(), &mut transport).expect("opens");

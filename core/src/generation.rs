@@ -85,14 +85,7 @@ impl From<AutomergeError> for GenerationError {
 
 /// The generation `doc` is in (0 without a marker).
 pub fn of(doc: &impl ReadDoc) -> u64 {
-    match doc.get(ROOT, GENERATION_KEY) {
-        Ok(Some((Value::Scalar(v), _))) => match v.as_ref() {
-            ScalarValue::Int(n) => u64::try_from(*n).unwrap_or(0),
-            ScalarValue::Uint(n) => *n,
-            _ => 0,
-        },
-        _ => 0,
-    }
+    crate::incarnation::marker_number(doc, GENERATION_KEY)
 }
 
 /// The root change of `doc`'s generation and its highest op, `None` in generation 0.

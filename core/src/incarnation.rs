@@ -74,7 +74,13 @@ pub fn root_change(incarnation: u64) -> Change {
 
 /// The incarnation `doc` belongs to (0 without a marker).
 pub fn of(doc: &impl ReadDoc) -> u64 {
-    match doc.get(ROOT, INCARNATION_KEY) {
+    marker_number(doc, INCARNATION_KEY)
+}
+
+/// The non-negative integer a root marker `key` holds (0 when absent or of another type): the
+/// incarnation and generation numbers.
+pub(crate) fn marker_number(doc: &impl ReadDoc, key: &str) -> u64 {
+    match doc.get(ROOT, key) {
         Ok(Some((Value::Scalar(v), _))) => match v.as_ref() {
             ScalarValue::Int(n) => u64::try_from(*n).unwrap_or(0),
             ScalarValue::Uint(n) => *n,
