@@ -377,10 +377,18 @@ export class VergeDoc {
     try {
       await this.#exchange();
     } catch (e) {
-      if (!(e instanceof VergeError && e.code === "document_replaced")) throw e;
-      // The document was deleted or expired and written again since this copy was made: the
-      // copy can never merge with the node's, so it starts over from the node's.
-      this.#replica.startOver();
+      if (!(e instanceof VergeError)) throw e;
+      if (e.code === "document_replaced") {
+        // The document was deleted or expired and written again since this copy was made: the
+        // copy can never merge with the node's, so it starts over from the node's.
+        this.#replica.startOver();
+      } else if (e.code === "document_compacted") {
+        // The document started a new generation since this copy was made: the copy starts over
+        // from the node's, and the writes the node had not acknowledged are made again on it.
+        this.#replica.startOverKeepingWrites();
+      } else {
+        throw e;
+      }
       this.#state = null;
       await this.#exchange();
     }

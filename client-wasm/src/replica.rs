@@ -19,7 +19,7 @@ use automerge::sync::{BloomFilter, Have, Message, MessageFlags, MessageVersion, 
 use automerge::{ActorId, Automerge, ChangeHash, ReadDoc};
 use serde_json::{Map, Value as Json};
 use verge_core::document::{Lifecycle, load_document, new_document};
-use verge_core::incarnation;
+use verge_core::lineage::{self, Lineage, Local, Move, Settled};
 use verge_core::shadow::Shadow;
 use verge_core::{DocId, Expiry, Op, PathSegment, Write, apply};
 
@@ -50,6 +50,12 @@ pub struct SyncStats {
     pub bytes_received: usize,
     /// Whether changes from the node altered this replica.
     pub changed: bool,
+    /// Ops made again on a new generation of the document (`docs/compaction.md`): writes the
+    /// node had not acknowledged when it compacted the document.
+    pub replayed: u32,
+    /// Of those, ops that no longer applied there (another writer changed what they wrote
+    /// into), and were skipped.
+    pub replay_refused: u32,
 }
 
 /// The sync in progress between `sync_begin` and the last `sync_receive`.
@@ -107,6 +113,11 @@ pub struct Replica {
     in_flight: usize,
     /// `unacked` holds every unacknowledged write (none was dropped for the bound).
     log_complete: bool,
+    /// Unacknowledged ops set aside by [`Replica::start_over_keeping_writes`], made again once
+    /// a sync brings the node's new generation.
+    replay_pending: Vec<Op>,
+    /// The time of the latest local write, which replayed writes are stamped with.
+    last_write_ms: i64,
     /// Heads that this replica and the node both hold, as of the last answer. Everything after
     /// them is what a sync has to exchange.
     shared: Vec<ChangeHash>,
@@ -125,6 +136,8 @@ impl Replica {
             unacked: Vec::new(),
             in_flight: 0,
             log_complete: true,
+            replay_pending: Vec::new(),
+            last_write_ms: 0,
             doc,
             shared: Vec::new(),
             session: None,
@@ -183,6 +196,7 @@ impl Replica {
     /// Applies `ops` in order as one local change stamped `now_ms`. Returns whether anything
     /// changed. On error nothing is changed.
     pub fn apply(&mut self, ops: Vec<Op>, now_ms: i64) -> Result<bool, ClientError> {
+        self.last_write_ms = self.last_write_ms.max(now_ms);
         let lifecycle = self.shadow.lifecycle();
         if lifecycle.deleted || lifecycle.expired(now_ms) {
             // A revival starts a new history: made at once, in Automerge.
@@ -373,6 +387,8 @@ impl Replica {
             unacked,
             in_flight: 0,
             log_complete,
+            replay_pending: Vec::new(),
+            last_write_ms: 0,
             doc,
             shared,
             session: None,
@@ -447,24 +463,42 @@ impl Replica {
             && message.have.as_slice() == [Have::default()];
         let node_heads = message.heads.clone();
         let node_needs = !message.need.is_empty();
+        // Writes made while the answer was on its way become changes first, so that the
+        // shadow read below from the document holds them.
+        self.flush()?;
         let before = self.doc.get_heads();
-        let incarnation_before = incarnation::of(&self.doc);
+        let local = Local::of(&self.doc);
         self.doc
             .receive_sync_message(&mut s.state, message)
             .map_err(|e| ClientError::InvalidSyncMessage(e.to_string()))?;
         let new = self.doc.get_changes(&before);
-        let settled = incarnation::settle(&mut self.doc, incarnation_before, &new)
+        let settled = lineage::settle(&mut self.doc, &local, &new, Move::Replace)
             .map_err(|e| ClientError::InvalidSyncMessage(e.to_string()))?;
-        if matches!(settled, incarnation::Settled::Replaced) {
-            // The node's copy is a newer incarnation (the document was deleted or expired and
-            // written again): ours was replaced by it, and the exchange so far describes
-            // histories that are gone.
+        if let Settled::Replaced { from } = settled {
+            // The node's copy is a newer history: ours was replaced by it, and the exchange so
+            // far describes histories that are gone. A node may yet carry our older changes
+            // under the actor the new history derives from ours, so we write as a fresh one.
             s.state = State::new();
             self.shared.clear();
+            self.doc.set_actor(ActorId::random());
+            if from.incarnation == Lineage::of(&self.doc).incarnation {
+                // A new generation (not a delete and rewrite): our unacknowledged writes are
+                // made again on it.
+                self.replay_pending.append(&mut self.unacked);
+                self.in_flight = 0;
+            }
         }
         if self.doc.get_heads() != before {
             s.stats.changed = true;
             self.shadow = Shadow::of(&self.doc);
+        }
+        if !self.replay_pending.is_empty() && !self.doc.get_heads().is_empty() {
+            let (replayed, refused) = self.replay()?;
+            s.stats.replayed += replayed;
+            s.stats.replay_refused += refused;
+            // The session goes on until the node holds them.
+            self.in_flight = self.unacked.len();
+            s.sent_heads = self.doc.get_heads();
         }
         let known: Vec<ChangeHash> = node_heads
             .iter()
@@ -535,6 +569,35 @@ impl Replica {
         self.session = None;
     }
 
+    /// Drops the local copy after the node answered `document_compacted`: the document started
+    /// a new generation since this copy was made, and the node did not take the copy's changes.
+    /// The writes it has not acknowledged are set aside and made again on the new generation
+    /// when the next sync brings it.
+    ///
+    /// A write whose sync failed in transport after the node had taken it, and that the node
+    /// then compacted, is made twice: the replica cannot tell it from one the node never got.
+    pub fn start_over_keeping_writes(&mut self) {
+        let mut ops: Vec<Op> = std::mem::take(&mut self.replay_pending);
+        ops.extend(self.unacknowledged_ops().cloned());
+        self.start_over();
+        self.replay_pending = ops;
+    }
+
+    /// Makes the set-aside writes again on the new generation, op by op; an op that no longer
+    /// applies is skipped. Returns how many were made and how many skipped.
+    fn replay(&mut self) -> Result<(u32, u32), ClientError> {
+        let (mut made, mut refused) = (0u32, 0u32);
+        let at = self.last_write_ms;
+        for op in std::mem::take(&mut self.replay_pending) {
+            match self.apply(vec![op], at) {
+                Ok(_) => made += 1,
+                Err(_) => refused += 1,
+            }
+        }
+        self.flush()?;
+        Ok((made, refused))
+    }
+
     /// Abandons the sync in progress (after a transport failure). Nothing is lost: the next
     /// sync resends whatever the node may not have.
     pub fn sync_abort(&mut self) {
@@ -552,11 +615,16 @@ impl Replica {
     /// call may simply be repeated.
     ///
     /// When the node answers `document_replaced`, the replica starts over ([`Replica::start_over`])
-    /// and syncs again, once.
+    /// and syncs again, once; when it answers `document_compacted`, it starts over keeping its
+    /// unacknowledged writes ([`Replica::start_over_keeping_writes`]) and syncs again, once.
     pub fn sync(&mut self, transport: &mut impl Transport) -> Result<SyncStats, ClientError> {
         match self.sync_once(transport) {
             Err(e) if e.code() == "document_replaced" => {
                 self.start_over();
+                self.sync_once(transport)
+            }
+            Err(e) if e.code() == "document_compacted" => {
+                self.start_over_keeping_writes();
                 self.sync_once(transport)
             }
             other => other,

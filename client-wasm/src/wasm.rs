@@ -159,6 +159,13 @@ impl WasmReplica {
         self.inner.start_over();
     }
 
+    /// Drops the local copy after the node answered `document_compacted`, keeping the writes
+    /// it has not acknowledged to make again on the new generation.
+    #[wasm_bindgen(js_name = startOverKeepingWrites)]
+    pub fn start_over_keeping_writes(&mut self) {
+        self.inner.start_over_keeping_writes();
+    }
+
     /// Abandons the sync in progress.
     #[wasm_bindgen(js_name = syncAbort)]
     pub fn sync_abort(&mut self) {

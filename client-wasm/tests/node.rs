@@ -45,6 +45,11 @@ fn verge_bin() -> PathBuf {
 }
 
 fn start_node() -> Node {
+    start_node_with(&[])
+}
+
+/// A node with `config` lines as its `verge.toml`.
+fn start_node_with(config: &[&str]) -> Node {
     // Tests run in parallel in one process: a counter keeps their data directories apart.
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let dir = std::env::temp_dir().join(format!(
@@ -63,6 +68,11 @@ fn start_node() -> Node {
     cmd.args(["node", "--data-dir"])
         .arg(&dir)
         .args(["--api-addr", "127.0.0.1:0"]);
+    if !config.is_empty() {
+        let path = dir.join("verge.toml");
+        std::fs::write(&path, config.join("\n")).unwrap();
+        cmd.arg("--config").arg(path);
+    }
     if String::from_utf8_lossy(&help.stdout).contains("--gossip-addr") {
         cmd.args(["--gossip-addr", "127.0.0.1:0"]);
     }
@@ -359,4 +369,67 @@ fn a_stale_replica_with_unsynced_writes_starts_over_from_the_revived_document() 
         node_doc(&node.addr, "rs/stale"),
         json!({"log": ["new", "later"]})
     );
+}
+
+#[test]
+fn unsynced_writes_from_before_a_compaction_are_made_again_on_the_new_generation() {
+    let node = start_node_with(&["[compaction]", "after_changes = 16"]);
+    let mut t = transport(&node.addr);
+    let id = DocId::new("rs/compacted").unwrap();
+    let mut writer = Replica::open(id.clone(), &mut t).unwrap();
+    writer
+        .apply(ops(json!([{"op": "inc", "path": ["n"], "by": 1}])), 1)
+        .unwrap();
+    writer.sync(&mut t).unwrap();
+    let mut reader = Replica::open(id.clone(), &mut t).unwrap();
+    // Offline writes, then the node compacts the document under writes of others.
+    writer
+        .apply(
+            ops(json!([
+                {"op": "inc", "path": ["n"], "by": 5},
+                {"op": "push", "path": ["log"], "value": "offline"}
+            ])),
+            2,
+        )
+        .unwrap();
+    for _ in 0..64 {
+        let (status, _) = http(
+            &node.addr,
+            "PATCH",
+            "/v1/docs/rs/compacted",
+            br#"{"ops":[{"op":"inc","path":["n"],"by":1}]}"#,
+        )
+        .unwrap();
+        assert_eq!(status, 200);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, body) = http(&node.addr, "GET", "/v1/docs/rs/compacted", b"").unwrap();
+        let body: Json = serde_json::from_slice(&body).unwrap();
+        if body["generation"].as_u64().unwrap() >= 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the document never compacted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The writer's copy cannot merge with the new generation: it starts over and makes its
+    // offline writes again, once.
+    let stats = writer.sync(&mut t).unwrap();
+    assert_eq!(stats.replayed, 2, "{stats:?}");
+    assert_eq!(stats.replay_refused, 0);
+    let expected = json!({"n": 70, "log": ["offline"]});
+    assert_eq!(writer.to_json(), expected);
+    assert_eq!(node_doc(&node.addr, "rs/compacted"), expected);
+    // A replica without unsynced writes just takes the new generation.
+    let stats = reader.sync(&mut t).unwrap();
+    assert_eq!(stats.replayed, 0);
+    assert_eq!(reader.to_json(), expected);
+    // Both go on writing in it.
+    writer
+        .apply(ops(json!([{"op": "inc", "path": ["n"], "by": 10}])), 3)
+        .unwrap();
+    writer.sync(&mut t).unwrap();
+    reader.sync(&mut t).unwrap();
+    assert_eq!(reader.to_json()["n"], json!(80));
+    assert_eq!(node_doc(&node.addr, "rs/compacted")["n"], json!(80));
 }

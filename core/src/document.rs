@@ -35,7 +35,8 @@ pub fn new_document(actor: ActorId) -> Automerge {
 }
 
 /// Loads saved bytes (a snapshot, changes, or both concatenated), writing as `actor` (or, in
-/// incarnations after the first, as the actor [`incarnation::actor_for`] derives from it).
+/// later incarnations and generations, as the actor [`crate::lineage::writer_actor`] derives
+/// from it).
 ///
 /// Malformed bytes are an error, never a panic: Automerge 0.12 panics on some malformed input
 /// (found by fuzzing: a bundle chunk with a truncated column), so a panic while loading is
@@ -46,7 +47,7 @@ pub fn load_document(bytes: &[u8], actor: ActorId) -> Result<Automerge, Automerg
         Automerge::load_with_options(bytes, LoadOptions::new().text_encoding(TEXT_ENCODING))
     })
     .map_err(|_| AutomergeError::Fail)??;
-    let actor = incarnation::actor_for(&actor, incarnation::of(&doc));
+    let actor = crate::lineage::writer_actor(&actor, crate::lineage::Lineage::of(&doc));
     Ok(doc.with_actor(actor))
 }
 

@@ -88,6 +88,19 @@ pub fn of(doc: &impl ReadDoc) -> u64 {
     crate::incarnation::marker_number(doc, GENERATION_KEY)
 }
 
+/// Commits a proposal to start generation `of(doc) + 1` (`docs/compaction.md`): an ordinary
+/// change over every head that puts [`PROPOSAL_KEY`], so that one change names the whole
+/// history this replica holds as the compaction point. Returns its hash.
+pub fn propose(doc: &mut Automerge, time_s: i64) -> Result<ChangeHash, AutomergeError> {
+    use automerge::transaction::{CommitOptions, Transactable};
+    // A generation number beyond i64 cannot occur: each needs a compaction.
+    let next = i64::try_from(of(doc) + 1).unwrap_or(i64::MAX);
+    let mut tx = doc.transaction();
+    tx.put(ROOT, PROPOSAL_KEY, next)?;
+    let (hash, _) = tx.commit_with(CommitOptions::default().with_time(time_s));
+    hash.ok_or(AutomergeError::Fail)
+}
+
 /// The root change of `doc`'s generation and its highest op, `None` in generation 0.
 pub fn root_of(doc: &Automerge) -> Option<(ChangeHash, u64)> {
     let (_, id) = doc.get(ROOT, GENERATION_KEY).ok()??;
@@ -476,7 +489,7 @@ impl Compaction {
             let seq = seqs_before.entry(change.actor_id().clone()).or_default();
             *seq = (*seq).max(change.seq());
         }
-        let mut next = Automerge::new();
+        let mut next = Automerge::new_with_encoding(crate::document::TEXT_ENCODING);
         next.apply_changes([root.clone()])?;
         Ok(Compaction {
             at,

@@ -18,7 +18,7 @@
 //!   and a write to a stub goes into the stub's own incarnation. A revival and a purge of the
 //!   same incarnation `k`, wherever and in whatever order they happen, therefore land in the
 //!   same incarnation `k + 1`, and so do revivals on several replicas at once.
-//! - Changes meet by incarnation ([`settle`]): a replica that receives `R(j)` for a `j` above its
+//! - Changes meet by incarnation ([`crate::lineage::settle`]): a replica that receives `R(j)` for a `j` above its
 //!   own drops its history and takes the newer one; changes rooted in an older incarnation are
 //!   dropped. Nothing from two incarnations is ever merged.
 
@@ -101,7 +101,7 @@ pub fn root_of(doc: &impl ReadDoc) -> Option<ChangeHash> {
 /// The actor a replica whose own actor is `base` writes as in `incarnation`.
 ///
 /// An actor must write in one incarnation only: two incarnations' histories meet for a moment
-/// when a replica receives a newer one (see [`settle`]), and Automerge refuses two different
+/// when a replica receives a newer one (see [`crate::lineage::settle`]), and Automerge refuses two different
 /// changes with the same actor and sequence number.
 pub fn actor_for(base: &ActorId, incarnation: u64) -> ActorId {
     if incarnation == 0 {
@@ -167,82 +167,11 @@ pub fn root_number(change: &Change) -> Option<u64> {
     (number >= 1 && root_change(number).hash() == change.hash()).then_some(number)
 }
 
-/// What [`settle`] did.
-#[derive(Debug)]
-pub enum Settled {
-    /// Every new change belongs to the document's incarnation.
-    Kept,
-    /// Some new changes were rooted in an older incarnation (or in none, while the document has
-    /// one) and were removed; these are the new changes that stayed. The sender holds an old
-    /// history and must start over to see the current one.
-    Dropped(Vec<Change>),
-    /// The changes brought a newer incarnation, which replaced the document.
-    Replaced,
-}
-
-/// Keeps `doc` in one incarnation after changes from elsewhere were applied to it: `local` is
-/// its incarnation before, `new` the changes that applied. When they brought the root of a newer
-/// incarnation, or roots of another one, the document is rebuilt from the newest incarnation's
-/// changes alone.
-///
-/// The common case costs a look at each new change's deps; a rebuild walks the history.
-pub fn settle(doc: &mut Automerge, local: u64, new: &[Change]) -> Result<Settled, AutomergeError> {
-    let roots: Vec<&Change> = new.iter().filter(|c| c.deps().is_empty()).collect();
-    if roots.is_empty() {
-        return Ok(Settled::Kept);
-    }
-    let numbers: Vec<Option<u64>> = roots.iter().map(|c| root_number(c)).collect();
-    let newest = numbers
-        .iter()
-        .flatten()
-        .copied()
-        .max()
-        .unwrap_or(0)
-        .max(local);
-    let foreign = numbers.iter().any(|n| match n {
-        Some(j) => *j != newest,
-        None => newest != 0,
-    });
-    if newest == local && !foreign {
-        return Ok(Settled::Kept);
-    }
-    let root = root_change(newest).hash();
-    let mut kept = std::collections::HashSet::from([root]);
-    let mut changes = Vec::new();
-    for change in doc.get_changes(&[]) {
-        if change.hash() != root
-            && change.deps().iter().all(|d| kept.contains(d))
-            && !change.deps().is_empty()
-        {
-            kept.insert(change.hash());
-            changes.push(change);
-        }
-    }
-    let mut rebuilt = if newest == local {
-        // Same incarnation: keep writing as the same actor.
-        let mut d = crate::document::new_document(doc.get_actor().clone());
-        d.apply_changes([root_change(newest)])?;
-        d
-    } else {
-        stub(doc.get_actor(), newest)?
-    };
-    rebuilt.apply_changes(changes)?;
-    *doc = rebuilt;
-    if newest == local {
-        let kept = new
-            .iter()
-            .filter(|c| kept.contains(&c.hash()))
-            .cloned()
-            .collect();
-        return Ok(Settled::Dropped(kept));
-    }
-    Ok(Settled::Replaced)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::document::{Applied, Lifecycle, apply, to_json};
+    use crate::lineage::{Local, Move, Settled, settle};
     use crate::{Expiry, Write};
     use automerge::transaction::Transactable;
 
@@ -294,12 +223,15 @@ mod tests {
     /// Applies to `to` what `from` has and `to` lacks, as a sync or broadcast does, then
     /// settles `to`.
     fn deliver(from: &Automerge, to: &mut Automerge) -> bool {
-        let local = of(to);
+        let local = Local::of(to);
         let before = to.get_heads();
         let changes = from.get_changes(&[]);
         to.apply_changes(changes).expect("apply");
         let new = to.get_changes(&before);
-        !matches!(settle(to, local, &new).expect("settle"), Settled::Kept)
+        !matches!(
+            settle(to, &local, &new, Move::Carry).expect("settle"),
+            Settled::Kept
+        )
     }
 
     fn expiring(actor_n: u8) -> Automerge {
@@ -513,11 +445,12 @@ mod tests {
         let from_b = b.get_changes(&before);
         assert_eq!(from_b.len(), 2, "the list's creation and the push");
         let c_before = c.get_heads();
+        let local = Local::of(&c);
         c.apply_changes(from_b).expect("apply");
         let new = c.get_changes(&c_before);
         assert_eq!(new.len(), 1, "only the creation applies");
         assert!(matches!(
-            settle(&mut c, 3, &new).expect("settle"),
+            settle(&mut c, &local, &new, Move::Carry).expect("settle"),
             Settled::Kept
         ));
         assert!(Lifecycle::of(&c).deleted);

@@ -15,6 +15,7 @@ pub mod implicit;
 pub mod incarnation;
 pub mod json_int;
 pub mod limits;
+pub mod lineage;
 pub mod membership;
 pub mod ops;
 pub mod replication;

@@ -16,7 +16,7 @@ use automerge::{ActorId, Automerge};
 use proptest::prelude::*;
 use serde_json::{Value as Json, json};
 use verge_core::document::{apply, new_document, to_json};
-use verge_core::incarnation;
+use verge_core::lineage;
 use verge_core::{Expiry, Op, Write};
 
 /// Where the ops go: each container both at the root and inside an implicitly created map.
@@ -138,11 +138,11 @@ fn at<'a>(doc: &'a Json, path: &[&str]) -> Option<&'a Json> {
 /// Gives `to` what `from` has, as a sync would, keeping one incarnation (a document deleted and
 /// written again starts a new one, see `verge_core::incarnation`).
 fn deliver(from: &mut Automerge, to: &mut Automerge) {
-    let local = incarnation::of(to);
+    let local = lineage::Local::of(to);
     let before = to.get_heads();
     to.merge(from).expect("merge");
     let new = to.get_changes(&before);
-    incarnation::settle(to, local, &new).expect("settle");
+    lineage::settle(to, &local, &new, lineage::Move::Carry).expect("settle");
 }
 
 fn ops(v: Json) -> Write {

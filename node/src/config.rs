@@ -17,6 +17,11 @@ pub const DEFAULT_API_ADDR: &str = "127.0.0.1:7070";
 pub const DEFAULT_GOSSIP_ADDR: &str = "127.0.0.1:7071";
 /// File read from the working directory when `--config` is not given.
 pub const DEFAULT_CONFIG_FILE: &str = "verge.toml";
+/// Fewest changes a generation may be configured to hold: each compaction rewrites the
+/// document, so a smaller one would rewrite it on nearly every write.
+pub const COMPACTION_AFTER_CHANGES_MIN: u64 = 16;
+/// Fewest bytes of history a generation may be configured to grow by, for the same reason.
+pub const COMPACTION_AFTER_BYTES_MIN: u64 = 4096;
 /// Largest config file accepted.
 const CONFIG_FILE_BYTES_MAX: u64 = 1024 * 1024;
 
@@ -212,6 +217,26 @@ impl Default for StorageConfig {
     }
 }
 
+/// When documents start a new generation (`[compaction]` in the file; docs/compaction.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompactionConfig {
+    /// Changes in a document's current generation after which it starts the next one.
+    pub after_changes: u64,
+    /// Bytes a document's history grew since its generation started after which it starts the
+    /// next one.
+    pub after_bytes: u64,
+}
+
+impl Default for CompactionConfig {
+    fn default() -> Self {
+        Self {
+            after_changes: 1000,
+            after_bytes: 1024 * 1024,
+        }
+    }
+}
+
 /// The longest API timeout that may be configured (a day): a longer one is no bound.
 pub const TIMEOUT_S_MAX: u64 = 24 * 3600;
 
@@ -269,6 +294,8 @@ struct FileConfig {
     #[serde(default)]
     storage: StorageConfig,
     #[serde(default)]
+    compaction: CompactionConfig,
+    #[serde(default)]
     replication: ReplicationFileConfig,
     auth: Option<crate::auth::AuthFileConfig>,
     #[serde(default)]
@@ -292,6 +319,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Storage tunables.
     pub storage: StorageConfig,
+    /// When documents start a new generation.
+    pub compaction: CompactionConfig,
     /// Key encrypting stored documents; `None` stores them in plain form.
     pub encryption_key: Option<crate::store::EncryptionKey>,
     /// Gossip listen address.
@@ -541,6 +570,19 @@ impl Config {
             key: "cors.allowed_origins",
             message: e.to_string(),
         })?;
+        let compaction = file.compaction;
+        if compaction.after_changes < COMPACTION_AFTER_CHANGES_MIN
+            || compaction.after_bytes < COMPACTION_AFTER_BYTES_MIN
+        {
+            return Err(ConfigError::Invalid {
+                key: "compaction",
+                message: format!(
+                    "after_changes must be at least {COMPACTION_AFTER_CHANGES_MIN} and \
+                     after_bytes at least {COMPACTION_AFTER_BYTES_MIN} (each compaction \
+                     rewrites the document)"
+                ),
+            });
+        }
         let replication = file.replication;
         if replication.anti_entropy_interval_s == 0 || replication.batch_bytes_max == 0 {
             return Err(ConfigError::Invalid {
@@ -558,6 +600,7 @@ impl Config {
             api_addr,
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             storage,
+            compaction,
             encryption_key,
             gossip_addr,
             advertise_addr,

@@ -16,9 +16,10 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use verge_core::document::{self, Lifecycle, load_document, new_document};
-use verge_core::incarnation;
 use verge_core::limits::{DOC_BYTES_MAX, SYNC_MESSAGE_BYTES_MAX};
+use verge_core::lineage::{self, Lineage, Local, Move, SettleError, Settled};
 use verge_core::{ApplyError, DocId, Expiry, Write, heads_to_hex};
+use verge_core::{generation, incarnation};
 
 use crate::cache::{DocCache, MEMORY_PER_DOC, MEMORY_PER_STORED_BYTE};
 use crate::clock::Clock;
@@ -48,6 +49,10 @@ pub struct DocumentsConfig {
     pub cache_bytes: usize,
     /// Incremental change rows after which a document's snapshot is rewritten.
     pub compact_after_changes: u64,
+    /// Changes in a generation after which the document starts the next one.
+    pub generation_after_changes: u64,
+    /// Bytes of history in a generation after which the document starts the next one.
+    pub generation_after_bytes: u64,
     /// Free space on the data directory: writes are refused below its floor.
     pub space: Arc<crate::store::space::DiskSpace>,
 }
@@ -80,6 +85,23 @@ pub enum DocError {
         "document {0} was deleted or expired and written again since this copy was made; discard the copy and sync from an empty document"
     )]
     Replaced(DocId),
+    /// A sync message carried changes of an older generation of the document: the sender's copy
+    /// is from before its history was compacted. Its changes were not taken.
+    #[error(
+        "document {id} was compacted into generation {generation} since this copy was made; sync from an empty document and make again the writes the node did not acknowledge"
+    )]
+    Compacted {
+        /// The document.
+        id: DocId,
+        /// Its generation here.
+        generation: u64,
+    },
+    /// A client's copy is of a newer generation than this node's, which it has not received
+    /// from its peers yet (a node takes a new generation from members only).
+    #[error(
+        "this node has not yet caught up with the generation of document {0} that this copy is from; retry shortly or sync with another node"
+    )]
+    CatchingUp(DocId),
     /// Storage failed; the write was not acknowledged.
     #[error("storage error: {0}")]
     Storage(#[source] Arc<StoreError>),
@@ -157,9 +179,10 @@ pub enum InvalidSync {
     /// A broadcast change does not apply to the document.
     #[error("a broadcast change does not apply: {0}")]
     BroadcastChange(#[source] Box<automerge::AutomergeError>),
-    /// The received changes cannot be kept in one incarnation of the document.
-    #[error("cannot settle incarnations: {0}")]
-    Incarnation(#[source] Box<automerge::AutomergeError>),
+    /// The received changes cannot be kept in one history of the document (see
+    /// `verge_core::lineage`).
+    #[error("cannot keep one history: {0}")]
+    Lineage(#[source] SettleError),
     /// Automerge cannot answer the message (a malformation it notices only then); the changes
     /// it carried were valid and are durable.
     #[error("cannot answer this message: {0}")]
@@ -239,6 +262,16 @@ pub struct Documents {
     config: DocumentsConfig,
     /// Told of every commit (replication). Set once, when replication starts.
     listener: OnceLock<Arc<dyn CommitListener>>,
+    /// Who else holds documents (replication). Set once, when replication starts; until then
+    /// no document compacts. Weak: replication holds this service.
+    membership: OnceLock<std::sync::Weak<dyn Membership>>,
+}
+
+/// What the document service needs to know of the cluster to compact a document.
+pub trait Membership: Send + Sync + std::fmt::Debug {
+    /// Whether this node has no members at all (none configured, none learned): a proposal of
+    /// its own is then stable at once (`docs/compaction.md`), and it compacts alone.
+    fn alone(&self) -> bool;
 }
 
 /// Follows the node's commits: replication keeps its digest index and broadcast feed with
@@ -292,6 +325,7 @@ impl Documents {
             compaction_tx,
             config,
             listener: OnceLock::new(),
+            membership: OnceLock::new(),
         });
         (docs, compaction_rx)
     }
@@ -301,6 +335,25 @@ impl Documents {
         let _ = self.listener.set(listener);
     }
 
+    /// Sets who tells whether this node is alone. Set once, when replication starts.
+    pub fn set_membership(&self, membership: &Arc<dyn Membership>) {
+        let _ = self.membership.set(Arc::downgrade(membership));
+    }
+
+    fn alone(&self) -> bool {
+        self.membership
+            .get()
+            .and_then(std::sync::Weak::upgrade)
+            .is_some_and(|m| m.alone())
+    }
+
+    /// Whether `meta`'s document has outgrown its generation.
+    fn generation_due(&self, meta: &DocMeta) -> bool {
+        !meta.stub
+            && (meta.history_changes >= self.config.generation_after_changes
+                || meta.size_bytes.saturating_sub(meta.generation_bytes)
+                    >= self.config.generation_after_bytes)
+    }
     /// Calls `visit` with every stored document's id and heads (for an index of them).
     pub fn scan_heads(&self, mut visit: impl FnMut(&DocId, &[ChangeHash])) -> Result<(), DocError> {
         self.store.scan_meta("", None, |id, meta| {
@@ -466,12 +519,16 @@ impl Documents {
             heads: Vec<String>,
             doc: serde_json::Value,
             expires_at_ms: Option<i64>,
+            generation: u64,
+            history_changes: u64,
         }
         let body = Body {
             id: id.as_str(),
             heads: heads_to_hex(&slot.meta.heads),
             doc: document::to_json(&slot.doc),
             expires_at_ms: slot.meta.expires_at_ms,
+            generation: slot.meta.generation,
+            history_changes: slot.meta.history_changes,
         };
         let bytes = Bytes::from(
             serde_json::to_vec(&body)
@@ -541,6 +598,7 @@ impl Documents {
                 changes
             };
             let history = if applied.replaced {
+                self.metrics.incarnations_replaced.inc();
                 History::Replace
             } else {
                 History::Extend
@@ -589,6 +647,7 @@ impl Documents {
                 meta.size_bytes += changes.iter().map(|c| c.len() as u64).sum::<u64>();
                 meta.next_seq += changes.len() as u64;
                 meta.change_rows += changes.len() as u64;
+                meta.history_changes += changes.len() as u64;
                 Mutation::Append {
                     id: entry.id.clone(),
                     first_seq,
@@ -597,11 +656,13 @@ impl Documents {
                 }
             }
             History::Replace => {
-                let snapshot = slot.doc.save();
+                let snapshot = stored_snapshot(&slot.doc);
                 meta.size_bytes = snapshot.len() as u64;
                 meta.snapshot_bytes = snapshot.len() as u64;
                 meta.change_rows = 0;
-                self.metrics.incarnations_replaced.inc();
+                meta.generation = generation::of(&slot.doc);
+                meta.history_changes = changes.len() as u64;
+                meta.generation_bytes = snapshot.len() as u64;
                 Mutation::Replace {
                     id: entry.id.clone(),
                     snapshot,
@@ -614,7 +675,9 @@ impl Documents {
             poisoned: Arc::clone(&entry.poisoned),
             ack: Some(ack_tx),
         });
-        if meta.change_rows >= self.config.compact_after_changes && !slot.compaction_queued {
+        let due = meta.change_rows >= self.config.compact_after_changes
+            || (self.generation_due(meta) && self.alone());
+        if due && !slot.compaction_queued {
             slot.compaction_queued = self.compaction_tx.try_send(entry.id.clone()).is_ok();
         }
         self.resize(entry, &slot.meta);
@@ -656,12 +719,7 @@ impl Documents {
             }
             Err(e) => {
                 self.discard(entry);
-                Err(match e {
-                    CommitError::Stopped => DocError::ShuttingDown,
-                    CommitError::StorageFull => DocError::StorageFull,
-                    CommitError::Poisoned => DocError::Poisoned,
-                    CommitError::Storage(e) => DocError::Storage(e),
-                })
+                Err(commit_failed(e))
             }
         }
     }
@@ -738,7 +796,7 @@ impl Documents {
             let slot = guard.as_mut().expect("load fills the slot");
             check_growth(id, &slot.meta, incoming_bytes)?;
             let before = slot.doc.get_heads();
-            let incarnation_before = incarnation::of(&slot.doc);
+            let local = Local::of(&slot.doc);
             if let Some(message) = incoming
                 && let Err(e) = document::receive_sync_message(&mut slot.doc, state, message)
             {
@@ -747,13 +805,15 @@ impl Documents {
                 self.discard(&entry);
                 return Err(InvalidSync::Receive(Box::new(e)).into());
             }
-            let settled = self.settle(&entry, slot, &before, incarnation_before, origin);
+            let settled = self.settle(&entry, slot, &before, &local, origin);
             let (changes, history) = match settled {
                 Ok(settled) => settled,
-                Err(e) => {
-                    drop(guard);
-                    self.discard(&entry);
-                    return Err(e);
+                Err(Refused { error, intact }) => {
+                    if !intact {
+                        drop(guard);
+                        self.discard(&entry);
+                    }
+                    return Err(error);
                 }
             };
             if history == History::Replace {
@@ -790,46 +850,86 @@ impl Documents {
     }
 
     /// After received changes were applied to `slot`'s document (whose heads were `before` and
-    /// incarnation `incarnation_before`), keeps it in one incarnation and returns the change
-    /// bytes to persist and pass on: the new ones, or, when a newer incarnation replaced the
-    /// document, all of its changes.
+    /// history `local`), keeps it in one history (`verge_core::lineage`) and returns the change
+    /// bytes to persist and pass on: the new ones, or, when the document moved to a newer
+    /// history, all of its changes.
     fn settle(
         &self,
         entry: &Entry,
         slot: &mut Slot,
         before: &[ChangeHash],
-        incarnation_before: u64,
+        local: &Local,
         origin: Origin,
-    ) -> Result<(Vec<Vec<u8>>, History), DocError> {
+    ) -> Result<(Vec<Vec<u8>>, History), Refused> {
         let new = slot.doc.get_changes(before);
-        let settled = incarnation::settle(&mut slot.doc, incarnation_before, &new)
-            .map_err(|e| InvalidSync::Incarnation(Box::new(e)))?;
+        let refused = |error: DocError, intact: bool| Refused { error, intact };
+        if origin == Origin::Client && brings_next_generation(local, &new) {
+            // Generations come from members, which built them at a point every member holds;
+            // this node gets it from them.
+            self.metrics.sync_generation_ahead.inc();
+            return Err(refused(DocError::CatchingUp(entry.id.clone()), false));
+        }
+        let settled = match lineage::settle(&mut slot.doc, local, &new, Move::Carry) {
+            Ok(settled) => settled,
+            Err(e) => {
+                if matches!(
+                    e,
+                    SettleError::PointMissing { .. } | SettleError::GenerationGap { .. }
+                ) {
+                    self.metrics.compaction_stragglers.inc();
+                    tracing::warn!(doc = %entry.id, error = %e, "cannot move to a newer generation of the document yet");
+                }
+                return Err(refused(InvalidSync::Lineage(e).into(), false));
+            }
+        };
         let bytes = |changes: Vec<automerge::Change>| {
             changes
                 .into_iter()
                 .map(|c| c.raw_bytes().to_vec())
                 .collect()
         };
+        let now = Lineage::of(&slot.doc);
         match settled {
-            incarnation::Settled::Kept => return Ok((bytes(new), History::Extend)),
-            // A client (a Wasm replica or any Automerge peer) holding an old history is told to
-            // start over; a peer node is answered with the current history, which it takes.
-            incarnation::Settled::Dropped(_) if origin == Origin::Client => {
-                self.metrics.sync_stale_incarnation.inc();
-                return Err(DocError::Replaced(entry.id.clone()));
+            Settled::Kept => return Ok((bytes(new), History::Extend)),
+            Settled::Dropped { kept, older } => {
+                let compacted = older.incarnation == now.incarnation;
+                if compacted {
+                    self.metrics.sync_stale_generation.inc();
+                } else {
+                    self.metrics.sync_stale_incarnation.inc();
+                }
+                if origin == Origin::Peer {
+                    // A peer is answered with the current history, which it takes (carrying
+                    // its own changes onto it).
+                    return Ok((bytes(kept), History::Extend));
+                }
+                // A client (a Wasm replica or any Automerge peer) holding an old history is
+                // told to start over. The document is as it was unless the message also
+                // brought changes of the current history, which are not durable.
+                let error = if compacted {
+                    DocError::Compacted {
+                        id: entry.id.clone(),
+                        generation: now.generation,
+                    }
+                } else {
+                    DocError::Replaced(entry.id.clone())
+                };
+                return Err(refused(error, kept.is_empty()));
             }
-            incarnation::Settled::Dropped(kept) => {
-                self.metrics.sync_stale_incarnation.inc();
-                return Ok((bytes(kept), History::Extend));
+            Settled::Replaced { from } if from.incarnation != now.incarnation => {
+                self.metrics.incarnations_replaced.inc();
+                tracing::info!(doc = %entry.id, from = %from, to = %now, "a newer incarnation replaced the document");
             }
-            incarnation::Settled::Replaced => {}
+            Settled::Replaced { from } => {
+                self.metrics.generation_adoptions.inc();
+                tracing::info!(doc = %entry.id, from = %from, to = %now, "moved to a newer generation of the document (nothing to carry)");
+            }
+            Settled::Adopted { carried } => {
+                self.metrics.generation_adoptions.inc();
+                self.metrics.carried_changes.inc_by(carried as u64);
+                tracing::info!(doc = %entry.id, from = %local.lineage, to = %now, carried, "moved to a newer generation of the document");
+            }
         }
-        tracing::info!(
-            doc = %entry.id,
-            from = incarnation_before,
-            to = incarnation::of(&slot.doc),
-            "a newer incarnation replaced the document"
-        );
         let all = slot
             .doc
             .get_changes(&[])
@@ -854,7 +954,7 @@ impl Documents {
             let slot = guard.as_mut().expect("load fills the slot");
             check_growth(id, &slot.meta, incoming)?;
             let before = slot.doc.get_heads();
-            let incarnation_before = incarnation::of(&slot.doc);
+            let local = Local::of(&slot.doc);
             for change in changes {
                 if let Err(e) = document::load_incremental(&mut slot.doc, change) {
                     drop(guard);
@@ -862,13 +962,15 @@ impl Documents {
                     return Err(InvalidSync::BroadcastChange(Box::new(e)).into());
                 }
             }
-            let settled = self.settle(&entry, slot, &before, incarnation_before, Origin::Peer);
+            let settled = self.settle(&entry, slot, &before, &local, Origin::Peer);
             let (new, history) = match settled {
                 Ok(settled) => settled,
-                Err(e) => {
-                    drop(guard);
-                    self.discard(&entry);
-                    return Err(e);
+                Err(Refused { error, intact }) => {
+                    if !intact {
+                        drop(guard);
+                        self.discard(&entry);
+                    }
+                    return Err(error);
                 }
             };
             // Automerge holds back, in memory only, a change whose dependencies it lacks.
@@ -923,36 +1025,139 @@ impl Documents {
         Ok(ListPage { docs, next_cursor })
     }
 
-    /// Folds a document's change rows into a new snapshot. Runs in the background.
+    /// Folds a document's change rows into a new snapshot or, when its history outgrew its
+    /// generation and this node may compact alone, starts its next generation. Runs in the
+    /// background.
     pub async fn compact(&self, id: &DocId) -> Result<(), DocError> {
         let Some(queue_slot) = self.writer.reserve().await else {
             return Err(DocError::ShuttingDown);
         };
         let entry = self.entry(id);
-        let mut guard = self.load(&entry)?;
-        let slot = guard.as_mut().expect("load fills the slot");
-        slot.compaction_queued = false;
-        if slot.meta.change_rows == 0 || entry.poisoned.load(Ordering::Acquire) {
-            return Ok(());
+        let pending = {
+            let mut guard = self.load(&entry)?;
+            let slot = guard.as_mut().expect("load fills the slot");
+            slot.compaction_queued = false;
+            if entry.poisoned.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            if self.generation_due(&slot.meta) && self.alone() {
+                match self.start_generation(&entry, slot, queue_slot) {
+                    Ok(pending) => pending,
+                    Err(e) => {
+                        // The proposal may be in memory only.
+                        drop(guard);
+                        self.discard(&entry);
+                        return Err(e);
+                    }
+                }
+            } else {
+                if slot.meta.change_rows == 0 {
+                    return Ok(());
+                }
+                let snapshot = stored_snapshot(&slot.doc);
+                let up_to_seq = slot.meta.next_seq.saturating_sub(1);
+                slot.meta.snapshot_bytes = snapshot.len() as u64;
+                slot.meta.size_bytes = snapshot.len() as u64;
+                slot.meta.change_rows = 0;
+                queue_slot.send(Job {
+                    mutation: Mutation::Compact {
+                        id: id.clone(),
+                        snapshot,
+                        up_to_seq,
+                        meta: slot.meta.clone(),
+                    },
+                    poisoned: Arc::clone(&entry.poisoned),
+                    ack: None,
+                });
+                self.metrics.snapshot_rewrites.inc();
+                self.resize(&entry, &slot.meta);
+                return Ok(());
+            }
+        };
+        match pending.ack.await.unwrap_or(Err(CommitError::Stopped)) {
+            Ok(()) => {
+                self.metrics.compactions.inc();
+                let _ = self.events.send(Arc::new(pending.event));
+                if let Some(listener) = self.listener.get() {
+                    listener.committed(&entry.id, &pending.heads, None);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.discard(&entry);
+                Err(commit_failed(e))
+            }
         }
-        let snapshot = slot.doc.save();
-        let up_to_seq = slot.meta.next_seq.saturating_sub(1);
-        slot.meta.snapshot_bytes = snapshot.len() as u64;
-        slot.meta.size_bytes = snapshot.len() as u64;
-        slot.meta.change_rows = 0;
+    }
+
+    /// Starts the next generation of `slot`'s document on this node alone: proposes it over
+    /// every head, which is then stable at once (no member can hold anything else), builds the
+    /// root at the proposal (`verge_core::generation`) and queues the new history in place of
+    /// the old. Nothing is outside the point, so nothing is carried.
+    fn start_generation(
+        &self,
+        entry: &Arc<Entry>,
+        slot: &mut Slot,
+        queue_slot: QueueSlot,
+    ) -> Result<Pending, DocError> {
+        let failed = |context: &'static str| {
+            move |source: automerge::AutomergeError| DocError::Automerge {
+                context,
+                source: Box::new(source),
+            }
+        };
+        let from = Lineage::of(&slot.doc);
+        let time_s = self.now_ms().div_euclid(1000);
+        let point = generation::propose(&mut slot.doc, time_s)
+            .map_err(failed("proposing a new generation"))?;
+        let mut compaction = generation::Compaction::start(&slot.doc, point).map_err(|e| {
+            tracing::error!(doc = %entry.id, error = %e, "cannot build a new generation");
+            DocError::Internal("a new generation could not be built")
+        })?;
+        let carried = compaction
+            .carry_all(&slot.doc)
+            .map_err(|_| DocError::Internal("changes could not be carried"))?;
+        let actor = generation::generation_actor(slot.doc.get_actor(), compaction.number());
+        slot.doc = compaction.into_document().with_actor(actor);
+        let history_before = slot.meta.history_changes;
+        let snapshot = stored_snapshot(&slot.doc);
+        let meta = &mut slot.meta;
+        meta.heads = slot.doc.get_heads();
+        meta.size_bytes = snapshot.len() as u64;
+        meta.snapshot_bytes = snapshot.len() as u64;
+        meta.change_rows = 0;
+        meta.generation = generation::of(&slot.doc);
+        meta.history_changes = 1 + carried.len() as u64;
+        meta.generation_bytes = snapshot.len() as u64;
+        slot.read_cache = None;
+        tracing::debug!(
+            doc = %entry.id,
+            from = %from,
+            history_changes = history_before,
+            snapshot_bytes = snapshot.len(),
+            "started a new generation"
+        );
+        let (ack_tx, ack_rx) = oneshot::channel();
         queue_slot.send(Job {
-            mutation: Mutation::Compact {
-                id: id.clone(),
+            mutation: Mutation::Replace {
+                id: entry.id.clone(),
                 snapshot,
-                up_to_seq,
-                meta: slot.meta.clone(),
+                meta: meta.clone(),
             },
             poisoned: Arc::clone(&entry.poisoned),
-            ack: None,
+            ack: Some(ack_tx),
         });
-        self.metrics.compactions.inc();
-        self.resize(&entry, &slot.meta);
-        Ok(())
+        self.resize(entry, &slot.meta);
+        Ok(Pending {
+            ack: ack_rx,
+            event: ChangeEvent {
+                id: entry.id.to_string(),
+                heads: heads_to_hex(&slot.meta.heads),
+                deleted: slot.meta.deleted,
+            },
+            heads: slot.meta.heads.clone(),
+            changes: Vec::new(),
+        })
     }
 
     /// Compacts documents as their ids arrive, until the channel closes.
@@ -1003,7 +1208,7 @@ impl Documents {
                     source: Box::new(source),
                 }
             })?;
-            let snapshot = stub.save();
+            let snapshot = stored_snapshot(&stub);
             let meta = DocMeta {
                 heads: stub.get_heads(),
                 size_bytes: snapshot.len() as u64,
@@ -1014,6 +1219,9 @@ impl Documents {
                 next_seq: slot.meta.next_seq,
                 change_rows: 0,
                 stub: true,
+                generation: 0,
+                history_changes: 1,
+                generation_bytes: snapshot.len() as u64,
             };
             if let Some(listener) = self.listener.get() {
                 listener.committed(&id, &meta.heads, None);
@@ -1054,6 +1262,40 @@ fn check_growth(id: &DocId, meta: &DocMeta, incoming: usize) -> Result<(), DocEr
         .into());
     }
     Ok(())
+}
+
+/// A document's snapshot as stored. Uncompressed, so that its size is the document's and the
+/// [`DOC_BYTES_MAX`] limit bounds what the document holds (a compressed snapshot of repetitive
+/// values would let a document grow without bound in memory); loading it needs no inflating.
+fn stored_snapshot(doc: &Automerge) -> Vec<u8> {
+    doc.save_nocompress()
+}
+
+/// The error of a write whose commit failed.
+fn commit_failed(e: CommitError) -> DocError {
+    match e {
+        CommitError::Stopped => DocError::ShuttingDown,
+        CommitError::StorageFull => DocError::StorageFull,
+        CommitError::Poisoned => DocError::Poisoned,
+        CommitError::Storage(e) => DocError::Storage(e),
+    }
+}
+
+/// Received changes the document did not take.
+struct Refused {
+    error: DocError,
+    /// The in-memory document is as it was before the changes arrived; otherwise it must be
+    /// discarded and reloaded.
+    intact: bool,
+}
+
+/// Whether `new` (received changes) starts a later generation of `local`'s incarnation.
+fn brings_next_generation(local: &Local, new: &[automerge::Change]) -> bool {
+    new.iter().filter(|c| c.deps().is_empty()).any(|c| {
+        let started = lineage::started_by(c);
+        started.incarnation == local.lineage.incarnation
+            && started.generation > local.lineage.generation
+    })
 }
 
 struct Pending {

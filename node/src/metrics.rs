@@ -50,8 +50,23 @@ pub struct Metrics {
     pub cache_hits: Counter,
     /// Document lookups that loaded from disk.
     pub cache_misses: Counter,
-    /// Snapshots written by compaction.
+    /// Snapshots rewritten: a document's change rows folded into its stored snapshot.
+    pub snapshot_rewrites: Counter,
+    /// Generations started here: a document's history folded into a new root.
     pub compactions: Counter,
+    /// Generations another node started that this node moved to.
+    pub generation_adoptions: Counter,
+    /// Changes carried onto a new generation (compacting or adopting).
+    pub carried_changes: Counter,
+    /// New generations this node could not move to (it lacks their compaction point while it
+    /// holds changes of its own generation): the document waits on the older generation.
+    pub compaction_stragglers: Counter,
+    /// Sync messages that carried changes of an older generation (refused; the sender carries
+    /// them when it moves).
+    pub sync_stale_generation: Counter,
+    /// Client syncs refused because the client's copy is of a generation this node has not
+    /// reached yet.
+    pub sync_generation_ahead: Counter,
     /// Documents purged after expiry or tombstone retention.
     pub purged_docs: Counter,
     /// Purge passes completed (each scans every document once).
@@ -137,7 +152,13 @@ impl Metrics {
             cache_bytes: Gauge::default(),
             cache_hits: Counter::default(),
             cache_misses: Counter::default(),
+            snapshot_rewrites: Counter::default(),
             compactions: Counter::default(),
+            generation_adoptions: Counter::default(),
+            carried_changes: Counter::default(),
+            compaction_stragglers: Counter::default(),
+            sync_stale_generation: Counter::default(),
+            sync_generation_ahead: Counter::default(),
             purged_docs: Counter::default(),
             purge_rounds: Counter::default(),
             incarnations_replaced: Counter::default(),
@@ -243,9 +264,39 @@ impl Metrics {
             m.cache_misses.clone(),
         );
         registry.register(
+            "snapshot_rewrites",
+            "Snapshots rewritten: change rows folded into a document's stored snapshot",
+            m.snapshot_rewrites.clone(),
+        );
+        registry.register(
             "compactions",
-            "Snapshots written by compaction",
+            "Generations started here: a document's history folded into a new root",
             m.compactions.clone(),
+        );
+        registry.register(
+            "generation_adoptions",
+            "Generations another node started that this node moved to",
+            m.generation_adoptions.clone(),
+        );
+        registry.register(
+            "carried_changes",
+            "Changes carried onto a new generation (compacting or adopting)",
+            m.carried_changes.clone(),
+        );
+        registry.register(
+            "compaction_stragglers",
+            "New generations this node could not move to yet (it lacks their compaction point)",
+            m.compaction_stragglers.clone(),
+        );
+        registry.register(
+            "sync_stale_generation",
+            "Sync messages that carried changes of an older generation (refused)",
+            m.sync_stale_generation.clone(),
+        );
+        registry.register(
+            "sync_generation_ahead",
+            "Client syncs refused: the copy is of a generation this node has not reached",
+            m.sync_generation_ahead.clone(),
         );
         registry.register(
             "purged_docs",

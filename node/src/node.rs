@@ -233,6 +233,8 @@ where
         DocumentsConfig {
             cache_bytes: config.storage.cache_bytes,
             compact_after_changes: config.storage.compact_after_changes,
+            generation_after_changes: config.compaction.after_changes,
+            generation_after_bytes: config.compaction.after_bytes,
             space: Arc::clone(&space),
         },
         draw.next_u64(),
@@ -300,6 +302,7 @@ where
         source,
     })?;
     background.extend(replication_tasks);
+    docs.set_membership(&(Arc::clone(&replication) as Arc<dyn crate::documents::Membership>));
 
     let api_tls = match &config.api_tls {
         Some(files) => Some(http::tls::server_config(files)?),

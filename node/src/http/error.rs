@@ -81,6 +81,12 @@ impl From<DocError> for ApiError {
                 message,
             ),
             DocError::Replaced(_) => Self::new(StatusCode::CONFLICT, "document_replaced", message),
+            DocError::Compacted { .. } => {
+                Self::new(StatusCode::CONFLICT, "document_compacted", message)
+            }
+            DocError::CatchingUp(_) => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "catching_up", message)
+            }
             DocError::InvalidSync(_) => {
                 Self::new(StatusCode::BAD_REQUEST, "invalid_sync_message", message)
             }

@@ -261,6 +261,11 @@ impl Replication {
         self.transport.close();
     }
 
+    /// Whether this node has no members: none configured and none learned.
+    pub fn alone(&self) -> bool {
+        lock(&self.peers).addrs().is_empty()
+    }
+
     /// Every known peer, for status.
     pub fn members(&self) -> Vec<MemberStatus> {
         // Schedules run on monotonic time; status shows wall time.
@@ -1148,4 +1153,10 @@ async fn send_and_await_ack(
         tokio::time::timeout(ACK_TIMEOUT, attempt).await,
         Ok(Ok(true))
     )
+}
+
+impl crate::documents::Membership for Replication {
+    fn alone(&self) -> bool {
+        Replication::alone(self)
+    }
 }

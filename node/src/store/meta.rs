@@ -6,7 +6,9 @@
 use automerge::ChangeHash;
 
 /// Layout version written as the first byte; bumped when the layout changes.
-const META_VERSION: u8 = 1;
+const META_VERSION: u8 = 2;
+/// The layout before generations (read, never written): no generation fields.
+const META_VERSION_1: u8 = 1;
 /// Most heads a record stores; a document with more concurrent heads is still fine, listings
 /// just show the first ones. Bounds the record size.
 pub const META_HEADS_MAX: usize = 64;
@@ -14,7 +16,8 @@ pub const META_HEADS_MAX: usize = 64;
 const FLAG_DELETED: u8 = 1;
 const FLAG_EXPIRES: u8 = 2;
 const FLAG_STUB: u8 = 4;
-const FIXED_LEN: usize = 1 + 1 + 8 * 6 + 2;
+const FIXED_LEN_V1: usize = 1 + 1 + 8 * 6 + 2;
+const FIXED_LEN: usize = 1 + 1 + 8 * 9 + 2;
 
 /// What the store knows about a document without loading it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -38,6 +41,13 @@ pub struct DocMeta {
     /// The document is what a purge leaves: the bare root of its next incarnation (see
     /// `verge_core::incarnation`), which the purge skips.
     pub stub: bool,
+    /// The document's generation (`verge_core::generation`): how often its history was folded
+    /// into a new root.
+    pub generation: u64,
+    /// Changes in the current generation, its root included: what a load replays.
+    pub history_changes: u64,
+    /// `size_bytes` when the current generation started: the history grew by the difference.
+    pub generation_bytes: u64,
 }
 
 /// Why stored metadata could not be read: the record is from a newer version or damaged.
@@ -73,6 +83,9 @@ impl DocMeta {
         out.extend_from_slice(&self.expires_at_ms.unwrap_or(0).to_le_bytes());
         out.extend_from_slice(&self.next_seq.to_le_bytes());
         out.extend_from_slice(&self.change_rows.to_le_bytes());
+        out.extend_from_slice(&self.generation.to_le_bytes());
+        out.extend_from_slice(&self.history_changes.to_le_bytes());
+        out.extend_from_slice(&self.generation_bytes.to_le_bytes());
         // Bounded by META_HEADS_MAX above, so it fits in u16.
         out.extend_from_slice(&(heads.len() as u16).to_le_bytes());
         for h in heads {
@@ -81,13 +94,16 @@ impl DocMeta {
         out
     }
 
-    /// Decodes a record written by [`DocMeta::encode`].
+    /// Decodes a record written by [`DocMeta::encode`] (or by a version before generations).
     pub fn decode(bytes: &[u8]) -> Result<Self, MetaDecodeError> {
-        if bytes.len() < FIXED_LEN {
+        let fixed_len = match bytes.first() {
+            Some(&META_VERSION) => FIXED_LEN,
+            Some(&META_VERSION_1) => FIXED_LEN_V1,
+            Some(_) => return Err(MetaDecodeError("unknown version")),
+            None => return Err(MetaDecodeError("too short")),
+        };
+        if bytes.len() < fixed_len {
             return Err(MetaDecodeError("too short"));
-        }
-        if bytes[0] != META_VERSION {
-            return Err(MetaDecodeError("unknown version"));
         }
         let flags = bytes[1];
         let u64_at = |i: usize| {
@@ -96,13 +112,13 @@ impl DocMeta {
             u64::from_le_bytes(b)
         };
         let heads_len = usize::from(u16::from_le_bytes([
-            bytes[FIXED_LEN - 2],
-            bytes[FIXED_LEN - 1],
+            bytes[fixed_len - 2],
+            bytes[fixed_len - 1],
         ]));
-        if heads_len > META_HEADS_MAX || bytes.len() != FIXED_LEN + 32 * heads_len {
+        if heads_len > META_HEADS_MAX || bytes.len() != fixed_len + 32 * heads_len {
             return Err(MetaDecodeError("bad heads length"));
         }
-        let heads = bytes[FIXED_LEN..]
+        let heads = bytes[fixed_len..]
             .chunks_exact(32)
             .map(|c| {
                 let mut h = [0u8; 32];
@@ -120,6 +136,19 @@ impl DocMeta {
             next_seq: u64_at(4),
             change_rows: u64_at(5),
             stub: flags & FLAG_STUB != 0,
+            // Before generations, the whole history was generation 0; how long it is was not
+            // kept, so the rows not yet folded stand for it.
+            generation: if fixed_len == FIXED_LEN { u64_at(6) } else { 0 },
+            history_changes: if fixed_len == FIXED_LEN {
+                u64_at(7)
+            } else {
+                u64_at(5)
+            },
+            generation_bytes: if fixed_len == FIXED_LEN {
+                u64_at(8)
+            } else {
+                u64_at(1)
+            },
         })
     }
 }
@@ -140,10 +169,46 @@ mod tests {
             next_seq: 9,
             change_rows: 3,
             stub: true,
+            generation: 4,
+            history_changes: 17,
+            generation_bytes: 640,
         };
         assert_eq!(DocMeta::decode(&meta.encode()).expect("decodes"), meta);
         let plain = DocMeta::default();
         assert_eq!(DocMeta::decode(&plain.encode()).expect("decodes"), plain);
+    }
+
+    #[test]
+    fn reads_records_from_before_generations() {
+        let meta = DocMeta {
+            heads: vec![ChangeHash([7; 32])],
+            size_bytes: 900,
+            snapshot_bytes: 800,
+            updated_at_ms: 5,
+            deleted: false,
+            expires_at_ms: None,
+            next_seq: 12,
+            change_rows: 6,
+            stub: false,
+            generation: 3,
+            history_changes: 99,
+            generation_bytes: 1,
+        };
+        let current = meta.encode();
+        // Version 1: the same fields without the three generation ones.
+        let mut v1 = vec![META_VERSION_1];
+        v1.extend_from_slice(&current[1..FIXED_LEN_V1 - 2]);
+        v1.extend_from_slice(&current[FIXED_LEN - 2..]);
+        let read = DocMeta::decode(&v1).expect("decodes");
+        assert_eq!(
+            read,
+            DocMeta {
+                generation: 0,
+                history_changes: 6,
+                generation_bytes: 800,
+                ..meta
+            }
+        );
     }
 
     #[test]

@@ -1,0 +1,495 @@
+//! Lineages: which history a document's changes belong to, and how a replica keeps to one
+//! history when changes of another arrive.
+//!
+//! A document's life is a sequence of incarnations (`crate::incarnation`: deleted or expired and
+//! written again), and each incarnation a sequence of generations (`crate::generation`: its
+//! history folded into one root change). Each `(incarnation, generation)` pair is a separate
+//! Automerge history starting at its own root change, and nothing of two is ever merged: a
+//! replica that meets a newer one moves to it, and changes of an older one are dropped (their
+//! sender holds them and moves itself). Moving to the next generation of the same incarnation
+//! carries the replica's own changes onto it ([`crate::generation::Compaction::adopt`]); moving
+//! to a newer incarnation leaves the old one behind, as deleting it meant.
+
+use std::collections::HashSet;
+
+use automerge::legacy::{Key, ObjectId, OpType};
+use automerge::{ActorId, Automerge, AutomergeError, Change, ChangeHash, ScalarValue};
+
+use crate::document::new_document;
+use crate::generation::{self, Compaction, GenerationError};
+use crate::incarnation::{self, INCARNATION_KEY};
+
+/// Which history a replica is in, ordered: a later incarnation is newer than any generation of
+/// an earlier one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Lineage {
+    /// The incarnation.
+    pub incarnation: u64,
+    /// The generation within it.
+    pub generation: u64,
+}
+
+impl Lineage {
+    /// The lineage `doc` is in.
+    pub fn of(doc: &Automerge) -> Self {
+        Lineage {
+            incarnation: incarnation::of(doc),
+            generation: generation::of(doc),
+        }
+    }
+}
+
+impl std::fmt::Display for Lineage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "incarnation {} generation {}",
+            self.incarnation, self.generation
+        )
+    }
+}
+
+/// The actor a replica whose own actor is `base` writes as in `lineage`. Every lineage gets
+/// its own actor: Automerge numbers an actor's changes from 1 in each history, and two
+/// histories meet for a moment when a replica receives a newer one.
+pub fn writer_actor(base: &ActorId, lineage: Lineage) -> ActorId {
+    let actor = incarnation::actor_for(base, lineage.incarnation);
+    match lineage.generation {
+        0 => actor,
+        g => generation::generation_actor(&actor, g),
+    }
+}
+
+/// A replica's history before it received changes: what [`settle`] keeps it to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Local {
+    /// Its lineage.
+    pub lineage: Lineage,
+    /// The root change its history starts at; `None` in incarnation 0, generation 0, which has
+    /// no root (its changes may start several histories, one per replica that created it).
+    pub root: Option<ChangeHash>,
+}
+
+impl Local {
+    /// `doc`'s history, read before changes from elsewhere are applied to it.
+    pub fn of(doc: &Automerge) -> Self {
+        let lineage = Lineage::of(doc);
+        let root = match lineage.generation {
+            0 => incarnation::root_of(doc),
+            _ => generation::root_of(doc).map(|(hash, _)| hash),
+        };
+        Local { lineage, root }
+    }
+}
+
+/// The lineage a change with no deps starts: a root's, or incarnation 0 generation 0 for any
+/// other first change.
+pub fn started_by(change: &Change) -> Lineage {
+    if let Some(j) = incarnation::root_number(change) {
+        return Lineage {
+            incarnation: j,
+            generation: 0,
+        };
+    }
+    match generation::root_claim(change) {
+        Some(claim) => Lineage {
+            incarnation: root_incarnation(change),
+            generation: claim.number,
+        },
+        None => Lineage::default(),
+    }
+}
+
+/// The incarnation a generation root re-creates (the root carries the incarnation marker over).
+fn root_incarnation(root: &Change) -> u64 {
+    root.decode()
+        .operations
+        .iter()
+        .find_map(|op| match (&op.obj, &op.key, &op.action) {
+            (ObjectId::Root, Key::Map(k), OpType::Put(ScalarValue::Int(n)))
+                if k.as_str() == INCARNATION_KEY =>
+            {
+                u64::try_from(*n).ok()
+            }
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
+/// How a replica moves to the next generation of its incarnation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Move {
+    /// It rebuilds the generation's root from its own history and carries its own changes onto
+    /// it (nodes: every acknowledged write stays in the cluster).
+    Carry,
+    /// It takes the new generation as it is (clients: they replay their unacknowledged
+    /// operations themselves, `docs/compaction.md`). The caller then writes as a fresh actor:
+    /// a node may yet carry this replica's older changes under the actor the new generation
+    /// would derive for it.
+    Replace,
+}
+
+/// What [`settle`] did.
+#[derive(Debug)]
+pub enum Settled {
+    /// Every new change belongs to the document's history.
+    Kept,
+    /// Some new changes were of an older history and were removed. The sender holds an old
+    /// history and must move to the current one.
+    Dropped {
+        /// The new changes that stayed.
+        kept: Vec<Change>,
+        /// The newest of the histories dropped: of this incarnation, the sender missed a
+        /// compaction (and carries its changes when it moves); of an older one, a delete.
+        older: Lineage,
+    },
+    /// A newer history replaced the document; nothing of the old one was kept.
+    Replaced {
+        /// The lineage it was in.
+        from: Lineage,
+    },
+    /// The document moved to its next generation, carrying its own changes onto it.
+    Adopted {
+        /// The changes of the old generation carried.
+        carried: usize,
+    },
+}
+
+/// Why changes could not be settled. The document must be discarded and reloaded: it may hold
+/// changes of two histories.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SettleError {
+    /// Automerge refused a rebuilt history (a bug: every change in it was applied before).
+    #[error("automerge: {0}")]
+    Automerge(#[from] Box<AutomergeError>),
+    /// The next generation could not be adopted: its root does not match the one rebuilt here,
+    /// or a change does not carry.
+    #[error(transparent)]
+    Generation(#[from] GenerationError),
+    /// The next generation was compacted at a change this replica does not hold, while it
+    /// holds changes of its own generation: they cannot be carried without the state at that
+    /// point, and taking the new generation as it is would drop them. The newer changes are
+    /// refused; the replica needs the previous generation from a member that retains it.
+    #[error(
+        "generation {generation} was compacted at {point}, which this replica does not hold: its own changes cannot be carried yet"
+    )]
+    PointMissing {
+        /// The generation offered.
+        generation: u64,
+        /// Its compaction point.
+        point: ChangeHash,
+    },
+    /// A generation more than one past this replica's arrived while it holds changes of its
+    /// own generation, which cannot be carried across two compactions.
+    #[error(
+        "the document is in {have}; {offered} is more than one generation ahead and its own changes cannot be carried"
+    )]
+    GenerationGap {
+        /// This replica's lineage.
+        have: Lineage,
+        /// The lineage offered.
+        offered: Lineage,
+    },
+}
+
+impl From<AutomergeError> for SettleError {
+    fn from(e: AutomergeError) -> Self {
+        SettleError::Automerge(Box::new(e))
+    }
+}
+
+/// The changes of `doc` in the history starting at `root` (or, without a root, at any first
+/// change that is not a root), in causal order. A change with deps in two histories belongs to
+/// neither.
+fn history_of(doc: &Automerge, root: Option<ChangeHash>) -> Vec<Change> {
+    let mut kept: HashSet<ChangeHash> = HashSet::new();
+    let mut out = Vec::new();
+    for change in doc.get_changes(&[]) {
+        let member = if change.deps().is_empty() {
+            match root {
+                Some(root) => change.hash() == root,
+                None => started_by(&change) == Lineage::default(),
+            }
+        } else {
+            change.deps().iter().all(|d| kept.contains(d))
+        };
+        if member {
+            kept.insert(change.hash());
+            out.push(change);
+        }
+    }
+    out
+}
+
+/// A document of `changes` alone, writing as `actor`.
+fn rebuild(actor: ActorId, changes: Vec<Change>) -> Result<Automerge, SettleError> {
+    let mut doc = new_document(actor);
+    doc.apply_changes(changes)?;
+    Ok(doc)
+}
+
+/// Keeps `doc` in one history after changes from elsewhere were applied to it: `local` is its
+/// history before (read with [`Local::of`]), `new` the changes that applied.
+///
+/// The common case costs a look at each new change's deps: only a change with none can start
+/// another history. Moving or dropping rebuilds the document from its history.
+pub fn settle(
+    doc: &mut Automerge,
+    local: &Local,
+    new: &[Change],
+    moving: Move,
+) -> Result<Settled, SettleError> {
+    let roots: Vec<(&Change, Lineage)> = new
+        .iter()
+        .filter(|c| c.deps().is_empty())
+        .map(|c| (c, started_by(c)))
+        .collect();
+    if roots.is_empty() {
+        return Ok(Settled::Kept);
+    }
+    let newest = roots
+        .iter()
+        .map(|(_, l)| *l)
+        .max()
+        .unwrap_or_default()
+        .max(local.lineage);
+    let foreign = |root: &Change, lineage: Lineage| match local.root {
+        Some(own) => root.hash() != own,
+        None => lineage != local.lineage,
+    };
+    if newest == local.lineage {
+        let Some(older) = roots
+            .iter()
+            .filter(|(c, l)| foreign(c, *l))
+            .map(|(_, l)| *l)
+            .max()
+        else {
+            return Ok(Settled::Kept);
+        };
+        let history = history_of(doc, local.root);
+        let kept: HashSet<ChangeHash> = history.iter().map(Change::hash).collect();
+        *doc = rebuild(doc.get_actor().clone(), history)?;
+        let kept_new = new
+            .iter()
+            .filter(|c| kept.contains(&c.hash()))
+            .cloned()
+            .collect();
+        return Ok(Settled::Dropped {
+            kept: kept_new,
+            older,
+        });
+    }
+    // The newest history's root: an incarnation's is known; a generation's is among the new
+    // changes (the smallest hash, should two claim one generation: at most one is genuine).
+    let root = if newest.generation == 0 {
+        incarnation::root_change(newest.incarnation)
+    } else {
+        let mut candidates: Vec<&Change> = roots
+            .iter()
+            .filter(|(_, l)| *l == newest)
+            .map(|(c, _)| *c)
+            .collect();
+        candidates.sort_by_key(|c| c.hash());
+        match candidates.first() {
+            Some(c) => (*c).clone(),
+            None => return Err(SettleError::Automerge(Box::new(AutomergeError::Fail))),
+        }
+    };
+    let next = history_of(doc, Some(root.hash()));
+    let own = history_of(doc, local.root);
+    let same_incarnation = newest.incarnation == local.lineage.incarnation;
+    // The replica's own actor goes on in the new generation after the changes carried for it
+    // (`generation_actor` keeps the actor's base); a new incarnation derives one afresh.
+    let actor = if same_incarnation {
+        generation::generation_actor(doc.get_actor(), newest.generation)
+    } else {
+        writer_actor(doc.get_actor(), newest)
+    };
+    if !same_incarnation || own.is_empty() || moving == Move::Replace {
+        // A newer incarnation ends the old one; an empty replica has nothing to carry; a client
+        // replays its own operations.
+        let mut rebuilt = rebuild(actor, vec![root])?;
+        rebuilt.apply_changes(next)?;
+        *doc = rebuilt;
+        return Ok(Settled::Replaced {
+            from: local.lineage,
+        });
+    }
+    if newest.generation != local.lineage.generation + 1 {
+        return Err(SettleError::GenerationGap {
+            have: local.lineage,
+            offered: newest,
+        });
+    }
+    let old = rebuild(doc.get_actor().clone(), own)?;
+    let claim = generation::root_claim(&root).ok_or(GenerationError::NotARoot(root.hash()))?;
+    if old.get_change_meta_by_hash(&claim.point).is_none() {
+        return Err(SettleError::PointMissing {
+            generation: claim.number,
+            point: claim.point,
+        });
+    }
+    let compaction = Compaction::adopt(&old, &root)?;
+    let carried = compaction.carried();
+    let mut adopted = compaction.into_document().with_actor(actor);
+    // The new generation's own changes (the carried ones are shared, by hash).
+    adopted.apply_changes(next)?;
+    *doc = adopted;
+    Ok(Settled::Adopted { carried })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::Write;
+    use crate::document::{self, Expiry, to_json};
+    use crate::ops::Op;
+
+    fn replica(n: u8) -> Automerge {
+        new_document(ActorId::from(vec![n; 16]))
+    }
+
+    fn write(doc: &mut Automerge, ops: serde_json::Value) {
+        let ops = Op::parse_list(&ops).expect("ops");
+        document::apply(doc, &Write::Ops(ops), Expiry::Keep, 0).expect("apply");
+    }
+
+    /// Sends every change `from` holds to `to` and settles `to`, as a node does with a sync.
+    fn deliver(to: &mut Automerge, from: &Automerge, moving: Move) -> Result<Settled, SettleError> {
+        let local = Local::of(to);
+        let before = to.get_heads();
+        to.apply_changes(from.get_changes(&[])).expect("apply");
+        let new = to.get_changes(&before);
+        settle(to, &local, &new, moving)
+    }
+
+    fn compact(doc: &mut Automerge) {
+        let point = doc.get_heads()[0];
+        let mut compaction = Compaction::start(doc, point).expect("start");
+        compaction.carry_all(doc).expect("carry");
+        let lineage = Lineage {
+            incarnation: incarnation::of(doc),
+            generation: compaction.number(),
+        };
+        let actor = writer_actor(doc.get_actor(), lineage);
+        *doc = compaction.into_document().with_actor(actor);
+    }
+
+    #[test]
+    fn a_replica_moves_to_the_next_generation_and_carries_its_own_writes() {
+        let mut a = replica(1);
+        write(&mut a, json!([{"op": "inc", "path": ["n"], "by": 5}]));
+        let mut b = replica(2);
+        deliver(&mut b, &a, Move::Carry).expect("settle");
+        // b writes on generation 0 while a compacts.
+        write(&mut b, json!([{"op": "inc", "path": ["n"], "by": 2}]));
+        compact(&mut a);
+        write(&mut a, json!([{"op": "inc", "path": ["n"], "by": 1}]));
+        let settled = deliver(&mut b, &a, Move::Carry).expect("settle");
+        assert!(
+            matches!(settled, Settled::Adopted { carried: 1 }),
+            "{settled:?}"
+        );
+        assert_eq!(Lineage::of(&b).generation, 1);
+        assert_eq!(to_json(&b)["n"], json!(8));
+        // a meets b's carried write, and refuses b's old generation.
+        let settled = deliver(&mut a, &b, Move::Carry).expect("settle");
+        assert!(matches!(settled, Settled::Kept), "{settled:?}");
+        assert_eq!(to_json(&a)["n"], json!(8));
+        assert_eq!(a.get_heads(), b.get_heads());
+    }
+
+    #[test]
+    fn changes_of_an_older_generation_are_dropped() {
+        let mut a = replica(1);
+        write(&mut a, json!([{"op": "set", "path": ["k"], "value": 1}]));
+        let mut old = replica(2);
+        deliver(&mut old, &a, Move::Carry).expect("settle");
+        write(&mut old, json!([{"op": "set", "path": ["j"], "value": 2}]));
+        compact(&mut a);
+        let heads = a.get_heads();
+        let settled = deliver(&mut a, &old, Move::Carry).expect("settle");
+        let Settled::Dropped { kept, older } = settled else {
+            panic!("{settled:?}");
+        };
+        assert!(kept.is_empty());
+        assert_eq!(older, Lineage::default());
+        assert_eq!(a.get_heads(), heads);
+        assert_eq!(to_json(&a), json!({"k": 1}));
+    }
+
+    #[test]
+    fn a_client_takes_the_next_generation_as_it_is() {
+        let mut a = replica(1);
+        write(&mut a, json!([{"op": "set", "path": ["k"], "value": 1}]));
+        let mut client = replica(9);
+        deliver(&mut client, &a, Move::Replace).expect("settle");
+        write(
+            &mut client,
+            json!([{"op": "set", "path": ["mine"], "value": 1}]),
+        );
+        compact(&mut a);
+        let settled = deliver(&mut client, &a, Move::Replace).expect("settle");
+        assert!(matches!(settled, Settled::Replaced { .. }), "{settled:?}");
+        assert_eq!(to_json(&client), json!({"k": 1}));
+        assert_eq!(client.get_heads(), a.get_heads());
+    }
+
+    #[test]
+    fn an_empty_replica_takes_a_generation_whose_point_it_never_saw() {
+        let mut a = replica(1);
+        write(&mut a, json!([{"op": "inc", "path": ["n"], "by": 3}]));
+        compact(&mut a);
+        let mut fresh = replica(2);
+        let settled = deliver(&mut fresh, &a, Move::Carry).expect("settle");
+        assert!(matches!(settled, Settled::Replaced { .. }), "{settled:?}");
+        assert_eq!(to_json(&fresh)["n"], json!(3));
+        // It writes as its own actor of that generation.
+        assert_eq!(
+            fresh.get_actor(),
+            &writer_actor(&ActorId::from(vec![2; 16]), Lineage::of(&a))
+        );
+    }
+
+    #[test]
+    fn own_writes_without_the_point_are_not_dropped_silently() {
+        let mut a = replica(1);
+        write(&mut a, json!([{"op": "inc", "path": ["n"], "by": 3}]));
+        compact(&mut a);
+        let mut apart = replica(2);
+        write(&mut apart, json!([{"op": "inc", "path": ["n"], "by": 4}]));
+        let err = deliver(&mut apart, &a, Move::Carry).expect_err("refused");
+        assert!(matches!(err, SettleError::PointMissing { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_newer_incarnation_still_replaces_any_generation() {
+        let mut a = replica(1);
+        write(&mut a, json!([{"op": "set", "path": ["k"], "value": 1}]));
+        compact(&mut a);
+        let b = incarnation::stub(&ActorId::from(vec![2; 16]), 1).expect("stub");
+        let settled = deliver(&mut a, &b, Move::Carry).expect("settle");
+        assert!(matches!(settled, Settled::Replaced { .. }), "{settled:?}");
+        assert_eq!(
+            Lineage::of(&a),
+            Lineage {
+                incarnation: 1,
+                generation: 0
+            }
+        );
+    }
+
+    #[test]
+    fn lineages_order_incarnation_first() {
+        let l = |incarnation, generation| Lineage {
+            incarnation,
+            generation,
+        };
+        assert!(l(1, 0) > l(0, 9));
+        assert!(l(0, 2) > l(0, 1));
+        assert_eq!(started_by(&incarnation::root_change(3)), l(3, 0));
+    }
+}

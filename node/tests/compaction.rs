@@ -1,0 +1,149 @@
+//! History compaction on a real node (docs/compaction.md): a document that outgrows its
+//! generation starts a new one, and no write is lost or counted twice doing so.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::fs;
+use std::thread;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use common::Node;
+
+/// Changes per generation in these tests: the smallest allowed, so that a few hundred writes
+/// start many generations.
+const AFTER_CHANGES: u64 = 16;
+
+/// A node alone (no peers: it compacts without asking anyone) with small generations.
+fn compacting_node(name: &str) -> (Node, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("verge.toml");
+    fs::write(
+        &path,
+        format!("[compaction]\nafter_changes = {AFTER_CHANGES}\nafter_bytes = 1048576\n"),
+    )
+    .unwrap();
+    let node = Node::start_with(name, vec!["--config".into(), path.display().to_string()]);
+    (node, dir)
+}
+
+fn metric(node: &Node, name: &str) -> u64 {
+    let text = node.get("/metrics").text();
+    text.lines()
+        .find_map(|line| {
+            let (key, value) = line.split_once(' ')?;
+            (key == name).then(|| value.trim().parse::<f64>().ok())?
+        })
+        .map_or(0, |v| v as u64)
+}
+
+#[test]
+fn a_hot_counter_compacts_while_writers_increment_it_and_stays_exact() {
+    let (mut node, _config) = compacting_node("test-compaction");
+    const WRITERS: usize = 8;
+    const EACH: u64 = 60;
+    thread::scope(|s| {
+        for w in 0..WRITERS {
+            let node = &node;
+            s.spawn(move || {
+                for i in 0..EACH {
+                    // A list push beside each increment: appends must survive too.
+                    node.patch_doc(
+                        "c/hot",
+                        json!([
+                            { "op": "inc", "path": ["n"], "by": 1 },
+                            { "op": "push", "path": ["log"], "value": format!("{w}-{i}") }
+                        ]),
+                    )
+                    .ok_json("PATCH c/hot");
+                }
+            });
+        }
+    });
+    let total = WRITERS as u64 * EACH;
+    let check = |doc: &Value, context: &str| {
+        assert_eq!(doc["doc"]["n"], json!(total), "{context}: {doc}");
+        let log = doc["doc"]["log"].as_array().expect("log");
+        assert_eq!(log.len() as u64, total, "{context}: every push once");
+        let mut seen: Vec<&str> = log.iter().map(|v| v.as_str().unwrap()).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len() as u64, total, "{context}: no push twice");
+    };
+    // The compactor runs in the background: wait until it caught up with the last writes.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let doc = loop {
+        let doc = node.get_doc("c/hot").ok_json("GET c/hot");
+        if doc["history_changes"].as_u64().unwrap() <= AFTER_CHANGES
+            || std::time::Instant::now() > deadline
+        {
+            break doc;
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    check(&doc, "after the writes");
+    let generation = doc["generation"].as_u64().unwrap();
+    assert!(
+        generation >= total / (2 * AFTER_CHANGES),
+        "{total} writes at {AFTER_CHANGES} changes a generation started only {generation}: {doc}"
+    );
+    assert!(
+        doc["history_changes"].as_u64().unwrap() <= AFTER_CHANGES,
+        "the history is not bounded by the generation size: {doc}"
+    );
+    assert!(metric(&node, "verge_compactions_total") >= generation);
+
+    // A restart loads the last generation and goes on writing in it.
+    node.kill();
+    node.restart_after_kill();
+    let doc = node.get_doc("c/hot").ok_json("GET c/hot after restart");
+    check(&doc, "after a restart");
+    assert!(doc["generation"].as_u64().unwrap() >= generation);
+    for _ in 0..(2 * AFTER_CHANGES) {
+        node.patch_doc("c/hot", json!([{ "op": "inc", "path": ["n"], "by": 1 }]))
+            .ok_json("PATCH after restart");
+    }
+    let doc = node.get_doc("c/hot").ok_json("GET c/hot");
+    assert_eq!(doc["doc"]["n"], json!(total + 2 * AFTER_CHANGES), "{doc}");
+}
+
+#[test]
+fn a_client_copy_from_an_older_generation_is_told_to_start_over() {
+    let (node, _config) = compacting_node("test-compaction-sync");
+    node.patch_doc("c/s", json!([{ "op": "set", "path": ["k"], "value": 1 }]))
+        .ok_json("PATCH c/s");
+    // A plain Automerge peer's copy: the whole generation-0 history.
+    let old = node.req("POST", "/v1/sync/c/s", &empty_sync_message());
+    assert_eq!(old.status, 200, "{}", old.text());
+    for i in 0..(3 * AFTER_CHANGES) {
+        node.patch_doc("c/s", json!([{ "op": "set", "path": ["i"], "value": i }]))
+            .ok_json("PATCH c/s");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while node.get_doc("c/s").ok_json("GET")["generation"] == json!(0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no generation started"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    // Offering generation 0's first change again (as a stale copy would) is refused with a
+    // code that says what to do, and changes nothing.
+    let before = node.get_doc("c/s").ok_json("GET");
+    let stale = node.req("POST", "/v1/sync/c/s", &old.body);
+    assert_eq!(stale.status, 409, "{}", stale.text());
+    assert_eq!(stale.json()["error"]["code"], "document_compacted");
+    let after = node.get_doc("c/s").ok_json("GET");
+    assert_eq!(before["heads"], after["heads"]);
+    assert_eq!(after["doc"]["k"], json!(1));
+    assert!(metric(&node, "verge_sync_stale_generation_total") >= 1);
+}
+
+/// An Automerge sync message from an empty peer: heads none, have none. The node answers
+/// with its whole history.
+fn empty_sync_message() -> Vec<u8> {
+    // Message type 0x42, no heads, no need, one empty have, no changes.
+    vec![0x42, 0, 0, 1, 0, 0, 0]
+}
