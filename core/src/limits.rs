@@ -52,6 +52,13 @@ pub const WIRE_MEMBERS_MAX: usize = 1024;
 /// Most document digests in one anti-entropy sync request.
 pub const WIRE_DIGESTS_PER_MESSAGE_MAX: usize = 100_000;
 
+/// Most documents one stability query asks about (and one answer reports on).
+pub const WIRE_STABILITY_DOCS_MAX: usize = 256;
+
+/// Most heads one stability report names; a document with more concurrent heads is reported
+/// on once they merge.
+pub const WIRE_REPORT_HEADS_MAX: usize = 1024;
+
 // Replication's queues and sessions. Every queue between a node's replication tasks is bounded;
 // what does not fit is dropped and left to anti-entropy (or, for a membership packet, to SWIM,
 // which is built for loss), and counted.

@@ -11,7 +11,11 @@ use bincode::error::{DecodeError, EncodeError};
 use bincode::{BorrowDecode, Decode, Encode};
 
 use crate::doc_id::DocId;
-use crate::limits::{DOC_BYTES_MAX, WIRE_CHANGES_PER_BATCH_MAX, WIRE_DIGESTS_PER_MESSAGE_MAX};
+use crate::limits::{
+    DOC_BYTES_MAX, WIRE_CHANGES_PER_BATCH_MAX, WIRE_DIGESTS_PER_MESSAGE_MAX, WIRE_REPORT_HEADS_MAX,
+    WIRE_STABILITY_DOCS_MAX,
+};
+use crate::replication::stability::Report;
 
 /// Version byte of every frame; a frame of another version is refused.
 pub const PROTOCOL_VERSION: u8 = 1;
@@ -73,6 +77,19 @@ pub enum PeerMessage {
     Clock {
         /// Milliseconds since the Unix epoch.
         now_ms: i64,
+    },
+    /// Asks the receiver for a [`Report`] on each document, to tell whether a proposal to
+    /// compact it is stable (`docs/compaction.md`). Answered with
+    /// [`PeerMessage::StabilityReports`] on the same stream. Appended after `Clock`, for the
+    /// same reason.
+    StabilityQuery {
+        /// The documents.
+        docs: Vec<DocId>,
+    },
+    /// The answer to a [`PeerMessage::StabilityQuery`]: one report per document asked about.
+    StabilityReports {
+        /// The reports.
+        reports: Vec<Report>,
     },
 }
 
@@ -158,7 +175,8 @@ pub enum WireError {
 
 impl PeerMessage {
     /// The message's kind as a metric label: `changes`, `persisted`, `reconcile`,
-    /// `sync_request`, `doc_sync`, `membership` or `clock`.
+    /// `sync_request`, `doc_sync`, `membership`, `clock`, `stability_query` or
+    /// `stability_reports`.
     pub fn kind(&self) -> &'static str {
         match self {
             PeerMessage::Changes(_) => "changes",
@@ -168,6 +186,8 @@ impl PeerMessage {
             PeerMessage::DocSync { .. } => "doc_sync",
             PeerMessage::Membership(_) => "membership",
             PeerMessage::Clock { .. } => "clock",
+            PeerMessage::StabilityQuery { .. } => "stability_query",
+            PeerMessage::StabilityReports { .. } => "stability_reports",
         }
     }
 
@@ -233,6 +253,32 @@ impl PeerMessage {
                     max: WIRE_DIGESTS_PER_MESSAGE_MAX,
                 });
             }
+            PeerMessage::StabilityQuery { docs } if docs.len() > WIRE_STABILITY_DOCS_MAX => {
+                return Err(WireError::Limit {
+                    what: "documents in one stability query",
+                    count: docs.len(),
+                    max: WIRE_STABILITY_DOCS_MAX,
+                });
+            }
+            PeerMessage::StabilityReports { reports } => {
+                if reports.len() > WIRE_STABILITY_DOCS_MAX {
+                    return Err(WireError::Limit {
+                        what: "reports in one answer",
+                        count: reports.len(),
+                        max: WIRE_STABILITY_DOCS_MAX,
+                    });
+                }
+                if let Some(r) = reports
+                    .iter()
+                    .find(|r| r.heads.len() > WIRE_REPORT_HEADS_MAX)
+                {
+                    return Err(WireError::Limit {
+                        what: "heads in one report",
+                        count: r.heads.len(),
+                        max: WIRE_REPORT_HEADS_MAX,
+                    });
+                }
+            }
             _ => {}
         }
         Ok(())
@@ -257,6 +303,32 @@ mod tests {
     }
 
     #[test]
+    fn stability_messages_are_bounded() {
+        let query = PeerMessage::StabilityQuery {
+            docs: vec![id("a"); WIRE_STABILITY_DOCS_MAX + 1],
+        };
+        let frame = query.to_frame().expect("encodes");
+        assert!(matches!(
+            PeerMessage::from_body(&frame[4..]),
+            Err(WireError::Limit { .. })
+        ));
+        let reports = PeerMessage::StabilityReports {
+            reports: vec![Report {
+                doc: id("a"),
+                incarnation: 0,
+                generation: 0,
+                heads: vec![[0; 32]; WIRE_REPORT_HEADS_MAX + 1],
+                members: [0; 32],
+            }],
+        };
+        let frame = reports.to_frame().expect("encodes");
+        assert!(matches!(
+            PeerMessage::from_body(&frame[4..]),
+            Err(WireError::Limit { .. })
+        ));
+    }
+
+    #[test]
     fn every_message_round_trips() {
         let messages = [
             PeerMessage::Changes(ChangeBatch {
@@ -269,6 +341,18 @@ mod tests {
                 }],
             }),
             PeerMessage::Persisted { batch_id: u64::MAX },
+            PeerMessage::StabilityQuery {
+                docs: vec![id("a"), id("cart/1")],
+            },
+            PeerMessage::StabilityReports {
+                reports: vec![Report {
+                    doc: id("a"),
+                    incarnation: 2,
+                    generation: u64::MAX,
+                    heads: vec![[3; 32], [4; 32]],
+                    members: [5; 32],
+                }],
+            },
             PeerMessage::Reconcile {
                 message: vec![0x61; 100],
             },

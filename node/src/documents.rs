@@ -18,6 +18,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use verge_core::document::{self, Lifecycle, load_document, new_document};
 use verge_core::limits::{DOC_BYTES_MAX, SYNC_MESSAGE_BYTES_MAX};
 use verge_core::lineage::{self, Lineage, Local, Move, SettleError, Settled};
+use verge_core::replication::stability;
 use verge_core::{ApplyError, DocId, Expiry, Write, heads_to_hex};
 use verge_core::{generation, incarnation};
 
@@ -32,6 +33,9 @@ use crate::store::{DocMeta, Mutation, Store, StoreError};
 pub const WATCH_BUFFER: usize = 4096;
 /// Documents waiting for compaction; more are picked up by their next write.
 pub const COMPACTION_QUEUE: usize = 1024;
+/// Documents holding a proposal that replication asks the members about; more are noted again
+/// by their next write.
+pub const PROPOSALS_PENDING_MAX: usize = 4096;
 
 /// How queued changes relate to the stored history.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -265,6 +269,9 @@ pub struct Documents {
     /// Who else holds documents (replication). Set once, when replication starts; until then
     /// no document compacts. Weak: replication holds this service.
     membership: OnceLock<std::sync::Weak<dyn Membership>>,
+    /// Documents holding a proposal for their next generation (bounded by
+    /// [`PROPOSALS_PENDING_MAX`]).
+    proposals: Mutex<std::collections::BTreeSet<DocId>>,
 }
 
 /// What the document service needs to know of the cluster to compact a document.
@@ -326,6 +333,7 @@ impl Documents {
             config,
             listener: OnceLock::new(),
             membership: OnceLock::new(),
+            proposals: Mutex::new(std::collections::BTreeSet::new()),
         });
         (docs, compaction_rx)
     }
@@ -675,8 +683,8 @@ impl Documents {
             poisoned: Arc::clone(&entry.poisoned),
             ack: Some(ack_tx),
         });
-        let due = meta.change_rows >= self.config.compact_after_changes
-            || (self.generation_due(meta) && self.alone());
+        let due =
+            meta.change_rows >= self.config.compact_after_changes || self.generation_due(meta);
         if due && !slot.compaction_queued {
             slot.compaction_queued = self.compaction_tx.try_send(entry.id.clone()).is_ok();
         }
@@ -890,7 +898,13 @@ impl Documents {
         };
         let now = Lineage::of(&slot.doc);
         match settled {
-            Settled::Kept => return Ok((bytes(new), History::Extend)),
+            Settled::Kept => {
+                if !new.is_empty() && !stability::proposals(&slot.doc).is_empty() {
+                    // A member proposed the next generation: this node asks about it too.
+                    self.note_proposal(&entry.id);
+                }
+                return Ok((bytes(new), History::Extend));
+            }
             Settled::Dropped { kept, older } => {
                 let compacted = older.incarnation == now.incarnation;
                 if compacted {
@@ -1025,100 +1039,221 @@ impl Documents {
         Ok(ListPage { docs, next_cursor })
     }
 
-    /// Folds a document's change rows into a new snapshot or, when its history outgrew its
-    /// generation and this node may compact alone, starts its next generation. Runs in the
-    /// background.
+    /// Folds a document's change rows into a new snapshot; and, when its history outgrew its
+    /// generation, starts the next one if this node is alone, or proposes it to the members
+    /// (`docs/compaction.md`). Runs in the background.
     pub async fn compact(&self, id: &DocId) -> Result<(), DocError> {
         let Some(queue_slot) = self.writer.reserve().await else {
             return Err(DocError::ShuttingDown);
         };
         let entry = self.entry(id);
-        let pending = {
+        let (pending, origin) = {
             let mut guard = self.load(&entry)?;
             let slot = guard.as_mut().expect("load fills the slot");
             slot.compaction_queued = false;
             if entry.poisoned.load(Ordering::Acquire) {
                 return Ok(());
             }
-            if self.generation_due(&slot.meta) && self.alone() {
-                match self.start_generation(&entry, slot, queue_slot) {
-                    Ok(pending) => pending,
-                    Err(e) => {
-                        // The proposal may be in memory only.
-                        drop(guard);
-                        self.discard(&entry);
-                        return Err(e);
-                    }
-                }
-            } else {
-                if slot.meta.change_rows == 0 {
-                    return Ok(());
-                }
-                let snapshot = stored_snapshot(&slot.doc);
-                let up_to_seq = slot.meta.next_seq.saturating_sub(1);
-                slot.meta.snapshot_bytes = snapshot.len() as u64;
-                slot.meta.size_bytes = snapshot.len() as u64;
-                slot.meta.change_rows = 0;
-                queue_slot.send(Job {
-                    mutation: Mutation::Compact {
-                        id: id.clone(),
-                        snapshot,
-                        up_to_seq,
-                        meta: slot.meta.clone(),
-                    },
-                    poisoned: Arc::clone(&entry.poisoned),
-                    ack: None,
-                });
-                self.metrics.snapshot_rewrites.inc();
-                self.resize(&entry, &slot.meta);
+            let due = self.generation_due(&slot.meta);
+            let proposed = !stability::proposals(&slot.doc).is_empty();
+            let step = if due && self.alone() {
+                self.start_generation(&entry, slot, queue_slot)
+                    .map(|p| (p, Origin::Peer))
+            } else if proposed {
+                // Replication asks the members; meanwhile the rows still fold.
+                self.note_proposal(id);
+                self.rewrite_snapshot(&entry, slot, queue_slot);
                 return Ok(());
+            } else if due && !slot.meta.deleted {
+                // (A tombstone's history goes with its purge.)
+                self.note_proposal(id);
+                self.propose(&entry, slot, queue_slot)
+                    .map(|p| (p, Origin::Client))
+            } else {
+                self.rewrite_snapshot(&entry, slot, queue_slot);
+                return Ok(());
+            };
+            match step {
+                Ok(step) => step,
+                Err(e) => {
+                    // A proposal may be in memory only.
+                    drop(guard);
+                    self.discard(&entry);
+                    return Err(e);
+                }
             }
         };
-        match pending.ack.await.unwrap_or(Err(CommitError::Stopped)) {
-            Ok(()) => {
-                self.metrics.compactions.inc();
-                let _ = self.events.send(Arc::new(pending.event));
-                if let Some(listener) = self.listener.get() {
-                    listener.committed(&entry.id, &pending.heads, None);
-                }
-                Ok(())
+        if origin == Origin::Client {
+            // A proposal: an ordinary change, broadcast like one.
+            self.finish(&entry, pending, Origin::Client, None).await?;
+            return Ok(());
+        }
+        self.committed_generation(&entry, pending).await
+    }
+
+    /// Queues the rewrite of `slot`'s change rows into one snapshot.
+    fn rewrite_snapshot(&self, entry: &Arc<Entry>, slot: &mut Slot, queue_slot: QueueSlot) {
+        if slot.meta.change_rows == 0 {
+            return;
+        }
+        let snapshot = stored_snapshot(&slot.doc);
+        let up_to_seq = slot.meta.next_seq.saturating_sub(1);
+        slot.meta.snapshot_bytes = snapshot.len() as u64;
+        slot.meta.size_bytes = snapshot.len() as u64;
+        slot.meta.change_rows = 0;
+        queue_slot.send(Job {
+            mutation: Mutation::Compact {
+                id: entry.id.clone(),
+                snapshot,
+                up_to_seq,
+                meta: slot.meta.clone(),
+            },
+            poisoned: Arc::clone(&entry.poisoned),
+            ack: None,
+        });
+        self.metrics.snapshot_rewrites.inc();
+        self.resize(entry, &slot.meta);
+    }
+
+    /// Commits a proposal to start `slot`'s next generation, as a local change.
+    fn propose(
+        &self,
+        entry: &Arc<Entry>,
+        slot: &mut Slot,
+        queue_slot: QueueSlot,
+    ) -> Result<Pending, DocError> {
+        let now = self.now_ms();
+        let hash = generation::propose(&mut slot.doc, now.div_euclid(1000)).map_err(|source| {
+            DocError::Automerge {
+                context: "proposing a new generation",
+                source: Box::new(source),
             }
-            Err(e) => {
-                self.discard(&entry);
-                Err(commit_failed(e))
-            }
+        })?;
+        let change = automerge::ReadDoc::get_change_by_hash(&slot.doc, &hash)
+            .ok_or(DocError::Internal("a committed proposal is missing"))?
+            .raw_bytes()
+            .to_vec();
+        tracing::debug!(doc = %entry.id, proposal = %hash, "proposed a new generation");
+        let lifecycle = Lifecycle::of(&slot.doc);
+        Ok(self.enqueue_changes(
+            entry,
+            slot,
+            vec![change],
+            lifecycle,
+            now,
+            queue_slot,
+            History::Extend,
+        ))
+    }
+
+    /// Remembers that `id` holds a proposal, for replication to ask the members about.
+    fn note_proposal(&self, id: &DocId) {
+        let mut proposals = lock(&self.proposals);
+        if proposals.len() < PROPOSALS_PENDING_MAX {
+            proposals.insert(id.clone());
         }
     }
 
+    /// Documents holding a proposal to start their next generation, at most `max`: replication
+    /// asks every member for a report on them ([`Documents::compact_if_stable`]).
+    pub fn pending_proposals(&self, max: usize) -> Vec<DocId> {
+        lock(&self.proposals).iter().take(max).cloned().collect()
+    }
+
+    /// What this node says of `id` to a member asking whether a proposal is stable; `None`
+    /// when it has too many heads to report.
+    pub fn stability_report(
+        &self,
+        id: &DocId,
+        members: [u8; 32],
+    ) -> Result<Option<stability::Report>, DocError> {
+        let entry = self.entry(id);
+        let guard = self.load(&entry)?;
+        let slot = guard.as_ref().expect("load fills the slot");
+        let report = stability::Report::of(id.clone(), &slot.doc, members);
+        Ok((report.heads.len() <= verge_core::limits::WIRE_REPORT_HEADS_MAX).then_some(report))
+    }
+
+    /// Starts `id`'s next generation if its winning proposal is stable given every member's
+    /// report (`members` lists them, `own_digest` is this node's member digest). The new
+    /// generation is durable when this returns `Ok(Ok(()))`; `Ok(Err(_))` says why it is not
+    /// stable yet. A document with no proposal left (it compacted, or moved to a generation
+    /// another node started) leaves the pending set.
+    pub async fn compact_if_stable(
+        &self,
+        id: &DocId,
+        members: &[String],
+        reports: &std::collections::BTreeMap<String, stability::Report>,
+        own_digest: &[u8; 32],
+    ) -> Result<Result<(), stability::NotStable>, DocError> {
+        let Some(queue_slot) = self.writer.reserve().await else {
+            return Err(DocError::ShuttingDown);
+        };
+        let entry = self.entry(id);
+        let pending = {
+            let mut guard = self.lock_for_change(&entry)?;
+            let slot = guard.as_mut().expect("load fills the slot");
+            let point = match stability::stable_point(&slot.doc, members, reports, own_digest) {
+                Ok(point) => point,
+                Err(stability::NotStable::NoProposal) => {
+                    lock(&self.proposals).remove(id);
+                    return Ok(Err(stability::NotStable::NoProposal));
+                }
+                Err(why) => return Ok(Err(why)),
+            };
+            match self.fold_at(&entry, slot, point, queue_slot) {
+                Ok(pending) => pending,
+                Err(e) => {
+                    drop(guard);
+                    self.discard(&entry);
+                    return Err(e);
+                }
+            }
+        };
+        lock(&self.proposals).remove(id);
+        self.committed_generation(&entry, pending).await?;
+        Ok(Ok(()))
+    }
+
     /// Starts the next generation of `slot`'s document on this node alone: proposes it over
-    /// every head, which is then stable at once (no member can hold anything else), builds the
-    /// root at the proposal (`verge_core::generation`) and queues the new history in place of
-    /// the old. Nothing is outside the point, so nothing is carried.
+    /// every head, which is then stable at once (no member can hold anything else), and folds
+    /// the history at the proposal.
     fn start_generation(
         &self,
         entry: &Arc<Entry>,
         slot: &mut Slot,
         queue_slot: QueueSlot,
     ) -> Result<Pending, DocError> {
-        let failed = |context: &'static str| {
-            move |source: automerge::AutomergeError| DocError::Automerge {
-                context,
-                source: Box::new(source),
-            }
-        };
-        let from = Lineage::of(&slot.doc);
         let time_s = self.now_ms().div_euclid(1000);
-        let point = generation::propose(&mut slot.doc, time_s)
-            .map_err(failed("proposing a new generation"))?;
+        let point =
+            generation::propose(&mut slot.doc, time_s).map_err(|source| DocError::Automerge {
+                context: "proposing a new generation",
+                source: Box::new(source),
+            })?;
+        self.fold_at(entry, slot, point, queue_slot)
+    }
+
+    /// Builds the next generation of `slot`'s document at `point` (`verge_core::generation`),
+    /// carries every change outside it, and queues the new history in place of the old.
+    fn fold_at(
+        &self,
+        entry: &Arc<Entry>,
+        slot: &mut Slot,
+        point: ChangeHash,
+        queue_slot: QueueSlot,
+    ) -> Result<Pending, DocError> {
+        let from = Lineage::of(&slot.doc);
         let mut compaction = generation::Compaction::start(&slot.doc, point).map_err(|e| {
             tracing::error!(doc = %entry.id, error = %e, "cannot build a new generation");
             DocError::Internal("a new generation could not be built")
         })?;
-        let carried = compaction
-            .carry_all(&slot.doc)
-            .map_err(|_| DocError::Internal("changes could not be carried"))?;
+        let carried = compaction.carry_all(&slot.doc).map_err(|e| {
+            tracing::error!(doc = %entry.id, error = %e, "cannot carry changes onto a new generation");
+            DocError::Internal("changes could not be carried onto a new generation")
+        })?;
         let actor = generation::generation_actor(slot.doc.get_actor(), compaction.number());
         slot.doc = compaction.into_document().with_actor(actor);
+        self.metrics.carried_changes.inc_by(carried.len() as u64);
         let history_before = slot.meta.history_changes;
         let snapshot = stored_snapshot(&slot.doc);
         let meta = &mut slot.meta;
@@ -1134,6 +1269,7 @@ impl Documents {
             doc = %entry.id,
             from = %from,
             history_changes = history_before,
+            carried = carried.len(),
             snapshot_bytes = snapshot.len(),
             "started a new generation"
         );
@@ -1158,6 +1294,28 @@ impl Documents {
             heads: slot.meta.heads.clone(),
             changes: Vec::new(),
         })
+    }
+
+    /// Waits for a new generation's commit, then tells watchers and the commit listener.
+    async fn committed_generation(
+        &self,
+        entry: &Arc<Entry>,
+        pending: Pending,
+    ) -> Result<(), DocError> {
+        match pending.ack.await.unwrap_or(Err(CommitError::Stopped)) {
+            Ok(()) => {
+                self.metrics.compactions.inc();
+                let _ = self.events.send(Arc::new(pending.event));
+                if let Some(listener) = self.listener.get() {
+                    listener.committed(&entry.id, &pending.heads, None);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.discard(entry);
+                Err(commit_failed(e))
+            }
+        }
     }
 
     /// Compacts documents as their ids arrive, until the channel closes.

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use common::Node;
+use common::cluster::Cluster;
+use common::{Node, wait_for};
 
 /// Changes per generation in these tests: the smallest allowed, so that a few hundred writes
 /// start many generations.
@@ -146,4 +147,89 @@ fn a_client_copy_from_an_older_generation_is_told_to_start_over() {
 fn empty_sync_message() -> Vec<u8> {
     // Message type 0x42, no heads, no need, one empty have, no changes.
     vec![0x42, 0, 0, 1, 0, 0, 0]
+}
+
+/// Sends `each` increments of `c/hot`'s counter from `threads` threads at each of `nodes`;
+/// returns how many were acknowledged (all of them: any other answer fails the test).
+fn increment_from(nodes: &[&Node], threads: usize, each: u64) -> u64 {
+    thread::scope(|s| {
+        for node in nodes {
+            for _ in 0..threads {
+                s.spawn(move || {
+                    for _ in 0..each {
+                        node.patch_doc("c/hot", json!([{ "op": "inc", "path": ["n"], "by": 1 }]))
+                            .ok_json("PATCH c/hot");
+                    }
+                });
+            }
+        }
+    });
+    nodes.len() as u64 * threads as u64 * each
+}
+
+/// The state of `c/hot` at `node`: counter, generation and heads.
+fn hot_state(node: &Node) -> (Value, u64, Value) {
+    let body = node.get_doc("c/hot").ok_json("GET c/hot");
+    (
+        body["doc"]["n"].clone(),
+        body["generation"].as_u64().unwrap(),
+        body["heads"].clone(),
+    )
+}
+
+#[test]
+fn three_nodes_compact_a_hot_counter_and_a_node_down_meanwhile_catches_up_exactly() {
+    let config = format!(
+        "[replication]\nanti_entropy_interval_s = 1\n[compaction]\nafter_changes = {AFTER_CHANGES}\n"
+    );
+    let mut c = Cluster::start_configured(
+        "compact",
+        3,
+        0,
+        |i| (0..3).filter(|&j| j != i).collect(),
+        Some(&config),
+    );
+    c.wait_connected();
+    let mut total = 0;
+    // All three increment at once until the members agree on a first compaction.
+    let (generation, _) = wait_for(Duration::from_secs(60), "a first compaction", || {
+        let nodes: Vec<&Node> = c.nodes.iter().collect();
+        total += increment_from(&nodes, 2, 10);
+        let generation = hot_state(&c.nodes[0]).1;
+        if generation >= 1 {
+            Ok(generation)
+        } else {
+            Err(format!("generation {generation} after {total} increments"))
+        }
+    });
+    // The third node goes down; the others go on writing (and cannot compact without it).
+    let before_down = hot_state(&c.nodes[2]);
+    c.nodes[2].kill();
+    total += increment_from(&[&c.nodes[0], &c.nodes[1]], 2, 3 * AFTER_CHANGES);
+    // Back: it catches up, the members compact again, and everyone goes on incrementing.
+    c.nodes[2].restart_after_kill();
+    c.wait_connected();
+    let nodes: Vec<&Node> = c.nodes.iter().collect();
+    total += increment_from(&nodes, 2, 2 * AFTER_CHANGES);
+    let (state, _) = wait_for(
+        Duration::from_secs(30),
+        "every node to hold the same counter, generation and heads",
+        || {
+            let states: Vec<_> = c.nodes.iter().map(hot_state).collect();
+            if states.iter().all(|s| s == &states[0]) && states[0].1 > before_down.1 {
+                Ok(states[0].clone())
+            } else {
+                Err(format!("{states:?}"))
+            }
+        },
+    );
+    assert_eq!(state.0, json!(total), "every acknowledged increment, once");
+    assert!(state.1 > generation, "compaction went on after the restart");
+    let history = c.nodes[0].get_doc("c/hot").ok_json("GET")["history_changes"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        history < total,
+        "{history} changes of history after {total} increments"
+    );
 }

@@ -8,6 +8,7 @@
 //!   writers wait for.
 //! - [`doc_sync`]: whose turn it is in one document's sync session between nodes, and when
 //!   the session is over.
+//! - [`stability`]: whether a proposal to compact a document is stable, from members' reports.
 //! - [`timers`]: the timers a machine asked for, in one queue.
 //!
 //! Batching and routing are in [`crate::gossip`], reconciliation in [`crate::anti_entropy`],
@@ -17,4 +18,5 @@ pub mod backoff;
 pub mod deliveries;
 pub mod doc_sync;
 pub mod peers;
+pub mod stability;
 pub mod timers;

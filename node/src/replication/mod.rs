@@ -17,6 +17,7 @@
 
 pub mod follow;
 mod session;
+mod stability;
 pub mod transport;
 
 use std::collections::{BTreeMap, HashSet};
@@ -246,6 +247,7 @@ impl Replication {
                 stop.clone(),
             )),
             tokio::spawn(Arc::clone(&repl).tick_loop(stop.clone())),
+            tokio::spawn(Arc::clone(&repl).stability_loop(stop.clone())),
             tokio::spawn(Arc::clone(&repl).membership_loop(membership, membership_rx, stop)),
         ];
         Ok((repl, tasks))
@@ -450,6 +452,10 @@ impl Replication {
                 transport::finish(send);
                 Ok(())
             }
+            PeerMessage::StabilityQuery { docs } => self
+                .answer_stability(send, recv, docs)
+                .await
+                .map_err(SessionError::from),
             PeerMessage::Clock { .. } => {
                 let reply = PeerMessage::Clock {
                     now_ms: self.clock.now_ms(),
