@@ -22,7 +22,7 @@
 //! the new generation rather than translated, so that a creation carried from the old
 //! generation and one made concurrently in the new generation are the same change.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::num::NonZeroU64;
 
 use automerge::legacy::{ElementId, Key, ObjectId, Op as LegacyOp, OpId, OpType, SortedVec};
@@ -401,9 +401,12 @@ impl RootBuilder<'_> {
 }
 
 /// A change carried onto the new generation: what its dependents need of it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Carried {
-    hash: ChangeHash,
+    /// What a dependent depends on in its place: the carried change, or, when nothing of it
+    /// remained, what it depended on.
+    hashes: Vec<ChangeHash>,
+    /// The highest op counter in its causal past, itself included.
     max_op: u64,
 }
 
@@ -417,12 +420,12 @@ pub struct Compaction {
     root_hash: ChangeHash,
     root_max_op: u64,
     ids: IdMap,
-    /// Each actor's changes up to the point: carried changes number on from there.
-    seqs_before: HashMap<ActorId, u64>,
     /// Old change hash to its carried form.
     carried: HashMap<ChangeHash, Carried>,
     /// Ops of carried changes: old id to new id.
     carried_ids: HashMap<OpKey, OpId>,
+    /// How many changes each carried actor has in the new generation so far.
+    actor_seq: HashMap<ActorId, u64>,
     /// The new generation: the root and every carried change.
     next: Automerge,
 }
@@ -484,11 +487,6 @@ impl Compaction {
             author: None,
         });
         let root_hash = root.hash();
-        let mut seqs_before: HashMap<ActorId, u64> = HashMap::new();
-        for change in at.get_changes(&[]) {
-            let seq = seqs_before.entry(change.actor_id().clone()).or_default();
-            *seq = (*seq).max(change.seq());
-        }
         let mut next = Automerge::new_with_encoding(crate::document::TEXT_ENCODING);
         next.apply_changes([root.clone()])?;
         Ok(Compaction {
@@ -498,9 +496,9 @@ impl Compaction {
             root_hash,
             root_max_op,
             ids,
-            seqs_before,
             carried: HashMap::new(),
             carried_ids: HashMap::new(),
+            actor_seq: HashMap::new(),
             next,
         })
     }
@@ -574,18 +572,22 @@ impl Compaction {
         let mut deps = Vec::new();
         let mut max_op = 0;
         for dep in &old.deps {
-            let (dep_hash, dep_max) = if self.is_before_point(dep) {
-                (self.root_hash, self.root_max_op)
-            } else {
-                let carried = self
-                    .carried
-                    .get(dep)
-                    .ok_or(GenerationError::OutOfOrder(hash, *dep))?;
-                (carried.hash, carried.max_op)
-            };
-            max_op = max_op.max(dep_max);
-            if !deps.contains(&dep_hash) {
-                deps.push(dep_hash);
+            if self.is_before_point(dep) {
+                max_op = max_op.max(self.root_max_op);
+                if !deps.contains(&self.root_hash) {
+                    deps.push(self.root_hash);
+                }
+                continue;
+            }
+            let carried = self
+                .carried
+                .get(dep)
+                .ok_or(GenerationError::OutOfOrder(hash, *dep))?;
+            max_op = max_op.max(carried.max_op);
+            for dep_hash in &carried.hashes {
+                if !deps.contains(dep_hash) {
+                    deps.push(*dep_hash);
+                }
             }
         }
         if deps.is_empty() {
@@ -599,7 +601,6 @@ impl Compaction {
             return Ok(rebuilt);
         }
         let actor = generation_actor(&old.actor_id, self.number);
-        let before = self.seqs_before.get(&old.actor_id).copied().unwrap_or(0);
         // Op counters keep their order, shifted past the root's, so concurrent ops compare as
         // they did (Automerge orders them by counter, then actor); still past every op the
         // change depends on in the new generation.
@@ -614,12 +615,34 @@ impl Compaction {
             self.carried_ids.insert(old_id, new_id);
             ops.push(op);
         }
+        if ops.is_empty() {
+            // Nothing of it remains (a proposal, or writes into what was gone at the point):
+            // it is not carried as a change, and its dependents depend on what it depended on.
+            // (An empty change whose actor's ops stop below its deps' cannot be saved in a
+            // document and loaded back: the format keeps a change's last op counter and takes
+            // the counters since the actor's previous change as its ops.)
+            self.carried.insert(
+                hash,
+                Carried {
+                    hashes: deps,
+                    max_op,
+                },
+            );
+            return Ok(None);
+        }
         let carried_max = start_op + ops.len() as u64 - 1;
+        // An actor's changes number from 1 in each generation, with no gap for the ones that
+        // were not carried.
+        let seq = {
+            let n = self.actor_seq.entry(actor.clone()).or_default();
+            *n += 1;
+            *n
+        };
         let new = Change::from(ExpandedChange {
             operations: ops,
             actor_id: actor,
             hash: None,
-            seq: old.seq.saturating_sub(before),
+            seq,
             start_op: NonZeroU64::new(start_op).unwrap_or(NonZeroU64::MIN),
             time: old.time,
             message: old.message.clone(),
@@ -630,7 +653,7 @@ impl Compaction {
         self.carried.insert(
             hash,
             Carried {
-                hash: new.hash(),
+                hashes: vec![new.hash()],
                 max_op: carried_max.max(max_op),
             },
         );
@@ -666,7 +689,7 @@ impl Compaction {
             self.carried.insert(
                 change.hash(),
                 Carried {
-                    hash: deps[0],
+                    hashes: deps.to_vec(),
                     max_op: self.root_max_op,
                 },
             );
@@ -686,7 +709,7 @@ impl Compaction {
             self.carried.insert(
                 change.hash(),
                 Carried {
-                    hash: creator,
+                    hashes: vec![creator],
                     max_op,
                 },
             );
@@ -700,7 +723,7 @@ impl Compaction {
         self.carried.insert(
             change.hash(),
             Carried {
-                hash: new.hash(),
+                hashes: vec![new.hash()],
                 max_op: new.max_op(),
             },
         );
@@ -812,11 +835,6 @@ impl Compaction {
     /// How many changes were carried.
     pub fn carried(&self) -> usize {
         self.carried.len()
-    }
-
-    /// Old hashes of the carried changes and their new hashes, in no particular order.
-    pub fn carried_hashes(&self) -> BTreeMap<ChangeHash, ChangeHash> {
-        self.carried.iter().map(|(k, v)| (*k, v.hash)).collect()
     }
 }
 
@@ -1154,6 +1172,8 @@ mod tests {
             tx.put(ROOT, PROPOSAL_KEY, 1_i64).expect("put");
             tx.commit();
             let point = head(&replicas[0]);
+            // A concurrent proposal: nothing of it is carried, yet what follows it is.
+            propose(&mut replicas[1], 0).expect("propose");
             for i in 1..3 {
                 let first = replicas[0].clone();
                 merge(&mut replicas[i], &first);
@@ -1166,6 +1186,10 @@ mod tests {
 
             let everything = compact(&all, point).into_document();
             prop_assert_eq!(json_of(&everything), json_of(&all));
+            // The new generation saves and loads back as a whole (as nodes store it and send
+            // it in a sync).
+            let loaded = Automerge::load(&everything.save()).expect("loads");
+            prop_assert_eq!(loaded.get_heads(), everything.get_heads());
             let mut apart = compact(&replicas[0], point).into_document();
             for other in &replicas[1..] {
                 merge(&mut apart, &compact(other, point).into_document());

@@ -814,7 +814,11 @@ impl Documents {
                 return Err(InvalidSync::Receive(Box::new(e)).into());
             }
             let settled = self.settle(&entry, slot, &before, &local, origin);
-            let (changes, history) = match settled {
+            let Settle {
+                changes,
+                history,
+                dropped,
+            } = match settled {
                 Ok(settled) => settled,
                 Err(Refused { error, intact }) => {
                     if !intact {
@@ -827,6 +831,12 @@ impl Documents {
             if history == History::Replace {
                 // The peer's view of our history no longer holds.
                 *state = SyncState::new();
+            } else if dropped {
+                // The state takes heads of the dropped changes as shared: the peer, which no
+                // longer holds them either once it moves, would answer every message naming
+                // them with a reset. What it knows of the peer still holds, so that this side
+                // goes on to send what the peer lacks.
+                state.shared_heads.clear();
             }
             let applied = changes.iter().map(Vec::len).sum();
             let pending = match (changes.is_empty(), queue_slot) {
@@ -868,7 +878,7 @@ impl Documents {
         before: &[ChangeHash],
         local: &Local,
         origin: Origin,
-    ) -> Result<(Vec<Vec<u8>>, History), Refused> {
+    ) -> Result<Settle, Refused> {
         let new = slot.doc.get_changes(before);
         let refused = |error: DocError, intact: bool| Refused { error, intact };
         if origin == Origin::Client && brings_next_generation(local, &new) {
@@ -903,7 +913,11 @@ impl Documents {
                     // A member proposed the next generation: this node asks about it too.
                     self.note_proposal(&entry.id);
                 }
-                return Ok((bytes(new), History::Extend));
+                return Ok(Settle {
+                    changes: bytes(new),
+                    history: History::Extend,
+                    dropped: false,
+                });
             }
             Settled::Dropped { kept, older } => {
                 let compacted = older.incarnation == now.incarnation;
@@ -915,7 +929,11 @@ impl Documents {
                 if origin == Origin::Peer {
                     // A peer is answered with the current history, which it takes (carrying
                     // its own changes onto it).
-                    return Ok((bytes(kept), History::Extend));
+                    return Ok(Settle {
+                        changes: bytes(kept),
+                        history: History::Extend,
+                        dropped: true,
+                    });
                 }
                 // A client (a Wasm replica or any Automerge peer) holding an old history is
                 // told to start over. The document is as it was unless the message also
@@ -950,7 +968,11 @@ impl Documents {
             .into_iter()
             .map(|c| c.raw_bytes().to_vec())
             .collect();
-        Ok((all, History::Replace))
+        Ok(Settle {
+            changes: all,
+            history: History::Replace,
+            dropped: true,
+        })
     }
 
     /// Applies changes received from a peer's broadcast and makes the new ones durable.
@@ -977,7 +999,11 @@ impl Documents {
                 }
             }
             let settled = self.settle(&entry, slot, &before, &local, Origin::Peer);
-            let (new, history) = match settled {
+            let Settle {
+                changes: new,
+                history,
+                ..
+            } = match settled {
                 Ok(settled) => settled,
                 Err(Refused { error, intact }) => {
                     if !intact {
@@ -1437,6 +1463,17 @@ fn commit_failed(e: CommitError) -> DocError {
         CommitError::Poisoned => DocError::Poisoned,
         CommitError::Storage(e) => DocError::Storage(e),
     }
+}
+
+/// What settling received changes left to persist.
+struct Settle {
+    /// The change bytes to persist and pass on.
+    changes: Vec<Vec<u8>>,
+    /// Whether they extend the stored history or replace it.
+    history: History,
+    /// Whether changes the document held a moment ago were dropped or replaced (so a sync
+    /// session's state may name them).
+    dropped: bool,
 }
 
 /// Received changes the document did not take.

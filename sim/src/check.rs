@@ -36,6 +36,8 @@ use crate::workload::{
 pub struct DocView {
     /// Its heads, sorted.
     pub heads: Vec<String>,
+    /// Its generation (`docs/compaction.md`): replicas that agree are in the same one.
+    pub generation: u64,
     /// Its JSON.
     pub doc: Value,
 }
@@ -46,6 +48,7 @@ impl DocView {
     pub fn absent() -> Self {
         Self {
             heads: Vec::new(),
+            generation: 0,
             doc: Value::Null,
         }
     }
@@ -89,6 +92,7 @@ async fn view(node: &NodeApi, id: &str) -> Option<DocView> {
     heads.sort();
     Some(DocView {
         heads,
+        generation: json.get("generation").and_then(Value::as_u64).unwrap_or(0),
         doc: json.get("doc").cloned().unwrap_or(Value::Null),
     })
 }
@@ -687,6 +691,7 @@ mod tests {
                     doc_id(0),
                     Some(DocView {
                         heads: vec!["h".into()],
+                        generation: 0,
                         doc: doc.clone(),
                     }),
                 );
@@ -845,6 +850,7 @@ mod tests {
     fn racing_violations(doc: Option<Value>, removed: &[&[&str]]) -> Vec<String> {
         let view = doc.map_or_else(DocView::absent, |doc| DocView {
             heads: vec!["h".into()],
+            generation: 0,
             doc,
         });
         let mut node = BTreeMap::new();
@@ -1009,6 +1015,7 @@ mod tests {
     fn revival_final(doc: Option<Value>) -> FinalState {
         let view = doc.map_or_else(DocView::absent, |doc| DocView {
             heads: vec!["h".into()],
+            generation: 0,
             doc,
         });
         let mut node = BTreeMap::new();

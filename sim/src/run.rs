@@ -109,6 +109,9 @@ pub fn run(config: &RunConfig) -> Result<Report, SimError> {
             // Anti-entropy every 5 s instead of 30: repairs after a fault show within a short
             // run.
             config.replication.anti_entropy_interval_s = 5;
+            // Generations of the smallest size: a run's few dozen writes per document compact
+            // it several times, under every scenario's faults.
+            config.compaction.after_changes = verge_node::config::COMPACTION_AFTER_CHANGES_MIN;
             if relay {
                 config.replication.full_fanout_max = 1;
             }
@@ -248,6 +251,9 @@ pub fn run(config: &RunConfig) -> Result<Report, SimError> {
         trace.event(format!("counters {line}"));
         notes.push(line);
     }
+    let line = compaction_counters(&mut cluster, &state)?;
+    trace.event(format!("counters {line}"));
+    notes.push(line);
     let history = lock(&history);
     let violations = match &revival_plan {
         Some(revival_plan) => check::verify_revival(&state, &history, revival_plan, plan_empty),
@@ -303,24 +309,47 @@ pub fn run(config: &RunConfig) -> Result<Report, SimError> {
     })
 }
 
-/// What each node's purges and incarnations did over the run, from its metrics: documents
-/// purged (to a stub), histories replaced by a newer incarnation (its own revivals and ones
-/// received), stale changes dropped, and changes left to anti-entropy because a broadcast
-/// queue was full.
-fn incarnation_counters(cluster: &mut Cluster<'_>) -> Result<String, SimError> {
+/// What compaction did over the run: the highest generation any document reached, and per
+/// node, from its metrics, the generations it started and adopted, the changes it carried, the
+/// stale syncs it refused and the newer generations it could not take.
+fn compaction_counters(
+    cluster: &mut Cluster<'_>,
+    state: &check::FinalState,
+) -> Result<String, SimError> {
+    let highest = state
+        .nodes
+        .iter()
+        .flat_map(|n| n.values().flatten().map(|v| v.generation))
+        .max()
+        .unwrap_or(0);
+    let lines = metric_lines(
+        cluster,
+        "compaction-counters",
+        &[
+            ("verge_compactions_total", "started"),
+            ("verge_generation_adoptions_total", "adopted"),
+            ("verge_carried_changes_total", "carried"),
+            ("verge_sync_stale_generation_total", "stale"),
+            ("verge_compaction_stragglers_total", "stragglers"),
+        ],
+    )?;
+    Ok(format!("compaction: highest generation {highest}; {lines}"))
+}
+
+/// Per node, the sum of each metric's series, as `n<i> label=value …`, comma-separated.
+fn metric_lines(
+    cluster: &mut Cluster<'_>,
+    client: &str,
+    metrics: &'static [(&'static str, &'static str)],
+) -> Result<String, SimError> {
     let out: Arc<Mutex<Vec<String>>> = Arc::default();
     let slot = Arc::clone(&out);
     let nodes = cluster.len();
-    cluster.client("counters", async move {
+    cluster.client(client, async move {
         for i in 0..nodes {
             let api = NodeApi::of(&host_name(i));
             let mut line = format!("n{i}");
-            for (name, what) in [
-                ("verge_purged_docs_total", "purged"),
-                ("verge_incarnations_replaced_total", "replaced"),
-                ("verge_sync_stale_incarnation_total", "stale"),
-                ("verge_broadcast_dropped_total", "unbroadcast"),
-            ] {
+            for (name, what) in metrics {
                 let value = api.metric_series(name).await.filter(|s| !s.is_empty());
                 match value {
                     Some(series) => {
@@ -336,6 +365,24 @@ fn incarnation_counters(cluster: &mut Cluster<'_>) -> Result<String, SimError> {
     });
     cluster.run_clients(Duration::from_secs(30))?;
     let lines = lock(&out).join(", ");
+    Ok(lines)
+}
+
+/// What each node's purges and incarnations did over the run, from its metrics: documents
+/// purged (to a stub), histories replaced by a newer incarnation (its own revivals and ones
+/// received), stale changes dropped, and changes left to anti-entropy because a broadcast
+/// queue was full.
+fn incarnation_counters(cluster: &mut Cluster<'_>) -> Result<String, SimError> {
+    let lines = metric_lines(
+        cluster,
+        "incarnation-counters",
+        &[
+            ("verge_purged_docs_total", "purged"),
+            ("verge_incarnations_replaced_total", "replaced"),
+            ("verge_sync_stale_incarnation_total", "stale"),
+            ("verge_broadcast_dropped_total", "unbroadcast"),
+        ],
+    )?;
     Ok(format!("incarnations: {lines}"))
 }
 
