@@ -818,6 +818,7 @@ impl Documents {
                 changes,
                 history,
                 dropped,
+                broadcast,
             } = match settled {
                 Ok(settled) => settled,
                 Err(Refused { error, intact }) => {
@@ -856,9 +857,10 @@ impl Documents {
                 (true, _) => None,
             };
             let reply = document::generate_sync_message(&slot.doc, state);
-            (reply, pending, applied)
+            let origin = if broadcast { Origin::Client } else { origin };
+            (reply, pending.map(|p| (p, origin)), applied)
         };
-        if let Some(pending) = pending {
+        if let Some((pending, origin)) = pending {
             self.finish(&entry, pending, origin, None).await?;
         }
         // A message malformed in a way Automerge only notices when answering it; the changes
@@ -907,6 +909,7 @@ impl Documents {
                 .collect()
         };
         let now = Lineage::of(&slot.doc);
+        let broadcast = matches!(settled, Settled::Adopted { carried } if carried > 0);
         match settled {
             Settled::Kept => {
                 if !new.is_empty() && !stability::proposals(&slot.doc).is_empty() {
@@ -917,6 +920,7 @@ impl Documents {
                     changes: bytes(new),
                     history: History::Extend,
                     dropped: false,
+                    broadcast: false,
                 });
             }
             Settled::Dropped { kept, older } => {
@@ -933,6 +937,7 @@ impl Documents {
                         changes: bytes(kept),
                         history: History::Extend,
                         dropped: true,
+                        broadcast: false,
                     });
                 }
                 // A client (a Wasm replica or any Automerge peer) holding an old history is
@@ -972,6 +977,7 @@ impl Documents {
             changes: all,
             history: History::Replace,
             dropped: true,
+            broadcast,
         })
     }
 
@@ -985,7 +991,7 @@ impl Documents {
         let now = self.now_ms();
         let entry = self.entry(id);
         let queue_slot = self.reserve()?;
-        let (pending, incomplete) = {
+        let (pending, incomplete, origin) = {
             let mut guard = self.lock_for_change(&entry)?;
             let slot = guard.as_mut().expect("load fills the slot");
             check_growth(id, &slot.meta, incoming)?;
@@ -1002,6 +1008,7 @@ impl Documents {
             let Settle {
                 changes: new,
                 history,
+                broadcast,
                 ..
             } = match settled {
                 Ok(settled) => settled,
@@ -1019,13 +1026,19 @@ impl Documents {
                 return Ok(RemoteApplied { new, incomplete });
             }
             let lifecycle = Lifecycle::of(&slot.doc);
+            let origin = if broadcast {
+                Origin::Client
+            } else {
+                Origin::Peer
+            };
             (
                 self.enqueue_changes(&entry, slot, new, lifecycle, now, queue_slot, history),
                 incomplete,
+                origin,
             )
         };
         let new = pending.changes.clone();
-        self.finish(&entry, pending, Origin::Peer, None).await?;
+        self.finish(&entry, pending, origin, None).await?;
         Ok(RemoteApplied { new, incomplete })
     }
 
@@ -1278,6 +1291,11 @@ impl Documents {
             DocError::Internal("changes could not be carried onto a new generation")
         })?;
         let actor = generation::generation_actor(slot.doc.get_actor(), compaction.number());
+        // What the members get at once: the root and the carried changes. Those that compact
+        // at the same point build the same; the others move to it on receipt.
+        let announced: Vec<Vec<u8>> = std::iter::once(compaction.root().raw_bytes().to_vec())
+            .chain(carried.iter().map(|c| c.raw_bytes().to_vec()))
+            .collect();
         slot.doc = compaction.into_document().with_actor(actor);
         self.metrics.carried_changes.inc_by(carried.len() as u64);
         let history_before = slot.meta.history_changes;
@@ -1318,11 +1336,12 @@ impl Documents {
                 deleted: slot.meta.deleted,
             },
             heads: slot.meta.heads.clone(),
-            changes: Vec::new(),
+            changes: announced,
         })
     }
 
-    /// Waits for a new generation's commit, then tells watchers and the commit listener.
+    /// Waits for a new generation's commit, then tells watchers and the commit listener (which
+    /// broadcasts the root and carried changes).
     async fn committed_generation(
         &self,
         entry: &Arc<Entry>,
@@ -1333,7 +1352,12 @@ impl Documents {
                 self.metrics.compactions.inc();
                 let _ = self.events.send(Arc::new(pending.event));
                 if let Some(listener) = self.listener.get() {
-                    listener.committed(&entry.id, &pending.heads, None);
+                    let local = LocalChange {
+                        doc: entry.id.clone(),
+                        changes: pending.changes,
+                        waiter: None,
+                    };
+                    listener.committed(&entry.id, &pending.heads, Some(local));
                 }
                 Ok(())
             }
@@ -1474,6 +1498,10 @@ struct Settle {
     /// Whether changes the document held a moment ago were dropped or replaced (so a sync
     /// session's state may name them).
     dropped: bool,
+    /// Whether this node made changes of its own while settling (it carried its changes onto
+    /// a generation it moved to): they are broadcast like a local write, or the members that
+    /// refused the originals as stale would see them only at the next anti-entropy round.
+    broadcast: bool,
 }
 
 /// Received changes the document did not take.
