@@ -33,6 +33,10 @@ use crate::store::{DocMeta, Mutation, Store, StoreError};
 pub const WATCH_BUFFER: usize = 4096;
 /// Documents waiting for compaction; more are picked up by their next write.
 pub const COMPACTION_QUEUE: usize = 1024;
+/// Bytes of change rows below which a snapshot is not rewritten for their size alone. Past it,
+/// rows are folded once they weigh half the snapshot, so a document stores less than one and a
+/// half times its snapshot (plus one change); a smaller one, at most this much more.
+pub const SNAPSHOT_REWRITE_BYTES_MIN: u64 = 4096;
 /// Documents holding a proposal that replication asks the members about; more are noted again
 /// by their next write.
 pub const PROPOSALS_PENDING_MAX: usize = 4096;
@@ -683,8 +687,10 @@ impl Documents {
             poisoned: Arc::clone(&entry.poisoned),
             ack: Some(ack_tx),
         });
-        let due =
-            meta.change_rows >= self.config.compact_after_changes || self.generation_due(meta);
+        let rows_bytes = meta.size_bytes.saturating_sub(meta.snapshot_bytes);
+        let due = meta.change_rows >= self.config.compact_after_changes
+            || rows_bytes >= (meta.snapshot_bytes / 2).max(SNAPSHOT_REWRITE_BYTES_MIN)
+            || self.generation_due(meta);
         if due && !slot.compaction_queued {
             slot.compaction_queued = self.compaction_tx.try_send(entry.id.clone()).is_ok();
         }

@@ -33,6 +33,10 @@ use super::http::{
 
 /// The id of the document that read mode reads.
 const HOT_DOC: &str = "bench/hot";
+/// The id of the document counter mode increments.
+const COUNTER_DOC: &str = "bench/counter";
+/// Counter mode's request body.
+const INC_BODY: &[u8] = br#"{"ops":[{"op":"inc","path":["n"],"by":1}]}"#;
 
 /// Latencies are recorded in microseconds, up to an hour.
 const MAX_LATENCY_US: u64 = 3_600_000_000;
@@ -46,6 +50,10 @@ pub enum BenchMode {
     Read,
     /// 90% reads of the hot document, 10% writes to the client's own documents.
     Mixed,
+    /// Every request is a `PATCH` incrementing one counter all clients share
+    /// (`bench/counter`): the hottest document there is, whose history grows with every
+    /// request (docs/compaction.md).
+    Counter,
 }
 
 impl BenchMode {
@@ -54,6 +62,7 @@ impl BenchMode {
             Self::Write => "write",
             Self::Read => "read",
             Self::Mixed => "mixed",
+            Self::Counter => "counter",
         }
     }
 }
@@ -162,7 +171,7 @@ pub async fn bench(args: BenchArgs, opts: &ClientOpts) -> anyhow::Result<()> {
     connect(&endpoint)
         .await
         .with_context(|| format!("could not reach the node at {endpoint}"))?;
-    if args.mode != BenchMode::Write {
+    if matches!(args.mode, BenchMode::Read | BenchMode::Mixed) {
         seed_hot_document(&endpoint, token.clone()).await?;
     }
 
@@ -279,7 +288,7 @@ async fn connect(endpoint: &Endpoint) -> anyhow::Result<SendRequest<Full<Bytes>>
 /// Whether request number `n` of client `client` is a write.
 fn is_write(mode: BenchMode, client: u32, n: u64) -> bool {
     match mode {
-        BenchMode::Write => true,
+        BenchMode::Write | BenchMode::Counter => true,
         BenchMode::Read => false,
         // Offset by client so the writes of different clients do not all coincide.
         BenchMode::Mixed => (n + u64::from(client)).is_multiple_of(10),
@@ -342,17 +351,25 @@ async fn run_client(client: u32, plan: Arc<Plan>) -> anyhow::Result<Stats> {
         let request = if write {
             // Built per request rather than kept per document: formatting is cheap next to a
             // round trip, and memory stays flat however large --docs-per-client is.
-            let k = writes % u64::from(plan.docs_per_client);
+            let (target, body) = if plan.mode == BenchMode::Counter {
+                (
+                    format!("/v1/docs/{}", encode_id(COUNTER_DOC)),
+                    Bytes::from_static(INC_BODY),
+                )
+            } else {
+                let k = writes % u64::from(plan.docs_per_client);
+                (format!("/v1/docs/bench/{client}/{k}"), write_body(n))
+            };
             let uri = plan
                 .endpoint
-                .target(&format!("/v1/docs/bench/{client}/{k}"))
+                .target(&target)
                 .parse::<Uri>()
                 .context("building a document URL")?;
             builder
                 .method(Method::PATCH)
                 .uri(uri)
                 .header(CONTENT_TYPE, "application/json")
-                .body(Full::new(write_body(n)))
+                .body(Full::new(body))
         } else {
             builder
                 .method(Method::GET)
@@ -608,6 +625,7 @@ mod tests {
             .count();
         assert_eq!(writes, 100);
         assert!((0..10).all(|n| is_write(BenchMode::Write, 0, n)));
+        assert!((0..10).all(|n| is_write(BenchMode::Counter, 0, n)));
         assert!((0..10).all(|n| !is_write(BenchMode::Read, 0, n)));
     }
 
