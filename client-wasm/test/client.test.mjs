@@ -182,6 +182,43 @@ test("a replica older than a delete and a revival starts over from the node's co
   assert.deepEqual(stale.toJSON(), a.toJSON());
 });
 
+test("writes a compaction did not see are made again on the new generation, once", async () => {
+  // A node that starts a generation every 16 changes.
+  const compacting = await startNode({ config: "[compaction]\nafter_changes = 16\n" });
+  try {
+    const c = { url: compacting.url };
+    const id = "t/compacted";
+    const writer = await Verge.open(c, id);
+    writer.inc(["n"]);
+    await writer.sync();
+    const reader = await Verge.open(c, id);
+    // Offline writes while others write enough for the node to compact.
+    writer.inc(["n"], 5);
+    writer.push(["log"], "offline");
+    for (let i = 0; i < 64; i++) {
+      await nodePatch(compacting.url, id, [{ op: "inc", path: ["n"], by: 1 }]);
+    }
+    for (let tries = 0; (await nodeGet(compacting.url, id)).generation < 1; tries++) {
+      assert.ok(tries < 400, "the document never compacted");
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    await writer.sync();
+    const expected = { n: 70, log: ["offline"] };
+    assert.deepEqual(writer.toJSON(), expected);
+    assert.deepEqual((await nodeGet(compacting.url, id)).doc, expected);
+    assert.equal(writer.hasUnsyncedChanges, false);
+    await reader.sync();
+    assert.deepEqual(reader.toJSON(), expected);
+    // Both go on writing in the new generation.
+    reader.inc(["n"], 10);
+    await reader.sync();
+    await writer.sync();
+    assert.equal(writer.toJSON().n, 80);
+  } finally {
+    await compacting.stop();
+  }
+});
+
 test("subscribers hear about changes brought by sync, not about local ones", async () => {
   const id = "t/subscribe";
   const doc = await Verge.open(conn, id);

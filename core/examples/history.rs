@@ -4,6 +4,7 @@
 //! ```sh
 //! cargo run --release -p verge-core --example history            # 1,000,000 writes
 //! cargo run --release -p verge-core --example history -- 200000   # fewer
+//! cargo run --release -p verge-core --example history -- 200000 counter   # only the counter runs
 //! ```
 //!
 //! Prints, for a counter incremented N times, a document of map puts written N times and a list
@@ -83,36 +84,45 @@ fn main() {
         .nth(1)
         .map(|a| a.parse().expect("N: a number of writes"))
         .unwrap_or(1_000_000);
+    let only = std::env::args().nth(2);
+    let wanted = |name: &str| only.as_deref().is_none_or(|o| name.starts_with(o));
     println!("history bench: {n} writes, a generation every {AFTER_CHANGES} changes");
     let inc = Op::parse_list(&json!([{"op": "inc", "path": ["n"], "by": 1}])).unwrap();
-    run(
-        "counter: inc",
-        n,
-        true,
-        |_| inc.clone(),
-        |doc| {
-            let _ = doc.get(ROOT, "n").unwrap();
-        },
-    );
-    run(
-        "counter: inc, no generations",
-        n.min(UNCOMPACTED_MAX),
-        false,
-        |_| inc.clone(),
-        |doc| {
-            let _ = doc.get(ROOT, "n").unwrap();
-        },
-    );
+    if wanted("counter") {
+        run(
+            "counter: inc",
+            n,
+            true,
+            |_| inc.clone(),
+            |doc| {
+                let _ = doc.get(ROOT, "n").unwrap();
+            },
+        );
+        run(
+            "counter: inc, no generations",
+            n.min(UNCOMPACTED_MAX),
+            false,
+            |_| inc.clone(),
+            |doc| {
+                let _ = doc.get(ROOT, "n").unwrap();
+            },
+        );
+    }
     // Device state: 1,000 keys, each rewritten over and over.
     let put = |i: usize| {
         Op::parse_list(&json!([{"op": "set", "path": [format!("k{}", i % 1000)], "value": i}]))
             .unwrap()
     };
-    run("map: set", n, true, put, |doc| {
-        let _ = document::to_json(doc);
-    });
+    if wanted("map") {
+        run("map: set", n, true, put, |doc| {
+            let _ = document::to_json(doc);
+        });
+    }
     let push =
         |i: usize| Op::parse_list(&json!([{"op": "push", "path": ["l"], "value": i}])).unwrap();
+    if !wanted("list") {
+        return;
+    }
     run("list: push", n / 10, true, push, |doc| {
         let _ = doc.get(ROOT, "l").unwrap();
     });

@@ -415,6 +415,8 @@ struct Carried {
 pub struct Compaction {
     /// The old generation at the point.
     at: Automerge,
+    /// The point.
+    point: ChangeHash,
     number: u64,
     root: Change,
     root_hash: ChangeHash,
@@ -446,7 +448,13 @@ impl Compaction {
         if doc.get_change_meta_by_hash(&point).is_none() {
             return Err(GenerationError::UnknownPoint(point));
         }
-        let at = doc.fork_at(&[point])?;
+        // The document at the point; when the point is its only head, that is the document
+        // itself, and a copy costs less than replaying the history up to it.
+        let at = if doc.get_heads() == [point] {
+            doc.fork()
+        } else {
+            doc.fork_at(&[point])?
+        };
         let number = of(&at) + 1;
         let incarnation = crate::incarnation::of(&at);
         let actor = root_actor(incarnation, number, &point);
@@ -491,6 +499,7 @@ impl Compaction {
         next.apply_changes([root.clone()])?;
         Ok(Compaction {
             at,
+            point,
             number,
             root,
             root_hash,
@@ -544,7 +553,8 @@ impl Compaction {
     /// order, and returns the carried forms that are new.
     pub fn carry_all(&mut self, doc: &Automerge) -> Result<Vec<Change>, GenerationError> {
         let mut out = Vec::new();
-        for change in doc.get_changes(&[]) {
+        // The changes outside the point, in causal order.
+        for change in doc.get_changes(&[self.point]) {
             if self.is_before_point(&change.hash()) {
                 continue;
             }
