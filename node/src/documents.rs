@@ -359,6 +359,13 @@ impl Documents {
             .is_some_and(|m| m.alone())
     }
 
+    /// Whether `meta`'s document has enough change rows to fold into its snapshot.
+    fn rewrite_due(&self, meta: &DocMeta) -> bool {
+        let rows_bytes = meta.size_bytes.saturating_sub(meta.snapshot_bytes);
+        meta.change_rows >= self.config.compact_after_changes
+            || rows_bytes >= (meta.snapshot_bytes / 2).max(SNAPSHOT_REWRITE_BYTES_MIN)
+    }
+
     /// Whether `meta`'s document has outgrown its generation.
     fn generation_due(&self, meta: &DocMeta) -> bool {
         !meta.stub
@@ -687,10 +694,7 @@ impl Documents {
             poisoned: Arc::clone(&entry.poisoned),
             ack: Some(ack_tx),
         });
-        let rows_bytes = meta.size_bytes.saturating_sub(meta.snapshot_bytes);
-        let due = meta.change_rows >= self.config.compact_after_changes
-            || rows_bytes >= (meta.snapshot_bytes / 2).max(SNAPSHOT_REWRITE_BYTES_MIN)
-            || self.generation_due(meta);
+        let due = self.rewrite_due(meta) || self.generation_due(meta);
         if due && !slot.compaction_queued {
             slot.compaction_queued = self.compaction_tx.try_send(entry.id.clone()).is_ok();
         }
@@ -1136,9 +1140,9 @@ impl Documents {
         self.committed_generation(&entry, pending).await
     }
 
-    /// Queues the rewrite of `slot`'s change rows into one snapshot.
+    /// Queues the rewrite of `slot`'s change rows into one snapshot, when they are due.
     fn rewrite_snapshot(&self, entry: &Arc<Entry>, slot: &mut Slot, queue_slot: QueueSlot) {
-        if slot.meta.change_rows == 0 {
+        if slot.meta.change_rows == 0 || !self.rewrite_due(&slot.meta) {
             return;
         }
         let snapshot = stored_snapshot(&slot.doc);
