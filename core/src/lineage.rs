@@ -199,24 +199,24 @@ impl From<AutomergeError> for SettleError {
     }
 }
 
-/// The changes of `doc` in the history starting at `root` (or, without a root, at any first
-/// change that is not a root), in causal order. A change with deps in two histories belongs to
-/// neither.
-fn history_of(doc: &Automerge, root: Option<ChangeHash>) -> Vec<Change> {
+/// Of a document's `changes` (in causal order), those of the history starting at `root` (or,
+/// without a root, at any first change that is not a root). A change with deps in two
+/// histories belongs to neither.
+fn history_of(changes: &[Change], root: Option<ChangeHash>) -> Vec<Change> {
     let mut kept: HashSet<ChangeHash> = HashSet::new();
     let mut out = Vec::new();
-    for change in doc.get_changes(&[]) {
+    for change in changes {
         let member = if change.deps().is_empty() {
             match root {
                 Some(root) => change.hash() == root,
-                None => started_by(&change) == Lineage::default(),
+                None => started_by(change) == Lineage::default(),
             }
         } else {
             change.deps().iter().all(|d| kept.contains(d))
         };
         if member {
             kept.insert(change.hash());
-            out.push(change);
+            out.push(change.clone());
         }
     }
     out
@@ -267,7 +267,7 @@ pub fn settle(
         else {
             return Ok(Settled::Kept);
         };
-        let history = history_of(doc, local.root);
+        let history = history_of(&doc.get_changes(&[]), local.root);
         let kept: HashSet<ChangeHash> = history.iter().map(Change::hash).collect();
         *doc = rebuild(doc.get_actor().clone(), history)?;
         let kept_new = new
@@ -296,8 +296,9 @@ pub fn settle(
             None => return Err(SettleError::Automerge(Box::new(AutomergeError::Fail))),
         }
     };
-    let next = history_of(doc, Some(root.hash()));
-    let own = history_of(doc, local.root);
+    let all = doc.get_changes(&[]);
+    let next = history_of(&all, Some(root.hash()));
+    let own = history_of(&all, local.root);
     let same_incarnation = newest.incarnation == local.lineage.incarnation;
     // The replica's own actor goes on in the new generation after the changes carried for it
     // (`generation_actor` keeps the actor's base); a new incarnation derives one afresh.
@@ -341,6 +342,7 @@ pub fn settle(
 
 #[cfg(test)]
 mod tests {
+    use automerge::sync::{State, SyncDoc};
     use serde_json::json;
 
     use super::*;
@@ -366,16 +368,10 @@ mod tests {
         settle(to, &local, &new, moving)
     }
 
+    /// Compacts `doc` at its (single) head.
     fn compact(doc: &mut Automerge) {
         let point = doc.get_heads()[0];
-        let mut compaction = Compaction::start(doc, point).expect("start");
-        compaction.carry_all(doc).expect("carry");
-        let lineage = Lineage {
-            incarnation: incarnation::of(doc),
-            generation: compaction.number(),
-        };
-        let actor = writer_actor(doc.get_actor(), lineage);
-        *doc = compaction.into_document().with_actor(actor);
+        compact_at(doc, point);
     }
 
     #[test]
@@ -492,22 +488,6 @@ mod tests {
         assert!(l(0, 2) > l(0, 1));
         assert_eq!(started_by(&incarnation::root_change(3)), l(3, 0));
     }
-}
-
-#[cfg(test)]
-mod sync_tests {
-    use automerge::sync::{State, SyncDoc};
-    use serde_json::json;
-
-    use super::*;
-    use crate::Write;
-    use crate::document::{self, Expiry, to_json};
-    use crate::ops::Op;
-
-    fn write(doc: &mut Automerge, ops: serde_json::Value) {
-        let ops = Op::parse_list(&ops).expect("ops");
-        document::apply(doc, &Write::Ops(ops), Expiry::Keep, 0).expect("apply");
-    }
 
     /// One side's step of a node-to-node sync: receive (settling), as the node does.
     fn receive(doc: &mut Automerge, state: &mut State, message: automerge::sync::Message) {
@@ -584,21 +564,6 @@ mod sync_tests {
         assert_eq!(Lineage::of(&b).generation, 2);
         assert_eq!(a.get_heads(), b.get_heads());
         assert_eq!(to_json(&a)["n"], json!(5));
-    }
-}
-
-#[cfg(test)]
-mod save_tests {
-    use serde_json::json;
-
-    use super::*;
-    use crate::Write;
-    use crate::document::{self, Expiry};
-    use crate::ops::Op;
-
-    fn write(doc: &mut Automerge, ops: serde_json::Value) {
-        let ops = Op::parse_list(&ops).expect("ops");
-        document::apply(doc, &Write::Ops(ops), Expiry::Keep, 0).expect("apply");
     }
 
     #[test]

@@ -658,7 +658,6 @@ impl Documents {
         meta.expires_at_ms = lifecycle.expires_at_ms;
         meta.stub = incarnation::is_stub(&slot.doc);
         slot.read_cache = None;
-        let (ack_tx, ack_rx) = oneshot::channel();
         let broadcast = changes.clone();
         let mutation = match history {
             History::Extend => {
@@ -676,12 +675,7 @@ impl Documents {
             }
             History::Replace => {
                 let snapshot = stored_snapshot(&slot.doc);
-                meta.size_bytes = snapshot.len() as u64;
-                meta.snapshot_bytes = snapshot.len() as u64;
-                meta.change_rows = 0;
-                meta.generation = generation::of(&slot.doc);
-                meta.history_changes = changes.len() as u64;
-                meta.generation_bytes = snapshot.len() as u64;
+                replaced_history(meta, &slot.doc, snapshot.len(), changes.len());
                 Mutation::Replace {
                     id: entry.id.clone(),
                     snapshot,
@@ -689,15 +683,30 @@ impl Documents {
                 }
             }
         };
+        let due = self.rewrite_due(meta) || self.generation_due(meta);
+        if due && !slot.compaction_queued {
+            slot.compaction_queued = self.compaction_tx.try_send(entry.id.clone()).is_ok();
+        }
+        self.queue(entry, slot, queue_slot, mutation, broadcast, Counted::Write)
+    }
+
+    /// Sends `mutation` of `slot`'s document to the writer; the returned [`Pending`] waits for
+    /// its commit, then announces `slot`'s state and `changes`.
+    fn queue(
+        &self,
+        entry: &Arc<Entry>,
+        slot: &Slot,
+        queue_slot: QueueSlot,
+        mutation: Mutation,
+        changes: Vec<Vec<u8>>,
+        counted: Counted,
+    ) -> Pending {
+        let (ack_tx, ack_rx) = oneshot::channel();
         queue_slot.send(Job {
             mutation,
             poisoned: Arc::clone(&entry.poisoned),
             ack: Some(ack_tx),
         });
-        let due = self.rewrite_due(meta) || self.generation_due(meta);
-        if due && !slot.compaction_queued {
-            slot.compaction_queued = self.compaction_tx.try_send(entry.id.clone()).is_ok();
-        }
         self.resize(entry, &slot.meta);
         Pending {
             ack: ack_rx,
@@ -707,7 +716,8 @@ impl Documents {
                 deleted: slot.meta.deleted,
             },
             heads: slot.meta.heads.clone(),
-            changes: broadcast,
+            changes,
+            counted,
         }
     }
 
@@ -723,7 +733,10 @@ impl Documents {
         let outcome = pending.ack.await.unwrap_or(Err(CommitError::Stopped));
         match outcome {
             Ok(()) => {
-                self.metrics.writes.inc();
+                match pending.counted {
+                    Counted::Write => self.metrics.writes.inc(),
+                    Counted::Generation => self.metrics.compactions.inc(),
+                };
                 let _ = self.events.send(Arc::new(pending.event));
                 if let Some(listener) = self.listener.get() {
                     let local = (origin == Origin::Client).then(|| LocalChange {
@@ -1096,7 +1109,7 @@ impl Documents {
             return Err(DocError::ShuttingDown);
         };
         let entry = self.entry(id);
-        let (pending, origin) = {
+        let pending = {
             let mut guard = self.load(&entry)?;
             let slot = guard.as_mut().expect("load fills the slot");
             slot.compaction_queued = false;
@@ -1107,7 +1120,6 @@ impl Documents {
             let proposed = !stability::proposals(&slot.doc).is_empty();
             let step = if due && self.alone() {
                 self.start_generation(&entry, slot, queue_slot)
-                    .map(|p| (p, Origin::Peer))
             } else if proposed {
                 // Replication asks the members; meanwhile the rows still fold.
                 self.note_proposal(id);
@@ -1117,7 +1129,6 @@ impl Documents {
                 // (A tombstone's history goes with its purge.)
                 self.note_proposal(id);
                 self.propose(&entry, slot, queue_slot)
-                    .map(|p| (p, Origin::Client))
             } else {
                 self.rewrite_snapshot(&entry, slot, queue_slot);
                 return Ok(());
@@ -1132,12 +1143,10 @@ impl Documents {
                 }
             }
         };
-        if origin == Origin::Client {
-            // A proposal: an ordinary change, broadcast like one.
-            self.finish(&entry, pending, Origin::Client, None).await?;
-            return Ok(());
-        }
-        self.committed_generation(&entry, pending).await
+        // A proposal is an ordinary change, broadcast like one; so is a new generation's root
+        // and what was carried onto it (nothing reaches members when this node is alone).
+        self.finish(&entry, pending, Origin::Client, None).await?;
+        Ok(())
     }
 
     /// Queues the rewrite of `slot`'s change rows into one snapshot, when they are due.
@@ -1172,12 +1181,7 @@ impl Documents {
         queue_slot: QueueSlot,
     ) -> Result<Pending, DocError> {
         let now = self.now_ms();
-        let hash = generation::propose(&mut slot.doc, now.div_euclid(1000)).map_err(|source| {
-            DocError::Automerge {
-                context: "proposing a new generation",
-                source: Box::new(source),
-            }
-        })?;
+        let hash = self.commit_proposal(slot)?;
         let change = automerge::ReadDoc::get_change_by_hash(&slot.doc, &hash)
             .ok_or(DocError::Internal("a committed proposal is missing"))?
             .raw_bytes()
@@ -1193,6 +1197,15 @@ impl Documents {
             queue_slot,
             History::Extend,
         ))
+    }
+
+    /// Commits a proposal for `slot`'s next generation into its document (in memory).
+    fn commit_proposal(&self, slot: &mut Slot) -> Result<ChangeHash, DocError> {
+        let time_s = self.now_ms().div_euclid(1000);
+        generation::propose(&mut slot.doc, time_s).map_err(|source| DocError::Automerge {
+            context: "proposing a new generation",
+            source: Box::new(source),
+        })
     }
 
     /// Remembers that `id` holds a proposal, for replication to ask the members about.
@@ -1260,7 +1273,8 @@ impl Documents {
             }
         };
         lock(&self.proposals).remove(id);
-        self.committed_generation(&entry, pending).await?;
+        // Broadcast: the root and the changes carried onto it.
+        self.finish(&entry, pending, Origin::Client, None).await?;
         Ok(Ok(()))
     }
 
@@ -1273,12 +1287,7 @@ impl Documents {
         slot: &mut Slot,
         queue_slot: QueueSlot,
     ) -> Result<Pending, DocError> {
-        let time_s = self.now_ms().div_euclid(1000);
-        let point =
-            generation::propose(&mut slot.doc, time_s).map_err(|source| DocError::Automerge {
-                context: "proposing a new generation",
-                source: Box::new(source),
-            })?;
+        let point = self.commit_proposal(slot)?;
         self.fold_at(entry, slot, point, queue_slot)
     }
 
@@ -1310,14 +1319,8 @@ impl Documents {
         self.metrics.carried_changes.inc_by(carried.len() as u64);
         let history_before = slot.meta.history_changes;
         let snapshot = stored_snapshot(&slot.doc);
-        let meta = &mut slot.meta;
-        meta.heads = slot.doc.get_heads();
-        meta.size_bytes = snapshot.len() as u64;
-        meta.snapshot_bytes = snapshot.len() as u64;
-        meta.change_rows = 0;
-        meta.generation = generation::of(&slot.doc);
-        meta.history_changes = 1 + carried.len() as u64;
-        meta.generation_bytes = snapshot.len() as u64;
+        slot.meta.heads = slot.doc.get_heads();
+        replaced_history(&mut slot.meta, &slot.doc, snapshot.len(), 1 + carried.len());
         slot.read_cache = None;
         tracing::debug!(
             doc = %entry.id,
@@ -1327,55 +1330,19 @@ impl Documents {
             snapshot_bytes = snapshot.len(),
             "started a new generation"
         );
-        let (ack_tx, ack_rx) = oneshot::channel();
-        queue_slot.send(Job {
-            mutation: Mutation::Replace {
-                id: entry.id.clone(),
-                snapshot,
-                meta: meta.clone(),
-            },
-            poisoned: Arc::clone(&entry.poisoned),
-            ack: Some(ack_tx),
-        });
-        self.resize(entry, &slot.meta);
-        Ok(Pending {
-            ack: ack_rx,
-            event: ChangeEvent {
-                id: entry.id.to_string(),
-                heads: heads_to_hex(&slot.meta.heads),
-                deleted: slot.meta.deleted,
-            },
-            heads: slot.meta.heads.clone(),
-            changes: announced,
-        })
-    }
-
-    /// Waits for a new generation's commit, then tells watchers and the commit listener (which
-    /// broadcasts the root and carried changes).
-    async fn committed_generation(
-        &self,
-        entry: &Arc<Entry>,
-        pending: Pending,
-    ) -> Result<(), DocError> {
-        match pending.ack.await.unwrap_or(Err(CommitError::Stopped)) {
-            Ok(()) => {
-                self.metrics.compactions.inc();
-                let _ = self.events.send(Arc::new(pending.event));
-                if let Some(listener) = self.listener.get() {
-                    let local = LocalChange {
-                        doc: entry.id.clone(),
-                        changes: pending.changes,
-                        waiter: None,
-                    };
-                    listener.committed(&entry.id, &pending.heads, Some(local));
-                }
-                Ok(())
-            }
-            Err(e) => {
-                self.discard(entry);
-                Err(commit_failed(e))
-            }
-        }
+        let mutation = Mutation::Replace {
+            id: entry.id.clone(),
+            snapshot,
+            meta: slot.meta.clone(),
+        };
+        Ok(self.queue(
+            entry,
+            slot,
+            queue_slot,
+            mutation,
+            announced,
+            Counted::Generation,
+        ))
     }
 
     /// Compacts documents as their ids arrive, until the channel closes.
@@ -1536,6 +1503,32 @@ struct Pending {
     event: ChangeEvent,
     heads: Vec<ChangeHash>,
     changes: Vec<Vec<u8>>,
+    counted: Counted,
+}
+
+/// Which metric a commit counts in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Counted {
+    /// `verge_writes_total`: a write, a received change, a proposal.
+    Write,
+    /// `verge_compactions_total`: a generation this node started.
+    Generation,
+}
+
+/// Records in `meta` that `doc`'s whole history was replaced by one snapshot of
+/// `snapshot_bytes` holding `history_changes` changes (a newer incarnation or generation).
+fn replaced_history(
+    meta: &mut DocMeta,
+    doc: &Automerge,
+    snapshot_bytes: usize,
+    history_changes: usize,
+) {
+    meta.size_bytes = snapshot_bytes as u64;
+    meta.snapshot_bytes = snapshot_bytes as u64;
+    meta.change_rows = 0;
+    meta.generation = generation::of(doc);
+    meta.history_changes = history_changes as u64;
+    meta.generation_bytes = snapshot_bytes as u64;
 }
 
 /// Where a change came from, which decides whether this node broadcasts it.

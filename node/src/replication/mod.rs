@@ -175,6 +175,26 @@ const DELIVERY_EVENTS_MAX: usize = verge_core::limits::DELIVERY_EVENTS_MAX;
 /// The deliveries in flight, owned by the broadcast task.
 type InFlight = Deliveries<Vec<DocChanges>, Arc<ReplicaWaiter>>;
 
+/// A ticker for a loop that runs every `period`; a tick the loop was too busy for is not made
+/// up in a burst.
+fn ticker(period: Duration) -> tokio::time::Interval {
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker
+}
+
+/// Waits for `ticker`'s next tick: `false` once `stop` turns true instead.
+async fn tick_or_stop(
+    ticker: &mut tokio::time::Interval,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
+    tokio::select! {
+        biased;
+        _ = ticker.tick() => true,
+        _ = stop.wait_for(|s| *s) => false,
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -874,14 +894,8 @@ impl Replication {
     /// Dials peers, starts anti-entropy on new connections and periodically, and tells peers
     /// the members this node knows.
     async fn tick_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
-        let mut ticker = tokio::time::interval(TICK);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                biased;
-                _ = ticker.tick() => {}
-                _ = stop.wait_for(|s| *s) => return,
-            }
+        let mut ticker = ticker(TICK);
+        while tick_or_stop(&mut ticker, &mut stop).await {
             let conns: BTreeMap<SocketAddr, (Connection, u64)> = self
                 .peer_addrs()
                 .into_iter()

@@ -15,7 +15,7 @@ use verge_core::limits::WIRE_STABILITY_DOCS_MAX;
 use verge_core::replication::stability::{self, NotStable, Report};
 use verge_core::wire::PeerMessage;
 
-use super::{Replication, session, transport};
+use super::{Replication, session, tick_or_stop, ticker, transport};
 use crate::documents::DocError;
 
 /// How often the documents holding a proposal are asked about.
@@ -43,14 +43,8 @@ impl Replication {
 
     /// Runs stability rounds until `stop` turns true.
     pub(super) async fn stability_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
-        let mut ticker = tokio::time::interval(STABILITY_ROUND);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                biased;
-                _ = ticker.tick() => {}
-                _ = stop.wait_for(|s| *s) => return,
-            }
+        let mut ticker = ticker(STABILITY_ROUND);
+        while tick_or_stop(&mut ticker, &mut stop).await {
             let docs = self.docs.pending_proposals(WIRE_STABILITY_DOCS_MAX);
             if !docs.is_empty() {
                 self.stability_round(docs).await;
