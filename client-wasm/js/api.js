@@ -382,6 +382,11 @@ export class VergeDoc {
         // The document was deleted or expired and written again since this copy was made: the
         // copy can never merge with the node's, so it starts over from the node's.
         this.#replica.startOver();
+      } else if (e.code === "changes_carried") {
+        // The document started a new generation since this copy was made, and the node carried
+        // this copy's changes onto it (durably): the copy starts over from the node's, without
+        // making its writes again.
+        this.#replica.startOver();
       } else if (e.code === "document_compacted") {
         // The document started a new generation since this copy was made: the copy starts over
         // from the node's, and the writes the node had not acknowledged are made again on it.

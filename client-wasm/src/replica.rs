@@ -559,6 +559,11 @@ impl Replica {
     /// merge with the node's. Local writes not yet synced (made without seeing that delete or
     /// expiry) go with it. The next sync fetches the current document. A fresh actor keeps any
     /// changes of the dropped copy from ever clashing with new ones.
+    ///
+    /// Also what the node's `changes_carried` asks for: the document started a new generation
+    /// since this copy was made, and the node carried the copy's changes onto it, durably, so
+    /// its writes are acknowledged and the copy is dropped with them. (Writes set aside by
+    /// [`Replica::start_over_keeping_writes`] and not made again yet stay set aside.)
     pub fn start_over(&mut self) {
         self.doc = new_document(ActorId::random());
         self.shadow = Shadow::of(&self.doc);
@@ -574,8 +579,10 @@ impl Replica {
     /// The writes it has not acknowledged are set aside and made again on the new generation
     /// when the next sync brings it.
     ///
-    /// A write whose sync failed in transport after the node had taken it, and that the node
-    /// then compacted, is made twice: the replica cannot tell it from one the node never got.
+    /// The node answers so only when it cannot carry the copy's changes itself (it no longer
+    /// retains the copy's generation: `[compaction] retain_previous_s`, or more generations
+    /// passed than it keeps). Then a write whose sync failed in transport after a node had
+    /// taken it is made twice: the replica cannot tell it from one no node got.
     pub fn start_over_keeping_writes(&mut self) {
         let mut ops: Vec<Op> = std::mem::take(&mut self.replay_pending);
         ops.extend(self.unacknowledged_ops().cloned());
@@ -615,11 +622,13 @@ impl Replica {
     /// call may simply be repeated.
     ///
     /// When the node answers `document_replaced`, the replica starts over ([`Replica::start_over`])
-    /// and syncs again, once; when it answers `document_compacted`, it starts over keeping its
-    /// unacknowledged writes ([`Replica::start_over_keeping_writes`]) and syncs again, once.
+    /// and syncs again, once; when it answers `changes_carried` (the node carried this copy's
+    /// changes onto the document's new generation), it starts over too; when it answers
+    /// `document_compacted`, it starts over keeping its unacknowledged writes
+    /// ([`Replica::start_over_keeping_writes`]) and syncs again, once.
     pub fn sync(&mut self, transport: &mut impl Transport) -> Result<SyncStats, ClientError> {
         match self.sync_once(transport) {
-            Err(e) if e.code() == "document_replaced" => {
+            Err(e) if e.code() == "document_replaced" || e.code() == "changes_carried" => {
                 self.start_over();
                 self.sync_once(transport)
             }

@@ -182,7 +182,7 @@ test("a replica older than a delete and a revival starts over from the node's co
   assert.deepEqual(stale.toJSON(), a.toJSON());
 });
 
-test("writes a compaction did not see are made again on the new generation, once", async () => {
+test("writes a compaction did not see are carried onto the new generation, once", async () => {
   // A node that starts a generation every 16 changes.
   const compacting = await startNode({ config: "[compaction]\nafter_changes = 16\n" });
   try {
@@ -202,7 +202,11 @@ test("writes a compaction did not see are made again on the new generation, once
       assert.ok(tries < 400, "the document never compacted");
       await new Promise((r) => setTimeout(r, 50));
     }
+    // The node carries the writer's changes onto the new generation; the writer starts over
+    // from the node's copy without making them again.
     await writer.sync();
+    const metrics = await (await fetch(`${compacting.url}/metrics`)).text();
+    assert.match(metrics, /^verge_stale_carried_total 1$/m);
     const expected = { n: 70, log: ["offline"] };
     assert.deepEqual(writer.toJSON(), expected);
     assert.deepEqual((await nodeGet(compacting.url, id)).doc, expected);

@@ -371,8 +371,49 @@ fn a_stale_replica_with_unsynced_writes_starts_over_from_the_revived_document() 
     );
 }
 
+/// Writes `n` increments of `n` to `id` over HTTP, then waits until its generation is at least
+/// `generation`.
+fn compact_under_writes(addr: &str, id: &str, n: usize, generation: u64) {
+    for _ in 0..n {
+        let (status, _) = http(
+            addr,
+            "PATCH",
+            &format!("/v1/docs/{id}"),
+            br#"{"ops":[{"op":"inc","path":["n"],"by":1}]}"#,
+        )
+        .unwrap();
+        assert_eq!(status, 200);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, body) = http(addr, "GET", &format!("/v1/docs/{id}"), b"").unwrap();
+        let body: Json = serde_json::from_slice(&body).unwrap();
+        if body["generation"].as_u64().unwrap() >= generation {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the document never reached generation {generation}: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A counter of the node's `/metrics`.
+fn metric(addr: &str, name: &str) -> u64 {
+    let (status, body) = http(addr, "GET", "/metrics", b"").unwrap();
+    assert_eq!(status, 200);
+    let text = String::from_utf8(body).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no {name} in /metrics"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 #[test]
-fn unsynced_writes_from_before_a_compaction_are_made_again_on_the_new_generation() {
+fn unsynced_writes_from_before_a_compaction_are_carried_onto_the_new_generation() {
     let node = start_node_with(&["[compaction]", "after_changes = 16"]);
     let mut t = transport(&node.addr);
     let id = DocId::new("rs/compacted").unwrap();
@@ -392,31 +433,12 @@ fn unsynced_writes_from_before_a_compaction_are_made_again_on_the_new_generation
             2,
         )
         .unwrap();
-    for _ in 0..64 {
-        let (status, _) = http(
-            &node.addr,
-            "PATCH",
-            "/v1/docs/rs/compacted",
-            br#"{"ops":[{"op":"inc","path":["n"],"by":1}]}"#,
-        )
-        .unwrap();
-        assert_eq!(status, 200);
-    }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, body) = http(&node.addr, "GET", "/v1/docs/rs/compacted", b"").unwrap();
-        let body: Json = serde_json::from_slice(&body).unwrap();
-        if body["generation"].as_u64().unwrap() >= 1 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the document never compacted");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    // The writer's copy cannot merge with the new generation: it starts over and makes its
-    // offline writes again, once.
+    compact_under_writes(&node.addr, "rs/compacted", 64, 1);
+    // The writer's copy cannot merge with the new generation: the node carries its changes onto
+    // it, and the writer starts over from the node's without making its writes again.
     let stats = writer.sync(&mut t).unwrap();
-    assert_eq!(stats.replayed, 2, "{stats:?}");
-    assert_eq!(stats.replay_refused, 0);
+    assert_eq!(stats.replayed, 0, "{stats:?}");
+    assert_eq!(metric(&node.addr, "verge_stale_carried_total"), 1);
     let expected = json!({"n": 70, "log": ["offline"]});
     assert_eq!(writer.to_json(), expected);
     assert_eq!(node_doc(&node.addr, "rs/compacted"), expected);
@@ -432,4 +454,65 @@ fn unsynced_writes_from_before_a_compaction_are_made_again_on_the_new_generation
     reader.sync(&mut t).unwrap();
     assert_eq!(reader.to_json()["n"], json!(80));
     assert_eq!(node_doc(&node.addr, "rs/compacted")["n"], json!(80));
+}
+
+#[test]
+fn a_write_whose_answer_was_lost_before_a_compaction_takes_effect_once() {
+    let node = start_node_with(&["[compaction]", "after_changes = 16"]);
+    let mut t = transport(&node.addr);
+    let id = DocId::new("rs/lost").unwrap();
+    let mut writer = Replica::open(id.clone(), &mut t).unwrap();
+    writer
+        .apply(ops(json!([{"op": "inc", "path": ["n"], "by": 1}])), 1)
+        .unwrap();
+    writer.sync(&mut t).unwrap();
+    writer
+        .apply(ops(json!([{"op": "inc", "path": ["n"], "by": 1000}])), 2)
+        .unwrap();
+    // The node takes the write, and its answer is lost on the way back.
+    let mut lossy = |id: &DocId, body: &[u8]| -> Result<Vec<u8>, ClientError> {
+        transport(&node.addr)(id, body)?;
+        Err(ClientError::Network("answer lost".into()))
+    };
+    let err = writer.sync(&mut lossy).expect_err("the answer is lost");
+    assert_eq!(err.code(), "network");
+    assert_eq!(node_doc(&node.addr, "rs/lost")["n"], json!(1001));
+    compact_under_writes(&node.addr, "rs/lost", 40, 1);
+    // The writer cannot tell whether the node took it; the node carries it again, which is the
+    // change its compaction already carried.
+    let stats = writer.sync(&mut t).unwrap();
+    assert_eq!(stats.replayed, 0, "{stats:?}");
+    assert_eq!(metric(&node.addr, "verge_stale_carried_total"), 1);
+    assert_eq!(node_doc(&node.addr, "rs/lost")["n"], json!(1041));
+    assert_eq!(writer.to_json()["n"], json!(1041));
+}
+
+#[test]
+fn writes_older_than_the_retained_generations_are_made_again() {
+    let node = start_node_with(&["[compaction]", "after_changes = 16"]);
+    let mut t = transport(&node.addr);
+    let id = DocId::new("rs/far").unwrap();
+    let mut writer = Replica::open(id.clone(), &mut t).unwrap();
+    writer
+        .apply(ops(json!([{"op": "inc", "path": ["n"], "by": 1}])), 1)
+        .unwrap();
+    writer.sync(&mut t).unwrap();
+    writer
+        .apply(
+            ops(json!([
+                {"op": "inc", "path": ["n"], "by": 5},
+                {"op": "push", "path": ["log"], "value": "offline"}
+            ])),
+            2,
+        )
+        .unwrap();
+    // More generations pass than a node retains (4).
+    compact_under_writes(&node.addr, "rs/far", 200, 6);
+    let stats = writer.sync(&mut t).unwrap();
+    assert_eq!(stats.replayed, 2, "{stats:?}");
+    assert_eq!(stats.replay_refused, 0);
+    assert_eq!(metric(&node.addr, "verge_stale_not_carried_total"), 1);
+    let expected = json!({"n": 206, "log": ["offline"]});
+    assert_eq!(writer.to_json(), expected);
+    assert_eq!(node_doc(&node.addr, "rs/far"), expected);
 }

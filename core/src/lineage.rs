@@ -13,7 +13,7 @@
 use std::collections::HashSet;
 
 use automerge::legacy::{Key, ObjectId, OpType};
-use automerge::{ActorId, Automerge, AutomergeError, Change, ChangeHash, ScalarValue};
+use automerge::{ActorId, Automerge, AutomergeError, Change, ChangeHash, ReadDoc, ScalarValue};
 
 use crate::document::new_document;
 use crate::generation::{self, Compaction, GenerationError};
@@ -152,6 +152,9 @@ pub enum Settled {
     Adopted {
         /// The changes of the old generation carried.
         carried: usize,
+        /// The generation it left, as it held it (it holds the new generation's point): a node
+        /// retains it to carry changes that clients still hold of it ([`carry_stale`]).
+        previous: Box<Automerge>,
     },
 }
 
@@ -337,7 +340,105 @@ pub fn settle(
     // The new generation's own changes (the carried ones are shared, by hash).
     adopted.apply_changes(next)?;
     *doc = adopted;
-    Ok(Settled::Adopted { carried })
+    Ok(Settled::Adopted {
+        carried,
+        previous: Box::new(old),
+    })
+}
+
+/// Why changes of an earlier generation could not be carried onto the current one. The
+/// client that sent them replays its writes instead (`docs/compaction.md`).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StaleError {
+    /// No retained generation is the one the changes belong to (never held here, released, or
+    /// further back than a node retains).
+    #[error("generation {0} is not retained here")]
+    NotRetained(u64),
+    /// The changes depend on changes the retained generation does not hold.
+    #[error("the changes depend on {0} changes that generation {1} does not hold here")]
+    MissingDeps(usize, u64),
+    /// A change of theirs starts a history of its own.
+    #[error("a change offered as stale starts a history of its own")]
+    Foreign,
+    /// Carrying failed (the retained generations do not follow one another, or a change does
+    /// not carry).
+    #[error(transparent)]
+    Generation(#[from] GenerationError),
+    /// Automerge refused a change.
+    #[error("automerge: {0}")]
+    Automerge(#[from] Box<AutomergeError>),
+}
+
+impl From<AutomergeError> for StaleError {
+    fn from(e: AutomergeError) -> Self {
+        StaleError::Automerge(Box::new(e))
+    }
+}
+
+/// Carries `stale`, changes of generation `from` that a client (or any peer that is not a
+/// member) still holds, onto the current generation, which `root` starts, through the
+/// generations this node retained (`retained`, consecutive, each as this node held it when it
+/// left it, so each holds the point of the one after it).
+///
+/// Each step is the carrying every member does when it moves to the next generation
+/// ([`Compaction::adopt`]), applied to the retained generation plus the stale changes, so a
+/// stale change gets the same carried form as wherever else it was carried: one the cluster
+/// already carried (its sender's last sync reached a node before it compacted, and the answer
+/// was lost) takes effect once. Returns every carried form in the current generation, those
+/// the document already holds included (applying them again changes nothing).
+pub fn carry_stale(
+    retained: Vec<Automerge>,
+    from: u64,
+    root: &Change,
+    stale: Vec<Change>,
+) -> Result<Vec<Change>, StaleError> {
+    let start = retained
+        .iter()
+        .position(|d| generation::of(d) == from)
+        .ok_or(StaleError::NotRetained(from))?;
+    let mut docs = retained.into_iter().skip(start);
+    let Some(mut scratch) = docs.next() else {
+        return Err(StaleError::NotRetained(from));
+    };
+    // Only changes of that generation: a change without deps must be one of its first ones.
+    let lineage = Lineage::of(&scratch);
+    let root_hash = generation::root_of(&scratch).map(|(hash, _)| hash);
+    let foreign = |c: &Change| match root_hash {
+        Some(root) => c.hash() != root,
+        None => started_by(c) != lineage,
+    };
+    if stale.iter().any(|c| c.deps().is_empty() && foreign(c)) {
+        return Err(StaleError::Foreign);
+    }
+    scratch.apply_changes(stale)?;
+    let missing = scratch.get_missing_deps(&[]);
+    if !missing.is_empty() {
+        return Err(StaleError::MissingDeps(missing.len(), from));
+    }
+    loop {
+        let next = docs.next();
+        let next_root = match &next {
+            Some(doc) => generation::root_of(doc)
+                .and_then(|(hash, _)| doc.get_change_by_hash(&hash))
+                .ok_or(StaleError::NotRetained(generation::of(doc)))?,
+            None => root.clone(),
+        };
+        let compaction = Compaction::adopt(&scratch, &next_root)?;
+        let carried: Vec<Change> = compaction
+            .document()
+            .get_changes(&[])
+            .into_iter()
+            .filter(|c| c.hash() != next_root.hash())
+            .collect();
+        match next {
+            Some(mut doc) => {
+                doc.apply_changes(carried)?;
+                scratch = doc;
+            }
+            None => return Ok(carried),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -386,7 +487,7 @@ mod tests {
         write(&mut a, json!([{"op": "inc", "path": ["n"], "by": 1}]));
         let settled = deliver(&mut b, &a, Move::Carry).expect("settle");
         assert!(
-            matches!(settled, Settled::Adopted { carried: 1 }),
+            matches!(settled, Settled::Adopted { carried: 1, .. }),
             "{settled:?}"
         );
         assert_eq!(Lineage::of(&b).generation, 1);
@@ -589,5 +690,142 @@ mod tests {
         let before = other.get_heads();
         other.load_incremental(&saved).expect("incremental");
         assert_ne!(other.get_heads(), before, "load_incremental added nothing");
+    }
+
+    /// A node's document: it compacts at its head and returns the generation it left.
+    fn compact_retaining(doc: &mut Automerge) -> Automerge {
+        let w = generation::propose(doc, 0).expect("propose");
+        let previous = doc.fork();
+        compact_at(doc, w);
+        previous
+    }
+
+    fn root(doc: &Automerge) -> Change {
+        let (hash, _) = generation::root_of(doc).expect("a generation root");
+        doc.get_change_by_hash(&hash).expect("held")
+    }
+
+    /// Applies `carried` to `doc` and returns whether anything was new.
+    fn apply_carried(doc: &mut Automerge, carried: Vec<Change>) -> bool {
+        let before = doc.get_heads();
+        doc.apply_changes(carried).expect("carried changes apply");
+        doc.get_heads() != before
+    }
+
+    #[test]
+    fn a_stale_client_change_is_carried_once_whether_or_not_the_node_held_it() {
+        let mut node = replica(1);
+        write(&mut node, json!([{"op": "inc", "path": ["n"], "by": 10}]));
+        let mut client = replica(2);
+        deliver(&mut client, &node, Move::Replace).expect("settle");
+        write(&mut client, json!([{"op": "inc", "path": ["n"], "by": 1}]));
+        let stale = client.get_changes(&[]);
+
+        // The node never got the client's write before it compacted: carrying adds it.
+        let mut never = node.fork();
+        let retained = compact_retaining(&mut never);
+        let carried = carry_stale(vec![retained], 0, &root(&never), stale.clone()).expect("carry");
+        assert!(apply_carried(&mut never, carried));
+        assert_eq!(to_json(&never)["n"], json!(11));
+
+        // The node took it (the client's answer was lost), then compacted: carrying it again is
+        // the change the compaction made, and nothing is added.
+        let mut took = node.fork();
+        took.apply_changes(stale.clone()).expect("apply");
+        let retained = compact_retaining(&mut took);
+        let carried =
+            carry_stale(vec![retained.fork()], 0, &root(&took), stale.clone()).expect("carry");
+        assert!(!apply_carried(&mut took, carried));
+        assert_eq!(to_json(&took)["n"], json!(11));
+
+        // A member that held the write and moved to the generation itself carried it alike.
+        let mut compacted_elsewhere = node.fork();
+        let w = generation::propose(&mut compacted_elsewhere, 0).expect("propose");
+        let retained = compacted_elsewhere.fork();
+        let mut member = replica(3);
+        member
+            .apply_changes(retained.get_changes(&[]))
+            .expect("apply");
+        member.apply_changes(stale.clone()).expect("apply");
+        compact_at(&mut compacted_elsewhere, w);
+        let settled = deliver(&mut member, &compacted_elsewhere, Move::Carry).expect("settle");
+        assert!(matches!(settled, Settled::Adopted { .. }), "{settled:?}");
+        let carried =
+            carry_stale(vec![retained], 0, &root(&compacted_elsewhere), stale).expect("carry");
+        let mut from_client = compacted_elsewhere.fork();
+        apply_carried(&mut from_client, carried);
+        apply_carried(&mut compacted_elsewhere, member.get_changes(&[]));
+        assert_eq!(from_client.get_heads(), compacted_elsewhere.get_heads());
+        assert_eq!(to_json(&compacted_elsewhere)["n"], json!(11));
+    }
+
+    #[test]
+    fn stale_changes_carry_through_several_retained_generations() {
+        let mut node = replica(1);
+        write(
+            &mut node,
+            json!([{"op": "set", "path": ["list"], "value": ["a"]}]),
+        );
+        let mut client = replica(2);
+        deliver(&mut client, &node, Move::Replace).expect("settle");
+        write(
+            &mut client,
+            json!([{"op": "push", "path": ["list"], "value": "c"}]),
+        );
+        write(&mut client, json!([{"op": "inc", "path": ["n"], "by": 2}]));
+        let stale = client.get_changes(&[]);
+        let mut retained = Vec::new();
+        for i in 0..3 {
+            write(
+                &mut node,
+                json!([{"op": "push", "path": ["list"], "value": i}]),
+            );
+            retained.push(compact_retaining(&mut node));
+        }
+        assert_eq!(Lineage::of(&node).generation, 3);
+        let current = root(&node);
+        // Only the last two retained: the client's generation 0 is gone.
+        let err = carry_stale(
+            retained[1..].iter().map(Automerge::fork).collect(),
+            0,
+            &current,
+            stale.clone(),
+        )
+        .expect_err("generation 0 is not retained");
+        assert!(matches!(err, StaleError::NotRetained(0)), "{err}");
+        let carried = carry_stale(retained, 0, &current, stale).expect("carry");
+        assert!(apply_carried(&mut node, carried.clone()));
+        assert!(!apply_carried(&mut node, carried), "carrying is idempotent");
+        assert_eq!(to_json(&node)["n"], json!(2));
+        let list = to_json(&node)["list"].clone();
+        assert_eq!(list.as_array().map(Vec::len), Some(5), "{list}");
+        assert!(list.as_array().expect("list").contains(&json!("c")));
+    }
+
+    #[test]
+    fn stale_changes_missing_their_deps_or_from_another_history_are_refused() {
+        let mut node = replica(1);
+        write(&mut node, json!([{"op": "set", "path": ["k"], "value": 1}]));
+        let mut client = replica(2);
+        deliver(&mut client, &node, Move::Replace).expect("settle");
+        write(
+            &mut client,
+            json!([{"op": "set", "path": ["j"], "value": 1}]),
+        );
+        write(
+            &mut client,
+            json!([{"op": "set", "path": ["j"], "value": 2}]),
+        );
+        let all = client.get_changes(&[]);
+        let retained = compact_retaining(&mut node);
+        // Only the client's last change: its predecessor is held nowhere here.
+        let last = all.last().cloned().expect("a change");
+        let err = carry_stale(vec![retained.fork()], 0, &root(&node), vec![last])
+            .expect_err("a dep is missing");
+        assert!(matches!(err, StaleError::MissingDeps(1, 0)), "{err}");
+        // A change of a generation-1 history offered as generation 0.
+        let err = carry_stale(vec![retained], 0, &root(&node), vec![root(&node)])
+            .expect_err("another history");
+        assert!(matches!(err, StaleError::Foreign), "{err}");
     }
 }

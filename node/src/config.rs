@@ -226,6 +226,10 @@ pub struct CompactionConfig {
     /// Bytes a document's history grew since its generation started after which it starts the
     /// next one.
     pub after_bytes: u64,
+    /// How long a node keeps a generation its documents left (the last few of each), so that
+    /// the changes a client still holds of it are carried onto the new one instead of being
+    /// made again by the client.
+    pub retain_previous_s: u64,
 }
 
 impl Default for CompactionConfig {
@@ -233,6 +237,7 @@ impl Default for CompactionConfig {
         Self {
             after_changes: 1000,
             after_bytes: 1024 * 1024,
+            retain_previous_s: 3600,
         }
     }
 }

@@ -27,7 +27,7 @@ use crate::clock::Clock;
 use crate::metrics::Metrics;
 use crate::replication::{LocalChange, ReplicaWaiter};
 use crate::store::writer::{CommitError, Job, QueueSlot, WriterHandle};
-use crate::store::{DocMeta, Mutation, Store, StoreError};
+use crate::store::{DocMeta, Mutation, Previous, RETAINED_GENERATIONS_MAX, Store, StoreError};
 
 /// Change events buffered per watcher before it is told it lagged.
 pub const WATCH_BUFFER: usize = 4096;
@@ -42,12 +42,13 @@ pub const SNAPSHOT_REWRITE_BYTES_MIN: u64 = 4096;
 pub const PROPOSALS_PENDING_MAX: usize = 4096;
 
 /// How queued changes relate to the stored history.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 enum History {
     /// They follow it.
     Extend,
-    /// The document was replaced by a newer incarnation: they are its whole history.
-    Replace,
+    /// The document moved to a newer incarnation or generation: they are its whole history,
+    /// and `Previous` says what is kept of the one it left.
+    Replace(Previous),
 }
 
 /// Tunables of the document service.
@@ -110,6 +111,18 @@ pub enum DocError {
         "this node has not yet caught up with the generation of document {0} that this copy is from; retry shortly or sync with another node"
     )]
     CatchingUp(DocId),
+    /// A sync message carried changes of an older generation, which this node carried onto the
+    /// current one (they are durable): the sender starts over from the current generation,
+    /// without making its writes again.
+    #[error(
+        "document {id} was compacted into generation {generation} since this copy was made; the changes this copy sent were carried onto it: sync from an empty document, without making the writes again"
+    )]
+    ChangesCarried {
+        /// The document.
+        id: DocId,
+        /// Its generation here.
+        generation: u64,
+    },
     /// Storage failed; the write was not acknowledged.
     #[error("storage error: {0}")]
     Storage(#[source] Arc<StoreError>),
@@ -618,7 +631,7 @@ impl Documents {
             };
             let history = if applied.replaced {
                 self.metrics.incarnations_replaced.inc();
-                History::Replace
+                History::Replace(Previous::Forget)
             } else {
                 History::Extend
             };
@@ -673,13 +686,14 @@ impl Documents {
                     meta: meta.clone(),
                 }
             }
-            History::Replace => {
+            History::Replace(previous) => {
                 let snapshot = stored_snapshot(&slot.doc);
                 replaced_history(meta, &slot.doc, snapshot.len(), changes.len());
                 Mutation::Replace {
                     id: entry.id.clone(),
                     snapshot,
                     meta: meta.clone(),
+                    previous,
                 }
             }
         };
@@ -822,12 +836,20 @@ impl Documents {
         } else {
             None
         };
-        let (reply, pending, applied) = {
+        let (reply, pending, applied, carried_for_client) = {
             let mut guard = self.lock_for_change(&entry)?;
             let slot = guard.as_mut().expect("load fills the slot");
             check_growth(id, &slot.meta, incoming_bytes)?;
             let before = slot.doc.get_heads();
             let local = Local::of(&slot.doc);
+            // A client's copy of an earlier generation: its changes, which may not apply here
+            // (their deps are gone), are what this node carries for it.
+            let sent: Vec<Vec<u8>> = match (&incoming, origin) {
+                (Some(message), Origin::Client) if local.lineage.generation > 0 => {
+                    message.changes.iter().map(<[u8]>::to_vec).collect()
+                }
+                _ => Vec::new(),
+            };
             if let Some(message) = incoming
                 && let Err(e) = document::receive_sync_message(&mut slot.doc, state, message)
             {
@@ -836,12 +858,13 @@ impl Documents {
                 self.discard(&entry);
                 return Err(InvalidSync::Receive(Box::new(e)).into());
             }
-            let settled = self.settle(&entry, slot, &before, &local, origin);
+            let settled = self.settle(&entry, slot, &before, &local, origin, &sent);
             let Settle {
                 changes,
                 history,
                 dropped,
                 broadcast,
+                carried_for_client,
             } = match settled {
                 Ok(settled) => settled,
                 Err(Refused { error, intact }) => {
@@ -852,7 +875,7 @@ impl Documents {
                     return Err(error);
                 }
             };
-            if history == History::Replace {
+            if matches!(history, History::Replace(_)) {
                 // The peer's view of our history no longer holds.
                 *state = SyncState::new();
             } else if dropped {
@@ -881,10 +904,23 @@ impl Documents {
             };
             let reply = document::generate_sync_message(&slot.doc, state);
             let origin = if broadcast { Origin::Client } else { origin };
-            (reply, pending.map(|p| (p, origin)), applied)
+            (
+                reply,
+                pending.map(|p| (p, origin)),
+                applied,
+                carried_for_client,
+            )
         };
         if let Some((pending, origin)) = pending {
             self.finish(&entry, pending, origin, None).await?;
+        }
+        if let Some(generation) = carried_for_client {
+            // Durable now: the client drops its copy and its writes, which are in the new
+            // generation.
+            return Err(DocError::ChangesCarried {
+                id: id.clone(),
+                generation,
+            });
         }
         // A message malformed in a way Automerge only notices when answering it; the changes
         // it carried (if any) are valid and already durable.
@@ -903,6 +939,7 @@ impl Documents {
         before: &[ChangeHash],
         local: &Local,
         origin: Origin,
+        sent: &[Vec<u8>],
     ) -> Result<Settle, Refused> {
         let new = slot.doc.get_changes(before);
         let refused = |error: DocError, intact: bool| Refused { error, intact };
@@ -932,8 +969,8 @@ impl Documents {
                 .collect()
         };
         let now = Lineage::of(&slot.doc);
-        let broadcast = matches!(settled, Settled::Adopted { carried } if carried > 0);
-        match settled {
+        let broadcast = matches!(settled, Settled::Adopted { carried, .. } if carried > 0);
+        let previous = match settled {
             Settled::Kept => {
                 if !new.is_empty() && !stability::proposals(&slot.doc).is_empty() {
                     // A member proposed the next generation: this node asks about it too.
@@ -944,6 +981,7 @@ impl Documents {
                     history: History::Extend,
                     dropped: false,
                     broadcast: false,
+                    carried_for_client: None,
                 });
             }
             Settled::Dropped { kept, older } => {
@@ -961,15 +999,36 @@ impl Documents {
                         history: History::Extend,
                         dropped: true,
                         broadcast: false,
+                        carried_for_client: None,
                     });
                 }
                 // A client (a Wasm replica or any Automerge peer) holding an old history is
-                // told to start over. The document is as it was unless the message also
-                // brought changes of the current history, which are not durable.
+                // told to start over. Its changes of an earlier generation this node retains
+                // are carried onto the current one first, so it need not make its writes
+                // again. Otherwise the document is as it was unless the message also brought
+                // changes of the current history, which are not durable.
                 let error = if compacted {
-                    DocError::Compacted {
-                        id: entry.id.clone(),
-                        generation: now.generation,
+                    match self.carry_stale(entry, slot, &new, sent, older) {
+                        Ok(carried) => {
+                            self.metrics.stale_carried.inc();
+                            let mut changes: Vec<Vec<u8>> = bytes(kept);
+                            changes.extend(carried);
+                            return Ok(Settle {
+                                changes,
+                                history: History::Extend,
+                                dropped: true,
+                                broadcast: true,
+                                carried_for_client: Some(now.generation),
+                            });
+                        }
+                        Err(why) => {
+                            self.metrics.stale_not_carried.inc();
+                            tracing::debug!(doc = %entry.id, error = %why, "a client's changes of an earlier generation were not carried");
+                            DocError::Compacted {
+                                id: entry.id.clone(),
+                                generation: now.generation,
+                            }
+                        }
                     }
                 } else {
                     DocError::Replaced(entry.id.clone())
@@ -979,17 +1038,24 @@ impl Documents {
             Settled::Replaced { from } if from.incarnation != now.incarnation => {
                 self.metrics.incarnations_replaced.inc();
                 tracing::info!(doc = %entry.id, from = %from, to = %now, "a newer incarnation replaced the document");
+                Previous::Forget
             }
             Settled::Replaced { from } => {
                 self.metrics.generation_adoptions.inc();
                 tracing::info!(doc = %entry.id, from = %from, to = %now, "moved to a newer generation of the document (nothing to carry)");
+                Previous::Forget
             }
-            Settled::Adopted { carried } => {
+            Settled::Adopted { carried, previous } => {
                 self.metrics.generation_adoptions.inc();
                 self.metrics.carried_changes.inc_by(carried as u64);
                 tracing::info!(doc = %entry.id, from = %local.lineage, to = %now, carried, "moved to a newer generation of the document");
+                Previous::Retain {
+                    generation: local.lineage.generation,
+                    snapshot: stored_snapshot(&previous),
+                    at_ms: self.now_ms(),
+                }
             }
-        }
+        };
         let all = slot
             .doc
             .get_changes(&[])
@@ -998,10 +1064,75 @@ impl Documents {
             .collect();
         Ok(Settle {
             changes: all,
-            history: History::Replace,
+            history: History::Replace(previous),
             dropped: true,
             broadcast,
+            carried_for_client: None,
         })
+    }
+
+    /// Carries the changes of the `older` generation that a client sent (`new`, those that
+    /// applied, and `sent`, the message's chunks, which hold also those whose deps are gone
+    /// here) onto `slot`'s current generation through the generations this node retains
+    /// (`verge_core::lineage::carry_stale`), and applies them. Returns the bytes of the carried
+    /// changes the document did not hold yet (none when the cluster had carried them all).
+    fn carry_stale(
+        &self,
+        entry: &Entry,
+        slot: &mut Slot,
+        new: &[automerge::Change],
+        sent: &[Vec<u8>],
+        older: Lineage,
+    ) -> Result<Vec<Vec<u8>>, String> {
+        let mut stale: Vec<automerge::Change> = new.to_vec();
+        for chunk in sent {
+            match automerge::Change::from_bytes(chunk.clone()) {
+                Ok(change) => stale.push(change),
+                // A chunk may be a whole document (Automerge's sync sends one to an empty peer).
+                Err(_) => stale.extend(
+                    load_document(chunk, self.actor())
+                        .map_err(|e| format!("a chunk of the message does not load: {e}"))?
+                        .get_changes(&[]),
+                ),
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        stale.retain(|c| {
+            seen.insert(c.hash()) && slot.doc.get_change_meta_by_hash(&c.hash()).is_none()
+        });
+        let current = Lineage::of(&slot.doc);
+        if current.generation.saturating_sub(older.generation) > RETAINED_GENERATIONS_MAX {
+            return Err(format!(
+                "generation {} is further back than this node retains",
+                older.generation
+            ));
+        }
+        let root = generation::root_of(&slot.doc)
+            .and_then(|(hash, _)| automerge::ReadDoc::get_change_by_hash(&slot.doc, &hash))
+            .ok_or("the current generation's root is missing")?;
+        let retained = self
+            .store
+            .retained(&entry.id)
+            .map_err(|e| format!("reading the retained generations: {e}"))?
+            .into_iter()
+            .filter(|(generation, _)| *generation >= older.generation)
+            .map(|(generation, bytes)| {
+                load_document(&bytes, self.actor())
+                    .map_err(|e| format!("retained generation {generation} does not load: {e}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let carried = lineage::carry_stale(retained, older.generation, &root, stale)
+            .map_err(|e| e.to_string())?;
+        let before = slot.doc.get_heads();
+        slot.doc
+            .apply_changes(carried)
+            .map_err(|e| format!("applying carried changes: {e}"))?;
+        Ok(slot
+            .doc
+            .get_changes(&before)
+            .into_iter()
+            .map(|c| c.raw_bytes().to_vec())
+            .collect())
     }
 
     /// Applies changes received from a peer's broadcast and makes the new ones durable.
@@ -1027,7 +1158,7 @@ impl Documents {
                     return Err(InvalidSync::BroadcastChange(Box::new(e)).into());
                 }
             }
-            let settled = self.settle(&entry, slot, &before, &local, Origin::Peer);
+            let settled = self.settle(&entry, slot, &before, &local, Origin::Peer, &[]);
             let Settle {
                 changes: new,
                 history,
@@ -1315,7 +1446,12 @@ impl Documents {
         let announced: Vec<Vec<u8>> = std::iter::once(compaction.root().raw_bytes().to_vec())
             .chain(carried.iter().map(|c| c.raw_bytes().to_vec()))
             .collect();
-        slot.doc = compaction.into_document().with_actor(actor);
+        let left = std::mem::replace(&mut slot.doc, compaction.into_document().with_actor(actor));
+        let previous = Previous::Retain {
+            generation: from.generation,
+            snapshot: stored_snapshot(&left),
+            at_ms: self.now_ms(),
+        };
         self.metrics.carried_changes.inc_by(carried.len() as u64);
         let history_before = slot.meta.history_changes;
         let snapshot = stored_snapshot(&slot.doc);
@@ -1334,6 +1470,7 @@ impl Documents {
             id: entry.id.clone(),
             snapshot,
             meta: slot.meta.clone(),
+            previous,
         };
         Ok(self.queue(
             entry,
@@ -1352,6 +1489,15 @@ impl Documents {
                 tracing::warn!(doc = %id, error = %e, "compaction failed");
             }
         }
+    }
+
+    /// Deletes the generations documents left more than `retain_ms` ago (`docs/compaction.md`).
+    /// Returns how many.
+    pub fn release_retained(&self, retain_ms: i64) -> Result<usize, DocError> {
+        let before = self.now_ms().saturating_sub(retain_ms);
+        let released = self.store.release_retained(before)?;
+        self.metrics.retained_released.inc_by(released as u64);
+        Ok(released)
     }
 
     /// Purges documents expired at `now`, and tombstones older than `tombstone_retention_ms`.
@@ -1422,6 +1568,7 @@ impl Documents {
                     id: id.clone(),
                     snapshot,
                     meta,
+                    previous: Previous::Forget,
                 },
                 poisoned: Arc::clone(&entry.poisoned),
                 ack: None,
@@ -1479,6 +1626,9 @@ struct Settle {
     /// a generation it moved to): they are broadcast like a local write, or the members that
     /// refused the originals as stale would see them only at the next anti-entropy round.
     broadcast: bool,
+    /// The client's changes of an earlier generation were carried onto this one (of this
+    /// number): once they are durable, the client is told to start over without them.
+    carried_for_client: Option<u64>,
 }
 
 /// Received changes the document did not take.

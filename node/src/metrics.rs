@@ -64,6 +64,14 @@ pub struct Metrics {
     /// Sync messages that carried changes of an older generation (refused; the sender carries
     /// them when it moves).
     pub sync_stale_generation: Counter,
+    /// Client syncs whose changes of an earlier generation this node carried onto the current
+    /// one (answered `changes_carried`).
+    pub stale_carried: Counter,
+    /// Client syncs whose changes of an earlier generation could not be carried (generation not
+    /// retained, or a dependency missing; answered `document_compacted`).
+    pub stale_not_carried: Counter,
+    /// Retained generations deleted once `[compaction] retain_previous_s` passed.
+    pub retained_released: Counter,
     /// Client syncs refused because the client's copy is of a generation this node has not
     /// reached yet.
     pub sync_generation_ahead: Counter,
@@ -159,6 +167,9 @@ impl Metrics {
             compaction_stragglers: Counter::default(),
             sync_stale_generation: Counter::default(),
             sync_generation_ahead: Counter::default(),
+            stale_carried: Counter::default(),
+            stale_not_carried: Counter::default(),
+            retained_released: Counter::default(),
             purged_docs: Counter::default(),
             purge_rounds: Counter::default(),
             incarnations_replaced: Counter::default(),
@@ -292,6 +303,21 @@ impl Metrics {
             "sync_stale_generation",
             "Sync messages that carried changes of an older generation (refused)",
             m.sync_stale_generation.clone(),
+        );
+        registry.register(
+            "stale_carried",
+            "Client syncs whose changes of an earlier generation were carried onto the current one",
+            m.stale_carried.clone(),
+        );
+        registry.register(
+            "stale_not_carried",
+            "Client syncs whose changes of an earlier generation could not be carried",
+            m.stale_not_carried.clone(),
+        );
+        registry.register(
+            "retained_released",
+            "Retained generations deleted after compaction.retain_previous_s",
+            m.retained_released.clone(),
         );
         registry.register(
             "sync_generation_ahead",

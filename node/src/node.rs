@@ -461,6 +461,8 @@ fn spawn_purger(docs: Arc<Documents>, config: &Config) -> JoinHandle<()> {
     let interval = Duration::from_secs(config.storage.purge_interval_s);
     let retention_ms = i64::try_from(config.storage.tombstone_retention_s.saturating_mul(1000))
         .unwrap_or(i64::MAX);
+    let retain_previous_ms =
+        i64::try_from(config.compaction.retain_previous_s.saturating_mul(1000)).unwrap_or(i64::MAX);
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -470,6 +472,11 @@ fn spawn_purger(docs: Arc<Documents>, config: &Config) -> JoinHandle<()> {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(purged = n, "purged expired documents and old tombstones"),
                 Err(e) => tracing::warn!(error = %e, "purge failed"),
+            }
+            match docs.release_retained(retain_previous_ms) {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(released = n, "released retained generations"),
+                Err(e) => tracing::warn!(error = %e, "releasing retained generations failed"),
             }
         }
     })

@@ -84,6 +84,9 @@ impl From<DocError> for ApiError {
             DocError::Compacted { .. } => {
                 Self::new(StatusCode::CONFLICT, "document_compacted", message)
             }
+            DocError::ChangesCarried { .. } => {
+                Self::new(StatusCode::CONFLICT, "changes_carried", message)
+            }
             DocError::CatchingUp(_) => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "catching_up", message)
             }

@@ -43,6 +43,8 @@ pub(super) enum Row<'a> {
     Meta(&'a str),
     /// A node-level value.
     Node(&'a str),
+    /// The retained snapshot of generation `generation` of document `id`.
+    Retained(&'a str, u64),
 }
 
 impl Row<'_> {
@@ -52,6 +54,7 @@ impl Row<'_> {
             Row::Change(id, seq) => (b'c', id, Some(seq)),
             Row::Meta(id) => (b'm', id, None),
             Row::Node(key) => (b'n', key, None),
+            Row::Retained(id, generation) => (b'r', id, Some(generation)),
         };
         let mut ad = Vec::with_capacity(1 + id.len() + 8);
         ad.push(tag);

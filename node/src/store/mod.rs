@@ -33,6 +33,15 @@ const SNAPSHOTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("snapsh
 const CHANGES: TableDefinition<'_, (&str, u64), &[u8]> = TableDefinition::new("changes");
 const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
 const NODE: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("node");
+/// Snapshots of generations a document left, by document and generation (`docs/compaction.md`).
+const RETAINED: TableDefinition<'_, (&str, u64), &[u8]> = TableDefinition::new("retained");
+/// When each retained generation was left, in Unix milliseconds: read by the release sweep
+/// without unsealing the snapshots.
+const RETAINED_AT: TableDefinition<'_, (&str, u64), i64> = TableDefinition::new("retained_at");
+
+/// Generations a document retains at most: a client whose replica is further behind replays
+/// its writes instead of having them carried.
+pub const RETAINED_GENERATIONS_MAX: u64 = 4;
 
 /// The database file inside the data directory.
 pub const DB_FILE: &str = "verge.redb";
@@ -152,7 +161,7 @@ pub enum Mutation {
         id: DocId,
     },
     /// Replace the document's whole history (snapshot and change rows) by `snapshot`: a new
-    /// incarnation replaced the old one.
+    /// incarnation or generation replaced the old one.
     Replace {
         /// The document.
         id: DocId,
@@ -160,6 +169,27 @@ pub enum Mutation {
         snapshot: Vec<u8>,
         /// The record after the replacement.
         meta: DocMeta,
+        /// What becomes of the histories the document left before.
+        previous: Previous,
+    },
+}
+
+/// What a replaced history leaves behind.
+#[derive(Debug)]
+pub enum Previous {
+    /// Nothing: a new incarnation ends the old one, and a document that took a newer generation
+    /// whole held nothing of its own to carry.
+    Forget,
+    /// The generation the document leaves, kept beside the ones it left before (the last
+    /// [`RETAINED_GENERATIONS_MAX`]), so that changes a client still holds of it can be carried
+    /// onto the new one by the same rules as everywhere (`verge_core::lineage::carry_stale`).
+    Retain {
+        /// Its number.
+        generation: u64,
+        /// It, as this node held it (`Automerge::save`).
+        snapshot: Vec<u8>,
+        /// When it was left, in Unix milliseconds.
+        at_ms: i64,
     },
 }
 
@@ -192,6 +222,8 @@ pub struct RekeyReport {
     pub snapshots: u64,
     /// Change rows.
     pub changes: u64,
+    /// Retained generations.
+    pub retained: u64,
     /// Metadata records.
     pub metas: u64,
 }
@@ -278,7 +310,10 @@ impl Store {
         tx.set_durability(Durability::Immediate)?;
         let report = RekeyReport {
             snapshots: rewrite_by_id(&tx, SNAPSHOTS, from, to, |id: &str| Row::Snapshot(id))?,
-            changes: rewrite_changes(&tx, from, to)?,
+            changes: rewrite_changes(&tx, CHANGES, from, to, |id, seq| Row::Change(id, seq))?,
+            retained: rewrite_changes(&tx, RETAINED, from, to, |id, generation| {
+                Row::Retained(id, generation)
+            })?,
             metas: rewrite_by_id(&tx, META, from, to, |id: &str| Row::Meta(id))?,
         };
         {
@@ -337,6 +372,8 @@ impl Store {
             tx.open_table(SNAPSHOTS)?;
             tx.open_table(CHANGES)?;
             tx.open_table(META)?;
+            tx.open_table(RETAINED)?;
+            tx.open_table(RETAINED_AT)?;
         }
         tx.commit()?;
         Ok(())
@@ -391,6 +428,46 @@ impl Store {
             bytes.extend_from_slice(&self.unseal(Row::Change(id.as_str(), seq), change.value())?);
         }
         Ok(Some(StoredDoc { meta, bytes }))
+    }
+
+    /// The generations `id` retains, oldest first: each its number and its snapshot.
+    pub fn retained(&self, id: &DocId) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(RETAINED)?;
+        let mut out = Vec::new();
+        for row in table.range((id.as_str(), 0)..=(id.as_str(), u64::MAX))? {
+            let (key, value) = row?;
+            let (_, generation) = key.value();
+            let plain = self.unseal(Row::Retained(id.as_str(), generation), value.value())?;
+            out.push((generation, plain.into_owned()));
+        }
+        Ok(out)
+    }
+
+    /// Deletes the retained generations left before `before_ms` (Unix milliseconds), in one
+    /// durable transaction. Returns how many.
+    pub fn release_retained(&self, before_ms: i64) -> Result<usize, StoreError> {
+        let mut tx = self.db.begin_write()?;
+        tx.set_durability(Durability::Immediate)?;
+        let released = {
+            let mut at = tx.open_table(RETAINED_AT)?;
+            let mut old: Vec<(String, u64)> = Vec::new();
+            for row in at.iter()? {
+                let (key, value) = row?;
+                if value.value() < before_ms {
+                    let (id, generation) = key.value();
+                    old.push((id.to_owned(), generation));
+                }
+            }
+            let mut retained = tx.open_table(RETAINED)?;
+            for (id, generation) in &old {
+                at.remove((id.as_str(), *generation))?;
+                retained.remove((id.as_str(), *generation))?;
+            }
+            old.len()
+        };
+        tx.commit()?;
+        Ok(released)
     }
 
     /// Reads the metadata of the documents after `after` (exclusive) whose ids start with
@@ -573,6 +650,8 @@ impl Store {
             let mut snapshots = tx.open_table(SNAPSHOTS)?;
             let mut changes = tx.open_table(CHANGES)?;
             let mut metas = tx.open_table(META)?;
+            let mut retained = tx.open_table(RETAINED)?;
+            let mut retained_at = tx.open_table(RETAINED_AT)?;
             for m in batch {
                 match m {
                     Mutation::Append {
@@ -605,14 +684,40 @@ impl Store {
                         metas.insert(id.as_str(), &*self.seal(Row::Meta(id.as_str()), &meta))?;
                     }
                     Mutation::Purge { id } => {
+                        let all = (id.as_str(), 0)..=(id.as_str(), u64::MAX);
+                        retained.retain_in(all.clone(), |_, _| false)?;
+                        retained_at.retain_in(all, |_, _| false)?;
                         snapshots.remove(id.as_str())?;
                         changes
                             .retain_in((id.as_str(), 0)..=(id.as_str(), u64::MAX), |_, _| false)?;
                         metas.remove(id.as_str())?;
                     }
-                    Mutation::Replace { id, snapshot, meta } => {
+                    Mutation::Replace {
+                        id,
+                        snapshot,
+                        meta,
+                        previous,
+                    } => {
                         changes
                             .retain_in((id.as_str(), 0)..=(id.as_str(), u64::MAX), |_, _| false)?;
+                        // The generations kept: none, or the last ones up to the one just left.
+                        let keep_from = match previous {
+                            Previous::Forget => u64::MAX,
+                            Previous::Retain {
+                                generation,
+                                snapshot,
+                                at_ms,
+                            } => {
+                                let row = Row::Retained(id.as_str(), *generation);
+                                let value = self.seal(row, snapshot);
+                                retained.insert((id.as_str(), *generation), &*value)?;
+                                retained_at.insert((id.as_str(), *generation), *at_ms)?;
+                                (generation + 1).saturating_sub(RETAINED_GENERATIONS_MAX)
+                            }
+                        };
+                        let dropped = (id.as_str(), 0)..(id.as_str(), keep_from);
+                        retained.retain_in(dropped.clone(), |_, _| false)?;
+                        retained_at.retain_in(dropped, |_, _| false)?;
                         let value = self.seal(Row::Snapshot(id.as_str()), snapshot);
                         snapshots.insert(id.as_str(), &*value)?;
                         let meta = meta.encode();
@@ -846,13 +951,16 @@ fn rewrite_by_id(
     }
 }
 
-/// Re-seals every change row, `REKEY_CHUNK` rows per read.
+/// Re-seals every row of a table keyed by document id and number (change rows, retained
+/// generations), `REKEY_CHUNK` rows per read.
 fn rewrite_changes(
     tx: &WriteTransaction,
+    table: TableDefinition<'_, (&str, u64), &[u8]>,
     from: Option<&Cipher>,
     to: Option<&Cipher>,
+    row: fn(&str, u64) -> Row<'_>,
 ) -> Result<u64, StoreError> {
-    let mut table = tx.open_table(CHANGES)?;
+    let mut table = tx.open_table(table)?;
     let mut cursor: Option<(String, u64)> = None;
     let mut rewritten = 0;
     loop {
@@ -876,7 +984,7 @@ fn rewrite_changes(
         };
         cursor = Some((last_id.clone(), *last_seq));
         for (id, seq, value) in &chunk {
-            let row = Row::Change(id, *seq);
+            let row = row(id, *seq);
             let plain = unseal_with(from, row, value)?;
             table.insert((id.as_str(), *seq), &*seal_with(to, row, &plain))?;
             rewritten += 1;
@@ -964,6 +1072,59 @@ mod tests {
         assert_eq!(store.doc_count().expect("count"), 0);
     }
 
+    #[test]
+    fn a_replaced_history_keeps_the_last_generations_until_released() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), StoreOptions::plain()).expect("open");
+        let doc = id("hot/1");
+        let replace = |generation: u64, previous: Previous| Mutation::Replace {
+            id: doc.clone(),
+            snapshot: format!("gen {generation}").into_bytes(),
+            meta: meta(1),
+            previous,
+        };
+        let retain = |generation: u64| Previous::Retain {
+            generation,
+            snapshot: format!("left {generation}").into_bytes(),
+            at_ms: 1_000 * generation as i64,
+        };
+        let generations = |store: &Store| -> Vec<u64> {
+            store
+                .retained(&doc)
+                .expect("retained")
+                .into_iter()
+                .map(|(g, bytes)| {
+                    assert_eq!(bytes, format!("left {g}").into_bytes());
+                    g
+                })
+                .collect()
+        };
+        for g in 0..6 {
+            store.commit(&[&replace(g + 1, retain(g))]).expect("commit");
+        }
+        // The last RETAINED_GENERATIONS_MAX generations left.
+        assert_eq!(generations(&store), vec![2, 3, 4, 5]);
+        // Released by age: those left before 4 s.
+        assert_eq!(store.release_retained(4_000).expect("release"), 2);
+        assert_eq!(generations(&store), vec![4, 5]);
+        // Survives a reopen.
+        drop(store);
+        let store = Store::open(dir.path(), StoreOptions::plain()).expect("reopen");
+        assert_eq!(generations(&store), vec![4, 5]);
+        // A new incarnation forgets them, and so does a purge.
+        store
+            .commit(&[&replace(0, Previous::Forget)])
+            .expect("commit");
+        assert!(generations(&store).is_empty());
+        store.commit(&[&replace(1, retain(0))]).expect("commit");
+        assert_eq!(generations(&store), vec![0]);
+        store
+            .commit(&[&Mutation::Purge { id: doc.clone() }])
+            .expect("purge");
+        assert!(generations(&store).is_empty());
+        assert_eq!(store.release_retained(i64::MAX).expect("release"), 0);
+    }
+
     fn keyed(k: u8, seed: u8) -> StoreOptions {
         StoreOptions {
             encryption_key: Some(EncryptionKey::from_bytes([k; 32])),
@@ -980,6 +1141,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let secret: &[u8] = b"plaintext-canary-7d1f";
         let snap: &[u8] = b"snapshot-canary-93ab";
+        let retained_snap: &[u8] = b"retained-canary-51c0";
         {
             let store = Store::open(dir.path(), keyed(1, 1)).expect("create encrypted");
             assert!(store.encrypted());
@@ -999,21 +1161,34 @@ mod tests {
                     meta: meta(2),
                 }])
                 .expect("compact");
+            store
+                .commit(&[&Mutation::Replace {
+                    id: id("cart/3"),
+                    snapshot: b"next".to_vec(),
+                    meta: meta(3),
+                    previous: Previous::Retain {
+                        generation: 0,
+                        snapshot: retained_snap.to_vec(),
+                        at_ms: 5,
+                    },
+                }])
+                .expect("replace");
             let loaded = store.load(&id("cart/1")).expect("load").expect("present");
             assert_eq!(loaded.bytes, [secret, b"-more"].concat());
             assert_eq!(loaded.meta, meta(1));
             let mut seen = 0;
             store
                 .scan_meta("cart/", None, |_, m| {
-                    assert!(m == meta(1) || m == meta(2));
+                    assert!(m == meta(1) || m == meta(2) || m == meta(3));
                     seen += 1;
                     true
                 })
                 .expect("scan");
-            assert_eq!(seen, 2);
+            assert_eq!(seen, 3);
         }
         let file = fs::read(dir.path().join(DB_FILE)).expect("read file");
         assert!(!contains(&file, secret) && !contains(&file, snap));
+        assert!(!contains(&file, retained_snap));
         assert!(!contains(&file, &[1u8; 32]), "heads are sealed too");
 
         let refused = |options| match Store::open(dir.path(), options) {
@@ -1034,9 +1209,10 @@ mod tests {
         assert_eq!(
             report,
             RekeyReport {
-                snapshots: 1,
+                snapshots: 2,
                 changes: 2,
-                metas: 2
+                retained: 1,
+                metas: 3
             }
         );
         assert_eq!(refused(keyed(1, 5)), KeyMismatch::WrongKey);
@@ -1047,6 +1223,10 @@ mod tests {
         let store = Store::open(dir.path(), keyed(2, 7)).expect("new key opens");
         let loaded = store.load(&id("cart/1")).expect("load").expect("present");
         assert_eq!(loaded.bytes, [secret, b"-more"].concat());
+        assert_eq!(
+            store.retained(&id("cart/3")).expect("retained"),
+            vec![(0, retained_snap.to_vec())]
+        );
         drop(store);
         Store::rekey(dir.path(), key(2), None, [8; 32]).expect("decrypt");
         assert_eq!(refused(keyed(2, 9)), KeyMismatch::NotEncrypted);
