@@ -69,6 +69,9 @@ struct Session {
     /// Whether the first message's `last_sync` was non-empty (so an empty `have` back is a
     /// reset, not an empty document).
     claimed_history: bool,
+    /// The replica announced itself empty: its writes, made on an empty copy, are made again
+    /// on the copy the answer brings ([`Replica::sync_begin`]).
+    rebase: bool,
     stats: SyncStats,
 }
 
@@ -123,12 +126,55 @@ pub struct Replica {
     shared: Vec<ChangeHash>,
     session: Option<Session>,
     last_sync: SyncStats,
+    /// Where fresh actor ids come from.
+    actors: Actors,
+    /// A node answered one of this replica's syncs: its writes were made knowing the node's
+    /// copy (possibly empty), not on an empty copy that never heard of it.
+    heard: bool,
+}
+
+/// Where a replica's fresh actor ids come from: the host's randomness, or, in a deterministic
+/// simulation, a seed.
+#[derive(Debug, Clone)]
+enum Actors {
+    Random,
+    Seeded(u64),
+}
+
+impl Actors {
+    fn next(&mut self) -> ActorId {
+        match self {
+            Actors::Random => ActorId::random(),
+            Actors::Seeded(state) => {
+                let mut bytes = [0u8; 16];
+                for half in bytes.chunks_mut(8) {
+                    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                    let mut z = *state;
+                    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                    half.copy_from_slice(&(z ^ (z >> 31)).to_be_bytes());
+                }
+                ActorId::from(bytes.to_vec())
+            }
+        }
+    }
 }
 
 impl Replica {
     /// An empty replica of `id`, knowing nothing of the node's copy yet.
     pub fn new(id: DocId) -> Self {
-        let doc = new_document(ActorId::random());
+        Self::with_actors(id, Actors::Random)
+    }
+
+    /// An empty replica of `id` whose actor ids (its first, and the fresh ones it takes when
+    /// it starts over) come from `seed` instead of the host's randomness, so that a
+    /// deterministic simulation replays the same changes. Replicas must not share a seed.
+    pub fn new_seeded(id: DocId, seed: u64) -> Self {
+        Self::with_actors(id, Actors::Seeded(seed))
+    }
+
+    fn with_actors(id: DocId, mut actors: Actors) -> Self {
+        let doc = new_document(actors.next());
         Self {
             id,
             shadow: Shadow::of(&doc),
@@ -142,6 +188,8 @@ impl Replica {
             shared: Vec::new(),
             session: None,
             last_sync: SyncStats::default(),
+            actors,
+            heard: false,
         }
     }
 
@@ -380,6 +428,9 @@ impl Replica {
             .map_err(|e| ClientError::InvalidSave(e.to_string()))?;
         // Only heads the document really holds count as shared.
         shared.retain(|h| doc.get_change_by_hash(h).is_some());
+        // A saved replica that had synced holds shared heads (one synced with a node whose
+        // copy was empty does not, and makes its writes again once: harmless).
+        let heard = !shared.is_empty();
         Ok(Self {
             id,
             shadow: Shadow::of(&doc),
@@ -393,6 +444,8 @@ impl Replica {
             shared,
             session: None,
             last_sync: SyncStats::default(),
+            actors: Actors::Random,
+            heard,
         })
     }
 
@@ -408,11 +461,25 @@ impl Replica {
     /// after a lost answer resends the same changes, which the node ignores as duplicates, so
     /// retrying is always safe. A node lacking the shared heads answers with a reset, and the
     /// exchange continues with Automerge's own protocol.
+    ///
+    /// A replica that never heard from a node (its writes were made on an empty copy, offline)
+    /// does not send those writes as they are: it asks for the node's copy as an empty
+    /// replica would, and when the answer brings it, makes the writes again on it, as after
+    /// `document_compacted` (until then its own view keeps them). Made on an empty copy, they
+    /// would belong to the document's first generation, which the node no longer retains once
+    /// the document compacted a few times; it could not carry them, and were such a sync's
+    /// answer lost after the node had carried them, making them again would apply them twice.
+    /// Made again before they are ever sent, they apply once. (A replica whose log of writes is
+    /// incomplete sends its changes as they are.)
     pub fn sync_begin(&mut self) -> Result<Vec<u8>, ClientError> {
         self.flush()?;
-        self.in_flight = self.unacked.len();
-        let heads = self.doc.get_heads();
-        let changes = self.doc.get_changes(&self.shared);
+        let rebase = !self.heard && !self.unacked.is_empty() && self.log_complete;
+        self.in_flight = if rebase { 0 } else { self.unacked.len() };
+        let (heads, changes) = if rebase {
+            (Vec::new(), Vec::new())
+        } else {
+            (self.doc.get_heads(), self.doc.get_changes(&self.shared))
+        };
         let mut flags = MessageFlags::new();
         flags.set(MessageFlags::SUPPORTS_SYNC_RESET);
         let message = Message {
@@ -438,6 +505,7 @@ impl Replica {
         state.last_sent_heads.clone_from(&heads);
         self.session = Some(Session {
             state,
+            rebase,
             claimed_history: !heads.is_empty(),
             sent_heads: heads,
             stats: SyncStats {
@@ -466,6 +534,17 @@ impl Replica {
         // Writes made while the answer was on its way become changes first, so that the
         // shadow read below from the document holds them.
         self.flush()?;
+        self.heard = true;
+        if std::mem::take(&mut s.rebase) {
+            // The answer is to an empty replica: the writes are set aside and made again on
+            // the node's copy, below.
+            let mut ops = std::mem::take(&mut self.replay_pending);
+            ops.append(&mut self.unacked);
+            self.doc = new_document(self.actors.next());
+            self.shadow = Shadow::of(&self.doc);
+            self.in_flight = 0;
+            self.replay_pending = ops;
+        }
         let before = self.doc.get_heads();
         let local = Local::of(&self.doc);
         self.doc
@@ -480,7 +559,8 @@ impl Replica {
             // under the actor the new history derives from ours, so we write as a fresh one.
             s.state = State::new();
             self.shared.clear();
-            self.doc.set_actor(ActorId::random());
+            let actor = self.actors.next();
+            self.doc.set_actor(actor);
             if from.incarnation == Lineage::of(&self.doc).incarnation {
                 // A new generation (not a delete and rewrite): our unacknowledged writes are
                 // made again on it.
@@ -492,7 +572,10 @@ impl Replica {
             s.stats.changed = true;
             self.shadow = Shadow::of(&self.doc);
         }
-        if !self.replay_pending.is_empty() && !self.doc.get_heads().is_empty() {
+        // The node's copy arrived (or the node has none): the set-aside writes are made on it.
+        if !self.replay_pending.is_empty()
+            && (!self.doc.get_heads().is_empty() || node_heads.is_empty())
+        {
             let (replayed, refused) = self.replay()?;
             s.stats.replayed += replayed;
             s.stats.replay_refused += refused;
@@ -565,13 +648,15 @@ impl Replica {
     /// its writes are acknowledged and the copy is dropped with them. (Writes set aside by
     /// [`Replica::start_over_keeping_writes`] and not made again yet stay set aside.)
     pub fn start_over(&mut self) {
-        self.doc = new_document(ActorId::random());
+        self.doc = new_document(self.actors.next());
         self.shadow = Shadow::of(&self.doc);
         self.queued.clear();
         self.unacked.clear();
         self.in_flight = 0;
         self.shared.clear();
         self.session = None;
+        // An empty copy again: writes made before the next answer are made on nothing.
+        self.heard = false;
     }
 
     /// Drops the local copy after the node answered `document_compacted`: the document started
@@ -974,5 +1059,76 @@ mod tests {
         assert_eq!(a.heads().expect("heads"), b.heads().expect("heads"));
         assert_eq!(a.to_json(), json!({"n": 7}));
         assert_eq!(b.to_json(), json!({"n": 7}));
+    }
+
+    #[test]
+    fn writes_made_before_hearing_from_the_node_are_made_again_on_its_copy() {
+        let mut server = new_document(ActorId::random());
+        {
+            let mut transport = |_: &DocId, body: &[u8]| -> Result<Vec<u8>, ClientError> {
+                Ok(answer(&mut server, body))
+            };
+            let mut other = Replica::open(id(), &mut transport).expect("opens");
+            other
+                .apply(
+                    ops(json!([{"op": "inc", "path": ["n"]}, {"op": "push", "path": ["log"], "value": "x"}])),
+                    1,
+                )
+                .expect("applies");
+            other.sync(&mut transport).expect("syncs");
+        }
+        // Offline, on an empty copy that never heard from the node.
+        let mut r = Replica::new(id());
+        r.apply(
+            ops(json!([{"op": "inc", "path": ["n"], "by": 5}, {"op": "push", "path": ["log"], "value": "offline"}])),
+            2,
+        )
+        .expect("applies");
+        let first = r.sync_begin().expect("begins");
+        let message = Message::decode(&first).expect("decodes");
+        assert!(
+            message.changes.is_empty(),
+            "the writes are not sent as made"
+        );
+        assert!(message.heads.is_empty(), "it asks as an empty replica");
+        // A lost answer changes nothing: the view keeps the writes, the next sync asks again.
+        answer(&mut server, &first);
+        r.sync_abort();
+        assert_eq!(r.to_json(), json!({"n": 5, "log": ["offline"]}));
+        let mut body = r.sync_begin().expect("begins");
+        while let Some(next) = r
+            .sync_receive(&answer(&mut server, &body))
+            .expect("receives")
+        {
+            body = next;
+        }
+        assert_eq!(r.last_sync().replayed, 2);
+        let expected = json!({"n": 6, "log": ["x", "offline"]});
+        assert_eq!(r.to_json(), expected);
+        assert_eq!(verge_core::document::to_json(&server), expected);
+        assert_eq!(r.unacknowledged_ops().count(), 0);
+        // Having heard from the node, its next writes go out as made, in one round trip.
+        r.apply(ops(json!([{"op": "inc", "path": ["n"]}])), 3)
+            .expect("applies");
+        let mut transport = |_: &DocId, body: &[u8]| -> Result<Vec<u8>, ClientError> {
+            Ok(answer(&mut server, body))
+        };
+        let stats = r.sync(&mut transport).expect("syncs");
+        assert_eq!((stats.round_trips, stats.replayed), (1, 0));
+        assert_eq!(verge_core::document::to_json(&server)["n"], json!(7));
+        // Started over (the node carried its writes), it is an empty copy again until an
+        // answer comes: writes made meanwhile are made again on the node's copy too.
+        r.start_over();
+        r.apply(ops(json!([{"op": "inc", "path": ["n"]}])), 4)
+            .expect("applies");
+        let first = r.sync_begin().expect("begins");
+        assert!(Message::decode(&first).expect("decodes").changes.is_empty());
+        r.sync_abort();
+        let mut transport = |_: &DocId, body: &[u8]| -> Result<Vec<u8>, ClientError> {
+            Ok(answer(&mut server, body))
+        };
+        let stats = r.sync(&mut transport).expect("syncs");
+        assert_eq!(stats.replayed, 1);
+        assert_eq!(r.to_json()["n"], json!(8));
     }
 }

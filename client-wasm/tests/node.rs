@@ -334,8 +334,8 @@ fn a_stale_replica_with_unsynced_writes_starts_over_from_the_revived_document() 
     )
     .unwrap();
     a.sync(&mut t).unwrap();
-    // A replica created before the document existed, writing offline into its own history.
-    let mut stale = Replica::new(id.clone());
+    // A replica that read the document, then writes offline into its history.
+    let mut stale = Replica::open(id.clone(), &mut t).unwrap();
     stale
         .apply(
             ops(json!([{"op": "push", "path": ["log"], "value": "offline"}])),
@@ -489,7 +489,11 @@ fn a_write_whose_answer_was_lost_before_a_compaction_takes_effect_once() {
 
 #[test]
 fn writes_older_than_the_retained_generations_are_made_again() {
-    let node = start_node_with(&["[compaction]", "after_changes = 16"]);
+    let node = start_node_with(&[
+        "[compaction]",
+        "after_changes = 16",
+        "retain_generations = 4",
+    ]);
     let mut t = transport(&node.addr);
     let id = DocId::new("rs/far").unwrap();
     let mut writer = Replica::open(id.clone(), &mut t).unwrap();

@@ -22,6 +22,9 @@ pub const DEFAULT_CONFIG_FILE: &str = "verge.toml";
 pub const COMPACTION_AFTER_CHANGES_MIN: u64 = 16;
 /// Fewest bytes of history a generation may be configured to grow by, for the same reason.
 pub const COMPACTION_AFTER_BYTES_MIN: u64 = 4096;
+/// Most generations a document may be configured to retain (`[compaction] retain_generations`):
+/// carrying a client's changes walks every one of them.
+pub const RETAIN_GENERATIONS_MAX: u64 = 64;
 /// Largest config file accepted.
 const CONFIG_FILE_BYTES_MAX: u64 = 1024 * 1024;
 
@@ -230,6 +233,8 @@ pub struct CompactionConfig {
     /// the changes a client still holds of it are carried onto the new one instead of being
     /// made again by the client.
     pub retain_previous_s: u64,
+    /// How many of the generations a document left a node keeps at most (the newest).
+    pub retain_generations: u64,
 }
 
 impl Default for CompactionConfig {
@@ -238,6 +243,7 @@ impl Default for CompactionConfig {
             after_changes: 1000,
             after_bytes: 1024 * 1024,
             retain_previous_s: 3600,
+            retain_generations: 16,
         }
     }
 }
@@ -576,6 +582,12 @@ impl Config {
             message: e.to_string(),
         })?;
         let compaction = file.compaction;
+        if !(1..=RETAIN_GENERATIONS_MAX).contains(&compaction.retain_generations) {
+            return Err(ConfigError::Invalid {
+                key: "compaction.retain_generations",
+                message: format!("must be between 1 and {RETAIN_GENERATIONS_MAX}"),
+            });
+        }
         if compaction.after_changes < COMPACTION_AFTER_CHANGES_MIN
             || compaction.after_bytes < COMPACTION_AFTER_BYTES_MIN
         {

@@ -27,7 +27,7 @@ use crate::clock::Clock;
 use crate::metrics::Metrics;
 use crate::replication::{LocalChange, ReplicaWaiter};
 use crate::store::writer::{CommitError, Job, QueueSlot, WriterHandle};
-use crate::store::{DocMeta, Mutation, Previous, RETAINED_GENERATIONS_MAX, Store, StoreError};
+use crate::store::{DocMeta, Mutation, Previous, Store, StoreError};
 
 /// Change events buffered per watcher before it is told it lagged.
 pub const WATCH_BUFFER: usize = 4096;
@@ -62,6 +62,9 @@ pub struct DocumentsConfig {
     pub generation_after_changes: u64,
     /// Bytes of history in a generation after which the document starts the next one.
     pub generation_after_bytes: u64,
+    /// Generations a document left that it keeps (the newest), to carry clients' changes of
+    /// them.
+    pub retain_generations: u64,
     /// Free space on the data directory: writes are refused below its floor.
     pub space: Arc<crate::store::space::DiskSpace>,
 }
@@ -1051,6 +1054,7 @@ impl Documents {
                 tracing::info!(doc = %entry.id, from = %local.lineage, to = %now, carried, "moved to a newer generation of the document");
                 Previous::Retain {
                     generation: local.lineage.generation,
+                    keep: self.config.retain_generations,
                     snapshot: stored_snapshot(&previous),
                     at_ms: self.now_ms(),
                 }
@@ -1101,7 +1105,7 @@ impl Documents {
             seen.insert(c.hash()) && slot.doc.get_change_meta_by_hash(&c.hash()).is_none()
         });
         let current = Lineage::of(&slot.doc);
-        if current.generation.saturating_sub(older.generation) > RETAINED_GENERATIONS_MAX {
+        if current.generation.saturating_sub(older.generation) > self.config.retain_generations {
             return Err(format!(
                 "generation {} is further back than this node retains",
                 older.generation
@@ -1449,6 +1453,7 @@ impl Documents {
         let left = std::mem::replace(&mut slot.doc, compaction.into_document().with_actor(actor));
         let previous = Previous::Retain {
             generation: from.generation,
+            keep: self.config.retain_generations,
             snapshot: stored_snapshot(&left),
             at_ms: self.now_ms(),
         };

@@ -235,6 +235,7 @@ where
             compact_after_changes: config.storage.compact_after_changes,
             generation_after_changes: config.compaction.after_changes,
             generation_after_bytes: config.compaction.after_bytes,
+            retain_generations: config.compaction.retain_generations,
             space: Arc::clone(&space),
         },
         draw.next_u64(),

@@ -16,6 +16,8 @@ use common::{Node, wait_for};
 /// Changes per generation in these tests: the smallest allowed, so that a few hundred writes
 /// start many generations.
 const AFTER_CHANGES: u64 = 16;
+/// Generations the test nodes retain.
+const RETAIN_GENERATIONS: u64 = 4;
 
 /// A node alone (no peers: it compacts without asking anyone) with small generations.
 fn compacting_node(name: &str) -> (Node, tempfile::TempDir) {
@@ -23,7 +25,10 @@ fn compacting_node(name: &str) -> (Node, tempfile::TempDir) {
     let path = dir.path().join("verge.toml");
     fs::write(
         &path,
-        format!("[compaction]\nafter_changes = {AFTER_CHANGES}\nafter_bytes = 1048576\n"),
+        format!(
+            "[compaction]\nafter_changes = {AFTER_CHANGES}\nafter_bytes = 1048576\n\
+             retain_generations = {RETAIN_GENERATIONS}\n"
+        ),
     )
     .unwrap();
     let node = Node::start_with(name, vec!["--config".into(), path.display().to_string()]);
@@ -164,11 +169,11 @@ fn a_client_copy_from_an_older_generation_is_carried_or_told_to_start_over() {
     assert_eq!(metric(&node, "verge_stale_carried_total"), 1);
     // Once more generations passed than a node retains, the copy's changes are refused with a
     // code that says to make its writes again.
-    for i in 0..(6 * AFTER_CHANGES) {
+    for i in 0..((RETAIN_GENERATIONS + 2) * AFTER_CHANGES) {
         node.patch_doc("c/s", json!([{ "op": "set", "path": ["i"], "value": i }]))
             .ok_json("PATCH c/s");
     }
-    wait_for_generation(6);
+    wait_for_generation(RETAIN_GENERATIONS + 2);
     let before = node.get_doc("c/s").ok_json("GET");
     let stale = node.req("POST", "/v1/sync/c/s", &old.body);
     assert_eq!(stale.status, 409, "{}", stale.text());

@@ -27,6 +27,7 @@ pub mod crypto;
 pub mod disk;
 pub mod net;
 pub mod panics;
+pub mod replica_client;
 pub mod revival;
 pub mod run;
 pub mod scenario;

@@ -11,6 +11,7 @@ use crate::check::{self, Violation};
 use crate::cluster::{Cluster, SimError, host_name};
 use crate::lock;
 use crate::panics;
+use crate::replica_client::{self, ReplicaClient};
 use crate::revival::{self, RevivalClient};
 use crate::scenario::{Fault, Scenario};
 use crate::workload::{self, Creation, History, RaceClient, WorkloadConfig};
@@ -192,6 +193,25 @@ pub fn run(config: &RunConfig) -> Result<Report, SimError> {
             });
         }
     }
+    if creation == Creation::Upfront {
+        for i in 0..config.nodes {
+            for k in 0..config.workload.replicas_per_node {
+                let rc = ReplicaClient {
+                    client: clients + i * config.workload.replicas_per_node + k,
+                    node: i,
+                    seed: config.seed,
+                    until,
+                };
+                let (history, trace, wl) =
+                    (Arc::clone(&history), trace.clone(), config.workload.clone());
+                cluster.client(format!("r{}", rc.client), async move {
+                    let node = NodeApi::of(&host_name(rc.node));
+                    replica_client::replica_client(rc, node, wl, history, trace).await;
+                    Ok(())
+                });
+            }
+        }
+    }
     if settles {
         // Once the faults are healed, the last cycles wait until every node holds the same
         // history of every document.
@@ -311,7 +331,8 @@ pub fn run(config: &RunConfig) -> Result<Report, SimError> {
 
 /// What compaction did over the run: the highest generation any document reached, and per
 /// node, from its metrics, the generations it started and adopted, the changes it carried, the
-/// stale syncs it refused and the newer generations it could not take.
+/// stale syncs it refused, the newer generations it could not take, and the client syncs of an
+/// older generation whose changes it carried or sent back to be made again.
 fn compaction_counters(
     cluster: &mut Cluster<'_>,
     state: &check::FinalState,
@@ -331,6 +352,8 @@ fn compaction_counters(
             ("verge_carried_changes_total", "carried"),
             ("verge_sync_stale_generation_total", "stale"),
             ("verge_compaction_stragglers_total", "stragglers"),
+            ("verge_stale_carried_total", "client_carried"),
+            ("verge_stale_not_carried_total", "client_replayed"),
         ],
     )?;
     Ok(format!("compaction: highest generation {highest}; {lines}"))

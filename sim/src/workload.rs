@@ -51,6 +51,9 @@ pub struct WorkloadConfig {
     pub revival_cycles: usize,
     /// Revival mode: pause between a client's writes in a cycle's write window, in ms.
     pub revival_pause_ms: (u64, u64),
+    /// Upfront mode: clients per node that write through a local replica and sync it
+    /// ([`crate::replica_client`]), beside the HTTP clients.
+    pub replicas_per_node: usize,
 }
 
 impl Default for WorkloadConfig {
@@ -63,6 +66,7 @@ impl Default for WorkloadConfig {
             race_pause_ms: (30, 150),
             revival_cycles: 4,
             revival_pause_ms: (50, 200),
+            replicas_per_node: 1,
         }
     }
 }

@@ -39,10 +39,6 @@ const RETAINED: TableDefinition<'_, (&str, u64), &[u8]> = TableDefinition::new("
 /// without unsealing the snapshots.
 const RETAINED_AT: TableDefinition<'_, (&str, u64), i64> = TableDefinition::new("retained_at");
 
-/// Generations a document retains at most: a client whose replica is further behind replays
-/// its writes instead of having them carried.
-pub const RETAINED_GENERATIONS_MAX: u64 = 4;
-
 /// The database file inside the data directory.
 pub const DB_FILE: &str = "verge.redb";
 /// Layout of the tables; a node refuses a file with another layout instead of misreading it.
@@ -181,11 +177,13 @@ pub enum Previous {
     /// whole held nothing of its own to carry.
     Forget,
     /// The generation the document leaves, kept beside the ones it left before (the last
-    /// [`RETAINED_GENERATIONS_MAX`]), so that changes a client still holds of it can be carried
-    /// onto the new one by the same rules as everywhere (`verge_core::lineage::carry_stale`).
+    /// `keep`), so that changes a client still holds of it can be carried onto the new one by
+    /// the same rules as everywhere (`verge_core::lineage::carry_stale`).
     Retain {
         /// Its number.
         generation: u64,
+        /// How many generations the document keeps, this one included.
+        keep: u64,
         /// It, as this node held it (`Automerge::save`).
         snapshot: Vec<u8>,
         /// When it was left, in Unix milliseconds.
@@ -705,6 +703,7 @@ impl Store {
                             Previous::Forget => u64::MAX,
                             Previous::Retain {
                                 generation,
+                                keep,
                                 snapshot,
                                 at_ms,
                             } => {
@@ -712,7 +711,7 @@ impl Store {
                                 let value = self.seal(row, snapshot);
                                 retained.insert((id.as_str(), *generation), &*value)?;
                                 retained_at.insert((id.as_str(), *generation), *at_ms)?;
-                                (generation + 1).saturating_sub(RETAINED_GENERATIONS_MAX)
+                                (generation + 1).saturating_sub(*keep)
                             }
                         };
                         let dropped = (id.as_str(), 0)..(id.as_str(), keep_from);
@@ -1085,6 +1084,7 @@ mod tests {
         };
         let retain = |generation: u64| Previous::Retain {
             generation,
+            keep: 4,
             snapshot: format!("left {generation}").into_bytes(),
             at_ms: 1_000 * generation as i64,
         };
@@ -1102,7 +1102,7 @@ mod tests {
         for g in 0..6 {
             store.commit(&[&replace(g + 1, retain(g))]).expect("commit");
         }
-        // The last RETAINED_GENERATIONS_MAX generations left.
+        // The last 4 generations left.
         assert_eq!(generations(&store), vec![2, 3, 4, 5]);
         // Released by age: those left before 4 s.
         assert_eq!(store.release_retained(4_000).expect("release"), 2);
@@ -1168,6 +1168,7 @@ mod tests {
                     meta: meta(3),
                     previous: Previous::Retain {
                         generation: 0,
+                        keep: 4,
                         snapshot: retained_snap.to_vec(),
                         at_ms: 5,
                     },
