@@ -480,25 +480,7 @@ impl Replica {
         } else {
             (self.doc.get_heads(), self.doc.get_changes(&self.shared))
         };
-        let mut flags = MessageFlags::new();
-        flags.set(MessageFlags::SUPPORTS_SYNC_RESET);
-        let message = Message {
-            heads: heads.clone(),
-            need: Vec::new(),
-            have: vec![Have {
-                last_sync: heads.clone(),
-                bloom: BloomFilter::default(),
-            }],
-            changes: changes
-                .iter()
-                .map(|c| c.raw_bytes().to_vec())
-                .collect::<Vec<_>>()
-                .into(),
-            // Advertises V2 so that a node answering an empty replica sends one compressed
-            // document instead of every change.
-            flags: Some(flags),
-            version: MessageVersion::V1,
-        };
+        let message = first_message(&heads, &changes);
         let body = message.encode();
         let mut state = State::new();
         state.shared_heads.clone_from(&self.shared);
@@ -606,12 +588,26 @@ impl Replica {
                 }
             }
         }
-        if reset {
-            // Only what the node just announced is known to be on both sides.
-            s.state.shared_heads = known;
-        }
         if s.stats.round_trips >= MAX_ROUND_TRIPS {
             return Err(ClientError::SyncIncomplete(s.stats.round_trips));
+        }
+        if reset {
+            // Only what the node just announced is known to be on both sides. Everything after
+            // it goes in the next message, as in the first one: Automerge's protocol would pick
+            // it through the node's Bloom filter, whose false positives leave out a change now
+            // and then. A node of a newer generation needs the copy's changes whole to carry
+            // them (`docs/compaction.md`).
+            s.state.shared_heads.clone_from(&known);
+            let heads = self.doc.get_heads();
+            let changes = self.doc.get_changes(&known);
+            let message = first_message(&heads, &changes);
+            let body = message.encode();
+            s.state.last_sent_heads.clone_from(&heads);
+            s.sent_heads = heads;
+            s.stats.round_trips += 1;
+            s.stats.bytes_sent += body.len();
+            self.session = Some(s);
+            return Ok(Some(body));
         }
         // Off the fast path: let Automerge's protocol finish the exchange.
         match self.doc.generate_sync_message(&mut s.state) {
@@ -784,6 +780,30 @@ impl Batch {
             return;
         }
         self.ops.push(op);
+    }
+}
+
+/// A message that carries `changes` and announces `heads` both as our heads and as our
+/// `last_sync`, with an empty Bloom filter ([`Replica::sync_begin`]).
+fn first_message(heads: &[ChangeHash], changes: &[automerge::Change]) -> Message {
+    let mut flags = MessageFlags::new();
+    flags.set(MessageFlags::SUPPORTS_SYNC_RESET);
+    Message {
+        heads: heads.to_vec(),
+        need: Vec::new(),
+        have: vec![Have {
+            last_sync: heads.to_vec(),
+            bloom: BloomFilter::default(),
+        }],
+        changes: changes
+            .iter()
+            .map(|c| c.raw_bytes().to_vec())
+            .collect::<Vec<_>>()
+            .into(),
+        // Advertises V2 so that a node answering an empty replica sends one compressed
+        // document instead of every change.
+        flags: Some(flags),
+        version: MessageVersion::V1,
     }
 }
 

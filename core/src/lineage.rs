@@ -355,8 +355,8 @@ pub enum StaleError {
     /// further back than a node retains).
     #[error("generation {0} is not retained here")]
     NotRetained(u64),
-    /// The changes depend on changes the retained generation does not hold.
-    #[error("the changes depend on {0} changes that generation {1} does not hold here")]
+    /// Some of the changes depend on changes the retained generation does not hold.
+    #[error("{0} of the changes depend on changes that generation {1} does not hold here")]
     MissingDeps(usize, u64),
     /// A change of theirs starts a history of its own.
     #[error("a change offered as stale starts a history of its own")]
@@ -411,10 +411,17 @@ pub fn carry_stale(
     if stale.iter().any(|c| c.deps().is_empty() && foreign(c)) {
         return Err(StaleError::Foreign);
     }
+    let hashes: Vec<ChangeHash> = stale.iter().map(Change::hash).collect();
     scratch.apply_changes(stale)?;
-    let missing = scratch.get_missing_deps(&[]);
-    if !missing.is_empty() {
-        return Err(StaleError::MissingDeps(missing.len(), from));
+    // Each must have applied: one whose deps are missing waits in Automerge's queue. (Only
+    // theirs count: the retained copy may hold queued changes of its own, sent by some other
+    // stale copy, that are no concern of these.)
+    let waiting = hashes
+        .iter()
+        .filter(|h| scratch.get_change_meta_by_hash(h).is_none())
+        .count();
+    if waiting > 0 {
+        return Err(StaleError::MissingDeps(waiting, from));
     }
     loop {
         let next = docs.next();
@@ -823,6 +830,15 @@ mod tests {
         let err = carry_stale(vec![retained.fork()], 0, &root(&node), vec![last])
             .expect_err("a dep is missing");
         assert!(matches!(err, StaleError::MissingDeps(1, 0)), "{err}");
+        // A retained copy holding a change that waits for its deps (another stale copy sent
+        // it alone) still carries changes that are whole.
+        let mut cluttered = retained.fork();
+        cluttered
+            .apply_changes(vec![all.last().cloned().expect("a change")])
+            .expect("queued");
+        assert!(!cluttered.get_missing_deps(&[]).is_empty());
+        let carried = carry_stale(vec![cluttered], 0, &root(&node), all.clone()).expect("carries");
+        assert!(apply_carried(&mut node.fork(), carried));
         // A change of a generation-1 history offered as generation 0.
         let err = carry_stale(vec![retained], 0, &root(&node), vec![root(&node)])
             .expect_err("another history");
