@@ -69,8 +69,8 @@ struct Session {
     /// Whether the first message's `last_sync` was non-empty (so an empty `have` back is a
     /// reset, not an empty document).
     claimed_history: bool,
-    /// The replica announced itself empty: its writes, made on an empty copy, are made again
-    /// on the copy the answer brings ([`Replica::sync_begin`]).
+    /// The first message asked as an empty replica: the replica's writes are made again on
+    /// the copy the answer brings ([`Replica::sync_begin`]).
     rebase: bool,
     stats: SyncStats,
 }
@@ -128,9 +128,9 @@ pub struct Replica {
     last_sync: SyncStats,
     /// Where fresh actor ids come from.
     actors: Actors,
-    /// A node answered one of this replica's syncs: its writes were made knowing the node's
-    /// copy (possibly empty), not on an empty copy that never heard of it.
-    heard: bool,
+    /// The replica dropped the copy it had ([`Replica::start_over`]) and no answer of the node
+    /// has come since: writes made meanwhile were made on an empty copy.
+    dropped_copy: bool,
 }
 
 /// Where a replica's fresh actor ids come from: the host's randomness, or, in a deterministic
@@ -189,7 +189,7 @@ impl Replica {
             session: None,
             last_sync: SyncStats::default(),
             actors,
-            heard: false,
+            dropped_copy: false,
         }
     }
 
@@ -428,9 +428,6 @@ impl Replica {
             .map_err(|e| ClientError::InvalidSave(e.to_string()))?;
         // Only heads the document really holds count as shared.
         shared.retain(|h| doc.get_change_by_hash(h).is_some());
-        // A saved replica that had synced holds shared heads (one synced with a node whose
-        // copy was empty does not, and makes its writes again once: harmless).
-        let heard = !shared.is_empty();
         Ok(Self {
             id,
             shadow: Shadow::of(&doc),
@@ -445,7 +442,7 @@ impl Replica {
             session: None,
             last_sync: SyncStats::default(),
             actors: Actors::Random,
-            heard,
+            dropped_copy: false,
         })
     }
 
@@ -462,18 +459,16 @@ impl Replica {
     /// retrying is always safe. A node lacking the shared heads answers with a reset, and the
     /// exchange continues with Automerge's own protocol.
     ///
-    /// A replica that never heard from a node (its writes were made on an empty copy, offline)
-    /// does not send those writes as they are: it asks for the node's copy as an empty
-    /// replica would, and when the answer brings it, makes the writes again on it, as after
-    /// `document_compacted` (until then its own view keeps them). Made on an empty copy, they
-    /// would belong to the document's first generation, which the node no longer retains once
-    /// the document compacted a few times; it could not carry them, and were such a sync's
-    /// answer lost after the node had carried them, making them again would apply them twice.
-    /// Made again before they are ever sent, they apply once. (A replica whose log of writes is
-    /// incomplete sends its changes as they are.)
+    ///
+    /// A replica that dropped its copy ([`Replica::start_over`]) and wrote before an answer
+    /// brought the node's does not send those writes as made: made on an empty copy, they
+    /// would be concurrent with everything the document holds, its own earlier writes
+    /// included, and belong to its first generation. It asks for the node's copy as an empty
+    /// replica would and makes them again on it when the answer comes (its own view keeps
+    /// them meanwhile).
     pub fn sync_begin(&mut self) -> Result<Vec<u8>, ClientError> {
         self.flush()?;
-        let rebase = !self.heard && !self.unacked.is_empty() && self.log_complete;
+        let rebase = self.dropped_copy && !self.unacked.is_empty() && self.log_complete;
         self.in_flight = if rebase { 0 } else { self.unacked.len() };
         let (heads, changes) = if rebase {
             (Vec::new(), Vec::new())
@@ -516,7 +511,7 @@ impl Replica {
         // Writes made while the answer was on its way become changes first, so that the
         // shadow read below from the document holds them.
         self.flush()?;
-        self.heard = true;
+        self.dropped_copy = false;
         if std::mem::take(&mut s.rebase) {
             // The answer is to an empty replica: the writes are set aside and made again on
             // the node's copy, below.
@@ -651,8 +646,7 @@ impl Replica {
         self.in_flight = 0;
         self.shared.clear();
         self.session = None;
-        // An empty copy again: writes made before the next answer are made on nothing.
-        self.heard = false;
+        self.dropped_copy = true;
     }
 
     /// Drops the local copy after the node answered `document_compacted`: the document started
@@ -1082,73 +1076,37 @@ mod tests {
     }
 
     #[test]
-    fn writes_made_before_hearing_from_the_node_are_made_again_on_its_copy() {
+    fn writes_made_after_dropping_the_copy_are_made_again_on_the_nodes() {
         let mut server = new_document(ActorId::random());
-        {
-            let mut transport = |_: &DocId, body: &[u8]| -> Result<Vec<u8>, ClientError> {
-                Ok(answer(&mut server, body))
-            };
-            let mut other = Replica::open(id(), &mut transport).expect("opens");
-            other
-                .apply(
-                    ops(json!([{"op": "inc", "path": ["n"]}, {"op": "push", "path": ["log"], "value": "x"}])),
-                    1,
-                )
-                .expect("applies");
-            other.sync(&mut transport).expect("syncs");
-        }
-        // Offline, on an empty copy that never heard from the node.
-        let mut r = Replica::new(id());
+        let mut transport = |_: &DocId, body: &[u8]| -> Result<Vec<u8>, ClientError> {
+            Ok(answer(&mut server, body))
+        };
+        let mut r = Replica::open(id(), &mut transport).expect("opens");
         r.apply(
-            ops(json!([{"op": "inc", "path": ["n"], "by": 5}, {"op": "push", "path": ["log"], "value": "offline"}])),
+            ops(json!([{"op": "set", "path": ["k"], "value": "old"}])),
+            1,
+        )
+        .expect("applies");
+        r.sync(&mut transport).expect("syncs");
+        // The copy is dropped (as after `changes_carried`), and the next answer is lost: the
+        // replica writes on an empty copy.
+        r.start_over();
+        r.apply(
+            ops(json!([{"op": "set", "path": ["k"], "value": "new"}])),
             2,
         )
         .expect("applies");
         let first = r.sync_begin().expect("begins");
         let message = Message::decode(&first).expect("decodes");
-        assert!(
-            message.changes.is_empty(),
-            "the writes are not sent as made"
-        );
+        assert!(message.changes.is_empty(), "the write is not sent as made");
         assert!(message.heads.is_empty(), "it asks as an empty replica");
-        // A lost answer changes nothing: the view keeps the writes, the next sync asks again.
-        answer(&mut server, &first);
         r.sync_abort();
-        assert_eq!(r.to_json(), json!({"n": 5, "log": ["offline"]}));
-        let mut body = r.sync_begin().expect("begins");
-        while let Some(next) = r
-            .sync_receive(&answer(&mut server, &body))
-            .expect("receives")
-        {
-            body = next;
-        }
-        assert_eq!(r.last_sync().replayed, 2);
-        let expected = json!({"n": 6, "log": ["x", "offline"]});
-        assert_eq!(r.to_json(), expected);
-        assert_eq!(verge_core::document::to_json(&server), expected);
-        assert_eq!(r.unacknowledged_ops().count(), 0);
-        // Having heard from the node, its next writes go out as made, in one round trip.
-        r.apply(ops(json!([{"op": "inc", "path": ["n"]}])), 3)
-            .expect("applies");
-        let mut transport = |_: &DocId, body: &[u8]| -> Result<Vec<u8>, ClientError> {
-            Ok(answer(&mut server, body))
-        };
-        let stats = r.sync(&mut transport).expect("syncs");
-        assert_eq!((stats.round_trips, stats.replayed), (1, 0));
-        assert_eq!(verge_core::document::to_json(&server)["n"], json!(7));
-        // Started over (the node carried its writes), it is an empty copy again until an
-        // answer comes: writes made meanwhile are made again on the node's copy too.
-        r.start_over();
-        r.apply(ops(json!([{"op": "inc", "path": ["n"]}])), 4)
-            .expect("applies");
-        let first = r.sync_begin().expect("begins");
-        assert!(Message::decode(&first).expect("decodes").changes.is_empty());
-        r.sync_abort();
-        let mut transport = |_: &DocId, body: &[u8]| -> Result<Vec<u8>, ClientError> {
-            Ok(answer(&mut server, body))
-        };
+        assert_eq!(r.to_json(), json!({"k": "new"}), "its view keeps the write");
         let stats = r.sync(&mut transport).expect("syncs");
         assert_eq!(stats.replayed, 1);
-        assert_eq!(r.to_json()["n"], json!(8));
+        // Made on the node's copy, the write follows the old one instead of racing it.
+        assert_eq!(r.to_json(), json!({"k": "new"}));
+        assert_eq!(verge_core::document::to_json(&server), json!({"k": "new"}));
+        assert_eq!(r.unacknowledged_ops().count(), 0);
     }
 }

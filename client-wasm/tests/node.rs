@@ -334,8 +334,8 @@ fn a_stale_replica_with_unsynced_writes_starts_over_from_the_revived_document() 
     )
     .unwrap();
     a.sync(&mut t).unwrap();
-    // A replica that read the document, then writes offline into its history.
-    let mut stale = Replica::open(id.clone(), &mut t).unwrap();
+    // A replica created before the document existed, writing offline into its own history.
+    let mut stale = Replica::new(id.clone());
     stale
         .apply(
             ops(json!([{"op": "push", "path": ["log"], "value": "offline"}])),
