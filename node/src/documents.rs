@@ -114,6 +114,15 @@ pub enum DocError {
         "this node has not yet caught up with the generation of document {0} that this copy is from; retry shortly or sync with another node"
     )]
     CatchingUp(DocId),
+    /// A conditional write (`If-Match`) named heads the document is not at: it changed since
+    /// the writer read it.
+    #[error("document {id} is not at the heads given in If-Match; it is at {heads:?}")]
+    PreconditionFailed {
+        /// The document.
+        id: DocId,
+        /// Its heads, in hex.
+        heads: Vec<String>,
+    },
     /// A sync message carried changes of an older generation, which this node carried onto the
     /// current one (they are durable): the sender starts over from the current generation,
     /// without making its writes again.
@@ -535,6 +544,48 @@ impl Documents {
         })
     }
 
+    /// Whether this node holds every change of `heads` (heads a write at some node returned):
+    /// in its document, or in a generation the document left (`retained`), whose changes are
+    /// in the current generation's root or carried onto it. `checked_retained` is the
+    /// generation whose retained copies were last looked at, to skip looking again until the
+    /// document moves.
+    pub fn holds(
+        &self,
+        id: &DocId,
+        heads: &[ChangeHash],
+        checked_retained: &mut Option<u64>,
+    ) -> Result<bool, DocError> {
+        let (missing, generation) = {
+            let entry = self.entry(id);
+            let guard = self.load(&entry)?;
+            let slot = guard.as_ref().expect("load fills the slot");
+            let missing: Vec<ChangeHash> = heads
+                .iter()
+                .filter(|h| slot.doc.get_change_meta_by_hash(h).is_none())
+                .copied()
+                .collect();
+            (missing, slot.meta.generation)
+        };
+        if missing.is_empty() {
+            return Ok(true);
+        }
+        if generation == 0 || *checked_retained == Some(generation) {
+            return Ok(false);
+        }
+        *checked_retained = Some(generation);
+        let mut left: std::collections::HashSet<ChangeHash> = missing.into_iter().collect();
+        for (_, bytes) in self.store.retained(id)? {
+            let Ok(doc) = load_document(&bytes, self.actor()) else {
+                continue;
+            };
+            left.retain(|h| doc.get_change_meta_by_hash(h).is_none());
+            if left.is_empty() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// Reads a live document as the JSON body of `GET /v1/docs/{id}`.
     pub fn read(&self, id: &DocId) -> Result<Bytes, DocError> {
         self.metrics.reads.inc();
@@ -584,6 +635,7 @@ impl Documents {
         expiry: Expiry,
         size_hint: usize,
         waiter: Option<Arc<ReplicaWaiter>>,
+        if_match: Option<&[ChangeHash]>,
     ) -> Result<Vec<ChangeHash>, DocError> {
         let now = self.now_ms();
         let entry = self.entry(id);
@@ -591,6 +643,14 @@ impl Documents {
         let pending = {
             let mut guard = self.lock_for_change(&entry)?;
             let slot = guard.as_mut().expect("load fills the slot");
+            if let Some(expected) = if_match
+                && !same_heads(&slot.meta.heads, expected)
+            {
+                return Err(DocError::PreconditionFailed {
+                    id: id.clone(),
+                    heads: heads_to_hex(&slot.meta.heads),
+                });
+            }
             let live = slot.meta.live(now);
             if matches!(write, Write::Delete) && !live {
                 return Err(DocError::NotFound(id.clone()));
@@ -1642,6 +1702,16 @@ struct Refused {
     /// The in-memory document is as it was before the changes arrived; otherwise it must be
     /// discarded and reloaded.
     intact: bool,
+}
+
+/// Whether two sets of heads are the same (in any order).
+fn same_heads(a: &[ChangeHash], b: &[ChangeHash]) -> bool {
+    let (mut a, mut b) = (a.to_vec(), b.to_vec());
+    a.sort_unstable();
+    b.sort_unstable();
+    a.dedup();
+    b.dedup();
+    a == b
 }
 
 /// Whether `new` (received changes) starts a later generation of `local`'s incarnation.

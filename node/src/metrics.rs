@@ -70,6 +70,8 @@ pub struct Metrics {
     /// Client syncs whose changes of an earlier generation could not be carried (generation not
     /// retained, or a dependency missing; answered `document_compacted`).
     pub stale_not_carried: Counter,
+    /// `GET ?after=` reads answered `504 not_yet_replicated`.
+    pub not_yet_replicated: Counter,
     /// Retained generations deleted once `[compaction] retain_previous_s` passed.
     pub retained_released: Counter,
     /// Client syncs refused because the client's copy is of a generation this node has not
@@ -169,6 +171,7 @@ impl Metrics {
             sync_generation_ahead: Counter::default(),
             stale_carried: Counter::default(),
             stale_not_carried: Counter::default(),
+            not_yet_replicated: Counter::default(),
             retained_released: Counter::default(),
             purged_docs: Counter::default(),
             purge_rounds: Counter::default(),
@@ -313,6 +316,11 @@ impl Metrics {
             "stale_not_carried",
             "Client syncs whose changes of an earlier generation could not be carried",
             m.stale_not_carried.clone(),
+        );
+        registry.register(
+            "not_yet_replicated",
+            "Reads with after= that timed out before this node held the heads",
+            m.not_yet_replicated.clone(),
         );
         registry.register(
             "retained_released",

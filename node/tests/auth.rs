@@ -711,7 +711,7 @@ fn browsers_on_allowed_origins_pass_preflight_and_read_answers_and_errors() {
             ("Access-Control-Request-Method", "POST"),
             (
                 "Access-Control-Request-Headers",
-                "authorization, content-type",
+                "authorization, content-type, if-match",
             ),
         ],
     );
@@ -727,7 +727,12 @@ fn browsers_on_allowed_origins_pass_preflight_and_read_answers_and_errors() {
     let allowed = preflight
         .header("access-control-allow-headers")
         .unwrap_or("");
-    assert!(allowed.contains("authorization") && allowed.contains("content-type"));
+    assert!(
+        allowed.contains("authorization")
+            && allowed.contains("content-type")
+            && allowed.contains("if-match"),
+        "{allowed}"
+    );
     assert!(preflight.header("access-control-max-age").is_some());
 
     // The call itself, with a token: answered, naming the origin.

@@ -44,6 +44,13 @@ pub enum ClientCommand {
     Get {
         /// The document id, e.g. `cart/u-42`.
         id: String,
+        /// Answer once the node holds these heads (as a write printed them; comma-separated
+        /// or one argument each): read your own write at another node.
+        #[arg(long, value_name = "HEADS", num_args = 1.., value_delimiter = ',')]
+        after: Vec<String>,
+        /// How long to wait for `--after`, in milliseconds (the node's default: 2000).
+        #[arg(long, value_name = "MS", requires = "after")]
+        wait_ms: Option<u64>,
     },
     /// Replace a document with a JSON object; prints the new heads.
     ///
@@ -56,6 +63,10 @@ pub enum ClientCommand {
         /// Expire the document this many seconds after the write (0 removes the expiry).
         #[arg(long, value_name = "SECONDS")]
         ttl: Option<u64>,
+        /// Write only if the document is still at these heads (as `get`'s read printed them):
+        /// refused with `precondition_failed` when it changed since.
+        #[arg(long, value_name = "HEADS", num_args = 1.., value_delimiter = ',')]
+        if_match: Vec<String>,
     },
     /// Apply ops to a document atomically; prints the new heads.
     ///
@@ -69,6 +80,10 @@ pub enum ClientCommand {
         /// Expire the document this many seconds after the write (0 removes the expiry).
         #[arg(long, value_name = "SECONDS")]
         ttl: Option<u64>,
+        /// Write only if the document is still at these heads: refused with
+        /// `precondition_failed` when it changed since.
+        #[arg(long, value_name = "HEADS", num_args = 1.., value_delimiter = ',')]
+        if_match: Vec<String>,
     },
     /// Delete a document; prints the heads of the tombstone.
     Del {
@@ -182,14 +197,24 @@ async fn run_inner(cmd: ClientCommand, opts: &ClientOpts) -> Result<(), CliError
     };
     let client = ApiClient::new(endpoint, token);
     match cmd {
-        ClientCommand::Get { id } => get(&client, &id).await,
-        ClientCommand::Put { id, json, ttl } => {
+        ClientCommand::Get { id, after, wait_ms } => get(&client, &id, &after, wait_ms).await,
+        ClientCommand::Put {
+            id,
+            json,
+            ttl,
+            if_match,
+        } => {
             let body = put_body(&read_arg(&json)?).map_err(CliError::Usage)?;
-            write_doc(&client, Method::PUT, &id, ttl, body).await
+            write_doc(&client, Method::PUT, &id, ttl, body, &if_match).await
         }
-        ClientCommand::Patch { id, ops, ttl } => {
+        ClientCommand::Patch {
+            id,
+            ops,
+            ttl,
+            if_match,
+        } => {
             let body = normalize_ops(&read_arg(&ops)?).map_err(CliError::Usage)?;
-            write_doc(&client, Method::PATCH, &id, ttl, body).await
+            write_doc(&client, Method::PATCH, &id, ttl, body, &if_match).await
         }
         ClientCommand::Del { id } => {
             let path = doc_path(&id)?;
@@ -200,7 +225,7 @@ async fn run_inner(cmd: ClientCommand, opts: &ClientOpts) -> Result<(), CliError
         ClientCommand::Inc { id, path, by } => {
             let path = parse_path(&path).map_err(CliError::Usage)?;
             let body = json!({ "ops": [ { "op": "inc", "path": path, "by": by } ] }).to_string();
-            write_doc(&client, Method::PATCH, &id, None, body).await
+            write_doc(&client, Method::PATCH, &id, None, body, &[]).await
         }
         ClientCommand::Watch { prefix } => watch(&client, prefix.as_deref()).await,
         ClientCommand::Status => {
@@ -391,8 +416,19 @@ fn print_heads(value: &Value) -> Result<(), CliError> {
     emit(&text)
 }
 
-async fn get(client: &ApiClient, id: &str) -> Result<(), CliError> {
-    let path = doc_path(id)?;
+async fn get(
+    client: &ApiClient,
+    id: &str,
+    after: &[String],
+    wait_ms: Option<u64>,
+) -> Result<(), CliError> {
+    let mut path = doc_path(id)?;
+    if !after.is_empty() {
+        path.push_str(&format!("?after={}", after.join(",")));
+        if let Some(ms) = wait_ms {
+            path.push_str(&format!("&wait_ms={ms}"));
+        }
+    }
     let value = expect_ok(client.send(Method::GET, &path, None).await?)?;
     let doc = value
         .get("doc")
@@ -408,12 +444,18 @@ async fn write_doc(
     id: &str,
     ttl: Option<u64>,
     body: String,
+    if_match: &[String],
 ) -> Result<(), CliError> {
     let mut path = doc_path(id)?;
     if let Some(ttl) = ttl {
         path.push_str(&format!("?ttl={ttl}"));
     }
-    let value = expect_ok(client.send(method, &path, Some(Bytes::from(body))).await?)?;
+    let if_match = (!if_match.is_empty()).then(|| if_match.join(","));
+    let value = expect_ok(
+        client
+            .send_if_match(method, &path, Some(Bytes::from(body)), if_match.as_deref())
+            .await?,
+    )?;
     print_heads(&value)
 }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, IF_MATCH};
 use hyper::http::uri::{Authority, Scheme};
 use hyper::{Method, Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::Client;
@@ -249,6 +249,7 @@ impl ApiClient {
         method: Method,
         path_and_query: &str,
         body: Option<Bytes>,
+        if_match: Option<&str>,
     ) -> Result<Response<Incoming>, TransportError> {
         let uri = self
             .endpoint
@@ -260,6 +261,9 @@ impl ApiClient {
         }
         if body.is_some() {
             builder = builder.header(CONTENT_TYPE, "application/json");
+        }
+        if let Some(heads) = if_match {
+            builder = builder.header(IF_MATCH, heads);
         }
         let request = builder
             .body(Full::new(body.unwrap_or_default()))
@@ -277,8 +281,19 @@ impl ApiClient {
         path_and_query: &str,
         body: Option<Bytes>,
     ) -> Result<ApiResponse, TransportError> {
+        self.send_if_match(method, path_and_query, body, None).await
+    }
+
+    /// [`ApiClient::send`] with an `If-Match` header (heads, comma-separated) when given.
+    pub(crate) async fn send_if_match(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Option<Bytes>,
+        if_match: Option<&str>,
+    ) -> Result<ApiResponse, TransportError> {
         let exchange = async {
-            let response = self.start(method, path_and_query, body).await?;
+            let response = self.start(method, path_and_query, body, if_match).await?;
             let status = response.status();
             let body = read_limited(response.into_body(), MAX_RESPONSE_BYTES).await?;
             Ok(ApiResponse { status, body })
@@ -301,7 +316,7 @@ impl ApiClient {
     ) -> Result<Response<Incoming>, TransportError> {
         tokio::time::timeout(
             REQUEST_TIMEOUT,
-            self.start(Method::GET, path_and_query, None),
+            self.start(Method::GET, path_and_query, None, None),
         )
         .await
         .unwrap_or_else(|_| {

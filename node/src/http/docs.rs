@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde_json::{Value as Json_, json};
@@ -21,6 +21,12 @@ use crate::replication::ReplicaWaiter;
 pub const REPLICAS_MAX: usize = 16;
 /// How long a write waits for `?replicas=N` peers.
 pub const REPLICAS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Most heads `?after=` or `If-Match` may name (a document's heads are rarely more than a few).
+pub const HEADS_PARAM_MAX: usize = 64;
+/// How long `GET ?after=` waits when `wait_ms` is not given.
+pub const AFTER_WAIT_MS_DEFAULT: u64 = 2_000;
+/// Longest `wait_ms`.
+pub const AFTER_WAIT_MS_MAX: u64 = 30_000;
 
 type IdPath = Result<Path<String>, PathRejection>;
 type Params = Result<Query<HashMap<String, String>>, QueryRejection>;
@@ -153,6 +159,7 @@ async fn write_with_replicas(
     expiry: Expiry,
     size: usize,
     params: &HashMap<String, String>,
+    if_match: Option<&[automerge::ChangeHash]>,
 ) -> Result<Vec<automerge::ChangeHash>, ApiError> {
     let replicas = match params.get("replicas") {
         None => 0,
@@ -165,12 +172,15 @@ async fn write_with_replicas(
             })?,
     };
     if replicas == 0 {
-        return Ok(state.docs.write(id, write, expiry, size, None).await?);
+        return Ok(state
+            .docs
+            .write(id, write, expiry, size, None, if_match)
+            .await?);
     }
     let waiter = Arc::new(ReplicaWaiter::default());
     let heads = state
         .docs
-        .write(id, write, expiry, size, Some(Arc::clone(&waiter)))
+        .write(id, write, expiry, size, Some(Arc::clone(&waiter)), if_match)
         .await?;
     let acked = waiter.wait(replicas, REPLICAS_TIMEOUT).await;
     if acked < replicas {
@@ -215,11 +225,115 @@ fn write_request(
     })
 }
 
-/// `GET /v1/docs/{id}`.
-pub async fn read(State(state): State<Arc<AppState>>, path: IdPath) -> Result<Response, ApiError> {
+/// Heads in an API's text form: hex, separated by commas, each optionally in double quotes (as
+/// an entity tag), at most [`HEADS_PARAM_MAX`]. `what` names the source in errors.
+fn parse_heads(raw: &str, what: &str) -> Result<Vec<automerge::ChangeHash>, ApiError> {
+    let parts: Vec<&str> = raw
+        .split(',')
+        .map(|p| p.trim().trim_matches('"'))
+        .filter(|p| !p.is_empty())
+        .collect();
+    if parts.len() > HEADS_PARAM_MAX {
+        return Err(ApiError::invalid_query(format!(
+            "{what} names {} heads; at most {HEADS_PARAM_MAX}",
+            parts.len()
+        )));
+    }
+    verge_core::heads_from_hex(&parts).ok_or_else(|| {
+        ApiError::invalid_query(format!(
+            "{what} must be heads as writes return them: 64 hex digits each, comma-separated"
+        ))
+    })
+}
+
+/// The heads of an `If-Match` header, if any.
+fn if_match(headers: &HeaderMap) -> Result<Option<Vec<automerge::ChangeHash>>, ApiError> {
+    let Some(value) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let raw = value
+        .to_str()
+        .map_err(|_| ApiError::invalid_query("If-Match is not ASCII"))?;
+    parse_heads(raw, "If-Match").map(Some)
+}
+
+/// `GET /v1/docs/{id}`, with `?after=H1,H2[&wait_ms=N]`: once this node holds those heads.
+pub async fn read(
+    State(state): State<Arc<AppState>>,
+    path: IdPath,
+    query: Params,
+) -> Result<Response, ApiError> {
     let id = doc_id(&state, path)?;
+    let params = params(&state, query)?;
+    reject_unknown_params(&params, &["after", "wait_ms"])?;
+    if let Some(raw) = params.get("after") {
+        let heads = parse_heads(raw, "after")?;
+        let wait_ms = match params.get("wait_ms") {
+            None => AFTER_WAIT_MS_DEFAULT,
+            Some(raw) => raw
+                .parse::<u64>()
+                .ok()
+                .filter(|ms| *ms <= AFTER_WAIT_MS_MAX)
+                .ok_or_else(|| {
+                    ApiError::invalid_query(format!(
+                        "wait_ms must be 0..={AFTER_WAIT_MS_MAX}, got {raw:?}"
+                    ))
+                })?,
+        };
+        wait_for_heads(
+            &state,
+            &id,
+            &heads,
+            std::time::Duration::from_millis(wait_ms),
+        )
+        .await?;
+    } else if params.contains_key("wait_ms") {
+        return Err(ApiError::invalid_query("wait_ms needs after"));
+    }
     let body = state.docs.read(&id)?;
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+/// Waits until this node holds `heads` of `id` (a write's, made here or at another node), at
+/// most `wait`; `504 not_yet_replicated` after it.
+async fn wait_for_heads(
+    state: &AppState,
+    id: &DocId,
+    heads: &[automerge::ChangeHash],
+    wait: std::time::Duration,
+) -> Result<(), ApiError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    // Subscribed before the first look, so that no commit falls between the two.
+    let mut events = state.docs.subscribe();
+    let mut checked_retained = None;
+    loop {
+        if state.docs.holds(id, heads, &mut checked_retained)? {
+            return Ok(());
+        }
+        // Wake on this document's next commit (or on a lag, which may have hidden one).
+        let woke = loop {
+            match tokio::time::timeout_at(deadline, events.recv()).await {
+                Ok(Ok(event)) if event.id == id.as_str() => break true,
+                Ok(Ok(_)) => continue,
+                Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => break true,
+                Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) | Err(_) => break false,
+            }
+        };
+        if !woke {
+            if state.docs.holds(id, heads, &mut checked_retained)? {
+                return Ok(());
+            }
+            state.metrics.not_yet_replicated.inc();
+            return Err(ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "not_yet_replicated",
+                format!(
+                    "this node does not hold every head in after= within {} ms; the write has not reached it yet (retry, or read where it was made)",
+                    wait.as_millis()
+                ),
+            ));
+        }
+    }
 }
 
 /// `PUT /v1/docs/{id}`: replace the document by a diff.
@@ -227,8 +341,10 @@ pub async fn replace(
     State(state): State<Arc<AppState>>,
     path: IdPath,
     query: Params,
+    headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let if_match = if_match(&headers)?;
     let WriteRequest {
         id,
         params,
@@ -242,8 +358,16 @@ pub async fn replace(
             "a document must be a JSON object",
         ));
     };
-    let heads =
-        write_with_replicas(&state, &id, &Write::Replace(map), expiry, size, &params).await?;
+    let heads = write_with_replicas(
+        &state,
+        &id,
+        &Write::Replace(map),
+        expiry,
+        size,
+        &params,
+        if_match.as_deref(),
+    )
+    .await?;
     Ok(written(&id, &heads))
 }
 
@@ -252,8 +376,10 @@ pub async fn patch(
     State(state): State<Arc<AppState>>,
     path: IdPath,
     query: Params,
+    headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let if_match = if_match(&headers)?;
     let WriteRequest {
         id,
         params,
@@ -265,7 +391,16 @@ pub async fn patch(
         state.metrics.decode_error("ops");
         ApiError::invalid_op(e.to_string())
     })?;
-    let heads = write_with_replicas(&state, &id, &Write::Ops(ops), expiry, size, &params).await?;
+    let heads = write_with_replicas(
+        &state,
+        &id,
+        &Write::Ops(ops),
+        expiry,
+        size,
+        &params,
+        if_match.as_deref(),
+    )
+    .await?;
     Ok(written(&id, &heads))
 }
 
@@ -274,11 +409,22 @@ pub async fn delete(
     State(state): State<Arc<AppState>>,
     path: IdPath,
     query: Params,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    let if_match = if_match(&headers)?;
     let id = doc_id(&state, path)?;
     let params = params(&state, query)?;
     reject_unknown_params(&params, &["replicas"])?;
-    let heads = write_with_replicas(&state, &id, &Write::Delete, Expiry::Keep, 0, &params).await?;
+    let heads = write_with_replicas(
+        &state,
+        &id,
+        &Write::Delete,
+        Expiry::Keep,
+        0,
+        &params,
+        if_match.as_deref(),
+    )
+    .await?;
     Ok(written(&id, &heads))
 }
 

@@ -84,6 +84,11 @@ impl From<DocError> for ApiError {
             DocError::Compacted { .. } => {
                 Self::new(StatusCode::CONFLICT, "document_compacted", message)
             }
+            DocError::PreconditionFailed { .. } => Self::new(
+                StatusCode::PRECONDITION_FAILED,
+                "precondition_failed",
+                message,
+            ),
             DocError::ChangesCarried { .. } => {
                 Self::new(StatusCode::CONFLICT, "changes_carried", message)
             }
