@@ -272,6 +272,10 @@ struct Slot {
     /// The serialized `GET` response, rebuilt after a change.
     read_cache: Option<Bytes>,
     compaction_queued: bool,
+    /// The generation the document left last here and its snapshot, as queued for the
+    /// `retained` table: a client's stale sync may arrive before that commit lands, and its
+    /// changes are carried through this copy meanwhile. One per cached document that moved.
+    left: Option<(u64, Arc<Vec<u8>>)>,
 }
 
 /// A document's place in memory. `slot` is `None` until first loaded.
@@ -496,6 +500,7 @@ impl Documents {
                         meta: stored.meta,
                         read_cache: None,
                         compaction_queued: false,
+                        left: None,
                     }
                 }
                 None => Slot {
@@ -503,6 +508,7 @@ impl Documents {
                     meta: DocMeta::default(),
                     read_cache: None,
                     compaction_queued: false,
+                    left: None,
                 },
             };
             self.resize(entry, &slot.meta);
@@ -1112,10 +1118,12 @@ impl Documents {
                 self.metrics.generation_adoptions.inc();
                 self.metrics.carried_changes.inc_by(carried as u64);
                 tracing::info!(doc = %entry.id, from = %local.lineage, to = %now, carried, "moved to a newer generation of the document");
+                let snapshot = stored_snapshot(&previous);
+                slot.left = Some((local.lineage.generation, Arc::new(snapshot.clone())));
                 Previous::Retain {
                     generation: local.lineage.generation,
                     keep: self.config.retain_generations,
-                    snapshot: stored_snapshot(&previous),
+                    snapshot,
                     at_ms: self.now_ms(),
                 }
             }
@@ -1174,10 +1182,18 @@ impl Documents {
         let root = generation::root_of(&slot.doc)
             .and_then(|(hash, _)| automerge::ReadDoc::get_change_by_hash(&slot.doc, &hash))
             .ok_or("the current generation's root is missing")?;
-        let retained = self
+        let mut retained = self
             .store
             .retained(&entry.id)
-            .map_err(|e| format!("reading the retained generations: {e}"))?
+            .map_err(|e| format!("reading the retained generations: {e}"))?;
+        // The generation left last may not be committed yet.
+        if let Some((generation, bytes)) = &slot.left
+            && !retained.iter().any(|(g, _)| g == generation)
+        {
+            retained.push((*generation, bytes.as_ref().clone()));
+            retained.sort_by_key(|(g, _)| *g);
+        }
+        let retained = retained
             .into_iter()
             .filter(|(generation, _)| *generation >= older.generation)
             .map(|(generation, bytes)| {
@@ -1511,10 +1527,12 @@ impl Documents {
             .chain(carried.iter().map(|c| c.raw_bytes().to_vec()))
             .collect();
         let left = std::mem::replace(&mut slot.doc, compaction.into_document().with_actor(actor));
+        let left_snapshot = stored_snapshot(&left);
+        slot.left = Some((from.generation, Arc::new(left_snapshot.clone())));
         let previous = Previous::Retain {
             generation: from.generation,
             keep: self.config.retain_generations,
-            snapshot: stored_snapshot(&left),
+            snapshot: left_snapshot,
             at_ms: self.now_ms(),
         };
         self.metrics.carried_changes.inc_by(carried.len() as u64);
@@ -1627,6 +1645,7 @@ impl Documents {
                 meta: meta.clone(),
                 read_cache: None,
                 compaction_queued: false,
+                left: None,
             };
             queue_slot.send(Job {
                 mutation: Mutation::Replace {
