@@ -22,6 +22,9 @@ step "lints"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "dependency policy (licenses, duplicate versions, sources: deny.toml)"
+# cargo-deny reads the metadata of every platform's dependencies, offline: fetch them all
+# first (a cache filled by builds on this machine holds only this platform's).
+cargo fetch --locked --quiet
 cargo deny --offline --locked check licenses bans sources
 
 step "docs (rustdoc, warnings denied)"
