@@ -248,6 +248,30 @@ impl Default for CompactionConfig {
     }
 }
 
+/// Most feed records a node may be configured to keep (`[feed] retain_events`).
+pub const FEED_RETAIN_EVENTS_MAX: u64 = 100_000_000;
+/// Longest a node may be configured to keep feed records (`[feed] retain_hours`): 90 days.
+pub const FEED_RETAIN_HOURS_MAX: u64 = 90 * 24;
+
+/// How much of the change feed a node keeps (`[feed]` in the file; docs/api.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FeedConfig {
+    /// The newest records kept: a watcher or subscription further behind is told to reset.
+    pub retain_events: u64,
+    /// Records older than this are dropped (in the purge pass), however few there are.
+    pub retain_hours: u64,
+}
+
+impl Default for FeedConfig {
+    fn default() -> Self {
+        Self {
+            retain_events: 1_000_000,
+            retain_hours: 7 * 24,
+        }
+    }
+}
+
 /// The longest API timeout that may be configured (a day): a longer one is no bound.
 pub const TIMEOUT_S_MAX: u64 = 24 * 3600;
 
@@ -307,6 +331,8 @@ struct FileConfig {
     #[serde(default)]
     compaction: CompactionConfig,
     #[serde(default)]
+    feed: FeedConfig,
+    #[serde(default)]
     replication: ReplicationFileConfig,
     auth: Option<crate::auth::AuthFileConfig>,
     #[serde(default)]
@@ -332,6 +358,8 @@ pub struct Config {
     pub storage: StorageConfig,
     /// When documents start a new generation.
     pub compaction: CompactionConfig,
+    /// How much of the change feed is kept.
+    pub feed: FeedConfig,
     /// Key encrypting stored documents; `None` stores them in plain form.
     pub encryption_key: Option<crate::store::EncryptionKey>,
     /// Gossip listen address.
@@ -600,6 +628,18 @@ impl Config {
                 ),
             });
         }
+        let feed = file.feed;
+        if !(1..=FEED_RETAIN_EVENTS_MAX).contains(&feed.retain_events)
+            || !(1..=FEED_RETAIN_HOURS_MAX).contains(&feed.retain_hours)
+        {
+            return Err(ConfigError::Invalid {
+                key: "feed",
+                message: format!(
+                    "retain_events must be between 1 and {FEED_RETAIN_EVENTS_MAX}, retain_hours \
+                     between 1 and {FEED_RETAIN_HOURS_MAX}"
+                ),
+            });
+        }
         let replication = file.replication;
         if replication.anti_entropy_interval_s == 0 || replication.batch_bytes_max == 0 {
             return Err(ConfigError::Invalid {
@@ -618,6 +658,7 @@ impl Config {
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             storage,
             compaction,
+            feed,
             encryption_key,
             gossip_addr,
             advertise_addr,

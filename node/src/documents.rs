@@ -27,9 +27,10 @@ use crate::clock::Clock;
 use crate::metrics::Metrics;
 use crate::replication::{LocalChange, ReplicaWaiter};
 use crate::store::writer::{CommitError, Job, QueueSlot, WriterHandle};
-use crate::store::{DocMeta, Mutation, Previous, Store, StoreError};
+use crate::store::{DocMeta, FeedBounds, FeedRecord, Mutation, Previous, Store, StoreError};
 
-/// Change events buffered per watcher before it is told it lagged.
+/// Feed records buffered for live watchers; one that falls further behind reads what it
+/// missed from the store.
 pub const WATCH_BUFFER: usize = 4096;
 /// Documents waiting for compaction; more are picked up by their next write.
 pub const COMPACTION_QUEUE: usize = 1024;
@@ -222,17 +223,6 @@ pub enum InvalidSync {
     Answer(#[source] Box<automerge::AutomergeError>),
 }
 
-/// A committed change, as published to watchers.
-#[derive(Debug, Clone, Serialize)]
-pub struct ChangeEvent {
-    /// The document.
-    pub id: String,
-    /// Its heads after the change.
-    pub heads: Vec<String>,
-    /// Whether the change deleted it.
-    pub deleted: bool,
-}
-
 /// One page of a listing.
 #[derive(Debug, Serialize)]
 pub struct ListPage {
@@ -294,7 +284,7 @@ pub struct Documents {
     rng: Mutex<StdRng>,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
-    events: broadcast::Sender<Arc<ChangeEvent>>,
+    events: broadcast::Sender<Arc<FeedRecord>>,
     compaction_tx: mpsc::Sender<DocId>,
     config: DocumentsConfig,
     /// Told of every commit (replication). Set once, when replication starts.
@@ -340,10 +330,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Documents {
     /// Creates the service. `rng_seed` seeds actor ids; the returned receiver feeds
-    /// [`Documents::run_compactor`].
+    /// [`Documents::run_compactor`]. `events` is where the writer publishes the change feed.
     pub fn new(
         store: Arc<Store>,
         writer: WriterHandle,
+        events: broadcast::Sender<Arc<FeedRecord>>,
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
         config: DocumentsConfig,
@@ -351,7 +342,6 @@ impl Documents {
     ) -> (Arc<Self>, mpsc::Receiver<DocId>) {
         let mut rng = StdRng::seed_from_u64(rng_seed);
         let actor = ActorId::from(rng.random::<[u8; 16]>());
-        let (events, _) = broadcast::channel(WATCH_BUFFER);
         let (compaction_tx, compaction_rx) = mpsc::channel(COMPACTION_QUEUE);
         let docs = Arc::new(Self {
             store,
@@ -418,9 +408,20 @@ impl Documents {
         lock(&self.actor).clone()
     }
 
-    /// Subscribes to committed changes.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<ChangeEvent>> {
+    /// Subscribes to committed changes as the writer numbers them (the live end of the feed;
+    /// [`Documents::feed_after`] reads what a subscriber missed).
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<FeedRecord>> {
         self.events.subscribe()
+    }
+
+    /// Up to `limit` feed records after `after`, in order.
+    pub fn feed_after(&self, after: u64, limit: usize) -> Result<Vec<FeedRecord>, DocError> {
+        Ok(self.store.feed_after(after, limit)?)
+    }
+
+    /// The numbers the feed holds.
+    pub fn feed_bounds(&self) -> Result<FeedBounds, DocError> {
+        Ok(self.store.feed_bounds()?)
     }
 
     /// Jobs waiting for the writer.
@@ -789,23 +790,25 @@ impl Documents {
             mutation,
             poisoned: Arc::clone(&entry.poisoned),
             ack: Some(ack_tx),
+            record: Some(FeedRecord {
+                seq: 0,
+                id: entry.id.to_string(),
+                heads: slot.meta.heads.clone(),
+                deleted: slot.meta.deleted,
+                at_ms: self.now_ms(),
+            }),
         });
         self.resize(entry, &slot.meta);
         Pending {
             ack: ack_rx,
-            event: ChangeEvent {
-                id: entry.id.to_string(),
-                heads: heads_to_hex(&slot.meta.heads),
-                deleted: slot.meta.deleted,
-            },
             heads: slot.meta.heads.clone(),
             changes,
             counted,
         }
     }
 
-    /// Waits for the durable commit of queued changes, then tells watchers and the commit
-    /// listener (with the changes, when made here).
+    /// Waits for the durable commit of queued changes (the writer has published it to the feed
+    /// by then), then tells the commit listener (with the changes, when made here).
     async fn finish(
         &self,
         entry: &Arc<Entry>,
@@ -820,7 +823,6 @@ impl Documents {
                     Counted::Write => self.metrics.writes.inc(),
                     Counted::Generation => self.metrics.compactions.inc(),
                 };
-                let _ = self.events.send(Arc::new(pending.event));
                 if let Some(listener) = self.listener.get() {
                     let local = (origin == Origin::Client).then(|| LocalChange {
                         doc: entry.id.clone(),
@@ -1379,6 +1381,7 @@ impl Documents {
             },
             poisoned: Arc::clone(&entry.poisoned),
             ack: None,
+            record: None,
         });
         self.metrics.snapshot_rewrites.inc();
         self.resize(entry, &slot.meta);
@@ -1583,6 +1586,14 @@ impl Documents {
         Ok(released)
     }
 
+    /// Drops the feed records older than `retain_ms`. Returns how many.
+    pub fn trim_feed(&self, retain_ms: i64) -> Result<u64, DocError> {
+        let before = self.now_ms().saturating_sub(retain_ms);
+        let dropped = self.store.trim_feed_before(before)?;
+        self.metrics.feed_trimmed.inc_by(dropped);
+        Ok(dropped)
+    }
+
     /// Purges documents expired at `now`, and tombstones older than `tombstone_retention_ms`.
     /// Returns how many were purged; a pass that completes counts in `verge_purge_rounds_total`.
     pub async fn purge_expired(&self, tombstone_retention_ms: i64) -> Result<usize, DocError> {
@@ -1656,6 +1667,7 @@ impl Documents {
                 },
                 poisoned: Arc::clone(&entry.poisoned),
                 ack: None,
+                record: None,
             });
             self.resize(&entry, &slot.meta);
             self.metrics.purged_docs.inc();
@@ -1744,7 +1756,6 @@ fn brings_next_generation(local: &Local, new: &[automerge::Change]) -> bool {
 
 struct Pending {
     ack: oneshot::Receiver<Result<(), CommitError>>,
-    event: ChangeEvent,
     heads: Vec<ChangeHash>,
     changes: Vec<Vec<u8>>,
     counted: Counted,

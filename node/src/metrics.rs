@@ -87,8 +87,13 @@ pub struct Metrics {
     pub sync_stale_incarnation: Counter,
     /// Open watch streams.
     pub watchers: Gauge,
-    /// Watch events dropped because a watcher was too slow.
-    pub watch_lagged: Counter,
+    /// Watch streams told to `reset`: they asked to resume before the oldest record the feed
+    /// keeps, or after a number this node never gave.
+    pub watch_resets: Counter,
+    /// The last number the change feed gave.
+    pub feed_last_seq: Gauge,
+    /// Feed records dropped by age (`[feed] retain_hours`).
+    pub feed_trimmed: Counter,
     /// Changes not broadcast because a replication queue (local changes, or batches waiting
     /// for the relay's window) was full.
     pub broadcast_dropped: Counter,
@@ -178,7 +183,9 @@ impl Metrics {
             incarnations_replaced: Counter::default(),
             sync_stale_incarnation: Counter::default(),
             watchers: Gauge::default(),
-            watch_lagged: Counter::default(),
+            watch_resets: Counter::default(),
+            feed_last_seq: Gauge::default(),
+            feed_trimmed: Counter::default(),
             broadcast_dropped: Counter::default(),
             gossip_batches_sent: Counter::default(),
             gossip_batches_received: Counter::default(),
@@ -354,9 +361,19 @@ impl Metrics {
         );
         registry.register("watchers", "Open watch streams", m.watchers.clone());
         registry.register(
-            "watch_lagged",
-            "Watch events dropped for slow watchers",
-            m.watch_lagged.clone(),
+            "watch_resets",
+            "Watch streams told to reset: their resume point is older than the feed keeps",
+            m.watch_resets.clone(),
+        );
+        registry.register(
+            "feed_last_seq",
+            "The last sequence number the change feed gave",
+            m.feed_last_seq.clone(),
+        );
+        registry.register(
+            "feed_trimmed",
+            "Change feed records dropped by age ([feed] retain_hours)",
+            m.feed_trimmed.clone(),
         );
         registry.register(
             "broadcast_dropped",

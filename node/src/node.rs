@@ -213,6 +213,10 @@ where
         config.storage.min_free_bytes,
         Arc::clone(&metrics),
     ));
+    let (events, _) = tokio::sync::broadcast::channel(crate::documents::WATCH_BUFFER);
+    if let Ok(bounds) = store.feed_bounds() {
+        metrics.feed_last_seq.set(bounds.last as i64);
+    }
     let (writer, writer_join, mut storage_failure) = writer::spawn(
         Arc::clone(&store),
         Arc::clone(&space),
@@ -220,6 +224,10 @@ where
         config.storage.batch_max,
         Arc::clone(&metrics),
         writer_mode,
+        writer::FeedSink {
+            events: events.clone(),
+            retain_events: config.feed.retain_events,
+        },
     )
     .map_err(|source| NodeError::Io {
         context: "starting the writer".into(),
@@ -228,6 +236,7 @@ where
     let (docs, compaction_rx) = Documents::new(
         Arc::clone(&store),
         writer,
+        events,
         Arc::clone(&clock),
         Arc::clone(&metrics),
         DocumentsConfig {
@@ -464,6 +473,8 @@ fn spawn_purger(docs: Arc<Documents>, config: &Config) -> JoinHandle<()> {
         .unwrap_or(i64::MAX);
     let retain_previous_ms =
         i64::try_from(config.compaction.retain_previous_s.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let feed_retain_ms =
+        i64::try_from(config.feed.retain_hours.saturating_mul(3_600_000)).unwrap_or(i64::MAX);
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -478,6 +489,11 @@ fn spawn_purger(docs: Arc<Documents>, config: &Config) -> JoinHandle<()> {
                 Ok(0) => {}
                 Ok(n) => tracing::debug!(released = n, "released retained generations"),
                 Err(e) => tracing::warn!(error = %e, "releasing retained generations failed"),
+            }
+            match docs.trim_feed(feed_retain_ms) {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(dropped = n, "dropped old change feed records"),
+                Err(e) => tracing::warn!(error = %e, "trimming the change feed failed"),
             }
         }
     })

@@ -110,11 +110,15 @@ pub enum ClientCommand {
         #[arg(default_value_t = 1, allow_negative_numbers = true)]
         by: i64,
     },
-    /// Follow changes: one JSON line per committed change (`id`, `heads`, `deleted`).
+    /// Follow changes: one JSON line per committed change (`seq`, `id`, `heads`, `deleted`).
     Watch {
         /// Only documents whose id starts with this prefix.
         #[arg(long)]
         prefix: Option<String>,
+        /// Resume after this sequence number (a printed change's `seq`): every change after it
+        /// that the node's feed still holds, then live ones.
+        #[arg(long)]
+        since: Option<u64>,
     },
     /// Show the node's identity, load and cluster members.
     Status,
@@ -227,7 +231,7 @@ async fn run_inner(cmd: ClientCommand, opts: &ClientOpts) -> Result<(), CliError
             let body = json!({ "ops": [ { "op": "inc", "path": path, "by": by } ] }).to_string();
             write_doc(&client, Method::PATCH, &id, None, body, &[]).await
         }
-        ClientCommand::Watch { prefix } => watch(&client, prefix.as_deref()).await,
+        ClientCommand::Watch { prefix, since } => watch(&client, prefix.as_deref(), since).await,
         ClientCommand::Status => {
             let value = expect_ok(client.send(Method::GET, "/v1/status", None).await?)?;
             emit(&format_status(&value))
@@ -521,11 +525,22 @@ async fn ls(client: &ApiClient, prefix: Option<&str>, limit: Option<u64>) -> Res
     }
 }
 
-async fn watch(client: &ApiClient, prefix: Option<&str>) -> Result<(), CliError> {
-    let mut path = "/v1/watch".to_owned();
+async fn watch(
+    client: &ApiClient,
+    prefix: Option<&str>,
+    since: Option<u64>,
+) -> Result<(), CliError> {
+    let mut query = Vec::new();
     if let Some(prefix) = prefix {
-        path.push_str("?prefix=");
-        path.push_str(&encode_query(prefix));
+        query.push(format!("prefix={}", encode_query(prefix)));
+    }
+    if let Some(since) = since {
+        query.push(format!("since={since}"));
+    }
+    let mut path = "/v1/watch".to_owned();
+    if !query.is_empty() {
+        path.push('?');
+        path.push_str(&query.join("&"));
     }
     let response = client.open_stream(&path).await?;
     let status = response.status();
@@ -538,7 +553,13 @@ async fn watch(client: &ApiClient, prefix: Option<&str>) -> Result<(), CliError>
         .unwrap_or_else(|_| Ok(Bytes::new()))?;
         return Err(api_error(&ApiResponse { status, body }));
     }
-    let lost = |detail: String| {
+    // The last number seen, for the hint on how to resume.
+    let mut last_seq = since;
+    let lost = |detail: String, last_seq: Option<u64>| {
+        let detail = match last_seq {
+            Some(seq) => format!("{detail}; resume with `verge watch --since {seq}`"),
+            None => detail,
+        };
         CliError::Transport(TransportError::Lost {
             url: client.endpoint().to_string(),
             detail,
@@ -549,17 +570,20 @@ async fn watch(client: &ApiClient, prefix: Option<&str>) -> Result<(), CliError>
     loop {
         let frame = match tokio::time::timeout(WATCH_IDLE_TIMEOUT, body.frame()).await {
             Err(_) => {
-                return Err(lost(format!(
-                    "no data on the watch stream for {} s",
-                    WATCH_IDLE_TIMEOUT.as_secs()
-                )));
+                return Err(lost(
+                    format!(
+                        "no data on the watch stream for {} s",
+                        WATCH_IDLE_TIMEOUT.as_secs()
+                    ),
+                    last_seq,
+                ));
             }
-            Ok(None) => return Err(lost("the node closed the watch stream".into())),
+            Ok(None) => return Err(lost("the node closed the watch stream".into(), last_seq)),
             Ok(Some(Err(e))) => {
-                return Err(lost(format!(
-                    "the watch stream broke: {}",
-                    super::http::error_chain(&e)
-                )));
+                return Err(lost(
+                    format!("the watch stream broke: {}", super::http::error_chain(&e)),
+                    last_seq,
+                ));
             }
             Ok(Some(Ok(frame))) => frame,
         };
@@ -569,6 +593,9 @@ async fn watch(client: &ApiClient, prefix: Option<&str>) -> Result<(), CliError>
         let events = parser.push(&data).map_err(CliError::Unexpected)?;
         let mut text = String::new();
         for event in events {
+            if let Some(seq) = event.id.as_deref().and_then(|id| id.parse().ok()) {
+                last_seq = Some(seq);
+            }
             match event_line(&event.event, &event.data) {
                 WatchLine::Out(line) => {
                     text.push_str(&line);
@@ -597,7 +624,7 @@ enum WatchLine {
     Skip,
 }
 
-/// Renders a watch event: `change` events become one compact JSON line on stdout; `lagged` and
+/// Renders a watch event: `change` events become one compact JSON line on stdout; `reset` and
 /// malformed events become warnings; unknown event types are skipped for forward
 /// compatibility.
 fn event_line(event: &str, data: &str) -> WatchLine {
@@ -608,14 +635,18 @@ fn event_line(event: &str, data: &str) -> WatchLine {
             Ok(Value::Object(_)) => WatchLine::Out(data.trim().replace(['\n', '\r'], " ")),
             _ => WatchLine::Warn(format!("ignoring a malformed change event: {data}")),
         },
-        "lagged" => {
-            let missed = serde_json::from_str::<Value>(data)
-                .ok()
-                .and_then(|v| v.get("missed").and_then(Value::as_u64));
-            let missed = missed.map_or_else(|| "some".to_owned(), |n| n.to_string());
+        "reset" => {
+            let data = serde_json::from_str::<Value>(data).unwrap_or_default();
+            let number = |key: &str| {
+                data.get(key)
+                    .and_then(Value::as_u64)
+                    .map_or_else(|| "none".to_owned(), |n| n.to_string())
+            };
             WatchLine::Warn(format!(
-                "the watch fell behind and missed {missed} events; re-read the documents you \
-                 care about"
+                "the node's feed no longer holds the changes after the point asked (oldest kept: \
+                 {}); re-read the documents you care about; following from {}",
+                number("oldest"),
+                number("last")
             ))
         }
         _ => WatchLine::Skip,
@@ -842,8 +873,8 @@ mod tests {
             WatchLine::Out(r#"{"id":"a","heads":["01"],"deleted":false}"#.to_owned())
         );
         assert!(matches!(
-            event_line("lagged", r#"{"missed":7}"#),
-            WatchLine::Warn(m) if m.contains("missed 7 events")
+            event_line("reset", r#"{"oldest":12,"last":40}"#),
+            WatchLine::Warn(m) if m.contains("oldest kept: 12") && m.contains("following from 40")
         ));
         assert_eq!(
             event_line("change", "{\"id\":\"a\",\n\"heads\":[]}"),

@@ -11,6 +11,8 @@ pub(crate) struct SseEvent {
     pub(crate) event: String,
     /// The `data:` lines joined with `\n`.
     pub(crate) data: String,
+    /// The `id:` field, when the event set one (the feed's sequence number).
+    pub(crate) id: Option<String>,
 }
 
 /// Incremental SSE parser (the subset of the WHATWG rules that matters to a client here:
@@ -20,6 +22,7 @@ pub(crate) struct SseParser {
     line: Vec<u8>,
     event: String,
     data: String,
+    id: Option<String>,
     has_data: bool,
     /// The previous byte was `\r`, so a following `\n` belongs to the same line break.
     after_cr: bool,
@@ -33,6 +36,7 @@ impl SseParser {
             line: Vec::new(),
             event: String::new(),
             data: String::new(),
+            id: None,
             has_data: false,
             after_cr: false,
             max_line,
@@ -75,6 +79,7 @@ impl SseParser {
         if line.is_empty() {
             let event = std::mem::take(&mut self.event);
             let data = std::mem::take(&mut self.data);
+            let id = self.id.take();
             let had_data = std::mem::replace(&mut self.has_data, false);
             if !had_data {
                 return Ok(None);
@@ -84,7 +89,7 @@ impl SseParser {
             } else {
                 event
             };
-            return Ok(Some(SseEvent { event, data }));
+            return Ok(Some(SseEvent { event, data, id }));
         }
         if line.first() == Some(&b':') {
             return Ok(None);
@@ -96,6 +101,8 @@ impl SseParser {
         };
         match field {
             "event" => value.clone_into(&mut self.event),
+            // A NUL in an id is ignored, as browsers do.
+            "id" if !value.contains('\0') => self.id = Some(value.to_owned()),
             "data" => {
                 if self.has_data {
                     self.data.push('\n');
@@ -123,6 +130,7 @@ mod tests {
         SseEvent {
             event: event.to_owned(),
             data: data.to_owned(),
+            id: None,
         }
     }
 
@@ -130,13 +138,16 @@ mod tests {
     fn parses_events_and_skips_comments() {
         let mut p = SseParser::new(1024);
         let got = p
-            .push(b": keep-alive\n\nevent: change\ndata: {\"id\":\"a\"}\n\nevent: lagged\ndata: {\"missed\":3}\n\n")
+            .push(b": keep-alive\n\nid: 7\nevent: change\ndata: {\"id\":\"a\"}\n\nevent: reset\ndata: {\"last\":3}\n\n")
             .expect("valid stream");
         assert_eq!(
             got,
             vec![
-                ev("change", "{\"id\":\"a\"}"),
-                ev("lagged", "{\"missed\":3}")
+                SseEvent {
+                    id: Some("7".into()),
+                    ..ev("change", "{\"id\":\"a\"}")
+                },
+                ev("reset", "{\"last\":3}")
             ]
         );
     }

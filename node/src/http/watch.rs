@@ -1,6 +1,15 @@
-//! `GET /v1/watch`: committed changes as server-sent events.
+//! `GET /v1/watch`: the change feed as server-sent events, resumable.
+//!
+//! Each event carries the feed's sequence number as its SSE `id`. A watcher that resumes with
+//! `?since=SEQ` or the `Last-Event-ID` header (which browsers' `EventSource` sends on
+//! reconnect) gets every change after SEQ, in order, without gap or repeat, also across a
+//! restart of the node: what it missed is read from the store, then it follows the live
+//! broadcast. A watcher that falls behind the live broadcast reads the store again, so a slow
+//! watcher is never told to re-read everything while the feed still holds what it missed. Only a
+//! resume point the feed no longer holds (older than `[feed]` retention, or a number this node
+//! never gave) gets `event: reset`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,19 +17,25 @@ use std::time::Duration;
 use axum::Extension;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
+use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
-use futures_util::StreamExt;
 use futures_util::stream::{self, Stream};
 use serde_json::json;
 use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
+use verge_core::{DocId, heads_to_hex};
 
 use super::{ApiError, AppState};
-use crate::documents::ChangeEvent;
+use crate::documents::{DocError, Documents};
 use crate::metrics::Metrics;
+use crate::store::{FeedBounds, FeedRecord};
 
 /// Interval of keep-alive comments on an idle stream.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// Feed records read from the store at a time while a watcher catches up.
+const CATCH_UP_PAGE: usize = 256;
+/// Longest sequence number accepted in `since` or `Last-Event-ID` (`u64::MAX` has 20 digits).
+const SEQ_DIGITS_MAX: usize = 20;
 
 /// Decrements the watcher gauge when a stream ends.
 struct WatcherGuard(Arc<Metrics>);
@@ -34,73 +49,180 @@ impl Drop for WatcherGuard {
 /// What a watch stream sends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum WatchItem {
-    /// A change event's JSON.
-    Change(String),
-    /// The watcher fell behind by this many changes (to any document).
-    Lagged(u64),
+    /// A change to a document under the prefix.
+    Change(Arc<FeedRecord>),
+    /// The resume point asked is not in the feed: re-read, then follow from `last`.
+    Reset(FeedBounds),
 }
 
-/// The data of a `lagged` event: the count only when the watcher may know it (it covers every
-/// document's changes, so a token that does not reach them all would learn the write volume
-/// outside its prefixes).
-fn lagged_data(missed: u64, reveal: bool) -> serde_json::Value {
-    json!({ "missed": reveal.then_some(missed) })
+/// Where a stream starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// After this number, reading what follows from the store first.
+    After(u64),
+    /// Told to reset, then after `bounds.last`.
+    Reset(FeedBounds),
 }
 
-/// The changes under `prefix` from `rx` until `stop`, and a `Lagged` item where the watcher
-/// fell behind.
-fn watch_items(
-    rx: broadcast::Receiver<Arc<ChangeEvent>>,
+/// Where a stream asking to resume after `since` (or to follow from now, `None`) starts, given
+/// what the feed holds.
+fn start(since: Option<u64>, bounds: FeedBounds) -> Start {
+    let Some(since) = since else {
+        return Start::After(bounds.last);
+    };
+    // The feed holds `first..=last`; a resume point before `first - 1` lost records to
+    // retention, one past `last` is another node's (or another store's) number.
+    let oldest_resumable = bounds.first.map_or(bounds.last, |first| first - 1);
+    if since < oldest_resumable || since > bounds.last {
+        Start::Reset(bounds)
+    } else {
+        Start::After(since)
+    }
+}
+
+/// A stream's state between items.
+struct Follow {
+    docs: Arc<Documents>,
+    rx: broadcast::Receiver<Arc<FeedRecord>>,
     prefix: String,
+    /// The last number seen (sent or filtered out).
+    after: u64,
+    /// Whether what follows `after` is read from the store (catching up) rather than the
+    /// live broadcast.
+    from_store: bool,
+    queued: VecDeque<WatchItem>,
     stop: tokio::sync::watch::Receiver<bool>,
-    guard: impl Send + 'static,
-) -> impl Stream<Item = WatchItem> {
-    stream::unfold(
-        (rx, prefix, guard, stop),
-        |(mut rx, prefix, guard, mut stop)| async move {
-            loop {
-                let received = tokio::select! {
-                    biased;
-                    received = rx.recv() => received,
-                    _ = stop.wait_for(|stop| *stop) => return None,
-                };
-                match received {
-                    Ok(event) if event.id.starts_with(&prefix) => {
-                        let data = match serde_json::to_string(&*event) {
-                            Ok(data) => data,
-                            Err(e) => {
-                                tracing::error!(error = %e, "a change event does not serialise; skipped");
-                                continue;
-                            }
-                        };
-                        return Some((WatchItem::Change(data), (rx, prefix, guard, stop)));
-                    }
-                    Ok(_) => continue,
-                    Err(RecvError::Lagged(missed)) => {
-                        return Some((WatchItem::Lagged(missed), (rx, prefix, guard, stop)));
-                    }
-                    Err(RecvError::Closed) => return None,
-                }
-            }
-        },
-    )
 }
 
-/// `GET /v1/watch?prefix=P`. Without a prefix, a token with one prefix watches that prefix
-/// (`scope`, set by the auth middleware).
+impl Follow {
+    /// The next item, or `None` when the node stops or the store cannot be read.
+    async fn next(&mut self) -> Option<WatchItem> {
+        loop {
+            if let Some(item) = self.queued.pop_front() {
+                return Some(item);
+            }
+            if self.from_store {
+                self.catch_up().ok()?;
+                continue;
+            }
+            let received = tokio::select! {
+                biased;
+                _ = self.stop.wait_for(|stop| *stop) => return None,
+                received = self.rx.recv() => received,
+            };
+            match received {
+                Ok(record) if record.seq <= self.after => {}
+                Ok(record) if record.seq == self.after + 1 => {
+                    self.after = record.seq;
+                    if record.id.starts_with(&self.prefix) {
+                        return Some(WatchItem::Change(record));
+                    }
+                }
+                // A gap (records missed while lagging): the store has them.
+                Ok(_) | Err(RecvError::Lagged(_)) => self.from_store = true,
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    }
+
+    /// Reads the next page after `after` from the store into `queued`; at the end of what the
+    /// store holds, goes back to the live broadcast.
+    fn catch_up(&mut self) -> Result<(), DocError> {
+        let page = self
+            .docs
+            .feed_after(self.after, CATCH_UP_PAGE)
+            .inspect_err(|e| {
+                tracing::warn!(error = %e, "reading the change feed failed; the watch stream ends");
+            })?;
+        let Some(first) = page.first() else {
+            self.from_store = false;
+            return Ok(());
+        };
+        if first.seq != self.after + 1 {
+            // Retention dropped records while this watcher was catching up.
+            let bounds = self.docs.feed_bounds()?;
+            self.queued.push_back(WatchItem::Reset(bounds));
+            self.after = bounds.last;
+            return Ok(());
+        }
+        for record in page {
+            self.after = record.seq;
+            if record.id.starts_with(&self.prefix) {
+                self.queued.push_back(WatchItem::Change(Arc::new(record)));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses a sequence number given by a client.
+fn parse_seq(raw: &str, what: &str) -> Result<u64, ApiError> {
+    raw.trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|_| raw.trim().len() <= SEQ_DIGITS_MAX)
+        .ok_or_else(|| {
+            ApiError::invalid_query(format!(
+                "{what} must be a sequence number (an event's id), got {:?}",
+                raw.chars().take(40).collect::<String>()
+            ))
+        })
+}
+
+/// The data of a `change` event, with the document's JSON when asked.
+fn change_data(docs: &Documents, record: &FeedRecord, include_doc: bool) -> String {
+    let mut data = json!({
+        "seq": record.seq,
+        "id": record.id,
+        "heads": heads_to_hex(&record.heads),
+        "deleted": record.deleted,
+    });
+    if include_doc {
+        let doc = DocId::new(&record.id)
+            .ok()
+            .and_then(|id| match docs.read(&id) {
+                Ok(body) => serde_json::from_slice::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|mut body| body.get_mut("doc").map(serde_json::Value::take)),
+                Err(DocError::NotFound(_)) => None,
+                Err(e) => {
+                    tracing::warn!(id = %record.id, error = %e, "a watched document cannot be read");
+                    None
+                }
+            });
+        data["doc"] = doc.unwrap_or(serde_json::Value::Null);
+    }
+    data.to_string()
+}
+
+/// `GET /v1/watch?prefix=P[&since=SEQ][&include=doc]`. Without a prefix, a token with one
+/// prefix watches that prefix (`scope`, set by the auth middleware).
 pub async fn watch(
     State(state): State<Arc<AppState>>,
     Extension(stop): Extension<tokio::sync::watch::Receiver<bool>>,
     scope: Option<Extension<super::ScopePrefix>>,
-    scoped: Option<Extension<super::Scoped>>,
+    headers: HeaderMap,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let Query(params) = query.map_err(|e| ApiError::invalid_query(e.body_text()))?;
-    if let Some(k) = params.keys().find(|k| k.as_str() != "prefix") {
+    if let Some(k) = params
+        .keys()
+        .find(|k| !matches!(k.as_str(), "prefix" | "since" | "include"))
+    {
         return Err(ApiError::invalid_query(format!(
             "unknown query parameter {k:?}"
         )));
     }
+    let include_doc = match params.get("include").map(String::as_str) {
+        None => false,
+        Some("doc") => true,
+        Some(other) => {
+            return Err(ApiError::invalid_query(format!(
+                "include must be \"doc\", got {:?}",
+                other.chars().take(40).collect::<String>()
+            )));
+        }
+    };
     let prefix = params
         .get("prefix")
         .filter(|p| !p.is_empty())
@@ -108,24 +230,63 @@ pub async fn watch(
         .or(scope.map(|Extension(super::ScopePrefix(p))| p))
         .unwrap_or_default();
     super::docs::check_prefix(&prefix)?;
-    // The buffer is shared by every watcher, so the number missed counts changes to every
-    // document: a token that does not reach them all is not told it (it would learn the write
-    // volume outside its prefixes).
-    let reveal_missed = scoped.is_none();
+    // A reconnecting `EventSource` repeats the URL it was opened with and adds the last id it
+    // saw: the header is the newer resume point.
+    let since = match headers.get("last-event-id") {
+        Some(value) => Some(parse_seq(
+            value
+                .to_str()
+                .map_err(|_| ApiError::invalid_query("Last-Event-ID is not ASCII"))?,
+            "Last-Event-ID",
+        )?),
+        None => params
+            .get("since")
+            .map(|raw| parse_seq(raw, "since"))
+            .transpose()?,
+    };
+    // Subscribed before the feed's bounds are read: a record committed in between arrives
+    // live, and one already read is skipped by its number.
     let rx = state.docs.subscribe();
+    let bounds = state.docs.feed_bounds()?;
+    let mut follow = Follow {
+        docs: Arc::clone(&state.docs),
+        rx,
+        prefix,
+        after: bounds.last,
+        from_store: false,
+        queued: VecDeque::new(),
+        stop,
+    };
+    match start(since, bounds) {
+        Start::After(after) => {
+            follow.from_store = after < bounds.last;
+            follow.after = after;
+        }
+        Start::Reset(bounds) => follow.queued.push_back(WatchItem::Reset(bounds)),
+    }
     state.metrics.watchers.inc();
     let guard = WatcherGuard(Arc::clone(&state.metrics));
     let metrics = Arc::clone(&state.metrics);
-    let events = watch_items(rx, prefix, stop, guard).map(move |item| {
-        Ok(match item {
-            WatchItem::Change(data) => Event::default().event("change").data(data),
-            WatchItem::Lagged(missed) => {
-                metrics.watch_lagged.inc_by(missed);
-                Event::default()
-                    .event("lagged")
-                    .data(lagged_data(missed, reveal_missed).to_string())
-            }
-        })
+    let docs = Arc::clone(&state.docs);
+    let events = stream::unfold((follow, guard), move |(mut follow, guard)| {
+        let metrics = Arc::clone(&metrics);
+        let docs = Arc::clone(&docs);
+        async move {
+            let event = match follow.next().await? {
+                WatchItem::Change(record) => Event::default()
+                    .id(record.seq.to_string())
+                    .event("change")
+                    .data(change_data(&docs, &record, include_doc)),
+                WatchItem::Reset(bounds) => {
+                    metrics.watch_resets.inc();
+                    Event::default()
+                        .id(bounds.last.to_string())
+                        .event("reset")
+                        .data(json!({ "oldest": bounds.first, "last": bounds.last }).to_string())
+                }
+            };
+            Some((Ok(event), (follow, guard)))
+        }
     });
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
 }
@@ -134,30 +295,46 @@ pub async fn watch(
 mod tests {
     use super::*;
 
-    fn event(id: &str) -> Arc<ChangeEvent> {
-        Arc::new(ChangeEvent {
-            id: id.into(),
-            heads: Vec::new(),
-            deleted: false,
-        })
+    fn bounds(first: Option<u64>, last: u64) -> FeedBounds {
+        FeedBounds { first, last }
     }
 
-    /// A watcher 3 events behind a buffer of 2 hears that it lagged, by a count of every
-    /// prefix's changes: only a watcher whose token reaches every document is told it.
-    #[tokio::test]
-    async fn a_lagged_count_is_told_only_to_whom_may_know_it() {
-        let (tx, rx) = broadcast::channel(2);
-        let (_stop_tx, stop) = tokio::sync::watch::channel(false);
-        let items = watch_items(rx, "cart/".into(), stop, ());
-        for id in ["user/1", "user/2", "user/3", "cart/1", "user/4"] {
-            tx.send(event(id)).expect("a receiver");
+    /// Resuming inside what the feed holds (or right before its oldest record) goes on from
+    /// there; before it, or past the last number given, is a reset.
+    #[test]
+    fn a_resume_point_the_feed_no_longer_holds_is_a_reset() {
+        let held = bounds(Some(11), 20);
+        assert_eq!(start(None, held), Start::After(20));
+        assert_eq!(start(Some(10), held), Start::After(10));
+        assert_eq!(start(Some(15), held), Start::After(15));
+        assert_eq!(start(Some(20), held), Start::After(20));
+        assert_eq!(start(Some(9), held), Start::Reset(held));
+        assert_eq!(start(Some(21), held), Start::Reset(held));
+        // A new feed resumes from 0; an emptied one only from its last number.
+        assert_eq!(start(Some(0), bounds(None, 0)), Start::After(0));
+        assert_eq!(start(Some(0), bounds(Some(1), 5)), Start::After(0));
+        assert_eq!(start(Some(5), bounds(None, 5)), Start::After(5));
+        assert_eq!(
+            start(Some(4), bounds(None, 5)),
+            Start::Reset(bounds(None, 5))
+        );
+    }
+
+    #[test]
+    fn sequence_numbers_are_parsed_strictly() {
+        assert_eq!(parse_seq("42", "since").expect("a number"), 42);
+        assert_eq!(parse_seq(" 7 ", "since").expect("trimmed"), 7);
+        for bad in [
+            "",
+            "-1",
+            "1.5",
+            "0x10",
+            "abc",
+            "184467440737095516160",
+            "1 2",
+        ] {
+            let e = parse_seq(bad, "since").expect_err(bad);
+            assert_eq!(e.code(), "invalid_query", "{bad}");
         }
-        drop(tx);
-        let items: Vec<WatchItem> = items.collect().await;
-        assert_eq!(items.len(), 2, "{items:?}");
-        assert_eq!(items[0], WatchItem::Lagged(3), "user/1..3 were missed");
-        assert!(matches!(&items[1], WatchItem::Change(data) if data.contains("cart/1")));
-        assert_eq!(lagged_data(3, true), json!({ "missed": 3 }));
-        assert_eq!(lagged_data(3, false), json!({ "missed": null }));
     }
 }

@@ -45,6 +45,8 @@ pub(super) enum Row<'a> {
     Node(&'a str),
     /// The retained snapshot of generation `generation` of document `id`.
     Retained(&'a str, u64),
+    /// Record `seq` of the change feed.
+    Feed(u64),
 }
 
 impl Row<'_> {
@@ -55,6 +57,7 @@ impl Row<'_> {
             Row::Meta(id) => (b'm', id, None),
             Row::Node(key) => (b'n', key, None),
             Row::Retained(id, generation) => (b'r', id, Some(generation)),
+            Row::Feed(seq) => (b'f', "", Some(seq)),
         };
         let mut ad = Vec::with_capacity(1 + id.len() + 8);
         ad.push(tag);

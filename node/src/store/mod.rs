@@ -10,6 +10,7 @@
 //! encrypted canary in the `node` table tells at open whether the key is the store's.
 
 pub mod crypt;
+pub mod feed;
 mod meta;
 pub mod writer;
 
@@ -27,6 +28,7 @@ use verge_core::DocId;
 use crypt::{Cipher, Row};
 pub use crypt::{EncryptionKey, KeyError};
 pub mod space;
+pub use feed::{FeedBounds, FeedRecord};
 pub use meta::{DocMeta, META_HEADS_MAX, MetaDecodeError};
 
 const SNAPSHOTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("snapshots");
@@ -224,6 +226,8 @@ pub struct RekeyReport {
     pub retained: u64,
     /// Metadata records.
     pub metas: u64,
+    /// Change feed records.
+    pub feed: u64,
 }
 
 /// The redb database of one node.
@@ -313,6 +317,7 @@ impl Store {
                 Row::Retained(id, generation)
             })?,
             metas: rewrite_by_id(&tx, META, from, to, |id: &str| Row::Meta(id))?,
+            feed: feed::rewrite_feed(&tx, from, to)?,
         };
         {
             let mut node = tx.open_table(NODE)?;
@@ -372,6 +377,8 @@ impl Store {
             tx.open_table(META)?;
             tx.open_table(RETAINED)?;
             tx.open_table(RETAINED_AT)?;
+            tx.open_table(feed::FEED)?;
+            tx.open_table(feed::FEED_STATE)?;
         }
         tx.commit()?;
         Ok(())
@@ -642,8 +649,20 @@ impl Store {
     /// Applies a batch of mutations in one durable transaction. Either all of them are on disk
     /// when this returns `Ok`, or none is.
     pub fn commit(&self, batch: &[&Mutation]) -> Result<(), StoreError> {
+        self.commit_with_feed(batch, &mut [], u64::MAX)
+    }
+
+    /// [`Store::commit`], numbering `records` into the change feed in the same transaction
+    /// (their `seq` is set) and keeping the newest `retain_events` records of it.
+    pub fn commit_with_feed(
+        &self,
+        batch: &[&Mutation],
+        records: &mut [&mut FeedRecord],
+        retain_events: u64,
+    ) -> Result<(), StoreError> {
         let mut tx = self.db.begin_write()?;
         tx.set_durability(Durability::Immediate)?;
+        self.append_feed(&tx, records, retain_events)?;
         {
             let mut snapshots = tx.open_table(SNAPSHOTS)?;
             let mut changes = tx.open_table(CHANGES)?;
@@ -864,11 +883,13 @@ pub fn rekey_command(args: &RekeyArgs) -> Result<String, String> {
     let report = Store::rekey(&args.data_dir, old, new, nonce_seed)
         .map_err(|e| format!("re-keying the store in {}: {e}", args.data_dir.display()))?;
     Ok(format!(
-        "rewrote {} snapshot(s), {} change row(s) and {} metadata record(s) in {}; the store \
-         is now {}\n",
+        "rewrote {} snapshot(s), {} change row(s), {} retained generation(s), {} metadata \
+         record(s) and {} feed record(s) in {}; the store is now {}\n",
         report.snapshots,
         report.changes,
+        report.retained,
         report.metas,
+        report.feed,
         args.data_dir.join(DB_FILE).display(),
         if args.new_key_file.is_some() {
             "encrypted with the new key"
@@ -1019,6 +1040,16 @@ mod tests {
         }
     }
 
+    fn feed_record() -> FeedRecord {
+        FeedRecord {
+            seq: 0,
+            id: "cart/3".into(),
+            heads: vec![ChangeHash([1; 32])],
+            deleted: false,
+            at_ms: 5,
+        }
+    }
+
     #[test]
     fn append_compact_purge_and_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1161,19 +1192,25 @@ mod tests {
                     meta: meta(2),
                 }])
                 .expect("compact");
+            let mut record = feed_record();
             store
-                .commit(&[&Mutation::Replace {
-                    id: id("cart/3"),
-                    snapshot: b"next".to_vec(),
-                    meta: meta(3),
-                    previous: Previous::Retain {
-                        generation: 0,
-                        keep: 4,
-                        snapshot: retained_snap.to_vec(),
-                        at_ms: 5,
-                    },
-                }])
+                .commit_with_feed(
+                    &[&Mutation::Replace {
+                        id: id("cart/3"),
+                        snapshot: b"next".to_vec(),
+                        meta: meta(3),
+                        previous: Previous::Retain {
+                            generation: 0,
+                            keep: 4,
+                            snapshot: retained_snap.to_vec(),
+                            at_ms: 5,
+                        },
+                    }],
+                    &mut [&mut record],
+                    10,
+                )
                 .expect("replace");
+            assert_eq!(record.seq, 1);
             let loaded = store.load(&id("cart/1")).expect("load").expect("present");
             assert_eq!(loaded.bytes, [secret, b"-more"].concat());
             assert_eq!(loaded.meta, meta(1));
@@ -1213,7 +1250,8 @@ mod tests {
                 snapshots: 2,
                 changes: 2,
                 retained: 1,
-                metas: 3
+                metas: 3,
+                feed: 1,
             }
         );
         assert_eq!(refused(keyed(1, 5)), KeyMismatch::WrongKey);
@@ -1227,6 +1265,13 @@ mod tests {
         assert_eq!(
             store.retained(&id("cart/3")).expect("retained"),
             vec![(0, retained_snap.to_vec())]
+        );
+        assert_eq!(
+            store.feed_after(0, 10).expect("feed"),
+            vec![FeedRecord {
+                seq: 1,
+                ..feed_record()
+            }]
         );
         drop(store);
         Store::rekey(dir.path(), key(2), None, [8; 32]).expect("decrypt");

@@ -13,10 +13,10 @@ use std::thread;
 
 use tokio::time::Instant;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use super::space::DiskSpace;
-use super::{Mutation, Store, StoreError};
+use super::{FeedRecord, Mutation, Store, StoreError};
 use crate::metrics::Metrics;
 
 /// Why a queued mutation was not made durable.
@@ -48,6 +48,19 @@ pub struct Job {
     pub poisoned: Arc<AtomicBool>,
     /// Receives the outcome once the batch committed (or failed).
     pub ack: Option<oneshot::Sender<Result<(), CommitError>>>,
+    /// The change as the feed records it, for a mutation that changes what the document holds
+    /// (not for a rewrite of its storage). Numbered and written in the same transaction, then
+    /// published to watchers in commit order.
+    pub record: Option<FeedRecord>,
+}
+
+/// Where the writer publishes committed feed records, and how many it keeps.
+#[derive(Debug, Clone)]
+pub struct FeedSink {
+    /// Live watchers; a watcher that falls behind reads the store instead.
+    pub events: broadcast::Sender<Arc<FeedRecord>>,
+    /// The newest records kept (`[feed] retain_events`).
+    pub retain_events: u64,
 }
 
 /// The sending side of the write queue.
@@ -128,6 +141,7 @@ pub fn spawn(
     batch_max: usize,
     metrics: Arc<Metrics>,
     mode: WriterMode,
+    feed: FeedSink,
 ) -> std::io::Result<(WriterHandle, WriterJoin, StorageFailure)> {
     let (tx, rx) = mpsc::channel(queue_capacity);
     let (failed_tx, failed_rx) = watch::channel(None);
@@ -137,6 +151,7 @@ pub fn spawn(
         batch_max: batch_max.max(1),
         metrics,
         failed: failed_tx,
+        feed,
     };
     let join = match mode {
         WriterMode::Thread => WriterJoin::Thread(
@@ -155,6 +170,7 @@ struct Writer {
     batch_max: usize,
     metrics: Arc<Metrics>,
     failed: watch::Sender<Option<CommitError>>,
+    feed: FeedSink,
 }
 
 impl Writer {
@@ -185,7 +201,7 @@ impl Writer {
             refuse_batch(batch, CommitError::StorageFull);
             return;
         }
-        if let Err(e) = commit_batch(&self.store, batch, &self.metrics) {
+        if let Err(e) = commit_batch(&self.store, batch, &self.metrics, &self.feed) {
             self.failed.send_if_modified(|failed| {
                 let first = failed.is_none();
                 if first {
@@ -225,8 +241,14 @@ fn take_batch(
     metrics.write_queue_depth.set(rx.len() as i64);
 }
 
-/// Commits a batch and acknowledges its jobs; the commit error, if any.
-fn commit_batch(store: &Store, batch: &mut Vec<Job>, metrics: &Metrics) -> Result<(), CommitError> {
+/// Commits a batch, publishes its feed records and acknowledges its jobs; the commit error, if
+/// any.
+fn commit_batch(
+    store: &Store,
+    batch: &mut Vec<Job>,
+    metrics: &Metrics,
+    feed: &FeedSink,
+) -> Result<(), CommitError> {
     let (live, poisoned): (Vec<Job>, Vec<Job>) = batch
         .drain(..)
         .partition(|job| !job.poisoned.load(Ordering::Acquire));
@@ -239,15 +261,27 @@ fn commit_batch(store: &Store, batch: &mut Vec<Job>, metrics: &Metrics) -> Resul
         return Ok(());
     }
     let started = Instant::now();
+    let mut live = live;
+    let mut records: Vec<FeedRecord> = live.iter_mut().filter_map(|j| j.record.take()).collect();
     let mutations: Vec<&Mutation> = live.iter().map(|j| &j.mutation).collect();
-    let result = store.commit(&mutations);
+    let mut numbered: Vec<&mut FeedRecord> = records.iter_mut().collect();
+    let result = store.commit_with_feed(&mutations, &mut numbered, feed.retain_events);
     metrics
         .commit_seconds
         .observe(started.elapsed().as_secs_f64());
     metrics.commit_batch_size.observe(live.len() as f64);
-    let mut live = live;
     let outcome = match result {
-        Ok(()) => Ok(()),
+        Ok(()) => {
+            if let Some(last) = records.last() {
+                metrics.feed_last_seq.set(last.seq as i64);
+            }
+            // Before the acknowledgements: a writer that reads its own write through the feed
+            // finds it there.
+            for record in records {
+                let _ = feed.events.send(Arc::new(record));
+            }
+            Ok(())
+        }
         Err(e) => {
             metrics.commit_errors.inc();
             tracing::error!(error = %e, jobs = live.len(), "commit failed; the batch's writes are not acknowledged");

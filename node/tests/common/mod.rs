@@ -771,6 +771,8 @@ pub struct SseEvent {
     pub event: String,
     /// The `data:` lines joined with `\n`.
     pub data: String,
+    /// The `id:` field, when set.
+    pub id: Option<String>,
 }
 
 /// An open `text/event-stream` response.
@@ -788,11 +790,25 @@ pub struct SseStream {
 impl SseStream {
     /// Opens `GET target` and reads the response head.
     pub fn open(addr: SocketAddr, target: &str, timeout: Duration) -> io::Result<SseStream> {
+        Self::open_with(addr, target, &[], timeout)
+    }
+
+    /// Opens `GET target` with extra request headers and reads the response head.
+    pub fn open_with(
+        addr: SocketAddr,
+        target: &str,
+        headers: &[(&str, &str)],
+        timeout: Duration,
+    ) -> io::Result<SseStream> {
         let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
+        let extra: String = headers
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}\r\n"))
+            .collect();
         let head = format!(
-            "GET {target} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\nConnection: close\r\n\r\n"
+            "GET {target} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n{extra}Connection: close\r\n\r\n"
         );
         stream.write_all(head.as_bytes())?;
         let mut buf = Vec::new();
@@ -861,6 +877,7 @@ impl SseStream {
             let block = String::from_utf8_lossy(&self.text[..pos]).into_owned();
             self.text.drain(..pos + len);
             let mut event = None;
+            let mut id = None;
             let mut data: Vec<String> = Vec::new();
             for line in block.lines() {
                 let line = line.trim_end_matches('\r');
@@ -874,6 +891,7 @@ impl SseStream {
                 match field {
                     "event" => event = Some(value.to_string()),
                     "data" => data.push(value.to_string()),
+                    "id" => id = Some(value.to_string()),
                     _ => {}
                 }
             }
@@ -883,6 +901,7 @@ impl SseStream {
             return Some(SseEvent {
                 event: event.unwrap_or_else(|| "message".into()),
                 data: data.join("\n"),
+                id,
             });
         }
     }
