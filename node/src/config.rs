@@ -272,6 +272,30 @@ impl Default for FeedConfig {
     }
 }
 
+/// Most idempotency records a node may be configured to keep (`[idempotency] keys_max`).
+pub const IDEMPOTENCY_KEYS_MAX: u64 = 100_000_000;
+/// Longest a node may be configured to keep idempotency records: 30 days.
+pub const IDEMPOTENCY_RETAIN_HOURS_MAX: u64 = 30 * 24;
+
+/// How long writes' idempotency keys are kept (`[idempotency]` in the file; docs/api.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdempotencyConfig {
+    /// Hours a key is kept after its write: a retry later than this writes again.
+    pub retain_hours: u64,
+    /// Most keys kept; beyond it the oldest go first (in the purge pass).
+    pub keys_max: u64,
+}
+
+impl Default for IdempotencyConfig {
+    fn default() -> Self {
+        Self {
+            retain_hours: 24,
+            keys_max: 1_000_000,
+        }
+    }
+}
+
 /// The longest API timeout that may be configured (a day): a longer one is no bound.
 pub const TIMEOUT_S_MAX: u64 = 24 * 3600;
 
@@ -333,6 +357,8 @@ struct FileConfig {
     #[serde(default)]
     feed: FeedConfig,
     #[serde(default)]
+    idempotency: IdempotencyConfig,
+    #[serde(default)]
     replication: ReplicationFileConfig,
     auth: Option<crate::auth::AuthFileConfig>,
     #[serde(default)]
@@ -360,6 +386,8 @@ pub struct Config {
     pub compaction: CompactionConfig,
     /// How much of the change feed is kept.
     pub feed: FeedConfig,
+    /// How long idempotency keys are kept.
+    pub idempotency: IdempotencyConfig,
     /// Key encrypting stored documents; `None` stores them in plain form.
     pub encryption_key: Option<crate::store::EncryptionKey>,
     /// Gossip listen address.
@@ -640,6 +668,18 @@ impl Config {
                 ),
             });
         }
+        let idempotency = file.idempotency;
+        if !(1..=IDEMPOTENCY_KEYS_MAX).contains(&idempotency.keys_max)
+            || !(1..=IDEMPOTENCY_RETAIN_HOURS_MAX).contains(&idempotency.retain_hours)
+        {
+            return Err(ConfigError::Invalid {
+                key: "idempotency",
+                message: format!(
+                    "keys_max must be between 1 and {IDEMPOTENCY_KEYS_MAX}, retain_hours \
+                     between 1 and {IDEMPOTENCY_RETAIN_HOURS_MAX}"
+                ),
+            });
+        }
         let replication = file.replication;
         if replication.anti_entropy_interval_s == 0 || replication.batch_bytes_max == 0 {
             return Err(ConfigError::Invalid {
@@ -659,6 +699,7 @@ impl Config {
             storage,
             compaction,
             feed,
+            idempotency,
             encryption_key,
             gossip_addr,
             advertise_addr,

@@ -27,7 +27,9 @@ use crate::clock::Clock;
 use crate::metrics::Metrics;
 use crate::replication::{LocalChange, ReplicaWaiter};
 use crate::store::writer::{CommitError, Job, QueueSlot, WriterHandle};
-use crate::store::{DocMeta, FeedBounds, FeedRecord, Mutation, Previous, Store, StoreError};
+use crate::store::{
+    DocMeta, FeedBounds, FeedRecord, Mutation, Previous, Remembered, Store, StoreError,
+};
 
 /// Feed records buffered for live watchers; one that falls further behind reads what it
 /// missed from the store.
@@ -221,6 +223,15 @@ pub enum InvalidSync {
     /// it carried were valid and are durable.
     #[error("cannot answer this message: {0}")]
     Answer(#[source] Box<automerge::AutomergeError>),
+}
+
+/// A write made with an idempotency key: what its record is named and what the request was.
+#[derive(Debug, Clone)]
+pub struct Idempotent {
+    /// The record's name (a hash of the key and of who sent it).
+    pub key: String,
+    /// A hash of the request, which a retry must match.
+    pub fingerprint: [u8; 32],
 }
 
 /// One page of a listing.
@@ -422,6 +433,20 @@ impl Documents {
     /// The numbers the feed holds.
     pub fn feed_bounds(&self) -> Result<FeedBounds, DocError> {
         Ok(self.store.feed_bounds()?)
+    }
+
+    /// What the write made with idempotency record `key` answered, if kept.
+    pub fn remembered(&self, key: &str) -> Result<Option<Remembered>, DocError> {
+        Ok(self.store.remembered(key)?)
+    }
+
+    /// Drops the idempotency records older than `retain_ms`, then the oldest beyond
+    /// `keep_max`. Returns how many.
+    pub fn trim_remembered(&self, retain_ms: i64, keep_max: u64) -> Result<u64, DocError> {
+        let before = self.now_ms().saturating_sub(retain_ms);
+        let dropped = self.store.trim_remembered(before, keep_max)?;
+        self.metrics.idempotency_trimmed.inc_by(dropped);
+        Ok(dropped)
     }
 
     /// Jobs waiting for the writer.
@@ -635,6 +660,7 @@ impl Documents {
     ///
     /// `size_hint` is the size of the request that carried the write; a write is refused when
     /// the document plus that much would exceed [`DOC_BYTES_MAX`].
+    #[allow(clippy::too_many_arguments)]
     pub async fn write(
         &self,
         id: &DocId,
@@ -643,6 +669,7 @@ impl Documents {
         size_hint: usize,
         waiter: Option<Arc<ReplicaWaiter>>,
         if_match: Option<&[ChangeHash]>,
+        idempotent: Option<Idempotent>,
     ) -> Result<Vec<ChangeHash>, DocError> {
         let now = self.now_ms();
         let entry = self.entry(id);
@@ -713,6 +740,7 @@ impl Documents {
                 now,
                 queue_slot,
                 history,
+                idempotent,
             )
         };
         self.finish(&entry, pending, Origin::Client, waiter).await
@@ -733,6 +761,7 @@ impl Documents {
         now: i64,
         queue_slot: QueueSlot,
         history: History,
+        idempotent: Option<Idempotent>,
     ) -> Pending {
         let meta = &mut slot.meta;
         meta.heads = slot.doc.get_heads();
@@ -771,11 +800,20 @@ impl Documents {
         if due && !slot.compaction_queued {
             slot.compaction_queued = self.compaction_tx.try_send(entry.id.clone()).is_ok();
         }
-        self.queue(entry, slot, queue_slot, mutation, broadcast, Counted::Write)
+        self.queue(
+            entry,
+            slot,
+            queue_slot,
+            mutation,
+            broadcast,
+            Counted::Write,
+            idempotent,
+        )
     }
 
     /// Sends `mutation` of `slot`'s document to the writer; the returned [`Pending`] waits for
     /// its commit, then announces `slot`'s state and `changes`.
+    #[allow(clippy::too_many_arguments)]
     fn queue(
         &self,
         entry: &Arc<Entry>,
@@ -784,8 +822,16 @@ impl Documents {
         mutation: Mutation,
         changes: Vec<Vec<u8>>,
         counted: Counted,
+        idempotent: Option<Idempotent>,
     ) -> Pending {
         let (ack_tx, ack_rx) = oneshot::channel();
+        let now = self.now_ms();
+        let remember = idempotent.map(|i| Remembered {
+            key: i.key,
+            fingerprint: i.fingerprint,
+            at_ms: now,
+            heads: slot.meta.heads.clone(),
+        });
         queue_slot.send(Job {
             mutation,
             poisoned: Arc::clone(&entry.poisoned),
@@ -795,8 +841,9 @@ impl Documents {
                 id: entry.id.to_string(),
                 heads: slot.meta.heads.clone(),
                 deleted: slot.meta.deleted,
-                at_ms: self.now_ms(),
+                at_ms: now,
             }),
+            remember,
         });
         self.resize(entry, &slot.meta);
         Pending {
@@ -961,7 +1008,7 @@ impl Documents {
                 (false, Some(queue_slot)) => {
                     let lifecycle = Lifecycle::of(&slot.doc);
                     Some(self.enqueue_changes(
-                        &entry, slot, changes, lifecycle, now, queue_slot, history,
+                        &entry, slot, changes, lifecycle, now, queue_slot, history, None,
                     ))
                 }
                 (false, None) => {
@@ -1268,7 +1315,7 @@ impl Documents {
                 Origin::Peer
             };
             (
-                self.enqueue_changes(&entry, slot, new, lifecycle, now, queue_slot, history),
+                self.enqueue_changes(&entry, slot, new, lifecycle, now, queue_slot, history, None),
                 incomplete,
                 origin,
             )
@@ -1382,6 +1429,7 @@ impl Documents {
             poisoned: Arc::clone(&entry.poisoned),
             ack: None,
             record: None,
+            remember: None,
         });
         self.metrics.snapshot_rewrites.inc();
         self.resize(entry, &slot.meta);
@@ -1410,6 +1458,7 @@ impl Documents {
             now,
             queue_slot,
             History::Extend,
+            None,
         ))
     }
 
@@ -1565,6 +1614,7 @@ impl Documents {
             mutation,
             announced,
             Counted::Generation,
+            None,
         ))
     }
 
@@ -1668,6 +1718,7 @@ impl Documents {
                 poisoned: Arc::clone(&entry.poisoned),
                 ack: None,
                 record: None,
+                remember: None,
             });
             self.resize(&entry, &slot.meta);
             self.metrics.purged_docs.inc();

@@ -32,6 +32,11 @@ pub struct Metrics {
     pub sync_bytes_sent: Counter,
     /// Inputs rejected while decoding, by kind (json, ops, sync, id, query).
     pub decode_errors: Family<KindLabels, Counter>,
+    /// Writes with an idempotency key that did not write: `replayed` (the same request again),
+    /// `reused` (the key on another request), `in_flight` (its first request still writing).
+    pub idempotency: Family<KindLabels, Counter>,
+    /// Idempotency records dropped by age or count.
+    pub idempotency_trimmed: Counter,
     /// Jobs waiting for the writer.
     pub write_queue_depth: Gauge,
     /// Writes refused because the queue was full.
@@ -158,6 +163,8 @@ impl Metrics {
             sync_bytes_received: Counter::default(),
             sync_bytes_sent: Counter::default(),
             decode_errors: Family::default(),
+            idempotency: Family::default(),
+            idempotency_trimmed: Counter::default(),
             write_queue_depth: Gauge::default(),
             write_queue_full: Counter::default(),
             commit_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
@@ -238,6 +245,16 @@ impl Metrics {
             "decode_errors",
             "Inputs rejected while decoding, by kind",
             m.decode_errors.clone(),
+        );
+        registry.register(
+            "idempotent_writes",
+            "Writes with an Idempotency-Key that wrote nothing, by kind: replayed, reused, in_flight",
+            m.idempotency.clone(),
+        );
+        registry.register(
+            "idempotency_trimmed",
+            "Idempotency records dropped by age or count ([idempotency])",
+            m.idempotency_trimmed.clone(),
         );
         registry.register(
             "write_queue_depth",
@@ -548,6 +565,11 @@ impl Metrics {
         self.api_timeouts
             .get_or_create(&vec![("kind", kind)])
             .clone()
+    }
+
+    /// Counts a write with an idempotency key that wrote nothing, by why.
+    pub fn idempotency(&self, kind: &'static str) {
+        self.idempotency.get_or_create(&vec![("kind", kind)]).inc();
     }
 
     /// Counts an input rejected while decoding.

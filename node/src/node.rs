@@ -343,6 +343,7 @@ where
             stop: stop_rx.clone(),
         },
         cors: Arc::new(config.cors.clone()),
+        idempotency: Arc::default(),
     });
     if let Some(addr_file) = &addr_file {
         // A convenience for tools: a full disk must not keep the node from serving.
@@ -475,6 +476,10 @@ fn spawn_purger(docs: Arc<Documents>, config: &Config) -> JoinHandle<()> {
         i64::try_from(config.compaction.retain_previous_s.saturating_mul(1000)).unwrap_or(i64::MAX);
     let feed_retain_ms =
         i64::try_from(config.feed.retain_hours.saturating_mul(3_600_000)).unwrap_or(i64::MAX);
+    let idempotency_retain_ms =
+        i64::try_from(config.idempotency.retain_hours.saturating_mul(3_600_000))
+            .unwrap_or(i64::MAX);
+    let idempotency_keys_max = config.idempotency.keys_max;
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -489,6 +494,11 @@ fn spawn_purger(docs: Arc<Documents>, config: &Config) -> JoinHandle<()> {
                 Ok(0) => {}
                 Ok(n) => tracing::debug!(released = n, "released retained generations"),
                 Err(e) => tracing::warn!(error = %e, "releasing retained generations failed"),
+            }
+            match docs.trim_remembered(idempotency_retain_ms, idempotency_keys_max) {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(dropped = n, "dropped old idempotency records"),
+                Err(e) => tracing::warn!(error = %e, "trimming idempotency records failed"),
             }
             match docs.trim_feed(feed_retain_ms) {
                 Ok(0) => {}

@@ -730,7 +730,8 @@ fn browsers_on_allowed_origins_pass_preflight_and_read_answers_and_errors() {
     assert!(
         allowed.contains("authorization")
             && allowed.contains("content-type")
-            && allowed.contains("if-match"),
+            && allowed.contains("if-match")
+            && allowed.contains("idempotency-key"),
         "{allowed}"
     );
     assert!(preflight.header("access-control-max-age").is_some());

@@ -25,6 +25,7 @@ pub mod clock;
 pub mod cluster;
 pub mod crypto;
 pub mod disk;
+pub mod feed;
 pub mod net;
 pub mod panics;
 pub mod replica_client;

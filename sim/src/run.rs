@@ -274,11 +274,19 @@ pub fn run(config: &RunConfig) -> Result<Report, SimError> {
     let line = compaction_counters(&mut cluster, &state)?;
     trace.event(format!("counters {line}"));
     notes.push(line);
+    let feeds = read_feeds(&mut cluster)?;
     let history = lock(&history);
-    let violations = match &revival_plan {
+    let mut violations = match &revival_plan {
         Some(revival_plan) => check::verify_revival(&state, &history, revival_plan, plan_empty),
         None => check::verify(&state, &history, docs, creation),
     };
+    violations.extend(crate::feed::verify(
+        &feeds.0,
+        &feeds.1,
+        &history.acked_at,
+        &state,
+        revival_plan.is_none(),
+    ));
     for (i, node) in state.nodes.iter().enumerate() {
         for (id, view) in node {
             trace.event(format!(
@@ -357,6 +365,26 @@ fn compaction_counters(
         ],
     )?;
     Ok(format!("compaction: highest generation {highest}; {lines}"))
+}
+
+/// Every node's address and whole change feed, read once the cluster agreed.
+fn read_feeds(
+    cluster: &mut Cluster<'_>,
+) -> Result<(Vec<std::net::IpAddr>, Vec<crate::feed::NodeFeed>), SimError> {
+    let out: Arc<Mutex<Vec<crate::feed::NodeFeed>>> = Arc::default();
+    let ips: Arc<Mutex<Vec<std::net::IpAddr>>> = Arc::default();
+    let (slot, ip_slot) = (Arc::clone(&out), Arc::clone(&ips));
+    let nodes = cluster.len();
+    cluster.client("feeds", async move {
+        let apis: Vec<NodeApi> = (0..nodes).map(|i| NodeApi::of(&host_name(i))).collect();
+        *lock(&ip_slot) = apis.iter().map(NodeApi::ip).collect();
+        crate::feed::read_all(apis, slot).await;
+        Ok(())
+    });
+    cluster.run_clients(crate::feed::READ_TIMEOUT * nodes as u32 + Duration::from_secs(30))?;
+    let feeds = std::mem::take(&mut *lock(&out));
+    let ips = std::mem::take(&mut *lock(&ips));
+    Ok((ips, feeds))
 }
 
 /// Per node, the sum of each metric's series, as `n<i> label=value …`, comma-separated.

@@ -261,6 +261,8 @@ pub struct History {
     pub final_at: Option<Duration>,
     /// Revival mode with faults: why the nodes did not come to hold the same histories.
     pub unsettled: Option<String>,
+    /// Every acknowledged write's node and answered heads, for the feed's checker.
+    pub acked_at: Vec<crate::feed::AckedAt>,
 }
 
 /// The history shared by all clients of a run.
@@ -378,7 +380,22 @@ impl Session {
                 Err(e) => e.to_string(),
             }
         ));
-        lock(&self.history).writes.push(Write {
+        let mut history = lock(&self.history);
+        if let (Outcome::Acked, Ok(answer)) = (outcome, &result)
+            && let Some(heads) = answer.json()["heads"].as_array()
+        {
+            let mut heads: Vec<String> = heads
+                .iter()
+                .filter_map(|h| h.as_str().map(str::to_owned))
+                .collect();
+            heads.sort();
+            history.acked_at.push(crate::feed::AckedAt {
+                node: self.node.ip(),
+                id: id.to_owned(),
+                heads,
+            });
+        }
+        history.writes.push(Write {
             client: self.client,
             doc,
             cycle: cycle.unwrap_or(0),

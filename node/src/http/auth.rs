@@ -28,6 +28,11 @@ use crate::auth::{Denied, Role, Token};
 #[derive(Debug, Clone)]
 pub struct ScopePrefix(pub String);
 
+/// The name of the token a request was authorized with (absent when the API is open): what
+/// scopes idempotency keys, so that two clients' keys never meet.
+#[derive(Debug, Clone)]
+pub struct TokenName(pub String);
+
 /// Set on a listing or watch by a token that does not reach every document: what it is told
 /// must not reveal what happens outside its prefixes.
 #[derive(Debug, Clone, Copy)]
@@ -61,6 +66,7 @@ pub(super) async fn authorize(
         return rate_limited(&state, token, wait);
     }
     let (mut parts, body) = request.into_parts();
+    parts.extensions.insert(TokenName(token.name().to_owned()));
     let reads = parts.method == Method::GET || parts.method == Method::HEAD;
     let decision = match route.as_deref() {
         Some("/v1/status" | "/metrics") => need_role(token, Role::Admin).and_then(|()| {

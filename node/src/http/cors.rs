@@ -31,8 +31,9 @@ pub const CORS_ORIGIN_BYTES_MAX: usize = 256;
 pub const PREFLIGHT_MAX_AGE_S: u32 = 600;
 
 const ALLOWED_METHODS: &str = "GET, HEAD, PUT, PATCH, POST, DELETE";
-const ALLOWED_HEADERS: &str = "authorization, content-type, if-match";
-const EXPOSED_HEADERS: &str = "retry-after, www-authenticate";
+const ALLOWED_HEADERS: &str =
+    "authorization, content-type, if-match, idempotency-key, last-event-id";
+const EXPOSED_HEADERS: &str = "retry-after, www-authenticate, idempotent-replayed";
 
 /// Which origins may call the API from a browser.
 #[derive(Debug, Clone, Default)]

@@ -13,6 +13,7 @@ use serde_json::{Value as Json_, json};
 use verge_core::limits::{LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, TTL_SECONDS_MAX};
 use verge_core::{DocId, Expiry, Op, Write, heads_to_hex};
 
+use super::idempotency;
 use super::serve::BodyCut;
 use super::{ApiError, AppState};
 use crate::replication::ReplicaWaiter;
@@ -75,7 +76,7 @@ fn body_bytes(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
     })
 }
 
-fn json_body(state: &AppState, body: Body) -> Result<(Json_, usize), ApiError> {
+fn json_body(state: &AppState, body: Body) -> Result<(Json_, Bytes), ApiError> {
     let bytes = body_bytes(state, body)?;
     if let Some(literal) = verge_core::json_int::first_beyond_64_bits(&bytes) {
         state.metrics.decode_error("json");
@@ -88,7 +89,7 @@ fn json_body(state: &AppState, body: Body) -> Result<(Json_, usize), ApiError> {
         state.metrics.decode_error("json");
         ApiError::invalid_json(format!("request body is not valid JSON: {e}"))
     })?;
-    Ok((value, bytes.len()))
+    Ok((value, bytes))
 }
 
 fn params(state: &AppState, query: Params) -> Result<HashMap<String, String>, ApiError> {
@@ -152,6 +153,7 @@ pub(super) fn check_prefix(prefix: &str) -> Result<(), ApiError> {
 }
 
 /// Writes, then with `?replicas=N` waits until `N` peers persisted the change.
+#[allow(clippy::too_many_arguments)]
 async fn write_with_replicas(
     state: &AppState,
     id: &DocId,
@@ -160,7 +162,9 @@ async fn write_with_replicas(
     size: usize,
     params: &HashMap<String, String>,
     if_match: Option<&[automerge::ChangeHash]>,
+    claim: Option<&idempotency::Claim>,
 ) -> Result<Vec<automerge::ChangeHash>, ApiError> {
+    let idempotent = claim.map(idempotency::Claim::idempotent);
     let replicas = match params.get("replicas") {
         None => 0,
         Some(raw) => raw
@@ -174,13 +178,21 @@ async fn write_with_replicas(
     if replicas == 0 {
         return Ok(state
             .docs
-            .write(id, write, expiry, size, None, if_match)
+            .write(id, write, expiry, size, None, if_match, idempotent)
             .await?);
     }
     let waiter = Arc::new(ReplicaWaiter::default());
     let heads = state
         .docs
-        .write(id, write, expiry, size, Some(Arc::clone(&waiter)), if_match)
+        .write(
+            id,
+            write,
+            expiry,
+            size,
+            Some(Arc::clone(&waiter)),
+            if_match,
+            idempotent,
+        )
         .await?;
     let acked = waiter.wait(replicas, REPLICAS_TIMEOUT).await;
     if acked < replicas {
@@ -202,7 +214,7 @@ struct WriteRequest {
     params: HashMap<String, String>,
     expiry: Expiry,
     value: Json_,
-    size: usize,
+    body: Bytes,
 }
 
 fn write_request(
@@ -215,13 +227,13 @@ fn write_request(
     let params = params(state, query)?;
     reject_unknown_params(&params, &["ttl", "replicas"])?;
     let expiry = expiry(state, &params)?;
-    let (value, size) = json_body(state, body)?;
+    let (value, body) = json_body(state, body)?;
     Ok(WriteRequest {
         id,
         params,
         expiry,
         value,
-        size,
+        body,
     })
 }
 
@@ -336,9 +348,40 @@ async fn wait_for_heads(
     }
 }
 
+/// What a write's idempotency key decides.
+enum Claimed {
+    /// Write (holding the key's claim, when the request has a key).
+    Write(Option<idempotency::Claim>),
+    /// The same request was written before: its answer again.
+    Replay(Response),
+}
+
+/// Looks up a write's idempotency key.
+fn claim_key(
+    state: &AppState,
+    headers: &HeaderMap,
+    token: Option<&Extension<super::TokenName>>,
+    method: &str,
+    id: &DocId,
+    params: &HashMap<String, String>,
+    body: &[u8],
+) -> Result<Claimed, ApiError> {
+    let token = token.map(|Extension(super::TokenName(name))| name.as_str());
+    Ok(
+        match idempotency::begin(state, headers, token, method, id, params, body)? {
+            None => Claimed::Write(None),
+            Some(idempotency::Begin::Write(claim)) => Claimed::Write(Some(claim)),
+            Some(idempotency::Begin::Replay(heads)) => {
+                Claimed::Replay(idempotency::replayed(written(id, &heads)))
+            }
+        },
+    )
+}
+
 /// `PUT /v1/docs/{id}`: replace the document by a diff.
 pub async fn replace(
     State(state): State<Arc<AppState>>,
+    token: Option<Extension<super::TokenName>>,
     path: IdPath,
     query: Params,
     headers: HeaderMap,
@@ -350,7 +393,7 @@ pub async fn replace(
         params,
         expiry,
         value,
-        size,
+        body,
     } = write_request(&state, path, query, body)?;
     let Json_::Object(map) = value else {
         state.metrics.decode_error("document");
@@ -358,14 +401,19 @@ pub async fn replace(
             "a document must be a JSON object",
         ));
     };
+    let claim = match claim_key(&state, &headers, token.as_ref(), "PUT", &id, &params, &body)? {
+        Claimed::Write(claim) => claim,
+        Claimed::Replay(answer) => return Ok(answer),
+    };
     let heads = write_with_replicas(
         &state,
         &id,
         &Write::Replace(map),
         expiry,
-        size,
+        body.len(),
         &params,
         if_match.as_deref(),
+        claim.as_ref(),
     )
     .await?;
     Ok(written(&id, &heads))
@@ -374,6 +422,7 @@ pub async fn replace(
 /// `PATCH /v1/docs/{id}`: apply ops.
 pub async fn patch(
     State(state): State<Arc<AppState>>,
+    token: Option<Extension<super::TokenName>>,
     path: IdPath,
     query: Params,
     headers: HeaderMap,
@@ -385,20 +434,33 @@ pub async fn patch(
         params,
         expiry,
         value,
-        size,
+        body,
     } = write_request(&state, path, query, body)?;
     let ops = Op::parse_patch(&value).map_err(|e| {
         state.metrics.decode_error("ops");
         ApiError::invalid_op(e.to_string())
     })?;
+    let claim = match claim_key(
+        &state,
+        &headers,
+        token.as_ref(),
+        "PATCH",
+        &id,
+        &params,
+        &body,
+    )? {
+        Claimed::Write(claim) => claim,
+        Claimed::Replay(answer) => return Ok(answer),
+    };
     let heads = write_with_replicas(
         &state,
         &id,
         &Write::Ops(ops),
         expiry,
-        size,
+        body.len(),
         &params,
         if_match.as_deref(),
+        claim.as_ref(),
     )
     .await?;
     Ok(written(&id, &heads))
@@ -407,6 +469,7 @@ pub async fn patch(
 /// `DELETE /v1/docs/{id}`: write a tombstone.
 pub async fn delete(
     State(state): State<Arc<AppState>>,
+    token: Option<Extension<super::TokenName>>,
     path: IdPath,
     query: Params,
     headers: HeaderMap,
@@ -415,6 +478,18 @@ pub async fn delete(
     let id = doc_id(&state, path)?;
     let params = params(&state, query)?;
     reject_unknown_params(&params, &["replicas"])?;
+    let claim = match claim_key(
+        &state,
+        &headers,
+        token.as_ref(),
+        "DELETE",
+        &id,
+        &params,
+        b"",
+    )? {
+        Claimed::Write(claim) => claim,
+        Claimed::Replay(answer) => return Ok(answer),
+    };
     let heads = write_with_replicas(
         &state,
         &id,
@@ -423,6 +498,7 @@ pub async fn delete(
         0,
         &params,
         if_match.as_deref(),
+        claim.as_ref(),
     )
     .await?;
     Ok(written(&id, &heads))

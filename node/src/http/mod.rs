@@ -5,6 +5,7 @@ pub mod cors;
 mod docs;
 pub use docs::REPLICAS_MAX;
 mod error;
+mod idempotency;
 pub mod limits;
 mod node;
 pub mod serve;
@@ -21,7 +22,7 @@ use axum::response::Response;
 use axum::routing::{any, get, post};
 use verge_core::limits::{REQUEST_BODY_BYTES_MAX, SYNC_MESSAGE_BYTES_MAX};
 
-pub use auth::{ScopePrefix, Scoped};
+pub use auth::{ScopePrefix, Scoped, TokenName};
 pub use error::ApiError;
 pub use tls::{ApiTlsFiles, TlsListener};
 
@@ -56,6 +57,8 @@ pub struct AppState {
     pub body_deadline: serve::BodyDeadline,
     /// Browser origins allowed to call the API.
     pub cors: Arc<cors::Cors>,
+    /// Idempotency keys whose first write is under way.
+    pub idempotency: Arc<idempotency::InFlight>,
 }
 
 /// Builds the router over `state`.

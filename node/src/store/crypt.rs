@@ -47,6 +47,8 @@ pub(super) enum Row<'a> {
     Retained(&'a str, u64),
     /// Record `seq` of the change feed.
     Feed(u64),
+    /// The idempotency record of a key hash (hex).
+    Idempotency(&'a str),
 }
 
 impl Row<'_> {
@@ -58,6 +60,7 @@ impl Row<'_> {
             Row::Node(key) => (b'n', key, None),
             Row::Retained(id, generation) => (b'r', id, Some(generation)),
             Row::Feed(seq) => (b'f', "", Some(seq)),
+            Row::Idempotency(key) => (b'i', key, None),
         };
         let mut ad = Vec::with_capacity(1 + id.len() + 8);
         ad.push(tag);

@@ -11,6 +11,7 @@
 
 pub mod crypt;
 pub mod feed;
+pub mod idempotency;
 mod meta;
 pub mod writer;
 
@@ -29,6 +30,7 @@ use crypt::{Cipher, Row};
 pub use crypt::{EncryptionKey, KeyError};
 pub mod space;
 pub use feed::{FeedBounds, FeedRecord};
+pub use idempotency::Remembered;
 pub use meta::{DocMeta, META_HEADS_MAX, MetaDecodeError};
 
 const SNAPSHOTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("snapshots");
@@ -228,6 +230,8 @@ pub struct RekeyReport {
     pub metas: u64,
     /// Change feed records.
     pub feed: u64,
+    /// Idempotency records.
+    pub idempotency: u64,
 }
 
 /// The redb database of one node.
@@ -318,6 +322,7 @@ impl Store {
             })?,
             metas: rewrite_by_id(&tx, META, from, to, |id: &str| Row::Meta(id))?,
             feed: feed::rewrite_feed(&tx, from, to)?,
+            idempotency: idempotency::rewrite_remembered(&tx, from, to)?,
         };
         {
             let mut node = tx.open_table(NODE)?;
@@ -379,6 +384,8 @@ impl Store {
             tx.open_table(RETAINED_AT)?;
             tx.open_table(feed::FEED)?;
             tx.open_table(feed::FEED_STATE)?;
+            tx.open_table(idempotency::KEYS)?;
+            tx.open_table(idempotency::KEYS_AT)?;
         }
         tx.commit()?;
         Ok(())
@@ -649,20 +656,23 @@ impl Store {
     /// Applies a batch of mutations in one durable transaction. Either all of them are on disk
     /// when this returns `Ok`, or none is.
     pub fn commit(&self, batch: &[&Mutation]) -> Result<(), StoreError> {
-        self.commit_with_feed(batch, &mut [], u64::MAX)
+        self.commit_with_feed(batch, &mut [], &[], u64::MAX)
     }
 
     /// [`Store::commit`], numbering `records` into the change feed in the same transaction
-    /// (their `seq` is set) and keeping the newest `retain_events` records of it.
+    /// (their `seq` is set) and keeping the newest `retain_events` records of it, and keeping
+    /// what the writes made with idempotency keys answered (`remember`).
     pub fn commit_with_feed(
         &self,
         batch: &[&Mutation],
         records: &mut [&mut FeedRecord],
+        remember: &[&Remembered],
         retain_events: u64,
     ) -> Result<(), StoreError> {
         let mut tx = self.db.begin_write()?;
         tx.set_durability(Durability::Immediate)?;
         self.append_feed(&tx, records, retain_events)?;
+        self.remember(&tx, remember)?;
         {
             let mut snapshots = tx.open_table(SNAPSHOTS)?;
             let mut changes = tx.open_table(CHANGES)?;
@@ -1207,6 +1217,7 @@ mod tests {
                         },
                     }],
                     &mut [&mut record],
+                    &[],
                     10,
                 )
                 .expect("replace");
@@ -1252,6 +1263,7 @@ mod tests {
                 retained: 1,
                 metas: 3,
                 feed: 1,
+                idempotency: 0,
             }
         );
         assert_eq!(refused(keyed(1, 5)), KeyMismatch::WrongKey);

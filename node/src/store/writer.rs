@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use super::space::DiskSpace;
-use super::{FeedRecord, Mutation, Store, StoreError};
+use super::{FeedRecord, Mutation, Remembered, Store, StoreError};
 use crate::metrics::Metrics;
 
 /// Why a queued mutation was not made durable.
@@ -52,6 +52,8 @@ pub struct Job {
     /// (not for a rewrite of its storage). Numbered and written in the same transaction, then
     /// published to watchers in commit order.
     pub record: Option<FeedRecord>,
+    /// What a write made with an idempotency key answered, kept in the same transaction.
+    pub remember: Option<Remembered>,
 }
 
 /// Where the writer publishes committed feed records, and how many it keeps.
@@ -264,8 +266,9 @@ fn commit_batch(
     let mut live = live;
     let mut records: Vec<FeedRecord> = live.iter_mut().filter_map(|j| j.record.take()).collect();
     let mutations: Vec<&Mutation> = live.iter().map(|j| &j.mutation).collect();
+    let remember: Vec<&Remembered> = live.iter().filter_map(|j| j.remember.as_ref()).collect();
     let mut numbered: Vec<&mut FeedRecord> = records.iter_mut().collect();
-    let result = store.commit_with_feed(&mutations, &mut numbered, feed.retain_events);
+    let result = store.commit_with_feed(&mutations, &mut numbered, &remember, feed.retain_events);
     metrics
         .commit_seconds
         .observe(started.elapsed().as_secs_f64());

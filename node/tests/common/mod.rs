@@ -201,6 +201,22 @@ impl Node {
         }
     }
 
+    /// Sends a request with extra headers.
+    pub fn req_with(
+        &self,
+        method: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Resp {
+        http(self.addr, method, target, body, headers, REQUEST_TIMEOUT).unwrap_or_else(|e| {
+            panic!(
+                "{method} {target} failed: {e}\n--- node output (tail) ---\n{}",
+                tail(&self.output(), 4000)
+            )
+        })
+    }
+
     /// Sends a request and returns the I/O error instead of panicking.
     pub fn try_req(&self, method: &str, target: &str, body: &[u8]) -> io::Result<Resp> {
         http(self.addr, method, target, body, &[], REQUEST_TIMEOUT)
