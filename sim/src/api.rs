@@ -92,6 +92,22 @@ impl NodeApi {
             .map_err(|e| HttpError::Protocol(e.to_string()))
     }
 
+    /// Sends a write with `Idempotency-Key: key` and reads the whole answer.
+    pub async fn write_keyed(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        key: &str,
+    ) -> Result<Answer, ApiError> {
+        let mut request = self.build(method, path, body)?;
+        request.headers_mut().insert(
+            "idempotency-key",
+            HeaderValue::from_str(key).map_err(|e| HttpError::Protocol(e.to_string()))?,
+        );
+        self.send_built(request).await
+    }
+
     /// Sends a built request and reads the whole answer.
     async fn send_built(&self, request: Request<Bytes>) -> Result<Answer, ApiError> {
         let response = SimHttp::new(self.timeout)

@@ -328,6 +328,7 @@ pub async fn client(
                 node: NodeApi::of(&crate::cluster::host_name(spec.node)),
                 history: Arc::clone(&history),
                 trace: trace.clone(),
+                sent: Default::default(),
             },
             doc,
             id: doc_id(doc),

@@ -26,6 +26,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
+use hyper::Method;
+
 use crate::api::{Answer, ApiError, NodeApi};
 use crate::lock;
 use crate::trace::Trace;
@@ -343,7 +345,19 @@ pub(crate) struct Session {
     pub(crate) node: NodeApi,
     pub(crate) history: SharedHistory,
     pub(crate) trace: Trace,
+    /// Writes sent so far, naming each write's idempotency key.
+    pub(crate) sent: std::sync::atomic::AtomicU64,
 }
+
+/// Tries of a write whose outcome is unknown (no answer, a broken connection, a server error):
+/// it is sent again with the same `Idempotency-Key`, at the same node, and must then take
+/// effect once.
+pub const WRITE_TRIES: u32 = 3;
+/// Pause before sending a write again.
+const RETRY_PAUSE: Duration = Duration::from_millis(300);
+/// Share of acknowledged writes whose answer the client drops, as if the connection broke after
+/// the node answered: it sends the write again with the same key, which must not apply twice.
+const LOST_ANSWER_PERCENT: u64 = 5;
 
 impl Session {
     /// Sends `op` to document `id` (index `doc`) and records how it ended.
@@ -361,12 +375,62 @@ impl Session {
         op: WriteOp,
         ttl_s: Option<u64>,
     ) -> Outcome {
-        let result = match (&op, ttl_s) {
-            (WriteOp::DeleteDoc, _) => self.node.delete(id).await,
-            (_, Some(ttl)) => self.node.patch_ttl(id, op.ops(self.client), ttl).await,
-            (_, None) => self.node.patch(id, op.ops(self.client)).await,
+        let n = self.sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let key = format!("c{}.{id}.{n}", self.client);
+        let (method, path, body) = match (&op, ttl_s) {
+            (WriteOp::DeleteDoc, _) => (Method::DELETE, format!("/v1/docs/{id}"), None),
+            (_, Some(ttl)) => (
+                Method::PATCH,
+                format!("/v1/docs/{id}?ttl={ttl}"),
+                Some(json!({ "ops": op.ops(self.client) })),
+            ),
+            (_, None) => (
+                Method::PATCH,
+                format!("/v1/docs/{id}"),
+                Some(json!({ "ops": op.ops(self.client) })),
+            ),
         };
-        let outcome = Outcome::of(&result);
+        let mut result = self
+            .node
+            .write_keyed(method.clone(), &path, body.clone(), &key)
+            .await;
+        let mut outcome = Outcome::of(&result);
+        // Drawn from the key alone, so that a seed replays the same losses.
+        let lost = splitmix(
+            key.bytes()
+                .fold(self.client as u64, |h, b| splitmix(h ^ u64::from(b))),
+        ) % 100
+            < LOST_ANSWER_PERCENT;
+        if outcome == Outcome::Acked && lost {
+            self.trace.event(format!(
+                "c{} {op:?} {id}: answer dropped, sent again with its key",
+                self.client
+            ));
+            outcome = Outcome::Unknown;
+        }
+        let mut tries = 1;
+        while outcome == Outcome::Unknown && tries < WRITE_TRIES {
+            tokio::time::sleep(RETRY_PAUSE).await;
+            tries += 1;
+            let retry = self
+                .node
+                .write_keyed(method.clone(), &path, body.clone(), &key)
+                .await;
+            let said = match &retry {
+                Ok(a) => a.status.as_u16().to_string(),
+                Err(e) => e.to_string(),
+            };
+            self.trace.event(format!(
+                "c{} retry {tries} of {op:?} {id} -> {said}",
+                self.client
+            ));
+            // Only an acknowledgement settles it: a refusal now (the node down, the key in
+            // flight) says nothing of the first try.
+            if Outcome::of(&retry) == Outcome::Acked {
+                result = retry;
+                outcome = Outcome::Acked;
+            }
+        }
         let at = match cycle {
             Some(c) => format!("{id}#{c}"),
             None => id.to_owned(),
@@ -491,6 +555,7 @@ pub async fn client(
         node,
         history,
         trace,
+        sent: Default::default(),
     };
     let mut seq = 0u64;
     while crate::now() < until {
@@ -606,6 +671,7 @@ pub async fn race_client(
             node: NodeApi::of(&crate::cluster::host_name(spec.node)),
             history,
             trace,
+            sent: Default::default(),
         },
         seq: 0,
         spec,
