@@ -359,6 +359,8 @@ struct FileConfig {
     #[serde(default)]
     idempotency: IdempotencyConfig,
     #[serde(default)]
+    subscriptions: Vec<crate::subscriptions::SubscriptionFileConfig>,
+    #[serde(default)]
     replication: ReplicationFileConfig,
     auth: Option<crate::auth::AuthFileConfig>,
     #[serde(default)]
@@ -388,6 +390,8 @@ pub struct Config {
     pub feed: FeedConfig,
     /// How long idempotency keys are kept.
     pub idempotency: IdempotencyConfig,
+    /// Webhook subscriptions to the change feed.
+    pub subscriptions: Vec<crate::subscriptions::Subscription>,
     /// Key encrypting stored documents; `None` stores them in plain form.
     pub encryption_key: Option<crate::store::EncryptionKey>,
     /// Gossip listen address.
@@ -680,6 +684,12 @@ impl Config {
                 ),
             });
         }
+        // Secret files, like key files, are found from the working directory.
+        let subscriptions = crate::subscriptions::resolve(&file.subscriptions, Path::new(""))
+            .map_err(|message| ConfigError::Invalid {
+                key: "subscriptions",
+                message,
+            })?;
         let replication = file.replication;
         if replication.anti_entropy_interval_s == 0 || replication.batch_bytes_max == 0 {
             return Err(ConfigError::Invalid {
@@ -700,6 +710,7 @@ impl Config {
             compaction,
             feed,
             idempotency,
+            subscriptions,
             encryption_key,
             gossip_addr,
             advertise_addr,

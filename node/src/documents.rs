@@ -459,7 +459,8 @@ impl Documents {
         Ok(self.store.doc_count()?)
     }
 
-    fn now_ms(&self) -> i64 {
+    /// The node's wall clock, in Unix milliseconds.
+    pub fn now_ms(&self) -> i64 {
         self.clock.now_ms()
     }
 

@@ -15,4 +15,5 @@ pub mod metrics;
 pub mod node;
 pub mod replication;
 pub mod store;
+pub mod subscriptions;
 pub mod tls;

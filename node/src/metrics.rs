@@ -37,6 +37,14 @@ pub struct Metrics {
     pub idempotency: Family<KindLabels, Counter>,
     /// Idempotency records dropped by age or count.
     pub idempotency_trimmed: Counter,
+    /// Events delivered to each webhook subscription.
+    pub subscription_delivered: Family<crate::subscriptions::SubLabels, Counter>,
+    /// Failed tries of webhook deliveries, per subscription.
+    pub subscription_failures: Family<crate::subscriptions::SubLabels, Counter>,
+    /// Times a subscription's cursor was older than the feed keeps (events lost to retention).
+    pub subscription_resets: Family<crate::subscriptions::SubLabels, Counter>,
+    /// Feed records after each subscription's cursor.
+    pub subscription_lag: Family<crate::subscriptions::SubLabels, Gauge>,
     /// Jobs waiting for the writer.
     pub write_queue_depth: Gauge,
     /// Writes refused because the queue was full.
@@ -165,6 +173,10 @@ impl Metrics {
             decode_errors: Family::default(),
             idempotency: Family::default(),
             idempotency_trimmed: Counter::default(),
+            subscription_delivered: Family::default(),
+            subscription_failures: Family::default(),
+            subscription_resets: Family::default(),
+            subscription_lag: Family::default(),
             write_queue_depth: Gauge::default(),
             write_queue_full: Counter::default(),
             commit_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
@@ -250,6 +262,26 @@ impl Metrics {
             "idempotent_writes",
             "Writes with an Idempotency-Key that wrote nothing, by kind: replayed, reused, in_flight",
             m.idempotency.clone(),
+        );
+        registry.register(
+            "subscription_delivered",
+            "Events delivered to each webhook subscription",
+            m.subscription_delivered.clone(),
+        );
+        registry.register(
+            "subscription_failures",
+            "Failed tries of webhook deliveries, per subscription",
+            m.subscription_failures.clone(),
+        );
+        registry.register(
+            "subscription_resets",
+            "Times a subscription's cursor was older than the change feed keeps",
+            m.subscription_resets.clone(),
+        );
+        registry.register(
+            "subscription_lag",
+            "Change feed records after each subscription's cursor",
+            m.subscription_lag.clone(),
         );
         registry.register(
             "idempotency_trimmed",

@@ -312,6 +312,15 @@ where
         source,
     })?;
     background.extend(replication_tasks);
+    let (subscriptions, subscription_tasks) = crate::subscriptions::start(
+        config.subscriptions.clone(),
+        &docs,
+        &store,
+        &metrics,
+        &node_id,
+        stop_rx.clone(),
+    );
+    background.extend(subscription_tasks);
     docs.set_membership(&(Arc::clone(&replication) as Arc<dyn crate::documents::Membership>));
 
     let api_tls = match &config.api_tls {
@@ -344,6 +353,7 @@ where
         },
         cors: Arc::new(config.cors.clone()),
         idempotency: Arc::default(),
+        subscriptions,
     });
     if let Some(addr_file) = &addr_file {
         // A convenience for tools: a full disk must not keep the node from serving.

@@ -1,4 +1,5 @@
-//! The client commands: `get`, `put`, `patch`, `del`, `ls`, `inc`, `watch`, `status`.
+//! The client commands: `get`, `put`, `patch`, `del`, `ls`, `inc`, `watch`, `status`,
+//! `subscriptions`.
 //!
 //! Each command is one (or, for `ls`, a few) requests against the node's HTTP API
 //! (docs/api.md). Output goes to stdout in a form that is easy to read and to pipe; errors go to
@@ -122,6 +123,8 @@ pub enum ClientCommand {
     },
     /// Show the node's identity, load and cluster members.
     Status,
+    /// Show each webhook subscription: its cursor, lag, deliveries and failures.
+    Subscriptions,
 }
 
 /// Why a command failed; decides the message and the exit code.
@@ -235,6 +238,10 @@ async fn run_inner(cmd: ClientCommand, opts: &ClientOpts) -> Result<(), CliError
         ClientCommand::Status => {
             let value = expect_ok(client.send(Method::GET, "/v1/status", None).await?)?;
             emit(&format_status(&value))
+        }
+        ClientCommand::Subscriptions => {
+            let value = expect_ok(client.send(Method::GET, "/v1/status", None).await?)?;
+            emit(&format_subscriptions(&value))
         }
     }
 }
@@ -651,6 +658,43 @@ fn event_line(event: &str, data: &str) -> WatchLine {
         }
         _ => WatchLine::Skip,
     }
+}
+
+/// One line per subscription: name, cursor, lag, delivered, failures, the last error.
+fn format_subscriptions(status: &Value) -> String {
+    let subs = status
+        .get("subscriptions")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    if subs.is_empty() {
+        return "no subscriptions ([[subscriptions]] in the config)\n".to_owned();
+    }
+    let mut out = format!(
+        "{:<20} {:>10} {:>8} {:>10} {:>8}  {}\n",
+        "NAME", "CURSOR", "LAG", "DELIVERED", "FAILURES", "URL / LAST ERROR"
+    );
+    for s in subs {
+        let n = |k: &str| s.get(k).and_then(Value::as_u64).unwrap_or(0);
+        let text = |k: &str| s.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+        out.push_str(&format!(
+            "{:<20} {:>10} {:>8} {:>10} {:>8}  {}\n",
+            text("name"),
+            n("cursor"),
+            n("lag"),
+            n("delivered"),
+            n("failures"),
+            text("url")
+        ));
+        if let Some(e) = s.get("last_error").and_then(Value::as_str) {
+            out.push_str(&format!(
+                "{:<20} failing for {} tries: {e}\n",
+                "",
+                n("failing_for")
+            ));
+        }
+    }
+    out
 }
 
 /// Formats milliseconds of uptime as `3d 4h 5m 6s` (largest unit first, zero units dropped).

@@ -59,6 +59,8 @@ pub struct AppState {
     pub cors: Arc<cors::Cors>,
     /// Idempotency keys whose first write is under way.
     pub idempotency: Arc<idempotency::InFlight>,
+    /// Webhook subscriptions, for status.
+    pub subscriptions: Arc<crate::subscriptions::Subscriptions>,
 }
 
 /// Builds the router over `state`.

@@ -14,6 +14,7 @@ use super::{ApiError, AppState};
 /// `GET /v1/status`.
 pub async fn status(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, ApiError> {
     let docs = state.docs.doc_count().map_err(ApiError::from)?;
+    let feed_last = state.docs.feed_bounds().map_err(ApiError::from)?.last;
     let mut members = vec![json!({
         "node_id": state.node_id,
         "addr": state.replication.as_ref().map(|r| r.local_addr().to_string()),
@@ -49,6 +50,8 @@ pub async fn status(State(state): State<Arc<AppState>>) -> Result<impl IntoRespo
             "min_free_bytes": state.docs.space().min_free_bytes(),
         },
         "members": members,
+        "feed_last_seq": feed_last,
+        "subscriptions": state.subscriptions.status(feed_last),
     })))
 }
 
