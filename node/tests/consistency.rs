@@ -156,6 +156,40 @@ fn a_read_at_another_node_waits_for_a_write_made_elsewhere() {
     }
 }
 
+/// A read at B after heads that only A holds, with A stopped (SIGSTOP): `504
+/// not_yet_replicated` once `wait_ms` passed, and the document as soon as A is back. B starts
+/// after the write and after A stopped, so that nothing of it can have reached B.
+#[test]
+fn a_read_after_heads_held_only_by_a_stopped_node_times_out() {
+    let c = Cluster::start("ryw-stop", 1, 1, |_| Vec::new());
+    let a = &c.nodes[0];
+    let w = a.patch_doc(
+        "ryw/stop",
+        json!([{ "op": "set", "path": ["at"], "value": "a" }]),
+    );
+    let heads = common::heads_of(&w.ok_json("write at a"), "write at a");
+    common::pause(a);
+    let b = c.start_extra("ryw-stop", 1, &[0]);
+    let target = format!(
+        "/v1/docs/ryw/stop?after={}&wait_ms=1500",
+        heads_param(&heads)
+    );
+    let started = std::time::Instant::now();
+    b.get(&target)
+        .assert_error(504, "not_yet_replicated", "a read at b while a is stopped");
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(1500),
+        "answered after the wait, not before: {:?}",
+        started.elapsed()
+    );
+    common::resume(a);
+    let read = b.get(&format!(
+        "/v1/docs/ryw/stop?after={}&wait_ms=30000",
+        heads_param(&heads)
+    ));
+    assert_eq!(read.ok_json("read at b once a is back")["doc"]["at"], "a");
+}
+
 /// `verge` against `node`: exit code, stdout, stderr.
 fn cli(node: &Node, args: &[&str]) -> (Option<i32>, String, String) {
     let url = format!("http://{}", node.addr);

@@ -24,7 +24,7 @@ use automerge::{AutoCommit, ROOT, ReadDoc};
 use serde_json::{Value, json};
 
 use common::cluster::{Cluster, REPLICATION_DEADLINE};
-use common::{Node, wait_for};
+use common::{Node, pause, resume, wait_for};
 
 /// The TTL of the document that expires, in seconds. The writes and their replication must
 /// finish within it, and the other nodes be paused, before the purging node can purge (every
@@ -238,53 +238,6 @@ fn expire_and_purge(nodes: &[Node], ids: &[String], pause_others: bool) -> Durat
     let expired = start.elapsed();
     wait_purged(purger, purged_before + ids.len() as f64);
     expired
-}
-
-/// Stops `node`'s process (SIGSTOP) and waits until it is stopped: until [`resume`] it neither
-/// serves, purges nor replicates, like a node cut off.
-fn pause(node: &Node) {
-    signal(node, libc::SIGSTOP);
-    wait_stopped(node, true);
-}
-
-/// Continues a [`pause`]d node (SIGCONT).
-fn resume(node: &Node) {
-    signal(node, libc::SIGCONT);
-    wait_stopped(node, false);
-}
-
-fn signal(node: &Node, signal: libc::c_int) {
-    let pid = node.pid() as libc::pid_t;
-    // SAFETY: kill(2) has no memory-safety preconditions; the pid is the harness's own child,
-    // not yet reaped, so it cannot have been reused by another process.
-    #[allow(unsafe_code)]
-    let rc = unsafe { libc::kill(pid, signal) };
-    assert_eq!(rc, 0, "kill({pid}, {signal}) failed");
-}
-
-/// Waits until the kernel reports `node` stopped (`T` in `/proc/PID/stat`), or running again.
-fn wait_stopped(node: &Node, stopped: bool) {
-    let path = format!("/proc/{}/stat", node.pid());
-    wait_for(
-        Duration::from_secs(5),
-        &format!(
-            "{} to be {}",
-            node.node_id,
-            if stopped { "stopped" } else { "running" }
-        ),
-        || {
-            let stat = std::fs::read_to_string(&path).map_err(|e| e.to_string())?;
-            // "PID (COMM) STATE …": the state follows the last ')'.
-            let state = stat
-                .rsplit_once(')')
-                .and_then(|(_, r)| r.trim_start().chars().next());
-            if (state == Some('T')) == stopped {
-                Ok(())
-            } else {
-                Err(format!("state {state:?}"))
-            }
-        },
-    );
 }
 
 /// Asserts that `node` reads each of `ids` as `404` and holds an incarnation-0 history of it

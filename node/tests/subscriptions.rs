@@ -155,14 +155,19 @@ fn a_receiver_that_was_down_and_failing_gets_every_event_signed_and_in_order() {
         .local_addr()
         .expect("addr")
         .port();
+    // And one that takes connections and never answers.
+    let silent = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let silent_port = silent.local_addr().expect("addr").port();
     let config = dir.path().join("verge.toml");
     std::fs::write(
         &config,
         format!(
             "[[subscriptions]]\nname = \"orders\"\nurl = \"http://127.0.0.1:{port}/hook\"\n\
-             prefix = \"hook/\"\nsecret_file = {:?}\nbatch_max = 10\nmax_delay_ms = 50\n\
-             timeout_s = 2\n",
-            secret.display().to_string()
+             prefix = \"hook/\"\nsecret_file = {secret:?}\nbatch_max = 10\nmax_delay_ms = 50\n\
+             timeout_s = 2\n\n\
+             [[subscriptions]]\nname = \"silent\"\nurl = \"http://127.0.0.1:{silent_port}/\"\n\
+             secret_file = {secret:?}\ntimeout_s = 1\nmax_delay_ms = 0\n",
+            secret = secret.display().to_string()
         ),
     )
     .expect("config");
@@ -180,7 +185,19 @@ fn a_receiver_that_was_down_and_failing_gets_every_event_signed_and_in_order() {
     wait_for("two failed tries", Duration::from_secs(20), || {
         metric(&node, failures) >= 2
     });
+    let silent_failures = "verge_subscription_failures_total{subscription=\"silent\"}";
+    wait_for(
+        "a receiver that never answers to count as failing",
+        Duration::from_secs(20),
+        || metric(&node, silent_failures) >= 1,
+    );
     let status = node.get("/v1/status").json();
+    assert!(
+        status["subscriptions"][1]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no answer")),
+        "{status}"
+    );
     let sub = &status["subscriptions"][0];
     assert_eq!(sub["name"], "orders");
     assert!(sub["lag"].as_u64().expect("lag") >= 30, "{sub}");
@@ -228,7 +245,10 @@ fn a_receiver_that_was_down_and_failing_gets_every_event_signed_and_in_order() {
         "verge_subscription_delivered_total{subscription=\"orders\"}",
     );
     assert_eq!(delivered_metric, 10, "since the restart");
-    // `verge subscriptions` shows it.
+    wait_for("the silent receiver failing again", Duration::from_secs(20), || {
+        metric(&node, silent_failures) >= 1
+    });
+    // `verge subscriptions` shows them.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_verge"))
         .args(["subscriptions", "--url", &format!("http://{}", node.addr)])
         .output()
@@ -240,6 +260,12 @@ fn a_receiver_that_was_down_and_failing_gets_every_event_signed_and_in_order() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(text.contains("orders") && text.contains("CURSOR"), "{text}");
+    assert!(
+        text.contains("silent") && text.contains("no answer"),
+        "{text}"
+    );
+    node.assert_serving("with a receiver that never answers");
+    drop(silent);
 }
 
 #[test]

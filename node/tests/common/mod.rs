@@ -1140,3 +1140,50 @@ pub fn wait_for<T>(
         thread::sleep(Duration::from_millis(25));
     }
 }
+
+/// Stops `node`'s process (SIGSTOP) and waits until it is stopped: until [`resume`] it neither
+/// serves, purges nor replicates, like a node cut off.
+pub fn pause(node: &Node) {
+    signal(node, libc::SIGSTOP);
+    wait_stopped(node, true);
+}
+
+/// Continues a [`pause`]d node (SIGCONT).
+pub fn resume(node: &Node) {
+    signal(node, libc::SIGCONT);
+    wait_stopped(node, false);
+}
+
+pub fn signal(node: &Node, signal: libc::c_int) {
+    let pid = node.pid() as libc::pid_t;
+    // SAFETY: kill(2) has no memory-safety preconditions; the pid is the harness's own child,
+    // not yet reaped, so it cannot have been reused by another process.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::kill(pid, signal) };
+    assert_eq!(rc, 0, "kill({pid}, {signal}) failed");
+}
+
+/// Waits until the kernel reports `node` stopped (`T` in `/proc/PID/stat`), or running again.
+pub fn wait_stopped(node: &Node, stopped: bool) {
+    let path = format!("/proc/{}/stat", node.pid());
+    wait_for(
+        Duration::from_secs(5),
+        &format!(
+            "{} to be {}",
+            node.node_id,
+            if stopped { "stopped" } else { "running" }
+        ),
+        || {
+            let stat = std::fs::read_to_string(&path).map_err(|e| e.to_string())?;
+            // "PID (COMM) STATE …": the state follows the last ')'.
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, r)| r.trim_start().chars().next());
+            if (state == Some('T')) == stopped {
+                Ok(())
+            } else {
+                Err(format!("state {state:?}"))
+            }
+        },
+    );
+}
