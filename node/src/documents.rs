@@ -28,7 +28,7 @@ use crate::metrics::Metrics;
 use crate::replication::{LocalChange, ReplicaWaiter};
 use crate::store::writer::{CommitError, Job, QueueSlot, WriterHandle};
 use crate::store::{
-    DocMeta, FeedBounds, FeedRecord, Mutation, Previous, Remembered, Store, StoreError,
+    DocMeta, FeedBounds, FeedEvent, FeedRecord, Mutation, Previous, Remembered, Store, StoreError,
 };
 
 /// Feed records buffered for live watchers; one that falls further behind reads what it
@@ -295,7 +295,7 @@ pub struct Documents {
     rng: Mutex<StdRng>,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
-    events: broadcast::Sender<Arc<FeedRecord>>,
+    events: broadcast::Sender<Arc<FeedEvent>>,
     compaction_tx: mpsc::Sender<DocId>,
     config: DocumentsConfig,
     /// Told of every commit (replication). Set once, when replication starts.
@@ -345,7 +345,7 @@ impl Documents {
     pub fn new(
         store: Arc<Store>,
         writer: WriterHandle,
-        events: broadcast::Sender<Arc<FeedRecord>>,
+        events: broadcast::Sender<Arc<FeedEvent>>,
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
         config: DocumentsConfig,
@@ -421,7 +421,7 @@ impl Documents {
 
     /// Subscribes to committed changes as the writer numbers them (the live end of the feed;
     /// [`Documents::feed_after`] reads what a subscriber missed).
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<FeedRecord>> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<FeedEvent>> {
         self.events.subscribe()
     }
 

@@ -245,9 +245,11 @@ fn a_receiver_that_was_down_and_failing_gets_every_event_signed_and_in_order() {
         "verge_subscription_delivered_total{subscription=\"orders\"}",
     );
     assert_eq!(delivered_metric, 10, "since the restart");
-    wait_for("the silent receiver failing again", Duration::from_secs(20), || {
-        metric(&node, silent_failures) >= 1
-    });
+    wait_for(
+        "the silent receiver failing again",
+        Duration::from_secs(20),
+        || metric(&node, silent_failures) >= 1,
+    );
     // `verge subscriptions` shows them.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_verge"))
         .args(["subscriptions", "--url", &format!("http://{}", node.addr)])

@@ -88,6 +88,10 @@ pub struct BenchArgs {
     /// Documents each client writes to in turn (`bench/{client}/{k}`).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub docs_per_client: u32,
+    /// Requests per second, shared by the clients (open loop: each client sends on its own
+    /// schedule, whether or not the previous answer came); 0 sends as fast as answers come.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=10_000_000))]
+    pub rate: u32,
 }
 
 /// What every client task needs to know.
@@ -98,8 +102,12 @@ struct Plan {
     mode: BenchMode,
     docs_per_client: u32,
     hot: Uri,
+    /// When the run started.
+    start: Instant,
     measure_from: Instant,
     end: Instant,
+    /// With `--rate`, the time between two requests of one client.
+    period: Option<Duration>,
 }
 
 /// One client's counts, merged into the report at the end.
@@ -194,8 +202,11 @@ pub async fn bench(args: BenchArgs, opts: &ClientOpts) -> anyhow::Result<()> {
         mode: args.mode,
         docs_per_client: args.docs_per_client,
         hot,
+        start,
         measure_from,
         end,
+        period: (args.rate > 0)
+            .then(|| Duration::from_secs_f64(f64::from(args.clients) / f64::from(args.rate))),
     });
 
     let tasks: Vec<_> = (0..args.clients)
@@ -343,6 +354,17 @@ async fn run_client(client: u32, plan: Arc<Plan>) -> anyhow::Result<Stats> {
             Ok(Ok(())) => {}
         }
 
+        if let Some(period) = plan.period {
+            // Clients start spread over one period (by the golden ratio, even for any count),
+            // then keep their own schedule.
+            let offset = period.mul_f64((f64::from(client) * 0.618_033_988_75).fract());
+            let due =
+                plan.start + offset + period.saturating_mul(n.min(u64::from(u32::MAX)) as u32);
+            if due >= plan.end {
+                break;
+            }
+            tokio::time::sleep_until(due).await;
+        }
         let write = is_write(plan.mode, client, n);
         let mut builder = Request::builder().header(HOST, plan.host.clone());
         if let Some(token) = &plan.token {
@@ -600,6 +622,7 @@ mod tests {
             warmup: 0,
             mode: BenchMode::Mixed,
             docs_per_client: 1,
+            rate: 0,
         };
         let mut stats = Stats::new().expect("histogram");
         for us in 1..=1000u64 {

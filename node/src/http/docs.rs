@@ -325,7 +325,7 @@ async fn wait_for_heads(
         // Wake on this document's next commit (or on a lag, which may have hidden one).
         let woke = loop {
             match tokio::time::timeout_at(deadline, events.recv()).await {
-                Ok(Ok(event)) if event.id == id.as_str() => break true,
+                Ok(Ok(event)) if event.record.id == id.as_str() => break true,
                 Ok(Ok(_)) => continue,
                 Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => break true,
                 Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) | Err(_) => break false,

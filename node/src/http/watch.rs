@@ -15,25 +15,33 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Extension;
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
-use axum::http::HeaderMap;
-use axum::response::sse::{Event, KeepAlive, Sse};
-use futures_util::stream::{self, Stream};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use futures_util::stream;
 use serde_json::json;
 use tokio::sync::broadcast;
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use verge_core::{DocId, heads_to_hex};
 
 use super::{ApiError, AppState};
 use crate::documents::{DocError, Documents};
 use crate::metrics::Metrics;
-use crate::store::{FeedBounds, FeedRecord};
+use crate::store::{FeedBounds, FeedEvent};
 
 /// Interval of keep-alive comments on an idle stream.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// Feed records read from the store at a time while a watcher catches up.
 const CATCH_UP_PAGE: usize = 256;
+/// Bytes of events gathered into one chunk of the stream: what is ready is sent in one write,
+/// not one per event (a busy node with many watchers would otherwise spend itself on writes).
+const CHUNK_BYTES: usize = 64 * 1024;
+/// Under load, the least time between two chunks of one stream: a busy node sends each
+/// watcher what gathered in this time in one write (and wakes it once), instead of a write per
+/// commit. An event after a quiet spell goes at once.
+const COALESCE: Duration = Duration::from_millis(10);
 /// Longest sequence number accepted in `since` or `Last-Event-ID` (`u64::MAX` has 20 digits).
 const SEQ_DIGITS_MAX: usize = 20;
 
@@ -47,10 +55,10 @@ impl Drop for WatcherGuard {
 }
 
 /// What a watch stream sends.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 enum WatchItem {
     /// A change to a document under the prefix.
-    Change(Arc<FeedRecord>),
+    Change(Arc<FeedEvent>),
     /// The resume point asked is not in the feed: re-read, then follow from `last`.
     Reset(FeedBounds),
 }
@@ -83,7 +91,7 @@ fn start(since: Option<u64>, bounds: FeedBounds) -> Start {
 /// A stream's state between items.
 struct Follow {
     docs: Arc<Documents>,
-    rx: broadcast::Receiver<Arc<FeedRecord>>,
+    rx: broadcast::Receiver<Arc<FeedEvent>>,
     prefix: String,
     /// The last number seen (sent or filtered out).
     after: u64,
@@ -92,37 +100,77 @@ struct Follow {
     from_store: bool,
     queued: VecDeque<WatchItem>,
     stop: tokio::sync::watch::Receiver<bool>,
+    /// When the last chunk was sent.
+    sent_at: Option<tokio::time::Instant>,
 }
 
 impl Follow {
     /// The next item, or `None` when the node stops or the store cannot be read.
     async fn next(&mut self) -> Option<WatchItem> {
         loop {
-            if let Some(item) = self.queued.pop_front() {
+            if let Some(item) = self.ready()? {
                 return Some(item);
-            }
-            if self.from_store {
-                self.catch_up().ok()?;
-                continue;
             }
             let received = tokio::select! {
                 biased;
                 _ = self.stop.wait_for(|stop| *stop) => return None,
                 received = self.rx.recv() => received,
             };
-            match received {
-                Ok(record) if record.seq <= self.after => {}
-                Ok(record) if record.seq == self.after + 1 => {
-                    self.after = record.seq;
-                    if record.id.starts_with(&self.prefix) {
-                        return Some(WatchItem::Change(record));
-                    }
-                }
-                // A gap (records missed while lagging): the store has them.
-                Ok(_) | Err(RecvError::Lagged(_)) => self.from_store = true,
-                Err(RecvError::Closed) => return None,
+            if let Some(item) = self.take(received)? {
+                return Some(item);
             }
         }
+    }
+
+    /// The next item if one is ready without waiting: `Some(None)` when none is, `None` when
+    /// the stream ends.
+    fn try_next(&mut self) -> Option<Option<WatchItem>> {
+        loop {
+            if let Some(item) = self.ready()? {
+                return Some(Some(item));
+            }
+            let received = match self.rx.try_recv() {
+                Ok(event) => Ok(event),
+                Err(TryRecvError::Empty) => return Some(None),
+                Err(TryRecvError::Lagged(n)) => Err(RecvError::Lagged(n)),
+                Err(TryRecvError::Closed) => Err(RecvError::Closed),
+            };
+            if let Some(item) = self.take(received)? {
+                return Some(Some(item));
+            }
+        }
+    }
+
+    /// A queued item, or the store read while catching up: `Some(None)` when the live
+    /// broadcast is next, `None` when the store cannot be read.
+    fn ready(&mut self) -> Option<Option<WatchItem>> {
+        loop {
+            if let Some(item) = self.queued.pop_front() {
+                return Some(Some(item));
+            }
+            if !self.from_store {
+                return Some(None);
+            }
+            self.catch_up().ok()?;
+        }
+    }
+
+    /// What a received broadcast gives: `Some(None)` for nothing to send (another prefix, a
+    /// number already sent, a lag to catch up from the store), `None` when the node stops.
+    fn take(&mut self, received: Result<Arc<FeedEvent>, RecvError>) -> Option<Option<WatchItem>> {
+        match received {
+            Ok(event) if event.record.seq <= self.after => {}
+            Ok(event) if event.record.seq == self.after + 1 => {
+                self.after = event.record.seq;
+                if event.record.id.starts_with(&self.prefix) {
+                    return Some(Some(WatchItem::Change(event)));
+                }
+            }
+            // A gap (records missed while lagging): the store has them.
+            Ok(_) | Err(RecvError::Lagged(_)) => self.from_store = true,
+            Err(RecvError::Closed) => return None,
+        }
+        Some(None)
     }
 
     /// Reads the next page after `after` from the store into `queued`; at the end of what the
@@ -148,7 +196,8 @@ impl Follow {
         for record in page {
             self.after = record.seq;
             if record.id.starts_with(&self.prefix) {
-                self.queued.push_back(WatchItem::Change(Arc::new(record)));
+                self.queued
+                    .push_back(WatchItem::Change(Arc::new(FeedEvent::new(record))));
             }
         }
         Ok(())
@@ -170,29 +219,84 @@ fn parse_seq(raw: &str, what: &str) -> Result<u64, ApiError> {
 }
 
 /// The data of a `change` event, with the document's JSON when asked.
-fn change_data(docs: &Documents, record: &FeedRecord, include_doc: bool) -> String {
+fn change_data(docs: &Documents, event: &FeedEvent, include_doc: bool) -> Bytes {
+    if !include_doc {
+        return event.json().clone();
+    }
+    let record = &event.record;
     let mut data = json!({
         "seq": record.seq,
         "id": record.id,
         "heads": heads_to_hex(&record.heads),
         "deleted": record.deleted,
     });
-    if include_doc {
-        let doc = DocId::new(&record.id)
-            .ok()
-            .and_then(|id| match docs.read(&id) {
-                Ok(body) => serde_json::from_slice::<serde_json::Value>(&body)
-                    .ok()
-                    .and_then(|mut body| body.get_mut("doc").map(serde_json::Value::take)),
-                Err(DocError::NotFound(_)) => None,
-                Err(e) => {
-                    tracing::warn!(id = %record.id, error = %e, "a watched document cannot be read");
-                    None
-                }
-            });
-        data["doc"] = doc.unwrap_or(serde_json::Value::Null);
+    let doc = DocId::new(&record.id)
+        .ok()
+        .and_then(|id| match docs.read(&id) {
+            Ok(body) => serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|mut body| body.get_mut("doc").map(serde_json::Value::take)),
+            Err(DocError::NotFound(_)) => None,
+            Err(e) => {
+                tracing::warn!(id = %record.id, error = %e, "a watched document cannot be read");
+                None
+            }
+        });
+    data["doc"] = doc.unwrap_or(serde_json::Value::Null);
+    Bytes::from(data.to_string())
+}
+
+/// Appends `item` to `out` as one server-sent event.
+fn render(out: &mut Vec<u8>, item: &WatchItem, docs: &Documents, include_doc: bool) {
+    let (seq, kind, data) = match item {
+        WatchItem::Change(event) => (
+            event.record.seq,
+            "change",
+            change_data(docs, event, include_doc),
+        ),
+        WatchItem::Reset(bounds) => (
+            bounds.last,
+            "reset",
+            Bytes::from(json!({ "oldest": bounds.first, "last": bounds.last }).to_string()),
+        ),
+    };
+    // The JSON holds no raw line break, so one `data:` line carries it.
+    out.extend_from_slice(format!("id: {seq}\nevent: {kind}\ndata: ").as_bytes());
+    out.extend_from_slice(&data);
+    out.extend_from_slice(b"\n\n");
+}
+
+/// The next chunk of the stream: the next event, and whatever else is ready at once (up to
+/// [`CHUNK_BYTES`]); a keep-alive comment after [`KEEP_ALIVE`] without one; `None` at the end.
+async fn next_chunk(
+    follow: &mut Follow,
+    docs: &Documents,
+    include_doc: bool,
+    metrics: &Metrics,
+) -> Option<Bytes> {
+    let first = match tokio::time::timeout(KEEP_ALIVE, follow.next()).await {
+        Err(_) => return Some(Bytes::from_static(b":\n\n")),
+        Ok(item) => item?,
+    };
+    if let Some(sent_at) = follow.sent_at {
+        // Busy: let what follows gather until COALESCE after the last chunk.
+        tokio::time::sleep_until(sent_at + COALESCE).await;
     }
-    data.to_string()
+    follow.sent_at = Some(tokio::time::Instant::now());
+    let mut out = Vec::new();
+    let mut item = Some(first);
+    while let Some(it) = item.take() {
+        if matches!(it, WatchItem::Reset(_)) {
+            metrics.watch_resets.inc();
+        }
+        render(&mut out, &it, docs, include_doc);
+        if out.len() >= CHUNK_BYTES {
+            break;
+        }
+        // The end of the stream after some events: send them; the next poll ends it.
+        item = follow.try_next().flatten();
+    }
+    Some(Bytes::from(out))
 }
 
 /// `GET /v1/watch?prefix=P[&since=SEQ][&include=doc]`. Without a prefix, a token with one
@@ -203,7 +307,7 @@ pub async fn watch(
     scope: Option<Extension<super::ScopePrefix>>,
     headers: HeaderMap,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
-) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+) -> Result<Response, ApiError> {
     let Query(params) = query.map_err(|e| ApiError::invalid_query(e.body_text()))?;
     if let Some(k) = params
         .keys()
@@ -256,6 +360,7 @@ pub async fn watch(
         from_store: false,
         queued: VecDeque::new(),
         stop,
+        sent_at: None,
     };
     match start(since, bounds) {
         Start::After(after) => {
@@ -268,27 +373,22 @@ pub async fn watch(
     let guard = WatcherGuard(Arc::clone(&state.metrics));
     let metrics = Arc::clone(&state.metrics);
     let docs = Arc::clone(&state.docs);
-    let events = stream::unfold((follow, guard), move |(mut follow, guard)| {
+    let chunks = stream::unfold((follow, guard), move |(mut follow, guard)| {
         let metrics = Arc::clone(&metrics);
         let docs = Arc::clone(&docs);
         async move {
-            let event = match follow.next().await? {
-                WatchItem::Change(record) => Event::default()
-                    .id(record.seq.to_string())
-                    .event("change")
-                    .data(change_data(&docs, &record, include_doc)),
-                WatchItem::Reset(bounds) => {
-                    metrics.watch_resets.inc();
-                    Event::default()
-                        .id(bounds.last.to_string())
-                        .event("reset")
-                        .data(json!({ "oldest": bounds.first, "last": bounds.last }).to_string())
-                }
-            };
-            Some((Ok(event), (follow, guard)))
+            let chunk = next_chunk(&mut follow, &docs, include_doc, &metrics).await?;
+            Some((Ok::<_, Infallible>(chunk), (follow, guard)))
         }
     });
-    Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
+    let mut response = Body::from_stream(chunks).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    Ok(response)
 }
 
 #[cfg(test)]

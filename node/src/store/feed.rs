@@ -8,8 +8,10 @@
 //! from where it was.
 
 use std::ops::Bound;
+use std::sync::OnceLock;
 
 use automerge::ChangeHash;
+use bytes::Bytes;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
 use super::crypt::{Cipher, Row};
@@ -93,6 +95,41 @@ impl FeedRecord {
             heads,
             deleted,
             at_ms,
+        })
+    }
+}
+
+/// A committed record as published to live followers, with its JSON rendered once for all of
+/// them (a hundred watchers of a busy node would otherwise each render every record).
+#[derive(Debug)]
+pub struct FeedEvent {
+    /// The record.
+    pub record: FeedRecord,
+    json: OnceLock<Bytes>,
+}
+
+impl FeedEvent {
+    /// An event of `record`.
+    pub fn new(record: FeedRecord) -> Self {
+        Self {
+            record,
+            json: OnceLock::new(),
+        }
+    }
+
+    /// `{"seq":…,"id":…,"heads":[…],"deleted":…}`, rendered on first use.
+    pub fn json(&self) -> &Bytes {
+        self.json.get_or_init(|| {
+            let r = &self.record;
+            Bytes::from(
+                serde_json::json!({
+                    "seq": r.seq,
+                    "id": r.id,
+                    "heads": verge_core::heads_to_hex(&r.heads),
+                    "deleted": r.deleted,
+                })
+                .to_string(),
+            )
         })
     }
 }

@@ -29,7 +29,7 @@ use verge_core::DocId;
 use crypt::{Cipher, Row};
 pub use crypt::{EncryptionKey, KeyError};
 pub mod space;
-pub use feed::{FeedBounds, FeedRecord};
+pub use feed::{FeedBounds, FeedEvent, FeedRecord};
 pub use idempotency::Remembered;
 pub use meta::{DocMeta, META_HEADS_MAX, MetaDecodeError};
 

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use super::space::DiskSpace;
-use super::{FeedRecord, Mutation, Remembered, Store, StoreError};
+use super::{FeedEvent, FeedRecord, Mutation, Remembered, Store, StoreError};
 use crate::metrics::Metrics;
 
 /// Why a queued mutation was not made durable.
@@ -60,7 +60,7 @@ pub struct Job {
 #[derive(Debug, Clone)]
 pub struct FeedSink {
     /// Live watchers; a watcher that falls behind reads the store instead.
-    pub events: broadcast::Sender<Arc<FeedRecord>>,
+    pub events: broadcast::Sender<Arc<FeedEvent>>,
     /// The newest records kept (`[feed] retain_events`).
     pub retain_events: u64,
 }
@@ -281,7 +281,7 @@ fn commit_batch(
             // Before the acknowledgements: a writer that reads its own write through the feed
             // finds it there.
             for record in records {
-                let _ = feed.events.send(Arc::new(record));
+                let _ = feed.events.send(Arc::new(FeedEvent::new(record)));
             }
             Ok(())
         }
