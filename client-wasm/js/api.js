@@ -161,15 +161,23 @@ class Connection {
   }
 
   async post(id, body) {
-    const headers = { "content-type": "application/octet-stream" };
-    if (this.token) headers.authorization = `Bearer ${this.token}`;
+    return this.request("POST", `/v1/sync/${id}`, {
+      body,
+      headers: { "content-type": "application/octet-stream" },
+    });
+  }
+
+  /** Sends a request; the answer's bytes, or a VergeError with the node's code. */
+  async request(method, path, { body, headers = {} } = {}) {
+    const all = { ...headers };
+    if (this.token) all.authorization = `Bearer ${this.token}`;
     let response;
     let bytes;
     try {
-      response = await this.fetch(`${this.url}/v1/sync/${id}`, { method: "POST", headers, body });
+      response = await this.fetch(`${this.url}${path}`, { method, headers: all, body });
       bytes = new Uint8Array(await response.arrayBuffer());
     } catch (e) {
-      throw new VergeError("network", `POST ${this.url}/v1/sync/${id}: ${e && e.message}`, {
+      throw new VergeError("network", `${method} ${this.url}${path}: ${e && e.message}`, {
         cause: e,
       });
     }
@@ -189,6 +197,14 @@ class Connection {
     }
     return bytes;
   }
+}
+
+/** Checks a list of heads given by the caller. */
+function headsList(heads, what) {
+  if (!Array.isArray(heads) || !heads.every((h) => typeof h === "string" && /^[0-9a-f]{64}$/.test(h))) {
+    throw new VergeError("invalid_options", `${what} must be heads: 64 hex digits each`);
+  }
+  return heads.join(",");
 }
 
 /**
@@ -468,11 +484,58 @@ function newReplica(make) {
 
 /** Entry points. */
 export class Verge {
-  /** Opens `id` from the node: one round trip. A document the node lacks opens empty. */
-  static async open(connection, id) {
+  /**
+   * Opens `id` from the node: one round trip. A document the node lacks opens empty.
+   *
+   * With `{ after: heads }` (heads a write or a replica returned, possibly at another node),
+   * the node first waits until it holds them, at most `waitMs` (2000 by default): a read of
+   * your own writes wherever they were made. If they have not arrived by then, the error's code
+   * is `not_yet_replicated`.
+   */
+  static async open(connection, id, options = {}) {
     const doc = Verge.create(connection, id);
+    if (options.after !== undefined && options.after.length > 0) {
+      const after = headsList(options.after, "after");
+      const waitMs = options.waitMs ?? 2000;
+      try {
+        await new Connection(connection).request(
+          "GET",
+          `/v1/docs/${id}?after=${after}&wait_ms=${waitMs}`,
+        );
+      } catch (e) {
+        // Deleted since: the heads are held, and the sync brings the tombstone.
+        if (!(e instanceof VergeError && e.code === "not_found")) throw e;
+      }
+    }
     await doc.sync();
     return doc;
+  }
+
+  /**
+   * One write over HTTP, without a replica: `PATCH /v1/docs/{id}` with `ops`. Returns the
+   * document's heads after it.
+   *
+   * `ifMatch: heads` writes only if the document is still at those heads (else the error's
+   * code is `precondition_failed`): read, compute, write, and read again on that error.
+   * `idempotencyKey` makes a retry of the same write answer the first answer and write nothing
+   * (retry at the same node; see docs/api.md). `ttl` sets the document's expiry, in seconds.
+   */
+  static async write(connection, id, ops, options = {}) {
+    const conn = new Connection(connection);
+    const headers = { "content-type": "application/json" };
+    if (options.ifMatch !== undefined) headers["if-match"] = headsList(options.ifMatch, "ifMatch");
+    if (options.idempotencyKey !== undefined) {
+      if (typeof options.idempotencyKey !== "string") {
+        throw new VergeError("invalid_options", "idempotencyKey must be a string");
+      }
+      headers["idempotency-key"] = options.idempotencyKey;
+    }
+    const query = options.ttl !== undefined ? `?ttl=${Number(options.ttl)}` : "";
+    const bytes = await conn.request("PATCH", `/v1/docs/${id}${query}`, {
+      body: JSON.stringify({ ops }),
+      headers,
+    });
+    return JSON.parse(new TextDecoder().decode(bytes)).heads;
   }
 
   /** A replica of `id` that has not talked to the node yet (no I/O); `sync()` pulls. */

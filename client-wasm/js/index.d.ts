@@ -46,7 +46,8 @@ export interface ChangeEvent {
 /**
  * Codes: `invalid_id`, `invalid_json`, `invalid_op`, `op_not_applicable`, `invalid_document`,
  * `invalid_save`, `invalid_sync_message`, `invalid_options`, `network`, `sync_incomplete`,
- * `no_connection`, or the node's own error code (`too_large`, `overloaded`, …).
+ * `no_connection`, or the node's own error code (`too_large`, `overloaded`,
+ * `precondition_failed`, `not_yet_replicated`, `idempotency_key_reused`, …).
  */
 export class VergeError extends Error {
   readonly code: string;
@@ -87,9 +88,38 @@ export class VergeDoc {
   free(): void;
 }
 
+/** Options of `Verge.open`. */
+export interface OpenOptions {
+  /** Heads to wait for first (from a write or a replica, possibly at another node). */
+  after?: string[];
+  /** How long the node waits for `after`, in ms (default 2000, at most 30000). */
+  waitMs?: number;
+}
+
+/** Options of `Verge.write`. */
+export interface WriteOptions {
+  /** Write only if the document is at these heads (else `precondition_failed`). */
+  ifMatch?: string[];
+  /** A retry with the same key answers the first answer and writes nothing. */
+  idempotencyKey?: string;
+  /** Expire the document this many seconds after the write (0 clears an expiry). */
+  ttl?: number;
+}
+
 export class Verge {
-  /** Opens a document from the node: one round trip. */
-  static open(connection: Connection, id: string): Promise<VergeDoc>;
+  /**
+   * Opens a document from the node: one round trip. With `after`, the node first waits until
+   * it holds those heads (read your writes made elsewhere); `not_yet_replicated` if they do
+   * not arrive within `waitMs`.
+   */
+  static open(connection: Connection, id: string, options?: OpenOptions): Promise<VergeDoc>;
+  /** One write over HTTP without a replica; resolves to the document's heads after it. */
+  static write(
+    connection: Connection,
+    id: string,
+    ops: Op[],
+    options?: WriteOptions,
+  ): Promise<string[]>;
   /** A replica that has not talked to the node yet (no I/O). */
   static create(connection: Connection | null, id: string): VergeDoc;
   /** Loads bytes from `save()`. */

@@ -287,6 +287,39 @@ test("a sync whose answer was lost is safe to retry", async () => {
   assert.equal(retry.hasUnsyncedChanges, false);
 });
 
+test("one-shot writes: idempotent, conditional, and read back elsewhere with after", async () => {
+  const id = "t/oneshot";
+  const inc = [{ op: "inc", path: ["n"], by: 2 }];
+  const heads = await Verge.write(conn, id, inc, { idempotencyKey: "order-1" });
+  assert.equal(heads.length, 1);
+  // A retry of the same write: the first answer, nothing written.
+  assert.deepEqual(await Verge.write(conn, id, inc, { idempotencyKey: "order-1" }), heads);
+  const doc = await Verge.open(conn, id, { after: heads });
+  assert.equal(doc.get("n"), 2);
+  assert.deepEqual(doc.heads(), heads);
+  // The key on another write is refused.
+  await assert.rejects(
+    Verge.write(conn, id, [{ op: "inc", path: ["n"], by: 3 }], { idempotencyKey: "order-1" }),
+    (e) => e instanceof VergeError && e.code === "idempotency_key_reused" && e.status === 422,
+  );
+  // Conditional: at the heads read, then not at the old ones.
+  const set = [{ op: "set", path: ["paid"], value: true }];
+  const next = await Verge.write(conn, id, set, { ifMatch: heads });
+  assert.notDeepEqual(next, heads);
+  await assert.rejects(
+    Verge.write(conn, id, set, { ifMatch: heads }),
+    (e) => e.code === "precondition_failed" && e.status === 412 && !e.retryable,
+  );
+  assert.deepEqual((await nodeGet(node.url, id)).doc, { n: 2, paid: true });
+  // Heads the node will never hold: it waits waitMs, then says so.
+  await assert.rejects(
+    Verge.open(conn, id, { after: ["ab".repeat(32)], waitMs: 200 }),
+    (e) => e.code === "not_yet_replicated" && e.status === 504 && e.retryable,
+  );
+  await assert.rejects(Verge.open(conn, id, { after: ["xyz"] }), (e) => e.code === "invalid_options");
+  await assert.rejects(Verge.write(conn, id, set, { ifMatch: "x" }), (e) => e.code === "invalid_options");
+});
+
 test("errors are VergeErrors with codes", async () => {
   assert.throws(() => Verge.create(conn, "bad id!"), (e) => e instanceof VergeError && e.code === "invalid_id");
   const doc = Verge.create(conn, "t/errors");
