@@ -31,6 +31,9 @@ use crate::store::{
     DocMeta, FeedBounds, FeedEvent, FeedRecord, Mutation, Previous, Remembered, Store, StoreError,
 };
 
+/// Most feed or idempotency records dropped in one transaction of the purge pass, which goes
+/// on with the next batch after letting other tasks run.
+pub const TRIM_BATCH: u64 = 10_000;
 /// Feed records buffered for live watchers; one that falls further behind reads what it
 /// missed from the store.
 pub const WATCH_BUFFER: usize = 4096;
@@ -441,10 +444,10 @@ impl Documents {
     }
 
     /// Drops the idempotency records older than `retain_ms`, then the oldest beyond
-    /// `keep_max`. Returns how many.
+    /// `keep_max`, at most [`TRIM_BATCH`] of them. Returns how many.
     pub fn trim_remembered(&self, retain_ms: i64, keep_max: u64) -> Result<u64, DocError> {
         let before = self.now_ms().saturating_sub(retain_ms);
-        let dropped = self.store.trim_remembered(before, keep_max)?;
+        let dropped = self.store.trim_remembered(before, keep_max, TRIM_BATCH)?;
         self.metrics.idempotency_trimmed.inc_by(dropped);
         Ok(dropped)
     }
@@ -1637,10 +1640,11 @@ impl Documents {
         Ok(released)
     }
 
-    /// Drops the feed records older than `retain_ms`. Returns how many.
+    /// Drops the feed records older than `retain_ms`, at most [`TRIM_BATCH`] of them. Returns
+    /// how many.
     pub fn trim_feed(&self, retain_ms: i64) -> Result<u64, DocError> {
         let before = self.now_ms().saturating_sub(retain_ms);
-        let dropped = self.store.trim_feed_before(before)?;
+        let dropped = self.store.trim_feed_before(before, TRIM_BATCH)?;
         self.metrics.feed_trimmed.inc_by(dropped);
         Ok(dropped)
     }

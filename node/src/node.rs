@@ -505,15 +505,37 @@ fn spawn_purger(docs: Arc<Documents>, config: &Config) -> JoinHandle<()> {
                 Ok(n) => tracing::debug!(released = n, "released retained generations"),
                 Err(e) => tracing::warn!(error = %e, "releasing retained generations failed"),
             }
-            match docs.trim_remembered(idempotency_retain_ms, idempotency_keys_max) {
-                Ok(0) => {}
-                Ok(n) => tracing::debug!(dropped = n, "dropped old idempotency records"),
-                Err(e) => tracing::warn!(error = %e, "trimming idempotency records failed"),
+            loop {
+                match docs.trim_remembered(idempotency_retain_ms, idempotency_keys_max) {
+                    Ok(n) if n >= crate::documents::TRIM_BATCH => {
+                        tokio::task::yield_now().await;
+                    }
+                    Ok(0) => break,
+                    Ok(n) => {
+                        tracing::debug!(dropped = n, "dropped old idempotency records");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "trimming idempotency records failed");
+                        break;
+                    }
+                }
             }
-            match docs.trim_feed(feed_retain_ms) {
-                Ok(0) => {}
-                Ok(n) => tracing::debug!(dropped = n, "dropped old change feed records"),
-                Err(e) => tracing::warn!(error = %e, "trimming the change feed failed"),
+            loop {
+                match docs.trim_feed(feed_retain_ms) {
+                    Ok(n) if n >= crate::documents::TRIM_BATCH => {
+                        tokio::task::yield_now().await;
+                    }
+                    Ok(0) => break,
+                    Ok(n) => {
+                        tracing::debug!(dropped = n, "dropped old change feed records");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "trimming the change feed failed");
+                        break;
+                    }
+                }
             }
         }
     })

@@ -51,6 +51,8 @@ const ANSWER_BYTES_MAX: usize = 4096;
 const SKIP_PERSIST_INTERVAL: Duration = Duration::from_secs(1);
 /// Feed records read at a time while gathering a batch.
 const PAGE: usize = 512;
+/// Pages one gathering looks at before the task lets others run.
+const GATHER_PAGES: usize = 16;
 
 /// A `[[subscriptions]]` entry as written in the file.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -345,6 +347,8 @@ struct Batch {
     scanned_to: u64,
     /// The cursor was older than the feed's oldest record: events were lost to retention.
     reset: bool,
+    /// The feed holds records past `scanned_to` not looked at yet.
+    more: bool,
 }
 
 impl Delivery {
@@ -386,13 +390,17 @@ impl Delivery {
         let labels = vec![("subscription", self.sub.name.clone())];
         loop {
             let mut batch = self.gather(cursor)?;
-            if batch.events.is_empty() {
+            if batch.events.is_empty() && !batch.reset {
                 cursor = batch.scanned_to;
                 if cursor != saved && saved_at.elapsed() >= SKIP_PERSIST_INTERVAL {
                     self.save_cursor(cursor)?;
                     (saved, saved_at) = (cursor, tokio::time::Instant::now());
                 }
                 self.running.update(self.index, |s| s.cursor = cursor);
+                if batch.more {
+                    tokio::task::yield_now().await;
+                    continue;
+                }
                 // Wait for the next commit (any: the feed is read again from the cursor).
                 tokio::select! {
                     _ = self.stop.wait_for(|s| *s) => return Ok(()),
@@ -405,7 +413,10 @@ impl Delivery {
                 }
                 continue;
             }
-            if batch.events.len() < self.sub.batch_max && !self.sub.max_delay.is_zero() {
+            if !batch.events.is_empty()
+                && batch.events.len() < self.sub.batch_max
+                && !self.sub.max_delay.is_zero()
+            {
                 // Let the batch fill for what is left of its first event's delay.
                 let age_ms = self
                     .docs
@@ -455,7 +466,9 @@ impl Delivery {
         }
     }
 
-    /// Up to `batch_max` records under the prefix after `cursor`.
+    /// Up to `batch_max` records under the prefix after `cursor`, looking at most
+    /// [`GATHER_PAGES`] pages (`more` says whether the feed holds records past what was looked
+    /// at).
     fn gather(&self, cursor: u64) -> Result<Batch, String> {
         let bounds = self.docs.feed_bounds().map_err(|e| e.to_string())?;
         self.metrics
@@ -464,30 +477,38 @@ impl Delivery {
             .set(bounds.last.saturating_sub(cursor) as i64);
         let mut after = cursor;
         let mut reset = false;
-        if let Some(first) = bounds.first
-            && cursor + 1 < first
-        {
-            after = first - 1;
-            reset = true;
-        } else if cursor > bounds.last {
-            // Another store's number (the data directory was replaced).
-            after = bounds.last;
+        let oldest_resumable = bounds.first.map_or(bounds.last, |first| first - 1);
+        if cursor < oldest_resumable || cursor > bounds.last {
+            // Records after the cursor were dropped by retention, or the cursor is another
+            // store's number (the data directory was replaced).
+            after = oldest_resumable.min(bounds.last);
             reset = true;
         }
         let mut events = Vec::new();
-        loop {
+        for _ in 0..GATHER_PAGES {
             let page = self
                 .docs
                 .feed_after(after, PAGE)
                 .map_err(|e| e.to_string())?;
-            let Some(last) = page.last() else { break };
-            let page_last = last.seq;
+            let Some(first) = page.first() else {
+                return Ok(Batch {
+                    events,
+                    scanned_to: after,
+                    reset,
+                    more: false,
+                });
+            };
+            if first.seq != after + 1 {
+                // Retention dropped records between two reads.
+                reset = true;
+            }
             for record in page {
                 if events.len() == self.sub.batch_max {
                     return Ok(Batch {
                         events,
                         scanned_to: after,
                         reset,
+                        more: true,
                     });
                 }
                 after = record.seq;
@@ -495,12 +516,12 @@ impl Delivery {
                     events.push(record);
                 }
             }
-            after = page_last;
         }
         Ok(Batch {
             events,
             scanned_to: after,
             reset,
+            more: after < bounds.last,
         })
     }
 

@@ -270,6 +270,78 @@ fn a_receiver_that_was_down_and_failing_gets_every_event_signed_and_in_order() {
     drop(silent);
 }
 
+/// A receiver down while retention dropped what it had not taken is told so: its next batch
+/// says `reset`, and holds what the feed still has.
+#[test]
+fn a_receiver_behind_retention_is_told_to_reset() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = dir.path().join("hook.secret");
+    std::fs::write(&secret, SECRET).expect("secret");
+    let port = TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let config = dir.path().join("verge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[feed]\nretain_events = 5\n\n[[subscriptions]]\nname = \"late\"\n\
+             url = \"http://127.0.0.1:{port}/\"\nsecret_file = {:?}\nmax_delay_ms = 0\n",
+            secret.display().to_string()
+        ),
+    )
+    .expect("config");
+    let node = Node::start_with(
+        "hooks-late",
+        vec!["--config".into(), config.display().to_string()],
+    );
+    for i in 0..20 {
+        write(&node, &format!("hook/{i}"), i);
+    }
+    let listener = TcpListener::bind(("127.0.0.1", port)).expect("rebind the receiver's port");
+    let receiver = Receiver::start(listener, 0);
+    wait_for("the newest events", Duration::from_secs(60), || {
+        delivered(&receiver).last() == Some(&20)
+    });
+    // Whatever batches the subscription formed (it may have formed one before retention
+    // dropped anything, and sends it as formed), every gap in what arrived is announced by
+    // `reset` on the batch after it, and the newest 5 arrive.
+    let mut resets = 0;
+    let mut last = 0;
+    for batch in receiver.received() {
+        let seqs: Vec<u64> = batch.body["events"]
+            .as_array()
+            .expect("events")
+            .iter()
+            .map(|e| e["seq"].as_u64().expect("seq"))
+            .collect();
+        let reset = batch.body["reset"] == true;
+        resets += u64::from(reset);
+        if let Some(&first) = seqs.first() {
+            assert!(first > last, "in order: {seqs:?} after {last}");
+            assert!(
+                reset || first == last + 1,
+                "a gap before {first} without a reset"
+            );
+            assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+            last = *seqs.last().expect("a last");
+        }
+    }
+    assert!(resets >= 1, "the loss was announced");
+    assert_eq!(
+        &delivered(&receiver)[delivered(&receiver).len() - 5..],
+        &[16, 17, 18, 19, 20]
+    );
+    assert_eq!(
+        metric(
+            &node,
+            "verge_subscription_resets_total{subscription=\"late\"}"
+        ),
+        resets
+    );
+}
+
 #[test]
 fn bad_subscriptions_stop_the_node_at_start_with_a_clear_message() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -348,6 +348,58 @@ async fn wait_for_heads(
     }
 }
 
+/// [`write_with_replicas`]; a write with an idempotency key runs in its own task holding the
+/// key's claim until the write is answered, so that a client that hangs up while the write is
+/// being committed (and retries) finds the key in flight, not free while the write lands.
+#[allow(clippy::too_many_arguments)]
+async fn write_claimed(
+    state: &Arc<AppState>,
+    id: &DocId,
+    write: Write,
+    expiry: Expiry,
+    size: usize,
+    params: HashMap<String, String>,
+    if_match: Option<Vec<automerge::ChangeHash>>,
+    claim: Option<idempotency::Claim>,
+) -> Result<Vec<automerge::ChangeHash>, ApiError> {
+    let Some(claim) = claim else {
+        return write_with_replicas(
+            state,
+            id,
+            &write,
+            expiry,
+            size,
+            &params,
+            if_match.as_deref(),
+            None,
+        )
+        .await;
+    };
+    let (state, id) = (Arc::clone(state), id.clone());
+    tokio::spawn(async move {
+        write_with_replicas(
+            &state,
+            &id,
+            &write,
+            expiry,
+            size,
+            &params,
+            if_match.as_deref(),
+            Some(&claim),
+        )
+        .await
+    })
+    .await
+    .map_err(|e| {
+        tracing::error!(error = %e, "a write with an idempotency key failed in its task");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the write failed while being answered",
+        )
+    })?
+}
+
 /// What a write's idempotency key decides.
 enum Claimed {
     /// Write (holding the key's claim, when the request has a key).
@@ -405,15 +457,15 @@ pub async fn replace(
         Claimed::Write(claim) => claim,
         Claimed::Replay(answer) => return Ok(answer),
     };
-    let heads = write_with_replicas(
+    let heads = write_claimed(
         &state,
         &id,
-        &Write::Replace(map),
+        Write::Replace(map),
         expiry,
         body.len(),
-        &params,
-        if_match.as_deref(),
-        claim.as_ref(),
+        params,
+        if_match,
+        claim,
     )
     .await?;
     Ok(written(&id, &heads))
@@ -452,15 +504,15 @@ pub async fn patch(
         Claimed::Write(claim) => claim,
         Claimed::Replay(answer) => return Ok(answer),
     };
-    let heads = write_with_replicas(
+    let heads = write_claimed(
         &state,
         &id,
-        &Write::Ops(ops),
+        Write::Ops(ops),
         expiry,
         body.len(),
-        &params,
-        if_match.as_deref(),
-        claim.as_ref(),
+        params,
+        if_match,
+        claim,
     )
     .await?;
     Ok(written(&id, &heads))
@@ -490,15 +542,15 @@ pub async fn delete(
         Claimed::Write(claim) => claim,
         Claimed::Replay(answer) => return Ok(answer),
     };
-    let heads = write_with_replicas(
+    let heads = write_claimed(
         &state,
         &id,
-        &Write::Delete,
+        Write::Delete,
         Expiry::Keep,
         0,
-        &params,
-        if_match.as_deref(),
-        claim.as_ref(),
+        params,
+        if_match,
+        claim,
     )
     .await?;
     Ok(written(&id, &heads))

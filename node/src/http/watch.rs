@@ -111,6 +111,12 @@ impl Follow {
             if let Some(item) = self.ready()? {
                 return Some(item);
             }
+            if self.from_store {
+                // A page outside the prefix: let other tasks run before the next (a watcher
+                // scanning a long feed must not hold a runtime thread).
+                tokio::task::yield_now().await;
+                continue;
+            }
             let received = tokio::select! {
                 biased;
                 _ = self.stop.wait_for(|stop| *stop) => return None,
@@ -129,6 +135,9 @@ impl Follow {
             if let Some(item) = self.ready()? {
                 return Some(Some(item));
             }
+            if self.from_store {
+                return Some(None);
+            }
             let received = match self.rx.try_recv() {
                 Ok(event) => Ok(event),
                 Err(TryRecvError::Empty) => return Some(None),
@@ -141,18 +150,16 @@ impl Follow {
         }
     }
 
-    /// A queued item, or the store read while catching up: `Some(None)` when the live
-    /// broadcast is next, `None` when the store cannot be read.
+    /// A queued item, or one page of the store read while catching up: `Some(None)` when
+    /// nothing is ready yet, `None` when the store cannot be read.
     fn ready(&mut self) -> Option<Option<WatchItem>> {
-        loop {
-            if let Some(item) = self.queued.pop_front() {
-                return Some(Some(item));
-            }
-            if !self.from_store {
-                return Some(None);
-            }
+        if let Some(item) = self.queued.pop_front() {
+            return Some(Some(item));
+        }
+        if self.from_store {
             self.catch_up().ok()?;
         }
+        Some(self.queued.pop_front())
     }
 
     /// What a received broadcast gives: `Some(None)` for nothing to send (another prefix, a
@@ -183,6 +190,12 @@ impl Follow {
                 tracing::warn!(error = %e, "reading the change feed failed; the watch stream ends");
             })?;
         let Some(first) = page.first() else {
+            let bounds = self.docs.feed_bounds()?;
+            if bounds.last > self.after {
+                // Retention emptied the feed past this watcher while it caught up.
+                self.queued.push_back(WatchItem::Reset(bounds));
+                self.after = bounds.last;
+            }
             self.from_store = false;
             return Ok(());
         };

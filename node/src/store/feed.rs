@@ -207,9 +207,9 @@ impl Store {
         Ok(out)
     }
 
-    /// Drops the records committed before `before_ms`, keeping the newest one's number (the
-    /// last number given is kept apart). Returns how many were dropped.
-    pub fn trim_feed_before(&self, before_ms: i64) -> Result<u64, StoreError> {
+    /// Drops the records committed before `before_ms`, at most `limit` of them in one
+    /// transaction (the last number given is kept apart). Returns how many were dropped.
+    pub fn trim_feed_before(&self, before_ms: i64, limit: u64) -> Result<u64, StoreError> {
         let mut cut: Option<u64> = None;
         {
             let tx = self.db.begin_read()?;
@@ -218,7 +218,10 @@ impl Store {
                 Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
                 Err(e) => return Err(e.into()),
             };
-            for item in feed.iter()? {
+            for item in feed
+                .iter()?
+                .take(usize::try_from(limit).unwrap_or(usize::MAX))
+            {
                 let (k, v) = item?;
                 let seq = k.value();
                 let plain = unseal_with(self.cipher.as_ref(), Row::Feed(seq), v.value())?;
@@ -337,7 +340,12 @@ mod tests {
         let page = store.feed_after(1, 2).expect("page");
         assert_eq!(page.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![2, 3]);
         assert_eq!(page[0].id, "b");
-        assert_eq!(store.trim_feed_before(15).expect("trim"), 3);
+        assert_eq!(
+            store.trim_feed_before(15, 2).expect("trim"),
+            2,
+            "at most 2 at once"
+        );
+        assert_eq!(store.trim_feed_before(15, 2).expect("trim"), 1);
         assert_eq!(
             store.feed_bounds().expect("bounds"),
             FeedBounds {
@@ -345,7 +353,7 @@ mod tests {
                 last: 4
             }
         );
-        assert_eq!(store.trim_feed_before(100).expect("trim"), 1);
+        assert_eq!(store.trim_feed_before(100, 10).expect("trim"), 1);
         assert_eq!(
             store.feed_bounds().expect("bounds"),
             FeedBounds {

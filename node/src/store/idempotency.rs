@@ -112,9 +112,14 @@ impl Store {
         Remembered::decode(key, &plain).map(Some)
     }
 
-    /// Drops the records written before `before_ms`, then the oldest beyond `keep_max`.
-    /// Returns how many were dropped.
-    pub fn trim_remembered(&self, before_ms: i64, keep_max: u64) -> Result<u64, StoreError> {
+    /// Drops the records written before `before_ms`, then the oldest beyond `keep_max`, at
+    /// most `limit` in one transaction. Returns how many were dropped.
+    pub fn trim_remembered(
+        &self,
+        before_ms: i64,
+        keep_max: u64,
+        limit: u64,
+    ) -> Result<u64, StoreError> {
         let mut tx = self.db.begin_write()?;
         tx.set_durability(redb::Durability::Immediate)?;
         let mut dropped = 0;
@@ -126,7 +131,8 @@ impl Store {
             for item in keys_at.iter()? {
                 let (k, _) = item?;
                 let (at_ms, key) = k.value();
-                if at_ms >= before_ms && gone.len() as u64 >= excess {
+                if (at_ms >= before_ms && gone.len() as u64 >= excess) || gone.len() as u64 >= limit
+                {
                     break;
                 }
                 gone.push((at_ms, key.to_owned()));
@@ -193,10 +199,18 @@ mod tests {
         let store = Store::open(dir.path(), StoreOptions::plain()).expect("reopen");
         assert_eq!(store.remembered("b").expect("read"), Some(record("b", 20)));
         assert_eq!(store.remembered("z").expect("read"), None);
-        assert_eq!(store.trim_remembered(15, 100).expect("trim"), 1, "a by age");
+        assert_eq!(
+            store.trim_remembered(15, 100, 10).expect("trim"),
+            1,
+            "a by age"
+        );
         assert_eq!(store.remembered("a").expect("read"), None);
         write(&store, &[record("d", 40)]);
-        assert_eq!(store.trim_remembered(0, 2).expect("trim"), 1, "b by count");
+        assert_eq!(
+            store.trim_remembered(0, 2, 10).expect("trim"),
+            1,
+            "b by count"
+        );
         assert_eq!(store.remembered("b").expect("read"), None);
         assert!(store.remembered("c").expect("read").is_some());
         assert!(store.remembered("d").expect("read").is_some());
