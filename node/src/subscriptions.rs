@@ -76,6 +76,10 @@ pub struct SubscriptionFileConfig {
     /// Seconds the receiver has to answer one POST.
     #[serde(default = "default_timeout_s")]
     pub timeout_s: u64,
+    /// For an `https://` URL: PEM file of the certificate authorities to trust instead of the
+    /// system's.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 fn default_batch_max() -> usize {
@@ -104,6 +108,8 @@ pub struct Subscription {
     pub max_delay: Duration,
     /// How long the receiver has to answer.
     pub timeout: Duration,
+    /// For `https://`: the TLS client settings (trusted roots).
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl std::fmt::Debug for Subscription {
@@ -145,17 +151,23 @@ pub fn resolve(
                 .url
                 .parse()
                 .map_err(|err| context(format!("url {:?}: {err}", e.url)))?;
-            match url.scheme_str() {
-                Some("http") if url.host().is_some() => {}
-                Some("https") => {
-                    return Err(context(
-                        "https URLs are not supported yet: give an http:// URL of a local proxy \
-                         that forwards over TLS"
-                            .to_owned(),
-                    ));
+            let tls = match url.scheme_str() {
+                Some("http") if url.host().is_some() => {
+                    if e.ca_file.is_some() {
+                        return Err(context("ca_file is for https:// URLs".to_owned()));
+                    }
+                    None
                 }
-                _ => return Err(context(format!("url {:?} is not http://host/...", e.url))),
-            }
+                Some("https") if url.host().is_some() => {
+                    Some(tls_config(e.ca_file.as_deref().map(|f| base.join(f))).map_err(context)?)
+                }
+                _ => {
+                    return Err(context(format!(
+                        "url {:?} is not http://host/... or https://host/...",
+                        e.url
+                    )));
+                }
+            };
             if e.prefix.len() > verge_core::limits::DOC_ID_BYTES_MAX
                 || !e.prefix.bytes().all(verge_core::doc_id::is_id_byte)
             {
@@ -185,9 +197,66 @@ pub fn resolve(
                 batch_max: e.batch_max,
                 max_delay: Duration::from_millis(e.max_delay_ms),
                 timeout: Duration::from_secs(e.timeout_s),
+                tls,
             })
         })
         .collect()
+}
+
+/// Where systems keep their bundle of trusted certificate authorities.
+const SYSTEM_CA_BUNDLES: [&str; 4] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/cert.pem",
+    "/etc/ssl/ca-bundle.pem",
+];
+/// Largest CA file read.
+const CA_FILE_BYTES_MAX: u64 = 4 * 1024 * 1024;
+
+/// TLS client settings trusting the authorities in `ca_file`, or the system's.
+fn tls_config(ca_file: Option<PathBuf>) -> Result<Arc<rustls::ClientConfig>, String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let path = match ca_file {
+        Some(path) => path,
+        None => SYSTEM_CA_BUNDLES
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_file())
+            .ok_or_else(|| {
+                format!(
+                    "an https:// URL needs trusted authorities: none of {} exists; set ca_file",
+                    SYSTEM_CA_BUNDLES.join(", ")
+                )
+            })?,
+    };
+    let len = std::fs::metadata(&path)
+        .map_err(|e| format!("ca_file {}: {e}", path.display()))?
+        .len();
+    if len > CA_FILE_BYTES_MAX {
+        return Err(format!(
+            "ca_file {} is {len} bytes; at most {CA_FILE_BYTES_MAX}",
+            path.display()
+        ));
+    }
+    let pem = std::fs::read(&path).map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+        // A bundle may hold certificates this TLS library does not take; the rest still count.
+        let _ = roots.add(cert);
+    }
+    if roots.is_empty() {
+        return Err(format!("ca_file {} holds no certificate", path.display()));
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(Arc::new(config))
 }
 
 fn read_secret(path: &Path) -> Result<Vec<u8>, String> {
@@ -586,11 +655,14 @@ impl Delivery {
             .body(Full::new(body))
             .map_err(|e| format!("building the request: {e}"))?;
         let answer = tokio::time::timeout(self.sub.timeout, async {
-            let response = self
-                .client
-                .request(request)
-                .await
-                .map_err(|e| format!("{e}: {}", error_chain(&e)))?;
+            let response = match &self.sub.tls {
+                None => self
+                    .client
+                    .request(request)
+                    .await
+                    .map_err(|e| format!("{e}: {}", error_chain(&e)))?,
+                Some(tls) => post_tls(tls, request).await?,
+            };
             let status = response.status();
             let body = http_body_util::Limited::new(response.into_body(), ANSWER_BYTES_MAX)
                 .collect()
@@ -614,6 +686,53 @@ impl Delivery {
             ))
         }
     }
+}
+
+/// Sends `request` over a new TLS connection (one per batch: batches are few and large).
+async fn post_tls(
+    tls: &Arc<rustls::ClientConfig>,
+    request: Request<Full<Bytes>>,
+) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+    let uri = request.uri();
+    let host = uri.host().ok_or("the URL has no host")?.to_owned();
+    let port = uri.port_u16().unwrap_or(443);
+    let name = rustls_pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_owned())
+        .map_err(|e| format!("{host}: {e}"))?;
+    let tcp = tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), port))
+        .await
+        .map_err(|e| format!("connecting to {host}:{port}: {e}"))?;
+    let stream = tokio_rustls::TlsConnector::from(Arc::clone(tls))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("TLS with {host}:{port}: {e}"))?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("HTTP with {host}:{port}: {e}"))?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    // A connection of its own takes the request in origin form, with a Host header.
+    let (mut parts, body) = request.into_parts();
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .unwrap_or_default();
+    parts.uri = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    parts.headers.insert(
+        hyper::header::HOST,
+        hyper::header::HeaderValue::from_str(&authority).map_err(|e| e.to_string())?,
+    );
+    sender
+        .send_request(Request::from_parts(parts, body))
+        .await
+        .map_err(|e| format!("{e}: {}", error_chain(&e)))
 }
 
 /// Labels of a subscription's metrics.
@@ -655,6 +774,7 @@ mod tests {
             batch_max: 10,
             max_delay_ms: 100,
             timeout_s: 5,
+            ca_file: None,
         };
         let ok = resolve(
             &[entry("orders", "http://127.0.0.1:9/hook", "s")],
@@ -664,7 +784,7 @@ mod tests {
         assert_eq!(ok[0].secret.as_slice(), b"0123456789abcdef0123");
         for (bad, says) in [
             (vec![entry("a b", "http://x/", "s")], "name"),
-            (vec![entry("a", "https://x/", "s")], "https"),
+            (vec![entry("a", "https://x/", "short")], "at least 16"),
             (vec![entry("a", "ftp://x/", "s")], "http://"),
             (vec![entry("a", "http://x/", "short")], "at least 16"),
             (vec![entry("a", "http://x/", "missing")], "secret_file"),
@@ -676,6 +796,27 @@ mod tests {
             let e = resolve(&bad, dir.path()).expect_err(says);
             assert!(e.contains(says), "{e}");
         }
+        let mut https = entry("a", "https://x/", "s");
+        https.ca_file = Some("missing.pem".into());
+        assert!(
+            resolve(&[https.clone()], dir.path())
+                .expect_err("no ca")
+                .contains("ca_file")
+        );
+        std::fs::write(dir.path().join("empty.pem"), "").expect("write");
+        https.ca_file = Some("empty.pem".into());
+        assert!(
+            resolve(&[https.clone()], dir.path())
+                .expect_err("empty")
+                .contains("no certificate")
+        );
+        let mut http = entry("a", "http://x/", "s");
+        http.ca_file = Some("empty.pem".into());
+        assert!(
+            resolve(&[http], dir.path())
+                .expect_err("http")
+                .contains("https")
+        );
         let mut big = entry("a", "http://x/", "s");
         big.batch_max = BATCH_MAX + 1;
         assert!(resolve(&[big], dir.path()).is_err());

@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -43,14 +43,47 @@ impl Receiver {
         Receiver { got }
     }
 
+    /// The same over TLS, with `config`'s certificate.
+    fn start_tls(listener: TcpListener, config: Arc<rustls::ServerConfig>) -> Receiver {
+        let got: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let answered = Arc::new(AtomicUsize::new(0));
+        let shared = Arc::clone(&got);
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                let (got, answered, config) = (
+                    Arc::clone(&shared),
+                    Arc::clone(&answered),
+                    Arc::clone(&config),
+                );
+                std::thread::spawn(move || {
+                    let Ok(connection) = rustls::ServerConnection::new(config) else {
+                        return;
+                    };
+                    serve(
+                        rustls::StreamOwned::new(connection, stream),
+                        &got,
+                        &answered,
+                        0,
+                    );
+                });
+            }
+        });
+        Receiver { got }
+    }
+
     fn received(&self) -> Vec<Received> {
         self.got.lock().expect("lock").clone()
     }
 }
 
-fn serve(stream: TcpStream, got: &Mutex<Vec<Received>>, answered: &AtomicUsize, failures: usize) {
-    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
-    let mut stream = stream;
+fn serve(
+    stream: impl Read + Write,
+    got: &Mutex<Vec<Received>>,
+    answered: &AtomicUsize,
+    failures: usize,
+) {
+    let mut reader = BufReader::new(stream);
     loop {
         let mut head = Vec::new();
         loop {
@@ -95,7 +128,8 @@ fn serve(stream: TcpStream, got: &Mutex<Vec<Received>>, answered: &AtomicUsize, 
             "200 OK"
         };
         let answer = format!("HTTP/1.1 {status}\r\nContent-Length: 2\r\n\r\nok");
-        if stream.write_all(answer.as_bytes()).is_err() {
+        let stream = reader.get_mut();
+        if stream.write_all(answer.as_bytes()).is_err() || stream.flush().is_err() {
             return;
         }
     }
@@ -240,11 +274,18 @@ fn a_receiver_that_was_down_and_failing_gets_every_event_signed_and_in_order() {
     });
     let seqs = delivered(&receiver);
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
-    let delivered_metric = metric(
-        &node,
-        "verge_subscription_delivered_total{subscription=\"orders\"}",
+    // Counted once the node read the receiver's answer, a moment after the receiver took it.
+    let delivered_total = "verge_subscription_delivered_total{subscription=\"orders\"}";
+    wait_for(
+        "the count of events delivered",
+        Duration::from_secs(10),
+        || metric(&node, delivered_total) >= 10,
     );
-    assert_eq!(delivered_metric, 10, "since the restart");
+    assert_eq!(
+        metric(&node, delivered_total),
+        10,
+        "since the restart, none again"
+    );
     wait_for(
         "the silent receiver failing again",
         Duration::from_secs(20),
@@ -343,6 +384,91 @@ fn a_receiver_behind_retention_is_told_to_reset() {
             "verge_subscription_resets_total{subscription=\"late\"}"
         ),
         resets
+    );
+}
+
+/// A CA (its PEM) and a server configuration with a certificate it signed for 127.0.0.1.
+fn tls_receiver_config() -> (String, Arc<rustls::ServerConfig>) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+    let ca_key = KeyPair::generate().expect("ca key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).expect("ca");
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().expect("key");
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress("127.0.0.1".parse().expect("ip")));
+    let cert = params.signed_by(&key, &issuer).expect("cert");
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone()],
+        rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    )
+    .expect("server config");
+    (ca.pem(), Arc::new(config))
+}
+
+/// An https:// receiver whose certificate an authority in `ca_file` signed gets the events;
+/// one the node does not trust is a counted failure.
+#[test]
+fn an_https_receiver_gets_signed_batches_over_tls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = dir.path().join("hook.secret");
+    std::fs::write(&secret, SECRET).expect("secret");
+    let (ca_pem, server) = tls_receiver_config();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca_pem).expect("ca");
+    let (other_ca, _) = tls_receiver_config();
+    let other_ca_file = dir.path().join("other-ca.pem");
+    std::fs::write(&other_ca_file, other_ca).expect("other ca");
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let receiver = Receiver::start_tls(listener, server);
+    let config = dir.path().join("verge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[subscriptions]]\nname = \"tls\"\nurl = \"https://127.0.0.1:{port}/hook\"\n\
+             prefix = \"hook/\"\nsecret_file = {secret:?}\nca_file = {ca:?}\nmax_delay_ms = 0\n\n\
+             [[subscriptions]]\nname = \"untrusted\"\nurl = \"https://127.0.0.1:{port}/hook\"\n\
+             prefix = \"hook/\"\nsecret_file = {secret:?}\nca_file = {other:?}\n",
+            secret = secret.display().to_string(),
+            ca = ca_file.display().to_string(),
+            other = other_ca_file.display().to_string(),
+        ),
+    )
+    .expect("config");
+    let node = Node::start_with(
+        "hooks-tls",
+        vec!["--config".into(), config.display().to_string()],
+    );
+    for i in 0..5 {
+        write(&node, &format!("hook/{i}"), i);
+    }
+    wait_for("5 events over TLS", Duration::from_secs(30), || {
+        delivered(&receiver).len() >= 5
+    });
+    assert_eq!(delivered(&receiver), vec![1, 2, 3, 4, 5]);
+    assert!(receiver.received().iter().all(|r| r.signature_ok));
+    wait_for("the untrusted one to fail", Duration::from_secs(20), || {
+        metric(
+            &node,
+            "verge_subscription_failures_total{subscription=\"untrusted\"}",
+        ) >= 1
+    });
+    let status = node.get("/v1/status").json();
+    assert!(
+        status["subscriptions"][1]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("TLS")),
+        "{status}"
     );
 }
 
