@@ -834,6 +834,10 @@ mod tests {
         assert_eq!(file.gossip_addr.as_deref(), Some(DEFAULT_GOSSIP_ADDR));
         assert_eq!(file.replication, ReplicationFileConfig::default());
         assert_eq!(file.limits, LimitsConfig::default());
+        assert_eq!(file.compaction, CompactionConfig::default());
+        assert_eq!(file.feed, FeedConfig::default());
+        assert_eq!(file.idempotency, IdempotencyConfig::default());
+        assert!(file.subscriptions.is_empty());
     }
 
     #[test]

@@ -541,6 +541,19 @@ impl Metrics {
             "API requests refused with 429 rate_limited, by token",
             m.rate_limited.clone(),
         );
+        // Series with known labels start at 0, so that dashboards and alerts see a zero
+        // rather than no data before the first event.
+        for kind in ["body", "document", "id", "json", "ops", "query", "sync"] {
+            let _ = m.decode_errors.get_or_create(&vec![("kind", kind)]);
+        }
+        for reason in ["missing", "malformed", "unknown_token", "role", "prefix"] {
+            let _ = m.auth_failures.get_or_create(&vec![("reason", reason)]);
+        }
+        for outcome in ["ok", "error"] {
+            let _ = m
+                .anti_entropy_sessions
+                .get_or_create(&vec![("outcome", outcome)]);
+        }
         Self { registry, ..m }
     }
 

@@ -374,6 +374,14 @@ pub fn start(
                 .collect(),
         ),
     });
+    for sub in &subscriptions {
+        // At 0 from the start, for dashboards and alerts.
+        let labels = vec![("subscription", sub.name.clone())];
+        let _ = metrics.subscription_delivered.get_or_create(&labels);
+        let _ = metrics.subscription_failures.get_or_create(&labels);
+        let _ = metrics.subscription_resets.get_or_create(&labels);
+        let _ = metrics.subscription_lag.get_or_create(&labels);
+    }
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
     let tasks = subscriptions
