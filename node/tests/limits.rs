@@ -107,7 +107,13 @@ fn requests_beyond_a_tokens_rate_get_429_with_retry_after() {
 
 #[test]
 fn connections_beyond_the_limit_are_refused_then_admitted_again() {
-    let (node, _dir) = start_with_config("limits-conn", "[limits]\napi_connections_max = 3\n");
+    // The idle connections send nothing: a header timeout longer than the test can take keeps
+    // them open (under load, the default 10 s closed one before the last refusal below, and
+    // that request was admitted instead of refused).
+    let (node, _dir) = start_with_config(
+        "limits-conn",
+        "[limits]\napi_connections_max = 3\nheader_timeout_s = 120\n",
+    );
     let idle: Vec<TcpStream> = (0..3)
         .map(|_| TcpStream::connect(node.addr).unwrap())
         .collect();
