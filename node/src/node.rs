@@ -505,40 +505,40 @@ fn spawn_purger(docs: Arc<Documents>, config: &Config) -> JoinHandle<()> {
                 Ok(n) => tracing::debug!(released = n, "released retained generations"),
                 Err(e) => tracing::warn!(error = %e, "releasing retained generations failed"),
             }
-            loop {
-                match docs.trim_remembered(idempotency_retain_ms, idempotency_keys_max) {
-                    Ok(n) if n >= crate::documents::TRIM_BATCH => {
-                        tokio::task::yield_now().await;
-                    }
-                    Ok(0) => break,
-                    Ok(n) => {
-                        tracing::debug!(dropped = n, "dropped old idempotency records");
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "trimming idempotency records failed");
-                        break;
-                    }
-                }
-            }
-            loop {
-                match docs.trim_feed(feed_retain_ms) {
-                    Ok(n) if n >= crate::documents::TRIM_BATCH => {
-                        tokio::task::yield_now().await;
-                    }
-                    Ok(0) => break,
-                    Ok(n) => {
-                        tracing::debug!(dropped = n, "dropped old change feed records");
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "trimming the change feed failed");
-                        break;
-                    }
-                }
-            }
+            let dropped =
+                in_batches(|| docs.trim_remembered(idempotency_retain_ms, idempotency_keys_max))
+                    .await;
+            log_trim(dropped, "idempotency records");
+            log_trim(
+                in_batches(|| docs.trim_feed(feed_retain_ms)).await,
+                "change feed records",
+            );
         }
     })
+}
+
+/// Runs `trim` until a call drops less than a full batch ([`crate::documents::TRIM_BATCH`]),
+/// letting other tasks run between batches. Returns the total dropped.
+async fn in_batches(
+    mut trim: impl FnMut() -> Result<u64, crate::documents::DocError>,
+) -> Result<u64, crate::documents::DocError> {
+    let mut total = 0;
+    loop {
+        let n = trim()?;
+        total += n;
+        if n < crate::documents::TRIM_BATCH {
+            return Ok(total);
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+fn log_trim(dropped: Result<u64, crate::documents::DocError>, what: &str) {
+    match dropped {
+        Ok(0) => {}
+        Ok(n) => tracing::debug!(dropped = n, "dropped old {what}"),
+        Err(e) => tracing::warn!(error = %e, "trimming {what} failed"),
+    }
 }
 
 /// Where the last start's membership generation is kept.

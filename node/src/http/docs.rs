@@ -348,86 +348,90 @@ async fn wait_for_heads(
     }
 }
 
-/// [`write_with_replicas`]; a write with an idempotency key runs in its own task holding the
-/// key's claim until the write is answered, so that a client that hangs up while the write is
-/// being committed (and retries) finds the key in flight, not free while the write lands.
-#[allow(clippy::too_many_arguments)]
-async fn write_claimed(
+/// A write request as `PUT`, `PATCH` and `DELETE` received it, for its idempotency key.
+struct Sent<'a> {
+    method: &'static str,
+    headers: &'a HeaderMap,
+    token: Option<Extension<super::TokenName>>,
+    /// The request's body (empty for `DELETE`).
+    body: &'a [u8],
+}
+
+/// Writes and answers with the document's heads. A request with an idempotency key is looked
+/// up first (the same request again is answered as the first time), then written in its own
+/// task holding the key's claim until the write is answered, so that a client that hangs up
+/// while the write is being committed (and retries) finds the key in flight, not free while
+/// the write lands.
+async fn write_answered(
     state: &Arc<AppState>,
+    sent: Sent<'_>,
     id: &DocId,
     write: Write,
     expiry: Expiry,
-    size: usize,
     params: HashMap<String, String>,
     if_match: Option<Vec<automerge::ChangeHash>>,
-    claim: Option<idempotency::Claim>,
-) -> Result<Vec<automerge::ChangeHash>, ApiError> {
-    let Some(claim) = claim else {
-        return write_with_replicas(
-            state,
-            id,
-            &write,
-            expiry,
-            size,
-            &params,
-            if_match.as_deref(),
-            None,
-        )
-        .await;
+) -> Result<Response, ApiError> {
+    let token = sent
+        .token
+        .as_ref()
+        .map(|Extension(super::TokenName(name))| name.as_str());
+    let size = sent.body.len();
+    let claim = match idempotency::begin(
+        state,
+        sent.headers,
+        token,
+        sent.method,
+        id,
+        &params,
+        sent.body,
+    )? {
+        None => None,
+        Some(idempotency::Begin::Write(claim)) => Some(claim),
+        Some(idempotency::Begin::Replay(heads)) => {
+            return Ok(idempotency::replayed(written(id, &heads)));
+        }
     };
-    let (state, id) = (Arc::clone(state), id.clone());
-    tokio::spawn(async move {
-        write_with_replicas(
-            &state,
-            &id,
-            &write,
-            expiry,
-            size,
-            &params,
-            if_match.as_deref(),
-            Some(&claim),
-        )
-        .await
-    })
-    .await
-    .map_err(|e| {
-        tracing::error!(error = %e, "a write with an idempotency key failed in its task");
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "the write failed while being answered",
-        )
-    })?
-}
-
-/// What a write's idempotency key decides.
-enum Claimed {
-    /// Write (holding the key's claim, when the request has a key).
-    Write(Option<idempotency::Claim>),
-    /// The same request was written before: its answer again.
-    Replay(Response),
-}
-
-/// Looks up a write's idempotency key.
-fn claim_key(
-    state: &AppState,
-    headers: &HeaderMap,
-    token: Option<&Extension<super::TokenName>>,
-    method: &str,
-    id: &DocId,
-    params: &HashMap<String, String>,
-    body: &[u8],
-) -> Result<Claimed, ApiError> {
-    let token = token.map(|Extension(super::TokenName(name))| name.as_str());
-    Ok(
-        match idempotency::begin(state, headers, token, method, id, params, body)? {
-            None => Claimed::Write(None),
-            Some(idempotency::Begin::Write(claim)) => Claimed::Write(Some(claim)),
-            Some(idempotency::Begin::Replay(heads)) => {
-                Claimed::Replay(idempotency::replayed(written(id, &heads)))
-            }
-        },
-    )
+    let heads = match claim {
+        None => {
+            write_with_replicas(
+                state,
+                id,
+                &write,
+                expiry,
+                size,
+                &params,
+                if_match.as_deref(),
+                None,
+            )
+            .await?
+        }
+        Some(claim) => {
+            let (state, id) = (Arc::clone(state), id.clone());
+            tokio::spawn(async move {
+                write_with_replicas(
+                    &state,
+                    &id,
+                    &write,
+                    expiry,
+                    size,
+                    &params,
+                    if_match.as_deref(),
+                    Some(&claim),
+                )
+                .await
+            })
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "a write with an idempotency key failed in its task");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "the write failed while being answered",
+                )
+            })??
+        }
+    };
+    Ok(written(id, &heads))
 }
 
 /// `PUT /v1/docs/{id}`: replace the document by a diff.
@@ -453,22 +457,22 @@ pub async fn replace(
             "a document must be a JSON object",
         ));
     };
-    let claim = match claim_key(&state, &headers, token.as_ref(), "PUT", &id, &params, &body)? {
-        Claimed::Write(claim) => claim,
-        Claimed::Replay(answer) => return Ok(answer),
+    let sent = Sent {
+        method: "PUT",
+        headers: &headers,
+        token,
+        body: &body,
     };
-    let heads = write_claimed(
+    write_answered(
         &state,
+        sent,
         &id,
         Write::Replace(map),
         expiry,
-        body.len(),
         params,
         if_match,
-        claim,
     )
-    .await?;
-    Ok(written(&id, &heads))
+    .await
 }
 
 /// `PATCH /v1/docs/{id}`: apply ops.
@@ -492,30 +496,13 @@ pub async fn patch(
         state.metrics.decode_error("ops");
         ApiError::invalid_op(e.to_string())
     })?;
-    let claim = match claim_key(
-        &state,
-        &headers,
-        token.as_ref(),
-        "PATCH",
-        &id,
-        &params,
-        &body,
-    )? {
-        Claimed::Write(claim) => claim,
-        Claimed::Replay(answer) => return Ok(answer),
+    let sent = Sent {
+        method: "PATCH",
+        headers: &headers,
+        token,
+        body: &body,
     };
-    let heads = write_claimed(
-        &state,
-        &id,
-        Write::Ops(ops),
-        expiry,
-        body.len(),
-        params,
-        if_match,
-        claim,
-    )
-    .await?;
-    Ok(written(&id, &heads))
+    write_answered(&state, sent, &id, Write::Ops(ops), expiry, params, if_match).await
 }
 
 /// `DELETE /v1/docs/{id}`: write a tombstone.
@@ -530,30 +517,22 @@ pub async fn delete(
     let id = doc_id(&state, path)?;
     let params = params(&state, query)?;
     reject_unknown_params(&params, &["replicas"])?;
-    let claim = match claim_key(
-        &state,
-        &headers,
-        token.as_ref(),
-        "DELETE",
-        &id,
-        &params,
-        b"",
-    )? {
-        Claimed::Write(claim) => claim,
-        Claimed::Replay(answer) => return Ok(answer),
+    let sent = Sent {
+        method: "DELETE",
+        headers: &headers,
+        token,
+        body: b"",
     };
-    let heads = write_claimed(
+    write_answered(
         &state,
+        sent,
         &id,
         Write::Delete,
         Expiry::Keep,
-        0,
         params,
         if_match,
-        claim,
     )
-    .await?;
-    Ok(written(&id, &heads))
+    .await
 }
 
 /// `GET /v1/docs?prefix=&limit=&cursor=`. Without a prefix, a token with one prefix lists

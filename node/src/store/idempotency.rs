@@ -9,7 +9,7 @@ use redb::{
     ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction,
 };
 
-use super::crypt::{Cipher, Row};
+use super::crypt::Row;
 use super::{Store, StoreError, seal_with, unseal_with};
 
 /// Records by key hash (hex, the associated data of its sealed value).
@@ -146,24 +146,6 @@ impl Store {
         tx.commit()?;
         Ok(dropped)
     }
-}
-
-/// Re-seals every idempotency record (re-keying a store).
-pub(super) fn rewrite_remembered(
-    tx: &WriteTransaction,
-    from: Option<&Cipher>,
-    to: Option<&Cipher>,
-) -> Result<u64, StoreError> {
-    let mut keys = tx.open_table(KEYS)?;
-    let all: Vec<(String, Vec<u8>)> = keys
-        .iter()?
-        .map(|item| item.map(|(k, v)| (k.value().to_owned(), v.value().to_vec())))
-        .collect::<Result<_, _>>()?;
-    for (key, value) in &all {
-        let plain = unseal_with(from, Row::Idempotency(key), value)?;
-        keys.insert(key.as_str(), &*seal_with(to, Row::Idempotency(key), &plain))?;
-    }
-    Ok(all.len() as u64)
 }
 
 #[cfg(test)]

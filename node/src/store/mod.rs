@@ -322,7 +322,9 @@ impl Store {
             })?,
             metas: rewrite_by_id(&tx, META, from, to, |id: &str| Row::Meta(id))?,
             feed: feed::rewrite_feed(&tx, from, to)?,
-            idempotency: idempotency::rewrite_remembered(&tx, from, to)?,
+            idempotency: rewrite_by_id(&tx, idempotency::KEYS, from, to, |key: &str| {
+                Row::Idempotency(key)
+            })?,
         };
         {
             let mut node = tx.open_table(NODE)?;
