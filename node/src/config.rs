@@ -272,6 +272,42 @@ impl Default for FeedConfig {
     }
 }
 
+/// Shortest interval between shipped segments (`[backup] ship_interval_ms`).
+pub const BACKUP_SHIP_INTERVAL_MS_MIN: u64 = 50;
+/// Longest interval between shipped segments: an hour (the loss window of a lost node).
+pub const BACKUP_SHIP_INTERVAL_MS_MAX: u64 = 3_600_000;
+/// Shortest interval between snapshots (`[backup] snapshot_interval_s`).
+pub const BACKUP_SNAPSHOT_INTERVAL_S_MIN: u64 = 10;
+/// Longest interval between snapshots: a week (a restore replays every segment since).
+pub const BACKUP_SNAPSHOT_INTERVAL_S_MAX: u64 = 7 * 24 * 3600;
+/// Most snapshots a location may be configured to keep (`[backup] keep_snapshots`).
+pub const BACKUP_KEEP_SNAPSHOTS_MAX: u64 = 1000;
+
+/// Backups to object storage (`[backup]` in the file; docs/operations.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackupConfig {
+    /// Where: `s3://bucket/prefix` or `file:///path`; `None` takes no backups.
+    pub to: Option<String>,
+    /// A full snapshot this often; segments carry the changes in between.
+    pub snapshot_interval_s: u64,
+    /// Committed changes are shipped this often: the most a lost node can lose.
+    pub ship_interval_ms: u64,
+    /// Snapshots kept (with the segments after the oldest): how far back `--at` can go.
+    pub keep_snapshots: u64,
+}
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        Self {
+            to: None,
+            snapshot_interval_s: 3600,
+            ship_interval_ms: 1000,
+            keep_snapshots: 3,
+        }
+    }
+}
+
 /// Most idempotency records a node may be configured to keep (`[idempotency] keys_max`).
 pub const IDEMPOTENCY_KEYS_MAX: u64 = 100_000_000;
 /// Longest a node may be configured to keep idempotency records: 30 days.
@@ -359,6 +395,8 @@ struct FileConfig {
     #[serde(default)]
     idempotency: IdempotencyConfig,
     #[serde(default)]
+    backup: BackupConfig,
+    #[serde(default)]
     subscriptions: Vec<crate::subscriptions::SubscriptionFileConfig>,
     #[serde(default)]
     replication: ReplicationFileConfig,
@@ -390,6 +428,8 @@ pub struct Config {
     pub feed: FeedConfig,
     /// How long idempotency keys are kept.
     pub idempotency: IdempotencyConfig,
+    /// Backups to object storage.
+    pub backup: BackupConfig,
     /// Webhook subscriptions to the change feed.
     pub subscriptions: Vec<crate::subscriptions::Subscription>,
     /// Key encrypting stored documents; `None` stores them in plain form.
@@ -684,6 +724,33 @@ impl Config {
                 ),
             });
         }
+        let backup = file.backup;
+        if !(BACKUP_SHIP_INTERVAL_MS_MIN..=BACKUP_SHIP_INTERVAL_MS_MAX)
+            .contains(&backup.ship_interval_ms)
+            || !(BACKUP_SNAPSHOT_INTERVAL_S_MIN..=BACKUP_SNAPSHOT_INTERVAL_S_MAX)
+                .contains(&backup.snapshot_interval_s)
+            || !(1..=BACKUP_KEEP_SNAPSHOTS_MAX).contains(&backup.keep_snapshots)
+        {
+            return Err(ConfigError::Invalid {
+                key: "backup",
+                message: format!(
+                    "ship_interval_ms must be between {BACKUP_SHIP_INTERVAL_MS_MIN} and \
+                     {BACKUP_SHIP_INTERVAL_MS_MAX}, snapshot_interval_s between \
+                     {BACKUP_SNAPSHOT_INTERVAL_S_MIN} and {BACKUP_SNAPSHOT_INTERVAL_S_MAX}, \
+                     keep_snapshots between 1 and {BACKUP_KEEP_SNAPSHOTS_MAX}"
+                ),
+            });
+        }
+        if let Some(to) = &backup.to {
+            if !(to.starts_with("s3://") || to.starts_with("file:///")) {
+                return Err(ConfigError::Invalid {
+                    key: "backup",
+                    message: format!(
+                        "to = {to:?}: use s3://BUCKET/PREFIX or file:///ABSOLUTE/PATH"
+                    ),
+                });
+            }
+        }
         // Secret files, like key files, are found from the working directory.
         let subscriptions = crate::subscriptions::resolve(&file.subscriptions, Path::new(""))
             .map_err(|message| ConfigError::Invalid {
@@ -710,6 +777,7 @@ impl Config {
             compaction,
             feed,
             idempotency,
+            backup,
             subscriptions,
             encryption_key,
             gossip_addr,

@@ -5,6 +5,7 @@
 //! so that the simulator can drive the same code with its own clock, network and disk.
 
 pub mod auth;
+pub mod backup;
 pub mod cache;
 pub mod cli;
 pub mod clock;

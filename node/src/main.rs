@@ -46,6 +46,11 @@ enum Command {
     /// Check that every document of a stopped node's store loads; with --repair, rebuild the
     /// store without those that do not, for the node to fetch them again from its peers.
     Check(verge_node::store::CheckArgs),
+    /// Build a data directory from a backup location (the latest state, or `--at` a time).
+    ///
+    /// Starting a node on it (with the same --encryption-key-file for an encrypted store) serves
+    /// the restored documents; joined to a cluster, it converges with its peers.
+    Restore(verge_node::backup::restore::RestoreArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -172,6 +177,29 @@ fn main() -> ExitCode {
         // Handled above, before the runtime starts.
         Command::Certs(_) | Command::Token(_) | Command::Rekey(_) | Command::Check(_) => {
             ExitCode::SUCCESS
+        }
+        Command::Restore(args) => {
+            init_logging(LogFormat::Text);
+            match runtime.block_on(verge_node::backup::restore::restore(&args)) {
+                Ok(done) => {
+                    println!(
+                        "restored {} documents into {} as of {} (snapshot {} and {} segments, {} bytes read in {} ms)",
+                        done.documents,
+                        args.data_dir.display(),
+                        verge_node::backup::restore::rfc3339(done.as_of_ms),
+                        done.snapshot.path(),
+                        done.segments,
+                        done.bytes,
+                        done.elapsed_ms,
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    eprintln!("nothing was written to {}", args.data_dir.display());
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Bench(args) => match runtime.block_on(verge_node::cli::bench(args, &cli.client)) {
             Ok(()) => ExitCode::SUCCESS,

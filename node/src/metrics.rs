@@ -107,6 +107,20 @@ pub struct Metrics {
     pub feed_last_seq: Gauge,
     /// Feed records dropped by age (`[feed] retain_hours`).
     pub feed_trimmed: Counter,
+    /// Backup snapshots written.
+    pub backup_snapshots: Counter,
+    /// Backup segments written.
+    pub backup_segments: Counter,
+    /// Bytes of backup objects written.
+    pub backup_bytes: Counter,
+    /// Failed backup steps (each is retried).
+    pub backup_failures: Counter,
+    /// The feed position backups reached.
+    pub backup_shipped_seq: Gauge,
+    /// Feed records committed but not yet shipped, as of the last shipping.
+    pub backup_lag_records: Gauge,
+    /// When a backup object was last written, Unix seconds.
+    pub backup_last_success: Gauge,
     /// Changes not broadcast because a replication queue (local changes, or batches waiting
     /// for the relay's window) was full.
     pub broadcast_dropped: Counter,
@@ -205,6 +219,13 @@ impl Metrics {
             watch_resets: Counter::default(),
             feed_last_seq: Gauge::default(),
             feed_trimmed: Counter::default(),
+            backup_snapshots: Counter::default(),
+            backup_segments: Counter::default(),
+            backup_bytes: Counter::default(),
+            backup_failures: Counter::default(),
+            backup_shipped_seq: Gauge::default(),
+            backup_lag_records: Gauge::default(),
+            backup_last_success: Gauge::default(),
             broadcast_dropped: Counter::default(),
             gossip_batches_sent: Counter::default(),
             gossip_batches_received: Counter::default(),
@@ -423,6 +444,41 @@ impl Metrics {
             "feed_trimmed",
             "Change feed records dropped by age ([feed] retain_hours)",
             m.feed_trimmed.clone(),
+        );
+        registry.register(
+            "backup_snapshots",
+            "Backup snapshots written ([backup])",
+            m.backup_snapshots.clone(),
+        );
+        registry.register(
+            "backup_segments",
+            "Backup segments of shipped changes written",
+            m.backup_segments.clone(),
+        );
+        registry.register(
+            "backup_bytes",
+            "Bytes of backup objects written",
+            m.backup_bytes.clone(),
+        );
+        registry.register(
+            "backup_failures",
+            "Failed backup steps; each is retried",
+            m.backup_failures.clone(),
+        );
+        registry.register(
+            "backup_shipped_seq",
+            "The change feed position backups reached",
+            m.backup_shipped_seq.clone(),
+        );
+        registry.register(
+            "backup_lag_records",
+            "Feed records committed but not yet shipped to the backup",
+            m.backup_lag_records.clone(),
+        );
+        registry.register(
+            "backup_last_success_timestamp_seconds",
+            "When a backup object was last written",
+            m.backup_last_success.clone(),
         );
         registry.register(
             "broadcast_dropped",

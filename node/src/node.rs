@@ -33,11 +33,16 @@ pub const API_ADDR_FILE: &str = "api.addr";
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for the writer to commit what is queued.
 const WRITER_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shutdown waits for the last backup segment.
+const BACKUP_FINISH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a node could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum NodeError {
+    /// The backup location is unusable.
+    #[error("backups: {0}")]
+    Backup(String),
     /// Storage could not be opened.
     #[error("opening storage in {dir}: {source}")]
     Store {
@@ -321,6 +326,25 @@ where
         stop_rx.clone(),
     );
     background.extend(subscription_tasks);
+    let backup = crate::backup::start(
+        &config.backup,
+        Arc::clone(&store),
+        config.encryption_key.as_ref(),
+        Arc::clone(&clock),
+        Arc::clone(&metrics),
+        &node_id,
+        // Drawn only when used, so a run without backups draws what it always drew.
+        if config.backup.to.is_some() {
+            draw.bytes32()
+        } else {
+            [0; 32]
+        },
+    )
+    .map_err(|e| NodeError::Backup(e.to_string()))?;
+    let (backup, backup_task, backup_finish) = match backup {
+        Some((backup, task, finish)) => (Some(backup), Some(task), Some(finish)),
+        None => (None, None, None),
+    };
     docs.set_membership(&(Arc::clone(&replication) as Arc<dyn crate::documents::Membership>));
 
     let api_tls = match &config.api_tls {
@@ -354,6 +378,7 @@ where
         cors: Arc::new(config.cors.clone()),
         idempotency: Arc::default(),
         subscriptions,
+        backup,
     });
     if let Some(addr_file) = &addr_file {
         // A convenience for tools: a full disk must not keep the node from serving.
@@ -448,6 +473,13 @@ where
         Err(_) => tracing::error!(
             "the write queue did not drain in {WRITER_DRAIN_TIMEOUT:?}; unacknowledged writes are lost"
         ),
+    }
+    // What the drained writer committed last goes to the backup before the node stops.
+    if let Some(finish) = backup_finish {
+        finish.run(BACKUP_FINISH_TIMEOUT).await;
+    }
+    if let Some(task) = backup_task {
+        task.abort();
     }
     if let Some(addr_file) = &addr_file {
         let _ = std::fs::remove_file(addr_file);

@@ -125,6 +125,21 @@ pub enum ClientCommand {
     Status,
     /// Show each webhook subscription: its cursor, lag, deliveries and failures.
     Subscriptions,
+    /// Backups of the running node ([backup] in its config).
+    #[command(subcommand)]
+    Backup(BackupCommand),
+}
+
+/// How long `verge backup now` waits for the snapshot.
+const BACKUP_NOW_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
+
+/// `verge backup` subcommands.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum BackupCommand {
+    /// Take a snapshot now; prints its name and size once it is written.
+    Now,
+    /// List the snapshots at the backup location, and the segments shipped since.
+    List,
 }
 
 /// Why a command failed; decides the message and the exit code.
@@ -242,6 +257,32 @@ async fn run_inner(cmd: ClientCommand, opts: &ClientOpts) -> Result<(), CliError
         ClientCommand::Subscriptions => {
             let value = expect_ok(client.send(Method::GET, "/v1/status", None).await?)?;
             emit(&format_subscriptions(&value))
+        }
+        ClientCommand::Backup(BackupCommand::Now) => {
+            // A snapshot of a large store takes a while; the node answers once it is written.
+            let value = expect_ok(
+                client
+                    .send_within(
+                        Method::POST,
+                        "/v1/admin/backup",
+                        None,
+                        None,
+                        BACKUP_NOW_TIMEOUT,
+                    )
+                    .await?,
+            )?;
+            emit(&format!(
+                "snapshot {} written: {} bytes, {} documents, feed position {}, taken {}\n",
+                value["snapshot"].as_str().unwrap_or("?"),
+                value["bytes"],
+                value["documents"],
+                value["seq"],
+                value["at"].as_str().unwrap_or("?"),
+            ))
+        }
+        ClientCommand::Backup(BackupCommand::List) => {
+            let value = expect_ok(client.send(Method::GET, "/v1/admin/backups", None).await?)?;
+            emit(&format_backups(&value))
         }
     }
 }
@@ -661,6 +702,46 @@ fn event_line(event: &str, data: &str) -> WatchLine {
 }
 
 /// One line per subscription: name, cursor, lag, delivered, failures, the last error.
+fn format_backups(listing: &Value) -> String {
+    let mut out = format!("location: {}\n", listing["to"].as_str().unwrap_or("?"));
+    let status = &listing["status"];
+    out.push_str(&format!(
+        "state: {}{}\n",
+        status["state"].as_str().unwrap_or("?"),
+        status["error"]
+            .as_str()
+            .map(|e| format!(" ({e})"))
+            .unwrap_or_default()
+    ));
+    let snapshots = listing["snapshots"].as_array().cloned().unwrap_or_default();
+    if snapshots.is_empty() {
+        out.push_str("no snapshots yet\n");
+    } else {
+        out.push_str(&format!(
+            "{:<26} {:>14} {:>12}  NAME\n",
+            "TAKEN", "FEED_SEQ", "BYTES"
+        ));
+        for s in &snapshots {
+            out.push_str(&format!(
+                "{:<26} {:>14} {:>12}  {}\n",
+                s["at"].as_str().unwrap_or("?"),
+                s["seq"].to_string(),
+                s["bytes"].to_string(),
+                s["name"].as_str().unwrap_or("?"),
+            ));
+        }
+    }
+    let segments = &listing["segments"];
+    out.push_str(&format!(
+        "segments: {} ({} bytes), last taken {}, up to feed position {}\n",
+        segments["count"],
+        segments["bytes"],
+        segments["last_at"].as_str().unwrap_or("-"),
+        segments["last_seq"],
+    ));
+    out
+}
+
 fn format_subscriptions(status: &Value) -> String {
     let subs = status
         .get("subscriptions")

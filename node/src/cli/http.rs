@@ -292,18 +292,32 @@ impl ApiClient {
         body: Option<Bytes>,
         if_match: Option<&str>,
     ) -> Result<ApiResponse, TransportError> {
+        self.send_within(method, path_and_query, body, if_match, REQUEST_TIMEOUT)
+            .await
+    }
+
+    /// [`ApiClient::send_if_match`] waiting at most `timeout` (for requests that do long work,
+    /// such as `backup now`).
+    pub(crate) async fn send_within(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Option<Bytes>,
+        if_match: Option<&str>,
+        timeout: Duration,
+    ) -> Result<ApiResponse, TransportError> {
         let exchange = async {
             let response = self.start(method, path_and_query, body, if_match).await?;
             let status = response.status();
             let body = read_limited(response.into_body(), MAX_RESPONSE_BYTES).await?;
             Ok(ApiResponse { status, body })
         };
-        tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+        tokio::time::timeout(timeout, exchange)
             .await
             .unwrap_or_else(|_| {
                 Err(TransportError::Timeout {
                     url: self.endpoint.to_string(),
-                    after: REQUEST_TIMEOUT,
+                    after: timeout,
                 })
             })
     }

@@ -8,7 +8,7 @@
 //! | `GET /v1/docs/{id}` | `read`, and a prefix covering `id` |
 //! | `PUT`/`PATCH`/`DELETE /v1/docs/{id}`, `POST /v1/sync/{id}` | `write`, and a prefix covering `id` (a sync can carry changes) |
 //! | `GET /v1/docs`, `GET /v1/watch` | `read`; a `prefix` inside the token's prefixes |
-//! | `GET /v1/status`, `/metrics` | `admin` reaching every document (they describe them all) |
+//! | `GET /v1/status`, `/metrics`, `/v1/admin/*` | `admin` reaching every document (they describe or copy them all) |
 //! | anything else | a valid token (then `404`/`405`) |
 
 use std::collections::HashMap;
@@ -69,16 +69,19 @@ pub(super) async fn authorize(
     parts.extensions.insert(TokenName(token.name().to_owned()));
     let reads = parts.method == Method::GET || parts.method == Method::HEAD;
     let decision = match route.as_deref() {
-        Some("/v1/status" | "/metrics") => need_role(token, Role::Admin).and_then(|()| {
-            if token.reaches_everything() {
-                Ok(())
-            } else {
-                Err(Denied::Prefix {
-                    token: token.name().to_owned(),
-                    target: "node-wide status and metrics, which describe every document".into(),
-                })
-            }
-        }),
+        Some("/v1/status" | "/metrics" | "/v1/admin/backup" | "/v1/admin/backups") => {
+            need_role(token, Role::Admin).and_then(|()| {
+                if token.reaches_everything() {
+                    Ok(())
+                } else {
+                    Err(Denied::Prefix {
+                        token: token.name().to_owned(),
+                        target: "node-wide status and metrics, which describe every document"
+                            .into(),
+                    })
+                }
+            })
+        }
         Some("/v1/docs/{*id}") => {
             let role = if reads { Role::Read } else { Role::Write };
             match need_role(token, role) {

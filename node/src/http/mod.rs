@@ -1,6 +1,7 @@
 //! The HTTP API of a node (`/v1`, probes and metrics). See docs/api.md.
 
 mod auth;
+mod backup;
 pub mod cors;
 mod docs;
 pub use docs::REPLICAS_MAX;
@@ -61,6 +62,8 @@ pub struct AppState {
     pub idempotency: Arc<idempotency::InFlight>,
     /// Webhook subscriptions, for status.
     pub subscriptions: Arc<crate::subscriptions::Subscriptions>,
+    /// Backups, when configured.
+    pub backup: Option<Arc<crate::backup::Backup>>,
 }
 
 /// Builds the router over `state`.
@@ -96,6 +99,8 @@ pub fn router(state: Arc<AppState>, stop: tokio::sync::watch::Receiver<bool>) ->
         .merge(with_body)
         .route("/v1/watch", get(watch::watch).layer(axum::Extension(stop)))
         .route("/v1/status", get(node::status))
+        .route("/v1/admin/backup", post(backup::now))
+        .route("/v1/admin/backups", get(backup::list))
         .route("/healthz", get(node::healthz))
         .route("/readyz", get(node::readyz))
         .route("/metrics", get(node::metrics))

@@ -52,6 +52,7 @@ pub async fn status(State(state): State<Arc<AppState>>) -> Result<impl IntoRespo
         "members": members,
         "feed_last_seq": feed_last,
         "subscriptions": state.subscriptions.status(feed_last),
+        "backup": state.backup.as_ref().map(|b| b.status()),
     })))
 }
 

@@ -49,6 +49,8 @@ pub(super) enum Row<'a> {
     Feed(u64),
     /// The idempotency record of a key hash (hex).
     Idempotency(&'a str),
+    /// Frame `index` of backup object `name`.
+    BackupFrame(&'a str, u64),
 }
 
 impl Row<'_> {
@@ -61,6 +63,7 @@ impl Row<'_> {
             Row::Retained(id, generation) => (b'r', id, Some(generation)),
             Row::Feed(seq) => (b'f', "", Some(seq)),
             Row::Idempotency(key) => (b'i', key, None),
+            Row::BackupFrame(name, index) => (b'b', name, Some(index)),
         };
         let mut ad = Vec::with_capacity(1 + id.len() + 8);
         ad.push(tag);
@@ -213,6 +216,28 @@ impl Cipher {
                 },
             )
             .map_err(|_| OpenError::Unauthentic)
+    }
+}
+
+/// Seals the frames of backup objects under a store's key, each bound to its object's name
+/// and its place in it, so a frame moved, dropped or swapped fails to open.
+#[derive(Debug)]
+pub struct FrameCipher(Cipher);
+
+impl FrameCipher {
+    /// A frame cipher under `key`; `nonce_seed` must be fresh (drawn from the OS).
+    pub fn new(key: &EncryptionKey, nonce_seed: [u8; 32]) -> Self {
+        Self(Cipher::new(key, nonce_seed))
+    }
+
+    /// Encrypts frame `index` of object `name`.
+    pub fn seal(&self, name: &str, index: u64, plain: &[u8]) -> Vec<u8> {
+        self.0.seal(Row::BackupFrame(name, index), plain)
+    }
+
+    /// Decrypts frame `index` of object `name`; `None` when it is not authentic under this key.
+    pub fn open(&self, name: &str, index: u64, sealed: &[u8]) -> Option<Vec<u8>> {
+        self.0.open(Row::BackupFrame(name, index), sealed).ok()
     }
 }
 

@@ -58,7 +58,7 @@ impl FeedRecord {
         out
     }
 
-    fn decode(seq: u64, bytes: &[u8]) -> Result<Self, StoreError> {
+    pub(super) fn decode(seq: u64, bytes: &[u8]) -> Result<Self, StoreError> {
         let corrupt = |what: &str| StoreError::Corrupt(format!("feed record {seq}: {what}"));
         let (&version, rest) = bytes.split_first().ok_or_else(|| corrupt("empty"))?;
         if version != RECORD_VERSION {

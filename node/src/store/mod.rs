@@ -9,6 +9,7 @@
 //! stored sealed; document ids (the table keys) and node-level values stay readable. An
 //! encrypted canary in the `node` table tells at open whether the key is the store's.
 
+pub mod backup;
 pub mod crypt;
 pub mod feed;
 pub mod idempotency;
@@ -27,7 +28,7 @@ use redb::{
 use verge_core::DocId;
 
 use crypt::{Cipher, Row};
-pub use crypt::{EncryptionKey, KeyError};
+pub use crypt::{EncryptionKey, FrameCipher, KeyError};
 pub mod space;
 pub use feed::{FeedBounds, FeedEvent, FeedRecord};
 pub use idempotency::Remembered;
