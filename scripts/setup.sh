@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing Verge needs, idempotently: the pinned Rust toolchain with
-# rustfmt and clippy, the wasm32 target, and cargo-deny (the dependency policy in deny.toml).
+# rustfmt and clippy, the wasm32 target, cargo-deny (the dependency policy in deny.toml) and
+# s3s-fs (the S3-compatible server of the backup tests).
 # Safe to run any number of times.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,4 +28,12 @@ if [ "$deny_have" != "$deny_want" ]; then
     echo "setup: installing cargo-deny $deny_want"
     cargo install cargo-deny --version "$deny_want" --locked
 fi
-echo "setup: rust $(rustc --version | awk '{print $2}') with wasm32-unknown-unknown, cargo-deny $deny_want ready"
+# s3s-fs, pinned: the S3-compatible server the backup tests start on loopback (a real S3 API
+# over files; no credentials or network beyond 127.0.0.1).
+s3s_want=0.14.1
+s3s_have=$(s3s-fs --version 2>/dev/null | awk '{print $2}' || true)
+if [ "$s3s_have" != "$s3s_want" ]; then
+    echo "setup: installing s3s-fs $s3s_want (the backup tests' S3 server)"
+    cargo install s3s-fs --version "$s3s_want" --features binary --locked
+fi
+echo "setup: rust $(rustc --version | awk '{print $2}') with wasm32-unknown-unknown, cargo-deny $deny_want, s3s-fs $s3s_want ready"

@@ -741,15 +741,13 @@ impl Config {
                 ),
             });
         }
-        if let Some(to) = &backup.to {
-            if !(to.starts_with("s3://") || to.starts_with("file:///")) {
-                return Err(ConfigError::Invalid {
-                    key: "backup",
-                    message: format!(
-                        "to = {to:?}: use s3://BUCKET/PREFIX or file:///ABSOLUTE/PATH"
-                    ),
-                });
-            }
+        if let Some(to) = &backup.to
+            && !(to.starts_with("s3://") || to.starts_with("file:///"))
+        {
+            return Err(ConfigError::Invalid {
+                key: "backup",
+                message: format!("to = {to:?}: use s3://BUCKET/PREFIX or file:///ABSOLUTE/PATH"),
+            });
         }
         // Secret files, like key files, are found from the working directory.
         let subscriptions = crate::subscriptions::resolve(&file.subscriptions, Path::new(""))

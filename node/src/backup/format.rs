@@ -477,6 +477,7 @@ fn decode_entry(rest: &mut &[u8]) -> Result<Entry, &'static str> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::store::EncryptionKey;

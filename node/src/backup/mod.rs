@@ -169,6 +169,9 @@ impl Finish {
     }
 }
 
+/// A started backup: its handle, its task and the signal that finishes it.
+pub type Started = (Arc<Backup>, tokio::task::JoinHandle<()>, Finish);
+
 /// Starts backups when `[backup] to` is set: the handle, the task and its finishing signal.
 pub fn start(
     config: &BackupConfig,
@@ -178,7 +181,7 @@ pub fn start(
     metrics: Arc<Metrics>,
     node_id: &str,
     nonce_seed: [u8; 32],
-) -> Result<Option<(Arc<Backup>, tokio::task::JoinHandle<()>, Finish)>, target::TargetError> {
+) -> Result<Option<Started>, target::TargetError> {
     let Some(to) = &config.to else {
         return Ok(None);
     };
@@ -316,10 +319,10 @@ impl Shipper {
         loop {
             tokio::select! {
                 done = &mut finish => {
-                    if self.shipped.is_some() {
-                        if let Err(e) = self.ship_due().await {
-                            self.failed(&e);
-                        }
+                    if self.shipped.is_some()
+                        && let Err(e) = self.ship_due().await
+                    {
+                        self.failed(&e);
                     }
                     if let Ok(done) = done {
                         let _ = done.send(());
@@ -647,11 +650,11 @@ impl Shipper {
                 }
                 Chunk::Bytes(b) => {
                     bytes += b.len() as u64;
-                    if let Some(w) = writer.as_mut() {
-                        if let Err(e) = w.put(Bytes::from(b)).await {
-                            failure = Some(e.into());
-                            break;
-                        }
+                    if let Some(w) = writer.as_mut()
+                        && let Err(e) = w.put(Bytes::from(b)).await
+                    {
+                        failure = Some(e.into());
+                        break;
                     }
                 }
             }

@@ -229,10 +229,12 @@ pub async fn restore(args: &RestoreArgs) -> Result<Restored, RestoreError> {
         context: format!("moving {} to {}", building.display(), target_dir.display()),
         source,
     })?;
-    if let Some(parent) = target_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        if let Ok(dir) = std::fs::File::open(parent) {
-            let _ = dir.sync_all();
-        }
+    if let Some(dir) = target_dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .and_then(|p| std::fs::File::open(p).ok())
+    {
+        let _ = dir.sync_all();
     }
     Ok(Restored {
         snapshot,
@@ -294,7 +296,7 @@ async fn build(
     let mut writer = store.restore_writer();
     let mut bytes = read_object(
         target,
-        &snapshot.path().to_string(),
+        snapshot.path().as_ref(),
         Kind::Snapshot,
         cipher.as_deref(),
         &mut writer,
@@ -303,7 +305,7 @@ async fn build(
     for (i, segment) in segments.iter().enumerate() {
         bytes += read_object(
             target,
-            &segment.path().to_string(),
+            segment.path().as_ref(),
             Kind::Segment,
             cipher.as_deref(),
             &mut writer,
@@ -372,6 +374,7 @@ async fn read_object(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -194,6 +194,7 @@ fn digits(s: &str, len: usize) -> Option<u64> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

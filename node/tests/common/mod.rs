@@ -58,6 +58,11 @@ impl Node {
     /// Starts a node like [`Node::start`] with extra arguments, kept for restarts. When they
     /// hold `--gossip-addr`, the harness does not add its own.
     pub fn start_with(node_id: &str, extra_args: Vec<String>) -> Node {
+        Node::start_env(node_id, extra_args, Vec::new())
+    }
+
+    /// [`Node::start_with`] with environment variables set on every (re)start.
+    pub fn start_env(node_id: &str, extra_args: Vec<String>, env: Vec<(String, String)>) -> Node {
         let tmp = tempfile::Builder::new()
             .prefix("verge-test-")
             .tempdir()
@@ -70,7 +75,7 @@ impl Node {
             node_id: node_id.to_string(),
             log_path,
             extra_args,
-            env: Vec::new(),
+            env,
             child: None,
             tmp: Some(tmp),
         };
