@@ -159,7 +159,12 @@ fn restore(loc: &Location, data_dir: &Path, extra: &[&str]) -> (bool, String) {
 
 /// Starts a node on a restored data directory (no backups of its own).
 fn start_restored(data_dir: &Path, extra: &[String]) -> Node {
-    let mut node = Node::start_with("restored", extra.to_vec());
+    start_restored_as("restored", data_dir, extra)
+}
+
+/// [`start_restored`] under a given node id.
+fn start_restored_as(name: &str, data_dir: &Path, extra: &[String]) -> Node {
+    let mut node = Node::start_with(name, extra.to_vec());
     node.kill();
     std::fs::remove_dir_all(&node.data_dir).ok();
     copy_dir(data_dir, &node.data_dir);
@@ -585,4 +590,103 @@ fn backup_commands_and_a_location_of_another_store() {
         "backup_not_configured",
         "backup now without [backup]",
     );
+}
+
+#[test]
+fn a_graceful_stop_ships_the_last_writes() {
+    let loc = file_location();
+    // A shipping interval far longer than the test: only the stop ships the write.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("verge.toml");
+    std::fs::write(
+        &config,
+        format!("[backup]\nto = {:?}\nship_interval_ms = 3600000\n", loc.url),
+    )
+    .unwrap();
+    let mut node = Node::start_with("node-a", vec!["--config".into(), config.display().to_string()]);
+    let deadline = Instant::now() + WAIT;
+    while status(&node)["backup"]["last_snapshot"].is_null() {
+        assert!(Instant::now() < deadline, "no first snapshot");
+        thread::sleep(Duration::from_millis(20));
+    }
+    node.put_doc("last/words", &json!({"said": "goodbye"})).ok_json("put");
+    let exit = node.terminate(Duration::from_secs(30));
+    assert!(exit.success(), "{exit:?}");
+    let out = tempfile::tempdir().unwrap();
+    let (ok, text) = restore(&loc, &out.path().join("r"), &[]);
+    assert!(ok, "{text}");
+    let restored = start_restored(&out.path().join("r"), &[]);
+    assert_eq!(
+        restored.get_doc("last/words").ok_json("restored")["doc"],
+        json!({"said": "goodbye"})
+    );
+}
+
+/// A node lost whole is replaced from its backup: the restored node takes its place in the
+/// cluster and converges with the survivor both ways.
+#[test]
+fn a_restored_node_rejoins_and_converges() {
+    use common::cluster::{Cluster, Spec, node_args};
+    let loc = file_location();
+    let backup = format!(
+        "[backup]\nto = {:?}\nship_interval_ms = {SHIP_INTERVAL_MS}\n",
+        loc.url
+    );
+    let mut cluster = Cluster::start_each_configured(
+        "rj",
+        |i| if i == 0 { vec![] } else { vec![0] },
+        &[&backup, ""],
+    );
+    cluster.wait_connected();
+    for i in 0..20 {
+        cluster.nodes[0]
+            .put_doc(&format!("d/{i}"), &json!({"i": i}))
+            .ok_json("put");
+    }
+    wait_shipped(&cluster.nodes[0]);
+    cluster.nodes[0].kill();
+    cluster.nodes[1]
+        .put_doc("after/loss", &json!({"written": "while rj-1 was gone"}))
+        .ok_json("put on the survivor");
+
+    let out = tempfile::tempdir().unwrap();
+    let (ok, text) = restore(&loc, &out.path().join("r"), &[]);
+    assert!(ok, "{text}");
+    // The lost node's certificate and address, seeded with the survivor.
+    let spec = Spec {
+        name: "rj-1".into(),
+        gossip_port: cluster.ports[0],
+        seeds: vec![cluster.ports[1]],
+        extra: Vec::new(),
+    };
+    let restored = start_restored_as(
+        "rj-1",
+        &out.path().join("r"),
+        &node_args(cluster.certs.path(), &spec),
+    );
+    for i in 0..20 {
+        assert_eq!(
+            restored.get_doc(&format!("d/{i}")).ok_json("restored")["doc"],
+            json!({"i": i})
+        );
+    }
+    common::wait_for(WAIT, "the survivor's write on the restored node", || {
+        let r = restored.get_doc("after/loss");
+        if r.status == 200 {
+            Ok(())
+        } else {
+            Err(r.describe())
+        }
+    });
+    restored
+        .put_doc("from/restored", &json!({"x": 1}))
+        .ok_json("put on the restored node");
+    common::wait_for(WAIT, "the restored node's write on the survivor", || {
+        let r = cluster.nodes[1].get_doc("from/restored");
+        if r.status == 200 {
+            Ok(())
+        } else {
+            Err(r.describe())
+        }
+    });
 }
