@@ -905,8 +905,8 @@ mod tests {
     #[test]
     fn departures_round_trip_and_garbage_is_refused() {
         for addr in [
-            "127.0.0.1:7071".parse::<SocketAddr>().unwrap(),
-            "[fe80::1%3]:7071".parse().unwrap(),
+            "127.0.0.1:7071".parse::<SocketAddr>().expect("an address"),
+            "[fe80::1%3]:7071".parse().expect("an address"),
         ] {
             for reason in [DepartureReason::Left, DepartureReason::Forgotten] {
                 let d = Departure {
@@ -916,7 +916,7 @@ mod tests {
                 };
                 let bytes = d.to_bytes();
                 assert!(bytes.len() <= DEPARTURE_BYTES_MAX);
-                assert_eq!(Departure::from_bytes(&bytes).unwrap(), d);
+                assert_eq!(Departure::from_bytes(&bytes).expect("decodes"), d);
                 for cut in 0..bytes.len() {
                     assert!(Departure::from_bytes(&bytes[..cut]).is_err());
                 }

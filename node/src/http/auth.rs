@@ -9,6 +9,7 @@
 //! | `PUT`/`PATCH`/`DELETE /v1/docs/{id}`, `POST /v1/sync/{id}` | `write`, and a prefix covering `id` (a sync can carry changes) |
 //! | `GET /v1/docs`, `GET /v1/watch` | `read`; a `prefix` inside the token's prefixes |
 //! | `GET /v1/status`, `/metrics` | `admin` reaching every document (they describe them all) |
+//! | `/v1/admin/...` | `admin` reaching every document (they act on the whole node) |
 //! | anything else | a valid token (then `404`/`405`) |
 
 use std::collections::HashMap;
@@ -79,6 +80,18 @@ pub(super) async fn authorize(
                 })
             }
         }),
+        Some(admin) if admin.starts_with("/v1/admin/") => {
+            need_role(token, Role::Admin).and_then(|()| {
+                if token.reaches_everything() {
+                    Ok(())
+                } else {
+                    Err(Denied::Prefix {
+                        token: token.name().to_owned(),
+                        target: "node administration, which acts on every document".into(),
+                    })
+                }
+            })
+        }
         Some("/v1/docs/{*id}") => {
             let role = if reads { Role::Read } else { Role::Write };
             match need_role(token, role) {

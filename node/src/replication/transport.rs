@@ -323,6 +323,18 @@ impl Transport {
         }
     }
 
+    /// Closes the connection to `addr` and forgets its back-off: the peer departed.
+    pub fn forget(&self, addr: SocketAddr) {
+        let slot = self
+            .peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&addr);
+        if let Some(conn) = slot.and_then(|s| s.conn) {
+            conn.close(VarInt::from_u32(0), b"departed");
+        }
+    }
+
     /// Closes every connection and the endpoint.
     pub fn close(&self) {
         self.endpoint.close(VarInt::from_u32(0), b"node stopping");
