@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Json;
+use axum::body::Bytes;
 use axum::extract::State;
-use axum::extract::rejection::JsonRejection;
 use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -87,13 +87,11 @@ pub async fn leave(State(state): State<Arc<AppState>>) -> Result<Json<Value>, Ap
 /// return, here and, as the news spreads, on every member.
 pub async fn forget(
     State(state): State<Arc<AppState>>,
-    body: Result<Json<ForgetRequest>, JsonRejection>,
+    body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let Json(request) = body.map_err(|e| {
-        ApiError::invalid_json(format!(
-            "the body must be {{\"addr\": \"IP:PORT\"}}: {}",
-            e.body_text()
-        ))
+    // Whatever the content type says: `curl -d` sends a form's.
+    let request: ForgetRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::invalid_json(format!("the body must be {{\"addr\": \"IP:PORT\"}}: {e}"))
     })?;
     let addr: SocketAddr = request.addr.trim().parse().map_err(|e| {
         ApiError::new(
