@@ -49,6 +49,10 @@ pub const WIRE_CHANGES_PER_BATCH_MAX: usize = 65_536;
 /// Most members a node tracks and announces.
 pub const WIRE_MEMBERS_MAX: usize = 1024;
 
+/// Most departed members (left or forgotten) a node remembers, so as not to dial them or take
+/// stale gossip about them for a return; beyond it the oldest departure is forgotten.
+pub const DEPARTED_MEMBERS_MAX: usize = WIRE_MEMBERS_MAX;
+
 /// Most document digests in one anti-entropy sync request.
 pub const WIRE_DIGESTS_PER_MESSAGE_MAX: usize = 100_000;
 

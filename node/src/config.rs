@@ -103,6 +103,18 @@ pub struct NodeArgs {
         value_delimiter = ','
     )]
     pub cors_origins: Vec<String>,
+    /// Leave the cluster on SIGINT/SIGTERM (`[replication] leave_on_shutdown`): the members
+    /// drop this node instead of listing it as down. For a node being retired, not one being
+    /// restarted. `--leave-on-shutdown=false` overrides a file that says true.
+    #[arg(
+        long,
+        env = "VERGE_LEAVE_ON_SHUTDOWN",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        require_equals = true
+    )]
+    pub leave_on_shutdown: Option<bool>,
 }
 
 /// Browsers on other origins (`[cors]` in the file).
@@ -167,6 +179,11 @@ pub struct ReplicationFileConfig {
     /// sender sends it to every peer itself (the relay may have died with its connection still
     /// cached). Raise it on links whose round trip nears it.
     pub relay_delivery_timeout_ms: u64,
+    /// Whether a stop on SIGINT/SIGTERM first leaves the cluster, as `verge leave` does: the
+    /// members drop this node and stop dialling it (until it starts again) instead of listing
+    /// it as down. Off by default: a node stopped for a restart or an upgrade should be
+    /// missed. Set it on nodes that are retired by stopping them (autoscaled instances).
+    pub leave_on_shutdown: bool,
 }
 
 impl Default for ReplicationFileConfig {
@@ -178,6 +195,7 @@ impl Default for ReplicationFileConfig {
             full_fanout_max: 16,
             relay_window_ms: 40,
             relay_delivery_timeout_ms: 1_000,
+            leave_on_shutdown: false,
         }
     }
 }
@@ -755,7 +773,10 @@ impl Config {
                 key: "subscriptions",
                 message,
             })?;
-        let replication = file.replication;
+        let mut replication = file.replication;
+        if let Some(leave) = args.leave_on_shutdown {
+            replication.leave_on_shutdown = leave;
+        }
         if replication.anti_entropy_interval_s == 0 || replication.batch_bytes_max == 0 {
             return Err(ConfigError::Invalid {
                 key: "replication",

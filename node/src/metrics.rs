@@ -145,8 +145,15 @@ pub struct Metrics {
     pub anti_entropy_reconcile_seconds: Histogram,
     /// Peers currently reachable.
     pub peers_up: Gauge,
-    /// Peers currently unreachable.
+    /// Peers currently unreachable. A departed member (left, or forgotten) is not a peer: it
+    /// counts neither up nor down.
     pub peers_down: Gauge,
+    /// Members that departed, by reason (`left`: announced their own departure; `forgotten`:
+    /// an operator declared them gone), as this node learned of them.
+    pub members_departed: Family<KindLabels, Counter>,
+    /// QUIC connections this node attempted to peers (successful or not): it stays flat while
+    /// every member is connected, and a departed member is never dialled.
+    pub peer_dials: Counter,
     /// Batches the relay did not take in time, sent to every peer by their origin instead.
     pub relay_fallbacks: Counter,
     /// Reads of stored documents that did not load (a damaged store).
@@ -238,6 +245,8 @@ impl Metrics {
             anti_entropy_reconcile_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 16)),
             peers_up: Gauge::default(),
             peers_down: Gauge::default(),
+            members_departed: Family::default(),
+            peer_dials: Counter::default(),
             peer_clock_offset_max_ms: Gauge::default(),
             storage_free_bytes: Gauge::default(),
             documents_unreadable: Counter::default(),
@@ -516,6 +525,16 @@ impl Metrics {
             m.anti_entropy_sessions.clone(),
         );
         registry.register(
+            "members_departed",
+            "Members that departed (left, or forgotten by an operator), by reason",
+            m.members_departed.clone(),
+        );
+        registry.register(
+            "peer_dials",
+            "QUIC connections attempted to peers",
+            m.peer_dials.clone(),
+        );
+        registry.register(
             "anti_entropy_docs",
             "Documents synced by anti-entropy",
             m.anti_entropy_docs.clone(),
@@ -610,6 +629,9 @@ impl Metrics {
                 .anti_entropy_sessions
                 .get_or_create(&vec![("outcome", outcome)]);
         }
+        for reason in ["left", "forgotten"] {
+            let _ = m.members_departed.get_or_create(&vec![("reason", reason)]);
+        }
         Self { registry, ..m }
     }
 
@@ -622,6 +644,13 @@ impl Metrics {
     pub fn peer_message_sent(&self, kind: &'static str) {
         self.peer_messages_sent
             .get_or_create(&vec![("kind", kind)])
+            .inc();
+    }
+
+    /// Counts a member that departed, by reason.
+    pub fn member_departed(&self, reason: &'static str) {
+        self.members_departed
+            .get_or_create(&vec![("reason", reason)])
             .inc();
     }
 

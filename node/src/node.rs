@@ -356,6 +356,7 @@ where
         source,
     })?;
     let body_timeouts = metrics.api_timeout("body");
+    let leave_requested = Arc::new(tokio::sync::Notify::new());
     let state = Arc::new(AppState {
         docs: Arc::clone(&docs),
         metrics,
@@ -379,6 +380,7 @@ where
         idempotency: Arc::default(),
         subscriptions,
         backup,
+        leave_requested: Arc::clone(&leave_requested),
     });
     if let Some(addr_file) = &addr_file {
         // A convenience for tools: a full disk must not keep the node from serving.
@@ -418,17 +420,37 @@ where
     let router = http::router(Arc::clone(&state), stop_rx.clone());
     let probes = http::probes_router(Arc::clone(&state));
     let mut failure = storage_failure.clone();
+    let leave_on_shutdown = config.replication.leave_on_shutdown;
+    let leaving = Arc::clone(&replication);
     let mut server = tokio::spawn(async move {
         let drain = async move {
-            tokio::select! {
+            let signalled = tokio::select! {
                 biased;
-                () = shutdown => {
-                    tracing::info!("shutting down: draining requests and the write queue");
+                () = shutdown => true,
+                () = leave_requested.notified() => {
+                    tracing::info!("left the cluster; shutting down: draining requests and the write queue");
+                    false
                 }
-                _ = failure.wait_for(Option::is_some) => {
+                failed = failure.wait_for(Option::is_some) => {
+                    drop(failed);
                     tracing::error!("storage failed; stopping so that a restart repairs the database");
+                    false
                 }
+            };
+            if signalled {
+                if leave_on_shutdown {
+                    // Before the drain, while the endpoint and membership still run.
+                    tracing::info!("shutting down: leaving the cluster first (leave_on_shutdown)");
+                    match leaving.leave().await {
+                        Ok(_) | Err(crate::replication::MembersError::AlreadyLeft) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "leaving the cluster failed; stopping anyway");
+                        }
+                    }
+                }
+                tracing::info!("shutting down: draining requests and the write queue");
             }
+            drop(leaving);
             drain_state.ready.store(false, Ordering::Release);
             let _ = stop_tx.send(true);
         };

@@ -355,6 +355,25 @@ fn status_and_metrics_need_admin() {
     // Within its prefix the scoped admin is a writer as any other.
     n.call("PUT", "/v1/docs/cart/1", b"{\"a\":1}", Some(CART_ADMIN))
         .ok_json("PUT by a scoped admin");
+    // The admin routes act on the whole node: a full admin only (the forget of an address
+    // that is no member shows the request got through).
+    let forget = br#"{"addr": "127.0.0.1:9"}"#;
+    for token in [READER, CART_WRITER, CART_ADMIN] {
+        for (target, body) in [
+            ("/v1/admin/leave", &b""[..]),
+            ("/v1/admin/members/forget", &forget[..]),
+        ] {
+            n.call("POST", target, body, Some(token)).assert_error(
+                403,
+                "forbidden",
+                &format!("{target} without full admin"),
+            );
+        }
+    }
+    n.call("POST", "/v1/admin/members/forget", forget, None)
+        .assert_error(401, "unauthorized", "forget without a token");
+    n.call("POST", "/v1/admin/members/forget", forget, Some(ADMIN))
+        .assert_error(404, "not_a_member", "forget by an admin");
 }
 
 /// Waits for a child to write its API address and returns it, or its output if it exited.

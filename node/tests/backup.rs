@@ -603,13 +603,17 @@ fn a_graceful_stop_ships_the_last_writes() {
         format!("[backup]\nto = {:?}\nship_interval_ms = 3600000\n", loc.url),
     )
     .unwrap();
-    let mut node = Node::start_with("node-a", vec!["--config".into(), config.display().to_string()]);
+    let mut node = Node::start_with(
+        "node-a",
+        vec!["--config".into(), config.display().to_string()],
+    );
     let deadline = Instant::now() + WAIT;
     while status(&node)["backup"]["last_snapshot"].is_null() {
         assert!(Instant::now() < deadline, "no first snapshot");
         thread::sleep(Duration::from_millis(20));
     }
-    node.put_doc("last/words", &json!({"said": "goodbye"})).ok_json("put");
+    node.put_doc("last/words", &json!({"said": "goodbye"}))
+        .ok_json("put");
     let exit = node.terminate(Duration::from_secs(30));
     assert!(exit.success(), "{exit:?}");
     let out = tempfile::tempdir().unwrap();

@@ -7,11 +7,11 @@
 //! clock, so a wall clock that steps back cannot stall a schedule, and every decision is tested
 //! on virtual time.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
 use crate::anti_entropy::PeerSchedule;
-use crate::limits::WIRE_MEMBERS_MAX;
+use crate::limits::{DEPARTED_MEMBERS_MAX, WIRE_MEMBERS_MAX};
 
 /// How often a node compares its wall clock with each connected peer's (also on every new
 /// connection). Clocks drift slowly; every 30 s it cost 1.2 messages per write in the 25-node
@@ -81,6 +81,9 @@ pub enum Learned {
     Full,
     /// This node's own address.
     Itself,
+    /// A member that departed (left or forgotten): not added until SWIM sees a new start of
+    /// it ([`Peers::member_up`]).
+    Departed,
 }
 
 /// How a clock measurement changed a member's standing.
@@ -110,6 +113,9 @@ pub struct Tick {
 pub struct Peers {
     local: SocketAddr,
     members: BTreeMap<SocketAddr, Peer>,
+    /// Addresses of departed members (seeds among them): never dialled, not learned again
+    /// from a connection, until SWIM declares a new start of them alive.
+    departed: BTreeSet<SocketAddr>,
     anti_entropy_interval_ms: i64,
 }
 
@@ -131,6 +137,7 @@ impl Peers {
         Self {
             local,
             members,
+            departed: BTreeSet::new(),
             anti_entropy_interval_ms,
         }
     }
@@ -139,6 +146,8 @@ impl Peers {
     pub fn learn(&mut self, addr: SocketAddr) -> Learned {
         if addr == self.local {
             Learned::Itself
+        } else if self.departed.contains(&addr) {
+            Learned::Departed
         } else if self.members.contains_key(&addr) {
             Learned::Known
         } else if self.members.len() >= WIRE_MEMBERS_MAX {
@@ -174,8 +183,11 @@ impl Peers {
         self.members.get(addr)
     }
 
-    /// SWIM declared the member alive (learning it first); `true` when it was not before.
+    /// SWIM declared the member alive (learning it first, even if it had departed: SWIM
+    /// declares alive only a start of it that the departure does not cover); `true` when it
+    /// was not before.
     pub fn member_up(&mut self, addr: SocketAddr, name: &str) -> bool {
+        self.departed.remove(&addr);
         self.learn(addr);
         let Some(peer) = self.members.get_mut(&addr) else {
             return false;
@@ -191,6 +203,27 @@ impl Peers {
         if let Some(peer) = self.members.get_mut(&addr) {
             peer.alive = Some(false);
         }
+    }
+
+    /// The member departed (it left, or an operator forgot it): dropped, and neither dialled
+    /// nor learned again until SWIM declares a new start of it alive. `true` when it was a
+    /// member.
+    pub fn depart(&mut self, addr: SocketAddr) -> bool {
+        if addr == self.local {
+            return false;
+        }
+        if self.departed.len() >= DEPARTED_MEMBERS_MAX
+            && let Some(first) = self.departed.first().copied()
+        {
+            self.departed.remove(&first);
+        }
+        self.departed.insert(addr);
+        self.members.remove(&addr).is_some()
+    }
+
+    /// The departed members' addresses, in order.
+    pub fn departed(&self) -> impl Iterator<Item = &SocketAddr> {
+        self.departed.iter()
     }
 
     /// A dial the tick asked for ended (whether it connected or not).
@@ -423,6 +456,36 @@ mod tests {
         assert_eq!(
             peers.get(&addr(3)).and_then(|p| p.name.clone()),
             Some("c".into())
+        );
+    }
+
+    #[test]
+    fn a_departed_member_is_dropped_and_not_dialled_until_it_starts_again() {
+        let mut peers = Peers::new(addr(1), &[addr(2), addr(3)], INTERVAL);
+        assert!(peers.member_up(addr(3), "c"));
+        assert!(peers.depart(addr(2)), "a seed departs");
+        assert!(peers.depart(addr(3)));
+        assert!(!peers.depart(addr(9)), "not a member");
+        assert!(!peers.depart(addr(1)), "never itself");
+        assert!(peers.addrs().is_empty());
+        assert_eq!(
+            peers.learn(addr(2)),
+            Learned::Departed,
+            "a connection does not bring it back"
+        );
+        let tick = peers.tick(0, |_| None);
+        assert!(
+            tick.actions.is_empty(),
+            "nothing dialled: {:?}",
+            tick.actions
+        );
+        assert_eq!((tick.up, tick.down), (0, 0), "neither up nor down");
+        assert_eq!(peers.departed().count(), 3);
+        assert!(peers.member_up(addr(2), "b"), "SWIM saw a new start of it");
+        assert_eq!(peers.addrs(), vec![addr(2)]);
+        assert_eq!(
+            peers.tick(500, |_| None).actions,
+            vec![Action::Dial(addr(2))]
         );
     }
 

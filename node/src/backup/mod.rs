@@ -482,10 +482,13 @@ impl Shipper {
             return Ok(());
         }
         loop {
+            let from = self.shipped.unwrap_or(0);
             match self.segment().await {
-                Ok(Some(shipped)) if shipped.seq > 0 => {
-                    // A node far behind ships segments back to back until it is caught up.
-                    if self.store.feed_bounds()?.last <= shipped.seq {
+                Ok(Some(shipped)) => {
+                    // A node far behind (a segment full to its bound) ships the rest back to
+                    // back; writes made while a segment was written wait for the next tick,
+                    // so that a busy node ships once an interval, not continuously.
+                    if shipped.seq.saturating_sub(from) < SEGMENT_RECORDS_MAX as u64 {
                         break;
                     }
                 }

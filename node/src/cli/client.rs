@@ -1,5 +1,5 @@
 //! The client commands: `get`, `put`, `patch`, `del`, `ls`, `inc`, `watch`, `status`,
-//! `subscriptions`.
+//! `subscriptions`, and the admin commands `leave` and `members forget`.
 //!
 //! Each command is one (or, for `ls`, a few) requests against the node's HTTP API
 //! (docs/api.md). Output goes to stdout in a form that is easy to read and to pipe; errors go to
@@ -128,6 +128,16 @@ pub enum ClientCommand {
     /// Backups of the running node ([backup] in its config).
     #[command(subcommand)]
     Backup(BackupCommand),
+    /// Retire the node: it announces its departure to the cluster, then stops as on SIGTERM
+    /// (draining the write queue). The other members drop it instead of listing it as down,
+    /// and stop dialling it until it starts again. Needs an admin token.
+    Leave,
+    /// Manage the cluster's members.
+    Members {
+        /// What to do with them.
+        #[command(subcommand)]
+        command: MembersCommand,
+    },
 }
 
 /// How long `verge backup now` waits for the snapshot.
@@ -140,6 +150,18 @@ pub enum BackupCommand {
     Now,
     /// List the snapshots at the backup location, and the segments shipped since.
     List,
+}
+
+/// `verge members ...`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum MembersCommand {
+    /// Drop a member that will never return (its machine is gone): the node stops dialling
+    /// ADDR and drops it from status, and tells the other members, which do the same. A node
+    /// that starts again at ADDR later joins as a new member. Needs an admin token.
+    Forget {
+        /// The member's gossip address, as `verge status` lists it (IP:PORT).
+        addr: String,
+    },
 }
 
 /// Why a command failed; decides the message and the exit code.
@@ -258,6 +280,31 @@ async fn run_inner(cmd: ClientCommand, opts: &ClientOpts) -> Result<(), CliError
             let value = expect_ok(client.send(Method::GET, "/v1/status", None).await?)?;
             emit(&format_subscriptions(&value))
         }
+        ClientCommand::Leave => {
+            let value = expect_ok(client.send(Method::POST, "/v1/admin/leave", None).await?)?;
+            emit(&format_leave(&value))
+        }
+        ClientCommand::Members {
+            command: MembersCommand::Forget { addr },
+        } => {
+            let body = json!({ "addr": addr }).to_string();
+            let value = expect_ok(
+                client
+                    .send(
+                        Method::POST,
+                        "/v1/admin/members/forget",
+                        Some(Bytes::from(body)),
+                    )
+                    .await?,
+            )?;
+            emit(&format!(
+                "forgot {}; the other members drop it as the news spreads\n",
+                value
+                    .get("forgotten")
+                    .and_then(Value::as_str)
+                    .unwrap_or(&addr)
+            ))
+        }
         ClientCommand::Backup(BackupCommand::Now) => {
             // A snapshot of a large store takes a while; the node answers once it is written.
             let value = expect_ok(
@@ -285,6 +332,37 @@ async fn run_inner(cmd: ClientCommand, opts: &ClientOpts) -> Result<(), CliError
             emit(&format_backups(&value))
         }
     }
+}
+
+/// What `verge leave` prints: who was told, and that the node is stopping.
+fn format_leave(value: &Value) -> String {
+    let list = |key: &str| -> Vec<&str> {
+        value
+            .get(key)
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default()
+    };
+    let (told, unconfirmed) = (list("told"), list("unconfirmed"));
+    let node = value
+        .get("node_id")
+        .and_then(Value::as_str)
+        .unwrap_or("the node");
+    let mut out = match told.len() {
+        0 if unconfirmed.is_empty() => format!("{node} left (it had no members to tell)\n"),
+        n => format!(
+            "{node} left the cluster; {n} member(s) confirmed: {}\n",
+            told.join(", ")
+        ),
+    };
+    if !unconfirmed.is_empty() {
+        out.push_str(&format!(
+            "not confirmed (they learn it from the others, or declare the node down): {}\n",
+            unconfirmed.join(", ")
+        ));
+    }
+    out.push_str("the node is draining its write queue and stopping\n");
+    out
 }
 
 /// `/v1/docs/{id}` with the id percent-encoded where needed.
@@ -832,6 +910,14 @@ fn format_status(status: &Value) -> String {
         .and_then(Value::as_array)
         .map(Vec::as_slice)
         .unwrap_or_default();
+    let departed: Vec<&str> = status
+        .get("departed")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    if !departed.is_empty() {
+        out.push_str(&format!("{:<12} {}\n", "departed", departed.join(", ")));
+    }
     out.push_str(&format!("\nmembers ({})\n", members.len()));
     let mut table = vec![[
         "NODE".to_owned(),

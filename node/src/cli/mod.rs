@@ -21,7 +21,7 @@ mod sse;
 
 pub use bench::{BenchArgs, BenchMode, bench};
 pub use bench_replication::{ReplicationBenchArgs, bench_replication};
-pub use client::{BackupCommand, ClientCommand, run};
+pub use client::{BackupCommand, ClientCommand, MembersCommand, run};
 
 /// Where the client commands and the bench find the node, shared by all of them so scripts can
 /// set `VERGE_URL` / `VERGE_TOKEN` once.

@@ -8,7 +8,8 @@
 //! | `GET /v1/docs/{id}` | `read`, and a prefix covering `id` |
 //! | `PUT`/`PATCH`/`DELETE /v1/docs/{id}`, `POST /v1/sync/{id}` | `write`, and a prefix covering `id` (a sync can carry changes) |
 //! | `GET /v1/docs`, `GET /v1/watch` | `read`; a `prefix` inside the token's prefixes |
-//! | `GET /v1/status`, `/metrics`, `/v1/admin/*` | `admin` reaching every document (they describe or copy them all) |
+//! | `GET /v1/status`, `/metrics` | `admin` reaching every document (they describe them all) |
+//! | `/v1/admin/...` | `admin` reaching every document (they copy or act on the whole node) |
 //! | anything else | a valid token (then `404`/`405`) |
 
 use std::collections::HashMap;
@@ -69,14 +70,24 @@ pub(super) async fn authorize(
     parts.extensions.insert(TokenName(token.name().to_owned()));
     let reads = parts.method == Method::GET || parts.method == Method::HEAD;
     let decision = match route.as_deref() {
-        Some("/v1/status" | "/metrics" | "/v1/admin/backup" | "/v1/admin/backups") => {
+        Some("/v1/status" | "/metrics") => need_role(token, Role::Admin).and_then(|()| {
+            if token.reaches_everything() {
+                Ok(())
+            } else {
+                Err(Denied::Prefix {
+                    token: token.name().to_owned(),
+                    target: "node-wide status and metrics, which describe every document".into(),
+                })
+            }
+        }),
+        Some(admin) if admin.starts_with("/v1/admin/") => {
             need_role(token, Role::Admin).and_then(|()| {
                 if token.reaches_everything() {
                     Ok(())
                 } else {
                     Err(Denied::Prefix {
                         token: token.name().to_owned(),
-                        target: "node-wide status and metrics, which describe every document"
+                        target: "node administration, which copies or acts on every document"
                             .into(),
                     })
                 }

@@ -1,5 +1,6 @@
 //! The HTTP API of a node (`/v1`, probes and metrics). See docs/api.md.
 
+mod admin;
 mod auth;
 mod backup;
 pub mod cors;
@@ -64,7 +65,13 @@ pub struct AppState {
     pub subscriptions: Arc<crate::subscriptions::Subscriptions>,
     /// Backups, when configured.
     pub backup: Option<Arc<crate::backup::Backup>>,
+    /// Notified when the node left the cluster (`POST /v1/admin/leave`): the node then stops
+    /// as on SIGTERM.
+    pub leave_requested: Arc<tokio::sync::Notify>,
 }
+
+/// The largest body an admin route takes (a forget names one address).
+const ADMIN_BODY_BYTES_MAX: usize = 4096;
 
 /// Builds the router over `state`.
 ///
@@ -86,15 +93,21 @@ pub fn router(state: Arc<AppState>, stop: tokio::sync::watch::Receiver<bool>) ->
     let sync = Router::new()
         .route("/v1/sync/{*id}", post(docs::sync))
         .layer(DefaultBodyLimit::max(SYNC_MESSAGE_BYTES_MAX));
+    let admin = Router::new()
+        .route("/v1/admin/leave", post(admin::leave))
+        .route("/v1/admin/members/forget", post(admin::forget))
+        .layer(DefaultBodyLimit::max(ADMIN_BODY_BYTES_MAX));
     // The routes that take a body; inside authorization, so that an unknown client's body is
     // never waited for.
-    let with_body = Router::new()
-        .merge(docs)
-        .merge(sync)
-        .layer(middleware::from_fn_with_state(
-            state.body_deadline.clone(),
-            serve::body_deadline,
-        ));
+    let with_body =
+        Router::new()
+            .merge(docs)
+            .merge(sync)
+            .merge(admin)
+            .layer(middleware::from_fn_with_state(
+                state.body_deadline.clone(),
+                serve::body_deadline,
+            ));
     let routes = Router::new()
         .merge(with_body)
         .route("/v1/watch", get(watch::watch).layer(axum::Extension(stop)))
@@ -188,6 +201,10 @@ fn route_label(path: Option<&MatchedPath>) -> &'static str {
         Some("/v1/sync/{*id}") => "/v1/sync/{*id}",
         Some("/v1/watch") => "/v1/watch",
         Some("/v1/status") => "/v1/status",
+        Some("/v1/admin/leave") => "/v1/admin/leave",
+        Some("/v1/admin/members/forget") => "/v1/admin/members/forget",
+        Some("/v1/admin/backup") => "/v1/admin/backup",
+        Some("/v1/admin/backups") => "/v1/admin/backups",
         Some("/healthz") => "/healthz",
         Some("/readyz") => "/readyz",
         Some("/metrics") => "/metrics",

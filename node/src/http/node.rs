@@ -50,6 +50,7 @@ pub async fn status(State(state): State<Arc<AppState>>) -> Result<impl IntoRespo
             "min_free_bytes": state.docs.space().min_free_bytes(),
         },
         "members": members,
+        "departed": state.replication.as_ref().map(|r| r.departed()).unwrap_or_default(),
         "feed_last_seq": feed_last,
         "subscriptions": state.subscriptions.status(feed_last),
         "backup": state.backup.as_ref().map(|b| b.status()),

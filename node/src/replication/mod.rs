@@ -10,7 +10,9 @@
 //!   document digests with a peer's (negentropy) and runs an Automerge sync session on its own
 //!   stream for each document that differs. A node that was down or new catches up this way.
 //! - **Members.** Seed peers come from configuration; SWIM (foca) detects failures and spreads
-//!   membership, so a node that joins through one seed becomes known to all.
+//!   membership, so a node that joins through one seed becomes known to all. A node that
+//!   leaves ([`Replication::leave`]) or that an operator forgets ([`Replication::forget`])
+//!   departs: every member drops it and stops dialling it until it starts again.
 //!
 //! The decisions (routing, batching, reconciliation) live in `verge_core`; this module drives
 //! them with sockets, tasks and the clock.
@@ -22,18 +24,20 @@ pub mod transport;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use quinn::Connection;
 use serde::Serialize;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use verge_core::gossip::{
     Batcher, BroadcastPolicy, HOPS_FINAL, HOPS_TO_RELAY, RelayBatcher, Route, forwards,
 };
-use verge_core::membership::{self, MemberId, Membership, Output as MembershipOutput};
+use verge_core::membership::{
+    self, Departure, ForgetError, MemberId, Membership, Output as MembershipOutput,
+};
 use verge_core::replication::deliveries::{Deliveries, Expired};
 pub use verge_core::replication::peers::CLOCK_SKEW_WARN_MS;
 use verge_core::replication::peers::{Action, ClockStanding, Learned, Peers};
@@ -112,11 +116,51 @@ pub struct MemberStatus {
 /// How long a clock comparison waits for the peer's answer.
 const CLOCK_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a leaving node tries to hand its announcement to each member it tells (dial
+/// included), before it stops anyway: the members that miss it declare it down as they would
+/// a crashed node.
+const LEAVE_DELIVERY_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A membership packet and where it goes.
+type Packet = (SocketAddr, Vec<u8>);
+
 /// Input of the membership task.
 #[derive(Debug)]
 enum MembershipInput {
     /// A packet from a peer.
     Data(Vec<u8>),
+    /// Leave the cluster; answers the packets that announce it, for the caller to deliver.
+    Leave(oneshot::Sender<Result<Vec<Packet>, String>>),
+    /// Forget a member; answers once this node dropped it.
+    Forget(SocketAddr, oneshot::Sender<Result<Departure, ForgetError>>),
+}
+
+/// What [`Replication::leave`] did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LeaveReport {
+    /// Members whose QUIC stack confirmed receiving the announcement.
+    pub told: Vec<String>,
+    /// Members the announcement was sent to without a confirmation in time; they learn it
+    /// from the others, or declare the node down.
+    pub unconfirmed: Vec<String>,
+}
+
+/// Why a leave or a forget did not happen.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MembersError {
+    /// This node already left (or is leaving).
+    #[error("this node already left the cluster")]
+    AlreadyLeft,
+    /// The forget was refused.
+    #[error(transparent)]
+    Forget(#[from] ForgetError),
+    /// Replication is stopping.
+    #[error("replication is stopping")]
+    Stopping,
+    /// The membership state machine refused.
+    #[error("membership: {0}")]
+    Membership(String),
 }
 
 /// Membership packets and timers waiting for the membership task.
@@ -154,6 +198,8 @@ pub struct Replication {
     relay_tx: mpsc::Sender<Relayed>,
     /// To the broadcast task, which owns the deliveries in flight: what streams did.
     delivery_tx: mpsc::Sender<Delivery>,
+    /// Whether this node left the cluster (or is leaving).
+    left: AtomicBool,
 }
 
 /// What a stream carrying a batch did, for the deliveries in flight.
@@ -239,6 +285,7 @@ impl Replication {
             membership_tx: membership_tx.clone(),
             relay_tx,
             delivery_tx,
+            left: AtomicBool::new(false),
         });
         let me = MemberId {
             addr: local_addr,
@@ -281,6 +328,76 @@ impl Replication {
     /// Closes the endpoint.
     pub fn close(&self) {
         self.transport.close();
+    }
+
+    /// Leaves the cluster: announces this node's departure to a few members and waits until
+    /// their QUIC stacks confirmed it (at most [`LEAVE_DELIVERY_TIMEOUT`]), so the
+    /// announcement is out before the endpoint closes; the members pass it on. The members
+    /// then drop this node and stop dialling it, until it starts again (a new generation).
+    /// The caller stops the node afterwards: it takes no further part in membership.
+    pub async fn leave(self: &Arc<Self>) -> Result<LeaveReport, MembersError> {
+        if self.left.swap(true, Ordering::AcqRel) {
+            return Err(MembersError::AlreadyLeft);
+        }
+        let (tx, rx) = oneshot::channel();
+        self.membership_tx
+            .send(MembershipInput::Leave(tx))
+            .await
+            .map_err(|_| MembersError::Stopping)?;
+        let packets = rx
+            .await
+            .map_err(|_| MembersError::Stopping)?
+            .map_err(MembersError::Membership)?;
+        let deliveries = packets
+            .into_iter()
+            .map(|(to, data)| async move { (to, self.deliver_confirmed(to, data).await) });
+        let mut report = LeaveReport::default();
+        for (to, confirmed) in futures_util::future::join_all(deliveries).await {
+            let list = if confirmed {
+                &mut report.told
+            } else {
+                &mut report.unconfirmed
+            };
+            if !list.contains(&to.to_string()) {
+                list.push(to.to_string());
+            }
+        }
+        tracing::info!(told = ?report.told, unconfirmed = ?report.unconfirmed, "left the cluster");
+        Ok(report)
+    }
+
+    /// Sends a membership packet on a stream and waits for the peer's QUIC stack to confirm
+    /// it (a datagram may still sit in the endpoint when it closes).
+    async fn deliver_confirmed(self: &Arc<Self>, to: SocketAddr, data: Vec<u8>) -> bool {
+        let message = PeerMessage::Membership(data);
+        let attempt = async {
+            let conn = self.connect(to).await.ok()?;
+            Some(deliver(&conn, &message, &self.metrics, Some(LEAVE_DELIVERY_TIMEOUT)).await)
+        };
+        matches!(
+            tokio::time::timeout(LEAVE_DELIVERY_TIMEOUT, attempt).await,
+            Ok(Some(true))
+        )
+    }
+
+    /// Forgets the member at `addr`, a node that will not return: this node drops it at once
+    /// and stops dialling it, and the departure spreads so that every member does. A node
+    /// that starts again at that address later is a new member.
+    pub async fn forget(&self, addr: SocketAddr) -> Result<Departure, MembersError> {
+        let (tx, rx) = oneshot::channel();
+        self.membership_tx
+            .send(MembershipInput::Forget(addr, tx))
+            .await
+            .map_err(|_| MembersError::Stopping)?;
+        Ok(rx.await.map_err(|_| MembersError::Stopping)??)
+    }
+
+    /// The departed members' addresses (left or forgotten), which this node does not dial.
+    pub fn departed(&self) -> Vec<String> {
+        lock(&self.peers)
+            .departed()
+            .map(ToString::to_string)
+            .collect()
     }
 
     /// Whether this node has no members: none configured and none learned.
@@ -333,7 +450,7 @@ impl Replication {
         match lock(&self.peers).learn(addr) {
             Learned::New => tracing::info!(peer = %addr, "learned a new member"),
             Learned::Full => tracing::debug!(peer = %addr, "the member table is full"),
-            Learned::Known | Learned::Itself => {}
+            Learned::Known | Learned::Itself | Learned::Departed => {}
         }
     }
 
@@ -1012,7 +1129,14 @@ impl Replication {
 
     /// The connection to `addr`, serving the streams the peer opens on it when it is new.
     async fn connect(self: &Arc<Self>, addr: SocketAddr) -> Result<Connection, TransportError> {
-        let (conn, new) = self.transport.connection(addr).await?;
+        let dialled = self.transport.connection(addr).await;
+        if matches!(
+            dialled,
+            Ok((_, true)) | Err(TransportError::Connect { .. } | TransportError::Timeout)
+        ) {
+            self.metrics.peer_dials.inc();
+        }
+        let (conn, new) = dialled?;
         if new {
             tokio::spawn(Arc::clone(self).serve_connection(conn.clone()));
         }
@@ -1037,7 +1161,7 @@ impl Replication {
             let input = tokio::select! {
                 biased;
                 input = rx.recv() => match input {
-                    Some(MembershipInput::Data(data)) => Some(data),
+                    Some(input) => Some(input),
                     None => return,
                 },
                 () = tokio::time::sleep_until(wake.unwrap_or_else(tokio::time::Instant::now)),
@@ -1045,11 +1169,42 @@ impl Replication {
                 _ = stop.wait_for(|s| *s) => return,
             };
             match input {
-                Some(data) => {
+                Some(MembershipInput::Data(data)) => {
                     if let Err(e) = membership.handle_data(&data) {
                         self.metrics.peer_refused("membership");
                         tracing::debug!(error = %e, "refused a membership packet");
                     }
+                }
+                Some(MembershipInput::Leave(reply)) => {
+                    let packets = match membership.leave() {
+                        Ok(_) => {
+                            // The announcement goes out on streams the caller waits for, not
+                            // as datagrams; the rest is carried out as usual.
+                            let (sends, rest): (Vec<_>, Vec<_>) = membership
+                                .drain()
+                                .into_iter()
+                                .partition(|o| matches!(o, MembershipOutput::Send { .. }));
+                            self.carry_out(rest, &mut timers);
+                            Ok(sends
+                                .into_iter()
+                                .filter_map(|o| match o {
+                                    MembershipOutput::Send { to, data } => Some((to, data)),
+                                    _ => None,
+                                })
+                                .collect())
+                        }
+                        Err(e) => Err(e.to_string()),
+                    };
+                    let _ = reply.send(packets);
+                    continue;
+                }
+                Some(MembershipInput::Forget(addr, reply)) => {
+                    let listed = lock(&self.peers).get(&addr).is_some();
+                    let forgotten = membership.forget(addr, listed);
+                    // Dropped here before the answer, so that status agrees with it.
+                    self.carry_out(membership.drain(), &mut timers);
+                    let _ = reply.send(forgotten);
+                    continue;
                 }
                 None => {
                     for timer in timers.pop_due(self.mono_ms()) {
@@ -1087,8 +1242,26 @@ impl Replication {
                 MembershipOutput::Isolated => {
                     tracing::warn!("lost contact with every member; announcing to the seeds again");
                 }
+                MembershipOutput::Departed(departure) => self.departed_member(&departure),
             }
         }
+    }
+
+    /// A member departed: dropped from the member table (so from status, the gauges,
+    /// broadcasts and compaction's stability), its connection closed and never dialled again
+    /// until it starts anew.
+    fn departed_member(&self, departure: &Departure) {
+        let was_member = lock(&self.peers).depart(departure.addr);
+        lock(&self.in_flight).remove(&departure.addr);
+        self.transport.forget(departure.addr);
+        self.metrics.member_departed(departure.reason.as_str());
+        tracing::info!(
+            peer = %departure.addr,
+            generation = departure.generation,
+            reason = departure.reason.as_str(),
+            was_member,
+            "member departed; no longer dialled"
+        );
     }
 
     /// The digest index anti-entropy reconciles.

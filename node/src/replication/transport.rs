@@ -74,6 +74,9 @@ struct PeerSlot {
     /// How many connections to the peer were made so far: numbers the current one.
     dialled: u64,
     backoff: DialBackoff,
+    /// Ends the dials under way when the peer departs: a QUIC handshake retransmits its
+    /// first packet until it times out.
+    cancel: Arc<tokio::sync::Notify>,
 }
 
 impl PeerSlot {
@@ -82,6 +85,7 @@ impl PeerSlot {
             conn: None,
             dialled: 0,
             backoff: DialBackoff::default(),
+            cancel: Arc::new(tokio::sync::Notify::new()),
         }
     }
 }
@@ -261,7 +265,7 @@ impl Transport {
     /// The connection to `addr`: the cached one, or a new one dialled now (then the flag is
     /// `true`, and the caller must serve the streams the peer opens on it). Honours back-off.
     pub async fn connection(&self, addr: SocketAddr) -> Result<(Connection, bool), TransportError> {
-        {
+        let cancel = {
             let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
             let slot = peers.entry(addr).or_insert_with(PeerSlot::new);
             if let Some(conn) = &slot.conn {
@@ -273,8 +277,18 @@ impl Transport {
             if !slot.backoff.allows(self.now_ms()) {
                 return Err(TransportError::BackingOff(addr));
             }
-        }
-        let result = self.dial(addr).await;
+            Arc::clone(&slot.cancel)
+        };
+        // Created before the dial starts, so that a departure during it is seen.
+        let cancelled = cancel.notified();
+        let result = tokio::select! {
+            biased;
+            () = cancelled => Err(TransportError::Connect {
+                addr,
+                message: "the peer departed".into(),
+            }),
+            result = self.dial(addr) => result,
+        };
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         let slot = peers.entry(addr).or_insert_with(PeerSlot::new);
         match result {
@@ -320,6 +334,22 @@ impl Transport {
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(slot) = peers.get_mut(&addr) {
             slot.backoff.reset();
+        }
+    }
+
+    /// Closes the connection to `addr` and forgets its back-off: the peer departed.
+    pub fn forget(&self, addr: SocketAddr) {
+        let slot = self
+            .peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&addr);
+        if let Some(slot) = slot {
+            // Dropping a dial's handshake closes it.
+            slot.cancel.notify_waiters();
+            if let Some(conn) = slot.conn {
+                conn.close(VarInt::from_u32(0), b"departed");
+            }
         }
     }
 
