@@ -517,8 +517,15 @@ fn a_damaged_or_missing_object_restores_nothing() {
         "mine"
     );
 
-    // Whole again: the restore succeeds.
-    std::fs::remove_dir_all(&target).unwrap();
+    // An existing empty directory (a mount point): a failed restore leaves it empty...
+    std::fs::remove_file(target.join("keep.txt")).unwrap();
+    std::fs::write(victim, &damaged).unwrap();
+    let (ok, out) = restore(&loc, &target, &[]);
+    assert!(!ok, "{out}");
+    assert_eq!(std::fs::read_dir(&target).unwrap().count(), 0, "{out}");
+    std::fs::write(victim, &original).unwrap();
+
+    // ...and, whole again, a restore fills it.
     let (ok, out) = restore(&loc, &target, &[]);
     assert!(ok, "{out}");
     let restored = start_restored(&target, &[]);
@@ -693,4 +700,66 @@ fn a_restored_node_rejoins_and_converges() {
             Err(r.describe())
         }
     });
+}
+
+/// A re-keyed store starts a new chain sealed under its new key: the restore with the new key
+/// holds the writes from before and after the change.
+#[test]
+fn a_rekeyed_store_starts_a_chain_under_its_new_key() {
+    let loc = file_location();
+    let keys = tempfile::tempdir().unwrap();
+    let old = keys.path().join("old.key");
+    std::fs::write(&old, "33".repeat(32)).unwrap();
+    let new = keys.path().join("new.key");
+    std::fs::write(&new, "44".repeat(32)).unwrap();
+    let mut node = start_node(
+        &loc,
+        &["--encryption-key-file".into(), old.display().to_string()],
+    );
+    node.put_doc("k/before", &json!({"v": 1})).ok_json("put");
+    wait_shipped(&node);
+    assert!(node.terminate(Duration::from_secs(30)).success());
+    let out = Command::new(env!("CARGO_BIN_EXE_verge"))
+        .args(["rekey", "--data-dir"])
+        .arg(&node.data_dir)
+        .arg("--old-key-file")
+        .arg(&old)
+        .arg("--new-key-file")
+        .arg(&new)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key_pos = node
+        .extra_args
+        .iter()
+        .position(|a| a == "--encryption-key-file")
+        .unwrap();
+    node.extra_args[key_pos + 1] = new.display().to_string();
+    node.spawn();
+    node.put_doc("k/after", &json!({"v": 2})).ok_json("put");
+    wait_shipped(&node);
+    let dir = tempfile::tempdir().unwrap();
+    let new_arg = new.display().to_string();
+    let (ok, text) = restore(
+        &loc,
+        &dir.path().join("r"),
+        &["--encryption-key-file", &new_arg],
+    );
+    assert!(ok, "{text}");
+    let restored = start_restored(
+        &dir.path().join("r"),
+        &["--encryption-key-file".into(), new_arg],
+    );
+    assert_eq!(
+        restored.get_doc("k/before").ok_json("before")["doc"],
+        json!({"v": 1})
+    );
+    assert_eq!(
+        restored.get_doc("k/after").ok_json("after")["doc"],
+        json!({"v": 2})
+    );
 }

@@ -80,7 +80,7 @@ pub enum FormatError {
     },
     /// The backup is encrypted and no key was given.
     #[error(
-        "the backup is encrypted: give the store's key (--encryption-key-file or VERGE_ENCRYPTION_KEY)"
+        "the backup is encrypted: give the store's key (--encryption-key-file or VERGE_ENCRYPTION_KEY_FILE)"
     )]
     KeyMissing,
     /// A key was given for a plaintext backup.

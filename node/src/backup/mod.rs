@@ -97,6 +97,10 @@ struct Descriptor {
     store_id: String,
     node_id: String,
     encrypted: bool,
+    /// The fingerprint of the store's key ([`EncryptionKey::fingerprint`]): a chain is
+    /// sealed under one key, so a re-keyed store starts a new one.
+    #[serde(default)]
+    key: Option<String>,
 }
 
 /// An object written.
@@ -112,6 +116,9 @@ pub struct Shipped {
     pub seq: u64,
     /// When its view was taken, Unix milliseconds.
     pub at_ms: i64,
+    /// A segment that left records for the next one.
+    #[serde(skip)]
+    pub partial: bool,
 }
 
 /// What status reports of backups.
@@ -146,6 +153,7 @@ struct Shipper {
     backup: Arc<Backup>,
     store: Arc<Store>,
     cipher: Option<Arc<FrameCipher>>,
+    key_fingerprint: Option<String>,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
     node_id: String,
@@ -153,6 +161,11 @@ struct Shipper {
     /// The feed position shipped; `None` until known (or when a snapshot must come next).
     shipped: Option<u64>,
     last_snapshot_at_ms: Option<i64>,
+    /// The time of the last object written: names never go back in time, even when the
+    /// clock does.
+    last_at_ms: i64,
+    /// This store's backup identity.
+    store_id: String,
 }
 
 /// Tells the shipper to ship what the drained writer committed last, and waits for it.
@@ -200,12 +213,15 @@ pub fn start(
         backup: Arc::clone(&backup),
         store,
         cipher: key.map(|k| Arc::new(FrameCipher::new(k, nonce_seed))),
+        key_fingerprint: key.map(EncryptionKey::fingerprint),
         clock,
         metrics,
         node_id: node_id.to_owned(),
         config: config.clone(),
         shipped: None,
         last_snapshot_at_ms: None,
+        last_at_ms: i64::MIN,
+        store_id: String::new(),
     };
     let (finish_tx, finish_rx) = oneshot::channel();
     let task = tokio::spawn(shipper.run(requests_rx, finish_rx));
@@ -319,9 +335,8 @@ impl Shipper {
         loop {
             tokio::select! {
                 done = &mut finish => {
-                    if self.shipped.is_some()
-                        && let Err(e) = self.ship_due().await
-                    {
+                    // Only what is quick: the last segment, never a snapshot.
+                    if let Err(e) = self.ship_segments().await {
                         self.failed(&e);
                     }
                     if let Ok(done) = done {
@@ -389,31 +404,111 @@ impl Shipper {
     /// Claims the location for this store (or checks it is ours) and finds where shipping
     /// resumes.
     async fn prepare(&mut self) -> Result<(), BackupError> {
-        let store_id = match self.store.node_value(STORE_ID_KEY)? {
-            Some(id) => String::from_utf8_lossy(&id).into_owned(),
+        let store = Arc::clone(&self.store);
+        // A durable write: off the async workers.
+        self.store_id = tokio::task::spawn_blocking(move || -> Result<String, StoreError> {
+            match store.node_value(STORE_ID_KEY)? {
+                Some(id) => Ok(String::from_utf8_lossy(&id).into_owned()),
+                None => {
+                    let mut bytes = [0u8; 16];
+                    rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
+                    let id = hex::encode(bytes);
+                    store.set_node_value(STORE_ID_KEY, id.as_bytes())?;
+                    Ok(id)
+                }
+            }
+        })
+        .await
+        .map_err(|e| BackupError::Task(e.to_string()))??;
+        let ours = self.descriptor();
+        let new_chain = match self.read_descriptor().await? {
             None => {
-                let mut bytes = [0u8; 16];
-                rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
-                let id = hex::encode(bytes);
-                self.store.set_node_value(STORE_ID_KEY, id.as_bytes())?;
-                id
+                // Claimed atomically: of two stores starting at once, one wins, the other
+                // reads the winner's descriptor next time and refuses.
+                let path = ObjectPath::from(DESCRIPTOR);
+                let body = serde_json::to_vec_pretty(&ours).unwrap_or_default();
+                let opts = object_store::PutOptions::from(object_store::PutMode::Create);
+                let put = self
+                    .backup
+                    .target
+                    .store
+                    .put_opts(&path, PutPayload::from(body), opts)
+                    .await;
+                match put {
+                    Ok(_) => true,
+                    Err(object_store::Error::AlreadyExists { .. }) => {
+                        return Err(BackupError::Task(
+                            "the location was claimed meanwhile; checking it again".into(),
+                        ));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Some(theirs) => {
+                self.check_ours(&theirs)?;
+                if theirs.encrypted != ours.encrypted || theirs.key != ours.key {
+                    // Re-keyed: the next snapshot starts a chain sealed under the new key.
+                    let path = ObjectPath::from(DESCRIPTOR);
+                    let body = serde_json::to_vec_pretty(&ours).unwrap_or_default();
+                    self.backup
+                        .target
+                        .store
+                        .put(&path, PutPayload::from(body))
+                        .await?;
+                    true
+                } else {
+                    false
+                }
             }
         };
-        let remote = self.backup.target.store.as_ref();
-        let path = ObjectPath::from(DESCRIPTOR);
-        let ours = Descriptor {
+        self.shipped = None;
+        if !new_chain {
+            let listing = Listing::read(self.backup.target.store.as_ref()).await?;
+            self.last_at_ms = listing
+                .snapshots
+                .iter()
+                .map(|(n, _)| n.at_ms)
+                .chain(listing.segments.iter().map(|(n, _)| n.at_ms))
+                .max()
+                .unwrap_or(i64::MIN);
+            // Resume after the newest chain, if it is whole and the store still reaches it;
+            // anything else starts a new chain with a snapshot.
+            if let Ok(plan) = restore::plan(&listing, None, &self.backup.target.url) {
+                let resume = plan.segments.last().map_or(plan.snapshot.seq, |s| s.to);
+                let feed_last = self.store.feed_bounds()?.last;
+                if resume <= feed_last {
+                    self.shipped = Some(resume);
+                    self.last_snapshot_at_ms = Some(plan.snapshot.at_ms);
+                }
+            }
+        }
+        self.backup.update(|s| {
+            s.state = "ok";
+            s.error = None;
+            s.shipped_seq = self.shipped;
+        });
+        tracing::info!(to = %self.backup.target.url, resume = ?self.shipped, "backups on");
+        Ok(())
+    }
+
+    fn descriptor(&self) -> Descriptor {
+        Descriptor {
             layout: LAYOUT_VERSION,
-            store_id: store_id.clone(),
+            store_id: self.store_id.clone(),
             node_id: self.node_id.clone(),
             encrypted: self.cipher.is_some(),
+            key: self.key_fingerprint.clone(),
+        }
+    }
+
+    async fn read_descriptor(&self) -> Result<Option<Descriptor>, BackupError> {
+        let path = ObjectPath::from(DESCRIPTOR);
+        let bad = |why: String| BackupError::Descriptor {
+            url: self.backup.target.url.clone(),
+            why,
         };
-        let mut write_descriptor = false;
-        match remote.get(&path).await {
+        match self.backup.target.store.get(&path).await {
             Ok(found) => {
-                let bad = |why: String| BackupError::Descriptor {
-                    url: self.backup.target.url.clone(),
-                    why,
-                };
                 if found.meta.size > DESCRIPTOR_BYTES_MAX as u64 {
                     return Err(bad(format!("{} bytes", found.meta.size)));
                 }
@@ -426,46 +521,34 @@ impl Shipper {
                         theirs.layout
                     )));
                 }
-                if theirs.store_id != store_id {
-                    return Err(BackupError::Foreign {
-                        url: self.backup.target.url.clone(),
-                        node_id: theirs.node_id,
-                    });
-                }
-                if theirs.encrypted != ours.encrypted || theirs.node_id != ours.node_id {
-                    // Re-keyed or renamed: the next snapshot starts a chain in the new form.
-                    write_descriptor = true;
-                    self.shipped = None;
-                }
+                Ok(Some(theirs))
             }
-            Err(object_store::Error::NotFound { .. }) => write_descriptor = true,
-            Err(e) => return Err(e.into()),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
         }
-        if write_descriptor {
-            let body = serde_json::to_vec_pretty(&ours).unwrap_or_default();
-            remote.put(&path, PutPayload::from(body)).await?;
-        } else {
-            let listing = Listing::read(remote).await?;
-            let last_snapshot = listing.snapshots.last().map(|(n, _)| *n);
-            self.last_snapshot_at_ms = last_snapshot.map(|n| n.at_ms);
-            // Resume after the newest object of the newest chain, if the store still is there.
-            let resume = listing
-                .segments
-                .iter()
-                .map(|(n, _)| n.to)
-                .filter(|_| last_snapshot.is_some())
-                .chain(last_snapshot.map(|n| n.seq))
-                .max();
-            let feed_last = self.store.feed_bounds()?.last;
-            self.shipped = resume.filter(|r| *r <= feed_last);
+    }
+
+    /// Whether a descriptor is this store's (a copy of the store under another node id is
+    /// not: two writers of one chain would interleave).
+    fn check_ours(&self, theirs: &Descriptor) -> Result<(), BackupError> {
+        if theirs.store_id != self.store_id || theirs.node_id != self.node_id {
+            return Err(BackupError::Foreign {
+                url: self.backup.target.url.clone(),
+                node_id: theirs.node_id.clone(),
+            });
         }
-        self.backup.update(|s| {
-            s.state = "ok";
-            s.error = None;
-            s.shipped_seq = self.shipped;
-        });
-        tracing::info!(to = %self.backup.target.url, resume = ?self.shipped, "backups on");
         Ok(())
+    }
+
+    /// Before each snapshot: the location is still ours.
+    async fn verify_claim(&self) -> Result<(), BackupError> {
+        match self.read_descriptor().await? {
+            Some(theirs) => self.check_ours(&theirs),
+            None => Err(BackupError::Descriptor {
+                url: self.backup.target.url.clone(),
+                why: "it was removed; restart the node to claim the location again".into(),
+            }),
+        }
     }
 
     /// Ships what is due: a snapshot when none stands or the interval passed, else the
@@ -481,28 +564,35 @@ impl Shipper {
             self.snapshot().await?;
             return Ok(());
         }
+        self.ship_segments().await
+    }
+
+    /// Ships the changes since the last object (several segments when far behind).
+    async fn ship_segments(&mut self) -> Result<(), BackupError> {
+        if self.shipped.is_none() {
+            return Ok(());
+        }
         loop {
-            let from = self.shipped.unwrap_or(0);
             match self.segment().await {
-                Ok(Some(shipped)) => {
-                    // A node far behind (a segment full to its bound) ships the rest back to
-                    // back; writes made while a segment was written wait for the next tick,
-                    // so that a busy node ships once an interval, not continuously.
-                    if shipped.seq.saturating_sub(from) < SEGMENT_RECORDS_MAX as u64 {
-                        break;
-                    }
-                }
+                // A node far behind ships the rest back to back; writes made while a segment
+                // was written wait for the next tick, so that a busy node ships once an
+                // interval, not continuously.
+                Ok(Some(shipped)) if shipped.partial => {}
                 Ok(_) => break,
                 Err(SegmentError::Trimmed) => {
                     tracing::warn!(
-                        "the change feed was trimmed past what backups shipped; taking a snapshot"
+                        "the change feed was trimmed past what backups shipped; a snapshot comes next"
                     );
-                    self.snapshot().await?;
+                    self.shipped = None;
                     break;
                 }
                 Err(SegmentError::Backup(e)) => return Err(e),
             }
         }
+        self.update_lag()
+    }
+
+    fn update_lag(&self) -> Result<(), BackupError> {
         let lag = self
             .store
             .feed_bounds()?
@@ -513,15 +603,15 @@ impl Shipper {
     }
 
     async fn snapshot(&mut self) -> Result<Shipped, BackupError> {
+        self.verify_claim().await?;
         let store = Arc::clone(&self.store);
         let clock = Arc::clone(&self.clock);
+        let floor = self.last_at_ms;
         let started = self.clock.now_ms();
         let shipped = self
             .upload(Kind::Snapshot, move |emit| {
-                let view = store.backup_view()?;
+                let (view, at_ms) = view_at(&store, clock.as_ref(), floor)?;
                 let seq = view.feed_last()?;
-                // Taken after the view began: everything in it committed before this time.
-                let at_ms = clock.now_ms();
                 let documents = view.doc_count()?;
                 let name = SnapshotName { seq, at_ms }.path().to_string();
                 emit.begin(name, seq, at_ms)?;
@@ -538,8 +628,11 @@ impl Shipper {
         );
         self.shipped = Some(shipped.seq);
         self.last_snapshot_at_ms = Some(shipped.at_ms);
+        self.last_at_ms = shipped.at_ms;
         self.succeeded(&shipped, Kind::Snapshot);
+        self.update_lag()?;
         if let Err(e) = self.expire().await {
+            self.metrics.backup_failures.inc();
             tracing::warn!(error = %e, "dropping old backups failed; retrying after the next snapshot");
         }
         Ok(shipped)
@@ -551,9 +644,12 @@ impl Shipper {
         };
         let store = Arc::clone(&self.store);
         let clock = Arc::clone(&self.clock);
+        let floor = self.last_at_ms;
+        let partial = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let partial_out = Arc::clone(&partial);
         let shipped = self
             .upload(Kind::Segment, move |emit| {
-                let view = store.backup_view()?;
+                let (view, at_ms) = view_at(&store, clock.as_ref(), floor)?;
                 let changed = match view.changed_after(from, SEGMENT_RECORDS_MAX) {
                     Ok(changed) => changed,
                     Err(ChangedError::Trimmed { .. }) => return Err(EmitError::Trimmed),
@@ -562,11 +658,12 @@ impl Shipper {
                 if changed.ids.is_empty() {
                     return Ok(0);
                 }
-                let at_ms = clock.now_ms();
+                partial_out.store(changed.capped, std::sync::atomic::Ordering::Relaxed);
                 let name = SegmentName {
                     from,
                     to: changed.to,
                     at_ms,
+                    partial: changed.capped,
                 }
                 .path()
                 .to_string();
@@ -580,8 +677,10 @@ impl Shipper {
             .await;
         match shipped {
             Ok(shipped) if shipped.name.is_empty() => Ok(None),
-            Ok(shipped) => {
+            Ok(mut shipped) => {
+                shipped.partial = partial.load(std::sync::atomic::Ordering::Relaxed);
                 self.shipped = Some(shipped.seq);
+                self.last_at_ms = shipped.at_ms;
                 self.succeeded(&shipped, Kind::Segment);
                 Ok(Some(shipped))
             }
@@ -691,6 +790,7 @@ impl Shipper {
                 documents: 0,
                 seq: 0,
                 at_ms: 0,
+                partial: false,
             });
         };
         if let Some(mut w) = writer {
@@ -708,7 +808,32 @@ impl Shipper {
             documents,
             seq,
             at_ms,
+            partial: false,
         })
+    }
+}
+
+/// Most tries at a view begun within one millisecond.
+const VIEW_TRIES: usize = 16;
+
+/// Begins a view and the time that names it. Every write acknowledged before that time
+/// committed before the view began (so it is in it), and everything in the view committed by
+/// that time (so `--at` it includes nothing later): the view is begun within one millisecond
+/// of the clock, tried again in the rare case it straddles a tick. Never before `floor`.
+fn view_at<'s>(
+    store: &'s Store,
+    clock: &dyn Clock,
+    floor: i64,
+) -> Result<(crate::store::backup::BackupView<'s>, i64), StoreError> {
+    let mut tries = 0;
+    loop {
+        let before = clock.now_ms();
+        let view = store.backup_view()?;
+        let after = clock.now_ms();
+        tries += 1;
+        if before == after || tries >= VIEW_TRIES {
+            return Ok((view, after.max(floor)));
+        }
     }
 }
 

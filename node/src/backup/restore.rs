@@ -135,12 +135,20 @@ pub fn rfc3339(ms: i64) -> String {
         .unwrap_or_else(|| ms.to_string())
 }
 
+/// What a restore reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// The snapshot it starts from.
+    pub snapshot: SnapshotName,
+    /// The segments after it, in order, without a gap.
+    pub segments: Vec<SegmentName>,
+    /// Every write acknowledged before this time is in the restored state: the time of the
+    /// last object that is not a partial segment.
+    pub as_of_ms: i64,
+}
+
 /// The snapshot and segments a restore to `at_ms` reads, checked for gaps.
-pub fn plan(
-    listing: &Listing,
-    at_ms: Option<i64>,
-    url: &str,
-) -> Result<(SnapshotName, Vec<SegmentName>), RestoreError> {
+pub fn plan(listing: &Listing, at_ms: Option<i64>, url: &str) -> Result<Plan, RestoreError> {
     let within = |t: i64| at_ms.is_none_or(|at| t <= at);
     let snapshot = listing
         .snapshots
@@ -176,7 +184,16 @@ pub fn plan(
         chain.push(*name);
         reached = name.to;
     }
-    Ok((snapshot, chain))
+    let as_of_ms = chain
+        .iter()
+        .rev()
+        .find(|s| !s.partial)
+        .map_or(snapshot.at_ms, |s| s.at_ms);
+    Ok(Plan {
+        snapshot,
+        segments: chain,
+        as_of_ms,
+    })
 }
 
 /// Runs a restore.
@@ -194,13 +211,24 @@ pub async fn restore(args: &RestoreArgs) -> Result<Restored, RestoreError> {
     check_empty(target_dir)?;
     let target = Target::open(&args.from)?;
     let listing = Listing::read(target.store.as_ref()).await?;
-    let (snapshot, segments) = plan(&listing, at_ms, &target.url)?;
+    let Plan {
+        snapshot,
+        segments,
+        as_of_ms,
+    } = plan(&listing, at_ms, &target.url)?;
     tracing::info!(
         snapshot = %snapshot.path(),
         segments = segments.len(),
         "restoring"
     );
-    let building = sibling(target_dir, ".restoring")?;
+    // An existing (empty) target may be a mount point: build inside it, on its filesystem,
+    // and move the files up at the end. A new one is built beside it and renamed.
+    let inside = target_dir.is_dir();
+    let building = if inside {
+        target_dir.join(BUILDING_INSIDE)
+    } else {
+        sibling(target_dir, ".restoring")?
+    };
     if building.exists() {
         std::fs::remove_dir_all(&building).map_err(|source| RestoreError::Io {
             context: format!(
@@ -210,7 +238,10 @@ pub async fn restore(args: &RestoreArgs) -> Result<Restored, RestoreError> {
             source,
         })?;
     }
-    let result = build(&target, &building, key, snapshot, &segments).await;
+    let result = match build(&target, &building, key, snapshot, &segments).await {
+        Ok(done) => put_in_place(&building, target_dir, inside).map(|()| done),
+        Err(e) => Err(e),
+    };
     let (bytes, documents) = match result {
         Ok(done) => done,
         Err(e) => {
@@ -218,38 +249,64 @@ pub async fn restore(args: &RestoreArgs) -> Result<Restored, RestoreError> {
             return Err(e);
         }
     };
-    if target_dir.exists() {
-        // Checked empty above.
-        std::fs::remove_dir(target_dir).map_err(|source| RestoreError::Io {
-            context: format!("replacing the empty {}", target_dir.display()),
-            source,
-        })?;
-    }
-    std::fs::rename(&building, target_dir).map_err(|source| RestoreError::Io {
-        context: format!("moving {} to {}", building.display(), target_dir.display()),
-        source,
-    })?;
-    if let Some(dir) = target_dir
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .and_then(|p| std::fs::File::open(p).ok())
-    {
-        let _ = dir.sync_all();
-    }
     Ok(Restored {
         snapshot,
         segments: segments.len(),
         bytes,
         documents,
-        as_of_ms: segments.last().map_or(snapshot.at_ms, |s| s.at_ms),
+        as_of_ms,
         elapsed_ms: started.elapsed().as_millis(),
     })
 }
 
+/// Where a restore into an existing directory builds the store.
+const BUILDING_INSIDE: &str = ".verge-restoring";
+
+/// Moves the built store into place and makes the move durable.
+fn put_in_place(building: &Path, target_dir: &Path, inside: bool) -> Result<(), RestoreError> {
+    let io = |context: String| move |source| RestoreError::Io { context, source };
+    if inside {
+        let entries =
+            std::fs::read_dir(building).map_err(io(format!("reading {}", building.display())))?;
+        for entry in entries {
+            let entry = entry.map_err(io(format!("reading {}", building.display())))?;
+            let to = target_dir.join(entry.file_name());
+            std::fs::rename(entry.path(), &to).map_err(io(format!(
+                "moving {} to {}",
+                entry.path().display(),
+                to.display()
+            )))?;
+        }
+        std::fs::remove_dir(building).map_err(io(format!("removing {}", building.display())))?;
+        sync_dir(target_dir);
+    } else {
+        std::fs::rename(building, target_dir).map_err(io(format!(
+            "moving {} to {}",
+            building.display(),
+            target_dir.display()
+        )))?;
+        if let Some(parent) = target_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent);
+        }
+    }
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
 fn check_empty(dir: &Path) -> Result<(), RestoreError> {
     match std::fs::read_dir(dir) {
-        Ok(mut entries) => {
-            if entries.next().is_some() {
+        Ok(entries) => {
+            // A fresh filesystem's lost+found, and an interrupted restore's work, do not count.
+            let mut others = entries.filter_map(Result::ok).filter(|e| {
+                let name = e.file_name();
+                name != "lost+found" && name != BUILDING_INSIDE
+            });
+            if others.next().is_some() {
                 return Err(RestoreError::Usage(format!(
                     "{} exists and is not empty: restore into a new directory",
                     dir.display()
@@ -383,7 +440,19 @@ mod tests {
     }
 
     fn seg(from: u64, to: u64, at_ms: i64) -> (SegmentName, u64) {
-        (SegmentName { from, to, at_ms }, 1)
+        (
+            SegmentName {
+                from,
+                to,
+                at_ms,
+                partial: false,
+            },
+            1,
+        )
+    }
+
+    fn tos(plan: &Plan) -> Vec<u64> {
+        plan.segments.iter().map(|c| c.to).collect()
     }
 
     #[test]
@@ -397,14 +466,17 @@ mod tests {
                 seg(60, 70, 1200),
             ],
         };
-        let (s, chain) = plan(&listing, None, "u").unwrap();
-        assert_eq!(s.seq, 50);
-        assert_eq!(chain.iter().map(|c| c.to).collect::<Vec<_>>(), [60, 70]);
-        let (s, chain) = plan(&listing, Some(250), "u").unwrap();
-        assert_eq!(s.seq, 0);
-        assert_eq!(chain.iter().map(|c| c.to).collect::<Vec<_>>(), [10]);
-        let (_, chain) = plan(&listing, Some(1150), "u").unwrap();
-        assert_eq!(chain.iter().map(|c| c.to).collect::<Vec<_>>(), [60]);
+        let p = plan(&listing, None, "u").unwrap();
+        assert_eq!(
+            (p.snapshot.seq, tos(&p), p.as_of_ms),
+            (50, vec![60, 70], 1200)
+        );
+        let p = plan(&listing, Some(250), "u").unwrap();
+        assert_eq!((p.snapshot.seq, tos(&p), p.as_of_ms), (0, vec![10], 200));
+        let p = plan(&listing, Some(1150), "u").unwrap();
+        assert_eq!(tos(&p), [60]);
+        let p = plan(&listing, Some(1000), "u").unwrap();
+        assert_eq!((tos(&p), p.as_of_ms), (vec![], 1000));
         assert!(matches!(
             plan(&listing, Some(50), "u"),
             Err(RestoreError::NoSnapshot { .. })
@@ -422,7 +494,19 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // Before the gap, the chain is whole.
-        assert_eq!(plan(&listing, Some(300), "u").unwrap().1.len(), 1);
+        assert_eq!(plan(&listing, Some(300), "u").unwrap().segments.len(), 1);
+    }
+
+    #[test]
+    fn a_chain_ending_on_a_partial_segment_is_whole_only_up_to_the_object_before() {
+        let mut partial = seg(10, 20, 300);
+        partial.0.partial = true;
+        let listing = Listing {
+            snapshots: vec![snap(0, 100)],
+            segments: vec![seg(0, 10, 200), partial, seg(20, 30, 400)],
+        };
+        assert_eq!(plan(&listing, Some(350), "u").unwrap().as_of_ms, 200);
+        assert_eq!(plan(&listing, None, "u").unwrap().as_of_ms, 400);
     }
 
     #[test]

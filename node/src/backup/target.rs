@@ -24,6 +24,8 @@ pub const SNAPSHOTS: &str = "snapshots";
 pub const SEGMENTS: &str = "segments";
 /// Suffix of snapshot and segment objects.
 const SUFFIX: &str = ".vbk";
+/// Marks a partial segment's name.
+const PARTIAL: &str = "-partial";
 
 /// A backup location, opened.
 #[derive(Debug, Clone)]
@@ -141,6 +143,10 @@ pub struct SegmentName {
     pub to: u64,
     /// When its view was taken, Unix milliseconds.
     pub at_ms: i64,
+    /// It covers only part of what its view held ([`super::SEGMENT_RECORDS_MAX`] records):
+    /// documents changed only after `to` wait for the next segment, so a restore ending on it
+    /// is complete only up to the previous object's time.
+    pub partial: bool,
 }
 
 impl SnapshotName {
@@ -167,14 +173,21 @@ impl SegmentName {
     /// Its path under the location.
     pub fn path(&self) -> ObjectPath {
         ObjectPath::from(format!(
-            "{SEGMENTS}/{:020}-{:020}-{:013}{SUFFIX}",
-            self.from, self.to, self.at_ms
+            "{SEGMENTS}/{:020}-{:020}-{:013}{}{SUFFIX}",
+            self.from,
+            self.to,
+            self.at_ms,
+            if self.partial { PARTIAL } else { "" }
         ))
     }
 
     /// Parses the last part of a path; `None` for anything else.
     pub fn parse(file: &str) -> Option<Self> {
         let stem = file.strip_suffix(SUFFIX)?;
+        let (stem, partial) = match stem.strip_suffix(PARTIAL) {
+            Some(stem) => (stem, true),
+            None => (stem, false),
+        };
         let mut parts = stem.split('-');
         let from = digits(parts.next()?, 20)?;
         let to = digits(parts.next()?, 20)?;
@@ -182,7 +195,12 @@ impl SegmentName {
         if parts.next().is_some() || to <= from {
             return None;
         }
-        Some(Self { from, to, at_ms })
+        Some(Self {
+            from,
+            to,
+            at_ms,
+            partial,
+        })
     }
 }
 
@@ -204,16 +222,19 @@ mod tests {
             from: 9,
             to: 10,
             at_ms: 1_700_000_000_000,
+            partial: false,
         };
         let b = SegmentName {
             from: 10,
             to: 200,
             at_ms: 1_700_000_000_500,
+            partial: true,
         };
         let pa = a.path().to_string();
         let pb = b.path().to_string();
         assert!(pa < pb);
         assert_eq!(SegmentName::parse(pa.rsplit('/').next().unwrap()), Some(a));
+        assert_eq!(SegmentName::parse(pb.rsplit('/').next().unwrap()), Some(b));
         let s = SnapshotName {
             seq: 42,
             at_ms: 1_700_000_000_000,

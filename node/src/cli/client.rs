@@ -125,7 +125,7 @@ pub enum ClientCommand {
     Status,
     /// Show each webhook subscription: its cursor, lag, deliveries and failures.
     Subscriptions,
-    /// Backups of the running node ([backup] in its config).
+    /// Backups of the running node (`[backup]` in its config).
     #[command(subcommand)]
     Backup(BackupCommand),
     /// Retire the node: it announces its departure to the cluster, then stops as on SIGTERM

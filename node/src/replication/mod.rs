@@ -331,7 +331,7 @@ impl Replication {
     }
 
     /// Leaves the cluster: announces this node's departure to a few members and waits until
-    /// their QUIC stacks confirmed it (at most [`LEAVE_DELIVERY_TIMEOUT`]), so the
+    /// their QUIC stacks confirmed it (at most `LEAVE_DELIVERY_TIMEOUT`), so the
     /// announcement is out before the endpoint closes; the members pass it on. The members
     /// then drop this node and stop dialling it, until it starts again (a new generation).
     /// The caller stops the node afterwards: it takes no further part in membership.

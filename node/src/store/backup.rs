@@ -51,8 +51,11 @@ pub enum BackupRow {
 pub struct Changed {
     /// The documents named by the records read.
     pub ids: BTreeSet<String>,
-    /// The last record read (the position the rows are consistent with).
+    /// The last record read.
     pub to: u64,
+    /// Records after `to` were left for later (the bound was reached): documents changed only
+    /// by them are not among `ids`.
+    pub capped: bool,
 }
 
 /// Why rows after a feed position cannot be read.
@@ -132,6 +135,7 @@ impl BackupView<'_> {
             changed.ids.insert(record.id);
             changed.to = seq;
         }
+        changed.capped = changed.to < last;
         Ok(changed)
     }
 

@@ -114,6 +114,13 @@ impl EncryptionKey {
         }
     }
 
+    /// A short public name of the key (HMAC-SHA256 of a fixed label under it): tells whether
+    /// two keys are the same without revealing either.
+    pub fn fingerprint(&self) -> String {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.0);
+        hex::encode(&ring::hmac::sign(&key, b"verge-key-fingerprint-1").as_ref()[..8])
+    }
+
     /// Reads a key file: exactly 32 raw bytes, or the key as hex or base64 text.
     pub fn from_file(path: &Path) -> Result<Self, KeyError> {
         let io = |e: std::io::Error| KeyError(format!("reading key file {}: {e}", path.display()));
