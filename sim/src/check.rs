@@ -68,6 +68,16 @@ pub struct FinalState {
     pub converged: bool,
     /// Simulated time the agreement took after the faults healed.
     pub took: Duration,
+    /// The node each entry of `nodes` is (empty: `nodes[i]` is node `i`); departed nodes are
+    /// left out.
+    pub hosts: Vec<usize>,
+}
+
+impl FinalState {
+    /// The node index of entry `k` of [`Self::nodes`].
+    pub fn host(&self, k: usize) -> usize {
+        self.hosts.get(k).copied().unwrap_or(k)
+    }
 }
 
 /// Shared slot the converging client fills.
@@ -146,6 +156,7 @@ pub async fn converge(
                 nodes: views,
                 converged: agreed,
                 took,
+                hosts: Vec::new(),
             };
             return;
         }
@@ -194,6 +205,7 @@ fn divergence(state: &FinalState) -> Vec<Violation> {
             .nodes
             .iter()
             .enumerate()
+            .map(|(k, n)| (state.host(k), n))
             .map(|(i, n)| match n.get(id).and_then(Option::as_ref) {
                 Some(v) if v.is_absent() => format!("n{i} absent"),
                 Some(v) => format!("n{i} heads={:?}", v.heads),
@@ -702,6 +714,7 @@ mod tests {
             nodes,
             converged: true,
             took: Duration::ZERO,
+            hosts: Vec::new(),
         }
     }
 
@@ -859,6 +872,7 @@ mod tests {
             nodes: vec![node],
             converged: true,
             took: Duration::ZERO,
+            hosts: Vec::new(),
         };
         verify(&state, &racing_history(removed), 1, Creation::Racing)
             .iter()
@@ -887,6 +901,7 @@ mod tests {
             nodes: vec![node],
             converged: true,
             took: Duration::ZERO,
+            hosts: Vec::new(),
         };
         assert!(
             verify(&state, &none, 1, Creation::Racing).is_empty(),
@@ -1024,6 +1039,7 @@ mod tests {
             nodes: vec![node],
             converged: true,
             took: Duration::ZERO,
+            hosts: Vec::new(),
         }
     }
 

@@ -212,6 +212,8 @@ impl ClusterBuilder {
             nodes.push(NodeState {
                 spec: host,
                 up: true,
+                departed: false,
+                crashed_at: None,
             });
         }
         for i in 0..self.nodes {
@@ -241,6 +243,7 @@ impl ClusterBuilder {
             seed: self.seed,
             clients: 0,
             latency: self.latency,
+            departures: Arc::default(),
         };
         if self.loss > 0.0 {
             cluster.set_loss(self.loss);
@@ -290,6 +293,10 @@ struct HostSpec {
 struct NodeState {
     spec: Arc<HostSpec>,
     up: bool,
+    /// The node left the cluster or was forgotten: it is never started again.
+    departed: bool,
+    /// When its power was last cut.
+    crashed_at: Option<Duration>,
 }
 
 /// The wall-clock offset of node `index`: uniform in `-max..=max` at millisecond resolution,
@@ -316,9 +323,14 @@ fn host_seed(seed: u64, index: usize, boot: u64) -> u64 {
 async fn run_host(spec: Arc<HostSpec>) -> turmoil::Result {
     // A node that stops on an error exits, as a process would; the driver restarts it (see
     // `Cluster::supervise`), as a service manager would.
-    if let Err(e) = run_node(&spec).await {
-        spec.trace
-            .event(format!("{} exited: {e}", host_name(spec.index)));
+    match run_node(&spec).await {
+        Err(e) => spec
+            .trace
+            .event(format!("{} exited: {e}", host_name(spec.index))),
+        // Only a node that left the cluster stops by itself without an error.
+        Ok(()) => spec
+            .trace
+            .event(format!("{} stopped", host_name(spec.index))),
     }
     *crate::lock(&spec.exited) = Some(now());
     Ok(())
@@ -396,6 +408,7 @@ pub struct Cluster<'a> {
     seed: u64,
     clients: usize,
     latency: Duration,
+    departures: crate::departure::SharedDepartures,
 }
 
 impl std::fmt::Debug for Cluster<'_> {
@@ -496,6 +509,13 @@ impl<'a> Cluster<'a> {
                     }
                     Some(_) if !node.up => {
                         *exited = None;
+                        // A departed node's process ended: nothing of it goes on (no task
+                        // left on its host, no write to its disk), as after a real exit.
+                        if node.departed {
+                            node.spec.disk.power_cut();
+                            self.trace.event(format!("n{i} process ended"));
+                            self.sim.crash(host_name(i).as_str());
+                        }
                         false
                     }
                     _ => false,
@@ -614,6 +634,7 @@ impl<'a> Cluster<'a> {
         self.trace.event(format!("fault crash n{i}"));
         node.spec.disk.power_cut();
         node.up = false;
+        node.crashed_at = Some(self.sim.elapsed());
         self.sim.crash(host_name(i).as_str());
     }
 
@@ -622,6 +643,9 @@ impl<'a> Cluster<'a> {
         let Some(node) = self.nodes.get_mut(i) else {
             return;
         };
+        if node.departed {
+            return;
+        }
         self.trace.event(format!("restart n{i}"));
         node.spec.disk.restore();
         node.up = true;
@@ -636,16 +660,18 @@ impl<'a> Cluster<'a> {
         timeout: Duration,
     ) -> Result<crate::check::FinalState, SimError> {
         let out: crate::check::SharedFinal = Arc::default();
-        let nodes = self.nodes.len();
+        let hosts = self.survivors();
         let ids: Vec<String> = ids.iter().map(|s| (*s).to_owned()).collect();
         let prefix = common_prefix(&ids);
         let slot = Arc::clone(&out);
         let name = format!("converge-{}", self.clients);
         self.client(name, async move {
-            let apis = (0..nodes)
-                .map(|i| crate::api::NodeApi::of(&host_name(i)))
+            let apis = hosts
+                .iter()
+                .map(|i| crate::api::NodeApi::of(&host_name(*i)))
                 .collect();
-            crate::check::converge(apis, ids, prefix, timeout, slot).await;
+            crate::check::converge(apis, ids, prefix, timeout, Arc::clone(&slot)).await;
+            crate::lock(&slot).hosts = hosts;
             Ok(())
         });
         self.run_clients(timeout + Duration::from_secs(30))?;
@@ -662,6 +688,59 @@ impl<'a> Cluster<'a> {
     /// Whether node `i` is running.
     pub fn is_up(&self, i: usize) -> bool {
         self.nodes.get(i).is_some_and(|n| n.up)
+    }
+
+    /// The nodes that did not depart (left or forgotten), in order.
+    pub fn survivors(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|i| !self.nodes[*i].departed)
+            .collect()
+    }
+
+    /// The departures so far, with what the admin routes answered (filled in as they answer).
+    pub fn departures(&self) -> Vec<crate::departure::Departure> {
+        crate::lock(&self.departures).clone()
+    }
+
+    /// Makes node `i` leave the cluster through `POST /v1/admin/leave`, called by a client
+    /// at once: the node announces its departure and stops, and is never started again.
+    pub fn leave(&mut self, i: usize) {
+        if self.nodes.get(i).is_none_or(|n| n.departed) {
+            return;
+        }
+        self.trace.event(format!("fault leave n{i}"));
+        self.depart(i, crate::departure::How::Left);
+    }
+
+    /// Makes node `via` forget node `i` through `POST /v1/admin/members/forget`, called by a
+    /// client at once; node `i` is never started again (crash it first).
+    pub fn forget(&mut self, i: usize, via: usize) {
+        if self.nodes.get(i).is_none_or(|n| n.departed) || via >= self.nodes.len() {
+            return;
+        }
+        self.trace.event(format!("fault forget n{i} at n{via}"));
+        let crashed = self.nodes[i].crashed_at;
+        self.depart(i, crate::departure::How::Forgotten { via, crashed });
+    }
+
+    fn depart(&mut self, i: usize, how: crate::departure::How) {
+        // Down for the supervisor: the process that exits after leaving stays stopped.
+        self.nodes[i].departed = true;
+        self.nodes[i].up = false;
+        let survivors = self.survivors();
+        let departure = crate::departure::Departure {
+            node: i,
+            addr: gossip_addr(i),
+            how,
+            at: self.sim.elapsed(),
+            answer: Err("not called yet".into()),
+            compactions: Vec::new(),
+        };
+        let (out, trace) = (Arc::clone(&self.departures), self.trace.clone());
+        self.client(format!("depart-n{i}"), async move {
+            crate::departure::call(departure, survivors, out, trace).await;
+            Ok(())
+        });
     }
 }
 

@@ -163,7 +163,8 @@ pub fn verify(
         what,
         needles: vec!["feed".into()],
     };
-    for (i, (ip, feed)) in nodes.iter().zip(feeds).enumerate() {
+    for (k, (ip, feed)) in nodes.iter().zip(feeds).enumerate() {
+        let i = state.host(k);
         let records = match feed {
             Ok(records) => records,
             Err(e) => {
@@ -205,7 +206,7 @@ pub fn verify(
         if !final_heads {
             continue;
         }
-        for (id, view) in state.nodes.get(i).into_iter().flatten() {
+        for (id, view) in state.nodes.get(k).into_iter().flatten() {
             let Some(view) = view.as_ref().filter(|v| !v.is_absent()) else {
                 continue;
             };
@@ -250,6 +251,7 @@ mod tests {
             nodes: vec![BTreeMap::from([("d".to_owned(), Some(view))])],
             converged: true,
             took: Duration::ZERO,
+            hosts: Vec::new(),
         }
     }
 

@@ -24,6 +24,7 @@ pub mod check;
 pub mod clock;
 pub mod cluster;
 pub mod crypto;
+pub mod departure;
 pub mod disk;
 pub mod feed;
 pub mod net;

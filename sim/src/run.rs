@@ -275,11 +275,50 @@ pub fn run(config: &RunConfig) -> Result<Report, SimError> {
     trace.event(format!("counters {line}"));
     notes.push(line);
     let feeds = read_feeds(&mut cluster)?;
-    let history = lock(&history);
-    let mut violations = match &revival_plan {
-        Some(revival_plan) => check::verify_revival(&state, &history, revival_plan, plan_empty),
-        None => check::verify(&state, &history, docs, creation),
+    let departures = cluster.departures();
+    let seen = if departures.is_empty() {
+        Vec::new()
+    } else {
+        observe_departures(&mut cluster, &departures)?
     };
+    let history = lock(&history);
+    // A node lost whole may take the writes it acknowledged last with it: those count as
+    // unknown (checked on a copy; the counts below are what the clients saw).
+    let forgotten = departures
+        .iter()
+        .any(|d| matches!(d.how, crate::departure::How::Forgotten { .. }));
+    let lost_copy = forgotten.then(|| {
+        let mut writes = history.writes.clone();
+        let per_node = config.workload.clients_per_node;
+        let replicas = config.workload.replicas_per_node.max(1);
+        let of_node = |client: usize| {
+            if client < clients {
+                client / per_node.max(1)
+            } else {
+                (client - clients) / replicas
+            }
+        };
+        let lost = crate::departure::lost_with_nodes(&departures, &mut writes, of_node);
+        (
+            History {
+                writes,
+                ..History::default()
+            },
+            lost,
+        )
+    });
+    let checked: &History = lost_copy.as_ref().map_or(&history, |(h, _)| h);
+    let mut violations = match &revival_plan {
+        Some(revival_plan) => check::verify_revival(&state, checked, revival_plan, plan_empty),
+        None => check::verify(&state, checked, docs, creation),
+    };
+    if !departures.is_empty() {
+        let survivors = cluster.survivors();
+        let line = departure_line(&departures, &survivors, &seen, lost_copy.map(|(_, n)| n));
+        trace.event(format!("departures {line}"));
+        notes.push(line);
+        violations.extend(crate::departure::verify(&departures, &survivors, &seen));
+    }
     violations.extend(crate::feed::verify(
         &feeds.0,
         &feeds.1,
@@ -301,7 +340,14 @@ pub fn run(config: &RunConfig) -> Result<Report, SimError> {
         trace.event(format!("violation {v}"));
     }
     let panics = panics::since(panics_before);
-    let mut needles: Vec<&str> = vec!["fault", "restart", "heal", "start boot", "exited"];
+    let mut needles: Vec<&str> = vec![
+        "fault",
+        "restart",
+        "heal",
+        "start boot",
+        "exited",
+        "departure",
+    ];
     for v in &violations {
         needles.extend(v.needles.iter().map(String::as_str));
     }
@@ -374,9 +420,10 @@ fn read_feeds(
     let out: Arc<Mutex<Vec<crate::feed::NodeFeed>>> = Arc::default();
     let ips: Arc<Mutex<Vec<std::net::IpAddr>>> = Arc::default();
     let (slot, ip_slot) = (Arc::clone(&out), Arc::clone(&ips));
-    let nodes = cluster.len();
+    let hosts = cluster.survivors();
+    let nodes = hosts.len();
     cluster.client("feeds", async move {
-        let apis: Vec<NodeApi> = (0..nodes).map(|i| NodeApi::of(&host_name(i))).collect();
+        let apis: Vec<NodeApi> = hosts.iter().map(|i| NodeApi::of(&host_name(*i))).collect();
         *lock(&ip_slot) = apis.iter().map(NodeApi::ip).collect();
         crate::feed::read_all(apis, slot).await;
         Ok(())
@@ -387,6 +434,84 @@ fn read_feeds(
     Ok((ips, feeds))
 }
 
+/// What the survivors' status shows of the departed members, once they agree (polled until
+/// it shows every departure, up to [`crate::departure::SPREAD_TIMEOUT`]).
+fn observe_departures(
+    cluster: &mut Cluster<'_>,
+    departures: &[crate::departure::Departure],
+) -> Result<Vec<crate::departure::Seen>, SimError> {
+    let out: Arc<Mutex<Vec<crate::departure::Seen>>> = Arc::default();
+    let slot = Arc::clone(&out);
+    let survivors = cluster.survivors();
+    let addrs: Vec<String> = departures.iter().map(|d| d.addr.to_string()).collect();
+    cluster.client("departed-status", async move {
+        crate::departure::observe(survivors, addrs, slot).await;
+        Ok(())
+    });
+    cluster.run_clients(crate::departure::SPREAD_TIMEOUT + Duration::from_secs(30))?;
+    let seen = std::mem::take(&mut *lock(&out));
+    Ok(seen)
+}
+
+/// One line on the departures: who left or was forgotten, what the route answered, what the
+/// survivors' status shows, and the writes counted as lost with a forgotten node.
+fn departure_line(
+    departures: &[crate::departure::Departure],
+    survivors: &[usize],
+    seen: &[crate::departure::Seen],
+    lost: Option<usize>,
+) -> String {
+    let mut parts = Vec::new();
+    for d in departures {
+        let how = match d.how {
+            crate::departure::How::Left => "left".to_owned(),
+            crate::departure::How::Forgotten { via, .. } => format!("forgotten at n{via}"),
+        };
+        let answer = match &d.answer {
+            Ok((status, body)) => match body.get("told") {
+                Some(told) => format!("{status}, told {told}"),
+                None => status.to_string(),
+            },
+            Err(e) => e.clone(),
+        };
+        parts.push(format!(
+            "n{} {how} at {:.3}s ({answer})",
+            d.node,
+            d.at.as_secs_f64()
+        ));
+    }
+    let status: Vec<String> = survivors
+        .iter()
+        .zip(seen)
+        .map(|(i, s)| {
+            let compactions = departures
+                .first()
+                .and_then(|d| d.compactions.iter().find(|(j, _)| j == i))
+                .and_then(|(_, c)| *c);
+            format!(
+                "n{i} members={} departed={:?} compactions {}->{}",
+                s.members.len(),
+                s.departed,
+                compactions.map_or("n/a".into(), |c| c.to_string()),
+                s.compactions.map_or("n/a".into(), |c| c.to_string()),
+            )
+        })
+        .collect();
+    let lost = lost
+        .map(|n| {
+            format!(
+                "; {n} writes acknowledged within {:?} of a forgotten node's power cut counted as unknown",
+                crate::departure::LOST_WITH_NODE
+            )
+        })
+        .unwrap_or_default();
+    format!(
+        "departures: {}; {}{lost}",
+        parts.join(", "),
+        status.join(", ")
+    )
+}
+
 /// Per node, the sum of each metric's series, as `n<i> label=value …`, comma-separated.
 fn metric_lines(
     cluster: &mut Cluster<'_>,
@@ -395,9 +520,9 @@ fn metric_lines(
 ) -> Result<String, SimError> {
     let out: Arc<Mutex<Vec<String>>> = Arc::default();
     let slot = Arc::clone(&out);
-    let nodes = cluster.len();
+    let hosts = cluster.survivors();
     cluster.client(client, async move {
-        for i in 0..nodes {
+        for i in hosts {
             let api = NodeApi::of(&host_name(i));
             let mut line = format!("n{i}");
             for (name, what) in metrics {
@@ -487,6 +612,12 @@ fn apply(cluster: &mut Cluster<'_>, fault: &Fault, down: &mut [bool]) {
         }
         Fault::Restart(_) => {}
         Fault::DiskErrors(i, n) => cluster.fail_syncs(*i, *n),
+        Fault::Leave(i) => cluster.leave(*i),
+        Fault::Forget { node, via } => {
+            cluster.forget(*node, *via);
+            // Never restarted: it is gone for good.
+            down[*node] = false;
+        }
         Fault::PowerCutAfterWrites(i, k) => {
             cluster.trace().event(format!(
                 "fault power cut of n{i} after {k} more disk writes"

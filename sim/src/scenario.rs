@@ -32,6 +32,17 @@ pub enum Fault {
     Restart(usize),
     /// Fail a node's next disk syncs (its commits fail).
     DiskErrors(usize, u32),
+    /// A node leaves the cluster gracefully (`POST /v1/admin/leave` at the node), while its
+    /// clients write, and stops; it is never started again.
+    Leave(usize),
+    /// A survivor forgets a node that lost its power (`POST /v1/admin/members/forget` at
+    /// `via`): the node is never started again.
+    Forget {
+        /// The node forgotten (crashed before).
+        node: usize,
+        /// The survivor asked to forget it.
+        via: usize,
+    },
 }
 
 /// Network conditions for the whole run.
@@ -288,6 +299,27 @@ fn revival_faults(rng: &mut StdRng, nodes: usize, duration: Duration) -> Vec<(Du
     plan
 }
 
+/// A node leaves gracefully between a quarter and half of the workload, while every client
+/// writes (its own clients included, up to the moment it stops).
+fn leave(rng: &mut StdRng, nodes: usize, duration: Duration) -> Vec<(Duration, Fault)> {
+    let node = rng.random_range(0..nodes);
+    let at = ms(rng, duration / 4, duration / 2);
+    vec![(at, Fault::Leave(node))]
+}
+
+/// A node loses its power between a quarter and half of the workload, and 0.5-2 s later a
+/// random survivor forgets it.
+fn forget(rng: &mut StdRng, nodes: usize, duration: Duration) -> Vec<(Duration, Fault)> {
+    let order = shuffled(rng, nodes);
+    let (node, via) = (order[0], order[1]);
+    let at = ms(rng, duration / 4, duration / 2);
+    let later = at + ms(rng, Duration::from_millis(500), Duration::from_secs(2));
+    vec![
+        (at, Fault::Crash(node)),
+        (later, Fault::Forget { node, via }),
+    ]
+}
+
 /// Every scenario.
 pub const SCENARIOS: &[Scenario] = &[
     Scenario {
@@ -388,6 +420,24 @@ pub const SCENARIOS: &[Scenario] = &[
         creation: Creation::Upfront,
         plan: chaos,
         network: jittery,
+    },
+    Scenario {
+        name: "leave",
+        about: "one node leaves the cluster gracefully (POST /v1/admin/leave) while clients write, and stays stopped",
+        nodes_min: 2,
+        relay: false,
+        creation: Creation::Upfront,
+        plan: leave,
+        network: steady,
+    },
+    Scenario {
+        name: "forget",
+        about: "one node loses its power for good, and a survivor forgets it (POST /v1/admin/members/forget)",
+        nodes_min: 2,
+        relay: false,
+        creation: Creation::Upfront,
+        plan: forget,
+        network: steady,
     },
     Scenario {
         name: "create-race",
