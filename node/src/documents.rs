@@ -289,8 +289,22 @@ struct Entry {
     poisoned: Arc<AtomicBool>,
 }
 
+/// A local write under way, counted until it is answered (see
+/// [`Documents::writes_in_flight`]).
+struct LocalSlot<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for LocalSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// The document service of a node.
 pub struct Documents {
+    /// Set when the node leaves the cluster: local writes are refused from then on.
+    local_writes_stopped: AtomicBool,
+    /// Local writes under way.
+    local_in_flight: std::sync::atomic::AtomicUsize,
     store: Arc<Store>,
     writer: WriterHandle,
     cache: Mutex<DocCache<Entry>>,
@@ -358,6 +372,8 @@ impl Documents {
         let actor = ActorId::from(rng.random::<[u8; 16]>());
         let (compaction_tx, compaction_rx) = mpsc::channel(COMPACTION_QUEUE);
         let docs = Arc::new(Self {
+            local_writes_stopped: AtomicBool::new(false),
+            local_in_flight: std::sync::atomic::AtomicUsize::new(0),
             store,
             writer,
             cache: Mutex::new(DocCache::new(config.cache_bytes)),
@@ -567,6 +583,43 @@ impl Documents {
         &self.config.space
     }
 
+    /// Refuses every later write made here (`503 shutting_down`); changes from peers still
+    /// apply. A node leaving the cluster hands its writes to its peers after this, so none is
+    /// acknowledged that the others might never get.
+    pub fn stop_local_writes(&self) {
+        self.local_writes_stopped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Writes that reserved their place in the queue and have not been answered, and queued
+    /// jobs: zero once every acknowledged local write is committed.
+    pub fn writes_in_flight(&self) -> usize {
+        self.writer.depth()
+            + self
+                .local_in_flight
+                .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn reserve_local(&self) -> Result<LocalSlot<'_>, DocError> {
+        if self
+            .local_writes_stopped
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(DocError::ShuttingDown);
+        }
+        self.local_in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let guard = LocalSlot(&self.local_in_flight);
+        // Checked again: a leave that began meanwhile waits for this write or refuses it.
+        if self
+            .local_writes_stopped
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(DocError::ShuttingDown);
+        }
+        Ok(guard)
+    }
+
     fn reserve(&self) -> Result<QueueSlot, DocError> {
         if self.config.space.full() {
             return Err(DocError::StorageFull);
@@ -675,6 +728,7 @@ impl Documents {
         if_match: Option<&[ChangeHash]>,
         idempotent: Option<Idempotent>,
     ) -> Result<Vec<ChangeHash>, DocError> {
+        let _local = self.reserve_local()?;
         let now = self.now_ms();
         let entry = self.entry(id);
         let queue_slot = self.reserve()?;
@@ -951,6 +1005,10 @@ impl Documents {
         let incoming_bytes: usize = incoming
             .as_ref()
             .map_or(0, |m| m.changes.iter().map(<[u8]>::len).sum());
+        let _local = match origin {
+            Origin::Client if incoming_bytes > 0 => Some(self.reserve_local()?),
+            _ => None,
+        };
         let now = self.now_ms();
         let entry = self.entry(id);
         let queue_slot = if incoming_bytes > 0 {

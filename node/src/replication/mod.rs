@@ -120,6 +120,8 @@ const CLOCK_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// included), before it stops anyway: the members that miss it declare it down as they would
 /// a crashed node.
 const LEAVE_DELIVERY_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest a leaving node spends handing its writes to the members.
+const HAND_OFF_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A membership packet and where it goes.
 type Packet = (SocketAddr, Vec<u8>);
@@ -339,6 +341,7 @@ impl Replication {
         if self.left.swap(true, Ordering::AcqRel) {
             return Err(MembersError::AlreadyLeft);
         }
+        self.hand_off().await;
         let (tx, rx) = oneshot::channel();
         self.membership_tx
             .send(MembershipInput::Leave(tx))
@@ -364,6 +367,46 @@ impl Replication {
         }
         tracing::info!(told = ?report.told, unconfirmed = ?report.unconfirmed, "left the cluster");
         Ok(report)
+    }
+
+    /// Before a departure: refuses further local writes, waits for those under way to be
+    /// answered, then runs a catch-up anti-entropy session with every live member, so that
+    /// every write this node acknowledged is on the others before they drop it (a broadcast
+    /// still in its batch window would otherwise go down with the node).
+    async fn hand_off(self: &Arc<Self>) {
+        self.docs.stop_local_writes();
+        let deadline = tokio::time::Instant::now() + HAND_OFF_TIMEOUT;
+        while self.docs.writes_in_flight() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let peers: Vec<SocketAddr> = self
+            .members()
+            .into_iter()
+            .filter(|m| m.state == "up")
+            .filter_map(|m| m.addr.parse().ok())
+            .collect();
+        let sessions = peers.iter().map(|&addr| async move {
+            let session = async {
+                let conn = self.connect(addr).await.ok()?;
+                session::run_anti_entropy(self, &conn, true).await.ok()
+            };
+            let done = tokio::time::timeout_at(deadline, session).await;
+            (addr, matches!(done, Ok(Some(_))))
+        });
+        let results = futures_util::future::join_all(sessions).await;
+        let synced = results.iter().filter(|(_, ok)| *ok).count();
+        if synced == 0 {
+            tracing::warn!(
+                peers = peers.len(),
+                "leaving without handing writes to any member: writes only this node holds go with it"
+            );
+        } else {
+            tracing::info!(
+                synced,
+                of = peers.len(),
+                "handed writes to the members before leaving"
+            );
+        }
     }
 
     /// Sends a membership packet on a stream and waits for the peer's QUIC stack to confirm
