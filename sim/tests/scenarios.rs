@@ -116,4 +116,32 @@ scenarios! {
     create_race_partition => "create-race-partition",
     ttl_revive => "ttl-revive",
     ttl_revive_partition => "ttl-revive-partition",
+    leave => "leave",
+    forget => "forget",
+}
+
+/// The run that found a write acknowledged during a leave and lost with the node (its
+/// broadcast still in the batch window): a leaving node now hands its writes off first.
+#[test]
+fn leave_hands_off_the_writes_it_acknowledged() {
+    verge_sim::panics::install();
+    let config = RunConfig {
+        seed: 20,
+        nodes: 3,
+        scenario: scenario::find("leave").expect("scenario exists"),
+        duration: Duration::from_secs(10),
+        workload: WorkloadConfig::default(),
+    };
+    let report = run(&config).expect("the run completes");
+    assert!(
+        report.ok(),
+        "verge-sim run --seed 20 --nodes 3 --scenario leave --trace\n  violations: {:?}\n  panics: {:?}\n{}",
+        report
+            .violations
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        report.panics,
+        report.evidence.join("\n")
+    );
 }
