@@ -66,19 +66,24 @@ fn check(name: &str) {
             "{replay}: only {acked} writes were acknowledged"
         );
         if !report.ok() {
-            failures.push(format!(
-                "{replay}\n  violations: {:?}\n  panics: {:?}\n{}",
-                report
-                    .violations
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>(),
-                report.panics,
-                report.evidence.join("\n")
-            ));
+            failures.push(failure(&replay, &report));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+/// What a failed run prints: the command that replays it, what broke and the events that matter.
+fn failure(replay: &str, report: &verge_sim::run::Report) -> String {
+    format!(
+        "{replay}\n  violations: {:?}\n  panics: {:?}\n{}",
+        report
+            .violations
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        report.panics,
+        report.evidence.join("\n")
+    )
 }
 
 macro_rules! scenarios {
@@ -135,13 +140,10 @@ fn leave_hands_off_the_writes_it_acknowledged() {
     let report = run(&config).expect("the run completes");
     assert!(
         report.ok(),
-        "verge-sim run --seed 20 --nodes 3 --scenario leave --trace\n  violations: {:?}\n  panics: {:?}\n{}",
-        report
-            .violations
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>(),
-        report.panics,
-        report.evidence.join("\n")
+        "{}",
+        failure(
+            "verge-sim run --seed 20 --nodes 3 --scenario leave --trace",
+            &report
+        )
     );
 }

@@ -579,14 +579,14 @@ impl Shipper {
                 // interval, not continuously.
                 Ok(Some(shipped)) if shipped.partial => {}
                 Ok(_) => break,
-                Err(SegmentError::Trimmed) => {
+                Err(UploadError::Trimmed) => {
                     tracing::warn!(
                         "the change feed was trimmed past what backups shipped; a snapshot comes next"
                     );
                     self.shipped = None;
                     break;
                 }
-                Err(SegmentError::Backup(e)) => return Err(e),
+                Err(UploadError::Backup(e)) => return Err(e),
             }
         }
         self.update_lag()
@@ -638,7 +638,7 @@ impl Shipper {
         Ok(shipped)
     }
 
-    async fn segment(&mut self) -> Result<Option<Shipped>, SegmentError> {
+    async fn segment(&mut self) -> Result<Option<Shipped>, UploadError> {
         let Some(from) = self.shipped else {
             return Ok(None);
         };
@@ -675,18 +675,15 @@ impl Shipper {
                 Ok(changed.ids.len() as u64)
             })
             .await;
-        match shipped {
-            Ok(shipped) if shipped.name.is_empty() => Ok(None),
-            Ok(mut shipped) => {
-                shipped.partial = partial.load(std::sync::atomic::Ordering::Relaxed);
-                self.shipped = Some(shipped.seq);
-                self.last_at_ms = shipped.at_ms;
-                self.succeeded(&shipped, Kind::Segment);
-                Ok(Some(shipped))
-            }
-            Err(UploadError::Trimmed) => Err(SegmentError::Trimmed),
-            Err(UploadError::Backup(e)) => Err(SegmentError::Backup(e)),
+        let mut shipped = shipped?;
+        if shipped.name.is_empty() {
+            return Ok(None);
         }
+        shipped.partial = partial.load(std::sync::atomic::Ordering::Relaxed);
+        self.shipped = Some(shipped.seq);
+        self.last_at_ms = shipped.at_ms;
+        self.succeeded(&shipped, Kind::Segment);
+        Ok(Some(shipped))
     }
 
     /// Drops snapshots beyond `keep_snapshots` and the segments before the oldest kept one,
@@ -726,11 +723,9 @@ impl Shipper {
                 cipher,
                 encoder: None,
             };
-            let result = produce(&mut emit);
-            match result {
-                Ok(documents) => emit.finish().map(|()| documents),
-                Err(e) => Err(e),
-            }
+            let documents = produce(&mut emit)?;
+            emit.finish()?;
+            Ok(documents)
         });
         let remote = Arc::clone(&self.backup.target.store);
         let mut writer: Option<BufWriter> = None;
@@ -875,11 +870,6 @@ impl From<UploadError> for BackupError {
             UploadError::Backup(e) => e,
         }
     }
-}
-
-enum SegmentError {
-    Trimmed,
-    Backup(BackupError),
 }
 
 impl Emit {

@@ -292,10 +292,9 @@ fn put_in_place(building: &Path, target_dir: &Path, inside: bool) -> Result<(), 
     Ok(())
 }
 
+/// Best effort: the move is done; a failure to make it durable now is not worth undoing it.
 fn sync_dir(dir: &Path) {
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
+    let _ = crate::store::sync_dir(dir);
 }
 
 fn check_empty(dir: &Path) -> Result<(), RestoreError> {

@@ -143,72 +143,48 @@ impl BackupView<'_> {
     pub fn doc_rows(
         &self,
         id: &str,
-        mut emit: impl FnMut(BackupRow) -> Result<(), StoreError>,
+        emit: impl FnMut(BackupRow) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
-        if let Some(v) = self.tx.open_table(SNAPSHOTS)?.get(id)? {
-            emit(BackupRow::Snapshot {
-                id: id.to_owned(),
-                value: v.value().to_vec(),
-            })?;
-        }
-        for item in self
-            .tx
-            .open_table(CHANGES)?
-            .range((id, 0)..=(id, u64::MAX))?
-        {
-            let (k, v) = item?;
-            emit(BackupRow::Change {
-                id: id.to_owned(),
-                seq: k.value().1,
-                value: v.value().to_vec(),
-            })?;
-        }
-        if let Some(v) = self.tx.open_table(META)?.get(id)? {
-            emit(BackupRow::Meta {
-                id: id.to_owned(),
-                value: v.value().to_vec(),
-            })?;
-        }
-        for item in self
-            .tx
-            .open_table(RETAINED)?
-            .range((id, 0)..=(id, u64::MAX))?
-        {
-            let (k, v) = item?;
-            emit(BackupRow::Retained {
-                id: id.to_owned(),
-                generation: k.value().1,
-                value: v.value().to_vec(),
-            })?;
-        }
-        for item in self
-            .tx
-            .open_table(RETAINED_AT)?
-            .range((id, 0)..=(id, u64::MAX))?
-        {
-            let (k, v) = item?;
-            emit(BackupRow::RetainedAt {
-                id: id.to_owned(),
-                generation: k.value().1,
-                at_ms: v.value(),
-            })?;
-        }
-        Ok(())
+        self.rows(Some(id), emit)
     }
 
     /// Every document row of the store, table by table.
     pub fn all_rows(
         &self,
+        emit: impl FnMut(BackupRow) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        self.rows(None, emit)
+    }
+
+    /// The rows of document `only`, or of every document, table by table.
+    fn rows(
+        &self,
+        only: Option<&str>,
         mut emit: impl FnMut(BackupRow) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
-        for item in self.tx.open_table(SNAPSHOTS)?.iter()? {
+        let snapshots = self.tx.open_table(SNAPSHOTS)?;
+        let metas = self.tx.open_table(META)?;
+        let changes = self.tx.open_table(CHANGES)?;
+        let retained = self.tx.open_table(RETAINED)?;
+        let retained_at = self.tx.open_table(RETAINED_AT)?;
+        let (by_id, by_seq) = match only {
+            Some(id) => (
+                (Bound::Included(id), Bound::Included(id)),
+                (Bound::Included((id, 0)), Bound::Included((id, u64::MAX))),
+            ),
+            None => (
+                (Bound::Unbounded, Bound::Unbounded),
+                (Bound::Unbounded, Bound::Unbounded),
+            ),
+        };
+        for item in snapshots.range::<&str>(by_id)? {
             let (k, v) = item?;
             emit(BackupRow::Snapshot {
                 id: k.value().to_owned(),
                 value: v.value().to_vec(),
             })?;
         }
-        for item in self.tx.open_table(CHANGES)?.iter()? {
+        for item in changes.range::<(&str, u64)>(by_seq)? {
             let (k, v) = item?;
             let (id, seq) = k.value();
             emit(BackupRow::Change {
@@ -217,14 +193,14 @@ impl BackupView<'_> {
                 value: v.value().to_vec(),
             })?;
         }
-        for item in self.tx.open_table(META)?.iter()? {
+        for item in metas.range::<&str>(by_id)? {
             let (k, v) = item?;
             emit(BackupRow::Meta {
                 id: k.value().to_owned(),
                 value: v.value().to_vec(),
             })?;
         }
-        for item in self.tx.open_table(RETAINED)?.iter()? {
+        for item in retained.range::<(&str, u64)>(by_seq)? {
             let (k, v) = item?;
             let (id, generation) = k.value();
             emit(BackupRow::Retained {
@@ -233,7 +209,7 @@ impl BackupView<'_> {
                 value: v.value().to_vec(),
             })?;
         }
-        for item in self.tx.open_table(RETAINED_AT)?.iter()? {
+        for item in retained_at.range::<(&str, u64)>(by_seq)? {
             let (k, v) = item?;
             let (id, generation) = k.value();
             emit(BackupRow::RetainedAt {

@@ -1026,7 +1026,8 @@ fn rewrite_changes(
 }
 
 /// fsyncs a directory so that entries created in it survive a power cut.
-fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+/// fsyncs a directory, so that entries created or renamed in it survive a power cut.
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     let io = |source| StoreError::Io {
         context: format!("syncing directory {}", dir.display()),
         source,
