@@ -21,6 +21,7 @@
 //! # Ok::<(), ClientError>(())
 //! ```
 
+pub mod decoded;
 pub mod error;
 pub mod replica;
 #[cfg(target_arch = "wasm32")]

@@ -23,6 +23,7 @@ use verge_core::lineage::{self, Lineage, Local, Move, Settled};
 use verge_core::shadow::Shadow;
 use verge_core::{DocId, Expiry, Op, PathSegment, Write, apply};
 
+use crate::decoded;
 use crate::error::ClientError;
 
 /// Most round trips one [`Replica::sync`] makes before giving up. The steady state needs one; a
@@ -98,8 +99,10 @@ where
 
 /// A local replica of one document.
 ///
-/// It writes as one actor for its whole life (a fresh one on [`Replica::new`] and on
-/// [`Replica::load`]: two replicas loaded from the same saved bytes must never share an actor).
+/// No two replicas ever write as one actor: [`Replica::new`] takes a fresh one, and
+/// [`Replica::save`] hands its actor to the saved bytes and writes on as a fresh one. The first
+/// [`Replica::load`] of those bytes on the thread that saved them writes as the handed-over
+/// actor; every other load of them takes a fresh one (see [`crate::decoded`]).
 #[derive(Debug)]
 pub struct Replica {
     id: DocId,
@@ -357,7 +360,8 @@ impl Replica {
     }
 
     /// Serialises the replica (document and sync position) for a cache. [`Replica::load`] of
-    /// these bytes syncs in one round trip, like the replica that saved them.
+    /// these bytes syncs in one round trip, like the replica that saved them. The replica
+    /// writes as a fresh actor afterwards: its own goes with the bytes.
     pub fn save(&mut self) -> Result<Vec<u8>, ClientError> {
         self.flush()?;
         let doc = self.doc.save();
@@ -376,10 +380,22 @@ impl Replica {
         out.extend_from_slice(&(log.len() as u32).to_be_bytes());
         out.extend_from_slice(log.as_bytes());
         out.extend_from_slice(&doc);
+        // Loading these bytes again in this isolate takes a copy, and the first copy writes on
+        // as this actor; this replica writes as a fresh one from now on (`decoded`).
+        decoded::remember(
+            &doc,
+            &self.doc,
+            &self.shadow,
+            Some(self.doc.get_actor().clone()),
+        );
+        let fresh = lineage::writer_actor(&self.actors.next(), Lineage::of(&self.doc));
+        self.doc.set_actor(fresh);
         Ok(out)
     }
 
-    /// Loads bytes from [`Replica::save`], writing as a fresh actor.
+    /// Loads bytes from [`Replica::save`]: a copy of the document when this thread saved them
+    /// lately ([`crate::decoded`]), otherwise a parse. It writes as the actor the saver handed
+    /// over (on the first load of a copy) or a fresh one.
     pub fn load(bytes: &[u8]) -> Result<Self, ClientError> {
         let bad = |m: &str| ClientError::InvalidSave(m.to_owned());
         let (rest, with_log) = match bytes.strip_prefix(SAVE_MAGIC.as_slice()) {
@@ -424,13 +440,27 @@ impl Replica {
             log_complete = flag[0] == 1;
             rest = r;
         }
-        let doc = load_document(rest, ActorId::random())
-            .map_err(|e| ClientError::InvalidSave(e.to_string()))?;
+        let (doc, shadow) = match decoded::recall(rest) {
+            Some((mut doc, shadow, handed_over)) => {
+                if handed_over.is_none() {
+                    let actor = lineage::writer_actor(&ActorId::random(), Lineage::of(&doc));
+                    doc.set_actor(actor);
+                }
+                (doc, shadow)
+            }
+            None => {
+                let doc = load_document(rest, ActorId::random())
+                    .map_err(|e| ClientError::InvalidSave(e.to_string()))?;
+                let shadow = Shadow::of(&doc);
+                (doc, shadow)
+            }
+        };
         // Only heads the document really holds count as shared.
-        shared.retain(|h| doc.get_change_by_hash(h).is_some());
+        let missing = doc.get_missing_deps(&shared);
+        shared.retain(|h| !missing.contains(h));
         Ok(Self {
             id,
-            shadow: Shadow::of(&doc),
+            shadow,
             queued: Vec::new(),
             unacked,
             in_flight: 0,
@@ -560,10 +590,11 @@ impl Replica {
             self.in_flight = self.unacked.len();
             s.sent_heads = self.doc.get_heads();
         }
+        let missing = self.doc.get_missing_deps(&node_heads);
         let known: Vec<ChangeHash> = node_heads
             .iter()
             .copied()
-            .filter(|h| self.doc.get_change_by_hash(h).is_some())
+            .filter(|h| !missing.contains(h))
             .collect();
         if known.len() == node_heads.len() {
             // Both sides hold everything up to the node's heads.
@@ -884,6 +915,53 @@ mod tests {
         assert_eq!(
             Replica::load(b"nope").expect_err("garbage").code(),
             "invalid_save"
+        );
+    }
+
+    #[test]
+    fn loads_of_one_save_never_share_an_actor_and_a_copy_is_a_parse() {
+        let mut server = Automerge::new();
+        let mut r = Replica::new(id());
+        r.apply(ops(json!([{"op": "inc", "path": ["n"], "by": 1}])), 1)
+            .expect("applies");
+        r.sync(&mut |_: &DocId, b: &[u8]| Ok(answer(&mut server, b)))
+            .expect("syncs");
+        let saver = r.doc.get_actor().clone();
+        let bytes = r.save().expect("saves");
+        assert_ne!(
+            r.doc.get_actor(),
+            &saver,
+            "the saver hands its actor to the bytes"
+        );
+        let mut first = Replica::load(&bytes).expect("loads");
+        let mut second = Replica::load(&bytes).expect("loads");
+        assert_eq!(first.doc.get_actor(), &saver, "the first copy writes as it");
+        assert_ne!(second.doc.get_actor(), &saver);
+        assert_ne!(second.doc.get_actor(), r.doc.get_actor());
+        crate::decoded::clear();
+        let mut parsed = Replica::load(&bytes).expect("parses");
+        for other in [&first, &second, &r] {
+            assert_ne!(parsed.doc.get_actor(), other.doc.get_actor());
+        }
+        assert_eq!(parsed.to_json(), first.to_json());
+        assert_eq!(parsed.shared_heads(), first.shared_heads());
+        assert_eq!(
+            parsed.heads().expect("heads"),
+            first.heads().expect("heads")
+        );
+        // Every one of them writes, and every write counts once at the node.
+        for replica in [&mut first, &mut second, &mut parsed, &mut r] {
+            replica
+                .apply(ops(json!([{"op": "inc", "path": ["n"], "by": 10}])), 2)
+                .expect("applies");
+            replica
+                .sync(&mut |_: &DocId, b: &[u8]| Ok(answer(&mut server, b)))
+                .expect("syncs");
+        }
+        assert_eq!(
+            verge_core::to_json(&server)["n"],
+            json!(41),
+            "four writes of 10 after the first 1"
         );
     }
 

@@ -68,7 +68,7 @@ impl WasmReplica {
         })
     }
 
-    /// Loads bytes from `save()`, writing as a fresh actor.
+    /// Loads bytes from `save()` (a copy when this isolate saved them lately).
     pub fn load(bytes: &[u8]) -> Result<WasmReplica, JsValue> {
         Ok(Self {
             inner: Replica::load(bytes).map_err(js_error)?,

@@ -895,15 +895,24 @@ fn apply_op<T: Transactable>(tx: &mut T, scope: &mut Scope, op: &Op) -> Result<b
         },
         Op::Inc { by, .. } => {
             let prop = prop_of(&target, last)?;
-            if tx.get(&target.obj, prop.clone()).map_err(err)?.is_none() {
+            // One read answers both whether anything is there and whether it is all counters
+            // (every read of a counter walks its increments).
+            let mut counter = counters_at(tx, &target.obj, prop.clone())?;
+            if counter.is_none()
+                && tx
+                    .get_all(&target.obj, prop.clone())
+                    .map_err(err)?
+                    .is_empty()
+            {
                 match &prop {
                     Prop::Seq(n) => return Err(format!("index {n} is out of range")),
                     Prop::Map(key) => {
                         ensure(tx, scope, &target.obj, key, Kind::Counter)?;
                     }
                 }
+                counter = counters_at(tx, &target.obj, prop.clone())?;
             }
-            let counter = counters_at(tx, &target.obj, prop.clone())?.ok_or_else(|| {
+            let counter = counter.ok_or_else(|| {
                 "inc needs a counter; the value there is not one (numbers written by set or PUT are plain numbers: create counters with inc)".to_owned()
             })?;
             add_to_counter(tx, scope, &target.obj, prop, counter, *by)
