@@ -101,8 +101,8 @@ pub fn clear() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use automerge::transaction::Transactable;
     use automerge::ROOT;
+    use automerge::transaction::Transactable;
 
     fn doc_with(n: i64) -> Automerge {
         let mut doc = Automerge::new();
