@@ -20,6 +20,7 @@ pub mod membership;
 pub mod ops;
 pub mod replication;
 pub mod shadow;
+pub mod thin;
 pub mod wire;
 
 pub use doc_id::{DocId, DocIdError};

@@ -409,7 +409,7 @@ impl OpError {
     }
 
     /// Prefixes the location with the enclosing field.
-    fn within(mut self, outer: &str) -> Self {
+    pub(crate) fn within(mut self, outer: &str) -> Self {
         self.location = match (self.location.is_empty(), self.location.starts_with('[')) {
             (true, _) => outer.to_owned(),
             (false, true) => format!("{outer}{}", self.location),

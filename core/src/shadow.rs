@@ -15,6 +15,7 @@ use automerge::{ObjId, ObjType, Prop, ROOT, ReadDoc, ScalarValue, Value};
 use serde_json::{Map, Value as Json};
 
 use crate::document::{ApplyError, Lifecycle, value_json};
+use crate::limits::JSON_DEPTH_MAX;
 use crate::ops::{Op, PathSegment, RESERVED_KEY_PREFIX};
 
 /// One value of the document.
@@ -61,6 +62,55 @@ impl Node {
             Node::Counter(n) => Json::from(*n),
             Node::Scalar(v) | Node::Conflicted(v) => v.clone(),
         }
+    }
+
+    /// One value in [`Shadow::to_wire`]'s form: an object with one key that says what it is.
+    fn to_wire(&self) -> Json {
+        let (tag, value) = match self {
+            Node::Map(map) => (
+                "m",
+                Json::Object(map.iter().map(|(k, v)| (k.clone(), v.to_wire())).collect()),
+            ),
+            Node::List(items) => ("l", Json::Array(items.iter().map(Node::to_wire).collect())),
+            Node::Text(chars) => ("t", Json::String(chars.iter().collect())),
+            Node::Counter(n) => ("c", Json::from(*n)),
+            Node::Scalar(v) => ("v", v.clone()),
+            Node::Conflicted(v) => ("x", v.clone()),
+        };
+        let mut out = Map::new();
+        out.insert(tag.into(), value);
+        Json::Object(out)
+    }
+
+    fn from_wire(wire: &Json, depth: usize) -> Result<Node, String> {
+        if depth > JSON_DEPTH_MAX {
+            return Err(format!("the state nests deeper than {JSON_DEPTH_MAX}"));
+        }
+        let Json::Object(tagged) = wire else {
+            return Err("a value of the state is not a tagged object".into());
+        };
+        let mut entries = tagged.iter();
+        let (Some((tag, value)), None) = (entries.next(), entries.next()) else {
+            return Err("a value of the state does not have exactly one tag".into());
+        };
+        Ok(match (tag.as_str(), value) {
+            ("m", Json::Object(map)) => Node::Map(
+                map.iter()
+                    .map(|(k, v)| Ok((k.clone(), Node::from_wire(v, depth + 1)?)))
+                    .collect::<Result<_, String>>()?,
+            ),
+            ("l", Json::Array(items)) => Node::List(
+                items
+                    .iter()
+                    .map(|v| Node::from_wire(v, depth + 1))
+                    .collect::<Result<_, String>>()?,
+            ),
+            ("t", Json::String(s)) => Node::Text(s.chars().collect()),
+            ("c", n) => Node::Counter(n.as_i64().ok_or("a counter is not an integer")?),
+            ("v", v) if !v.is_object() && !v.is_array() => Node::Scalar(v.clone()),
+            ("x", v) => Node::Conflicted(v.clone()),
+            (tag, _) => return Err(format!("a value of the state has a bad tag \"{tag}\"")),
+        })
     }
 
     fn is_object(&self) -> bool {
@@ -126,6 +176,56 @@ impl Shadow {
     /// The document's tombstone and expiry.
     pub fn lifecycle(&self) -> Lifecycle {
         self.lifecycle
+    }
+
+    /// The shadow as JSON that keeps what each value is (a counter is not a number, a text is
+    /// not a string), for a node to send to a thin replica ([`crate::thin`]) and for that
+    /// replica's `save()`. [`Shadow::from_wire`] reads it back.
+    pub fn to_wire(&self) -> Json {
+        let mut out = Map::new();
+        out.insert(
+            "root".into(),
+            Json::Object(
+                self.root
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.to_wire()))
+                    .collect(),
+            ),
+        );
+        if self.lifecycle.deleted {
+            out.insert("deleted".into(), Json::Bool(true));
+        }
+        if let Some(at) = self.lifecycle.expires_at_ms {
+            out.insert("expires_at_ms".into(), Json::from(at));
+        }
+        Json::Object(out)
+    }
+
+    /// Reads [`Shadow::to_wire`]'s form; an error names what is malformed.
+    pub fn from_wire(wire: &Json) -> Result<Shadow, String> {
+        let Some(Json::Object(root)) = wire.get("root") else {
+            return Err("the state has no \"root\" object".into());
+        };
+        let root = root
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), Node::from_wire(v, 0)?)))
+            .collect::<Result<BTreeMap<_, _>, String>>()?;
+        let deleted = match wire.get("deleted") {
+            None => false,
+            Some(Json::Bool(b)) => *b,
+            Some(_) => return Err("\"deleted\" is not a boolean".into()),
+        };
+        let expires_at_ms = match wire.get("expires_at_ms") {
+            None | Some(Json::Null) => None,
+            Some(v) => Some(v.as_i64().ok_or("\"expires_at_ms\" is not an integer")?),
+        };
+        Ok(Shadow {
+            root,
+            lifecycle: Lifecycle {
+                deleted,
+                expires_at_ms,
+            },
+        })
     }
 
     /// Applies `ops` as one write stamped `now_ms`, as [`crate::document::apply`] does with

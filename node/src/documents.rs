@@ -22,6 +22,8 @@ use verge_core::replication::stability;
 use verge_core::{ApplyError, DocId, Expiry, Write, heads_to_hex};
 use verge_core::{generation, incarnation};
 
+mod thin;
+
 use crate::cache::{DocCache, MEMORY_PER_DOC, MEMORY_PER_STORED_BYTE};
 use crate::clock::Clock;
 use crate::metrics::Metrics;
@@ -141,6 +143,12 @@ pub enum DocError {
         /// Its generation here.
         generation: u64,
     },
+    /// A thin replica's writes were made on a deleted or expired document; a thin replica does
+    /// not revive one (a `PUT`, or a full replica, does).
+    #[error(
+        "document {0} is deleted or expired at the heads this replica read; write it with PUT or a full replica to start it again"
+    )]
+    NotLive(DocId),
     /// Storage failed; the write was not acknowledged.
     #[error("storage error: {0}")]
     Storage(#[source] Arc<StoreError>),

@@ -26,6 +26,10 @@ pub struct Metrics {
     pub reads: Counter,
     /// Sync requests served.
     pub sync_requests: Counter,
+    /// Thin replicas' pushes served (`POST /v1/ops/{id}`).
+    pub thin_pushes: Counter,
+    /// Changes built from thin replicas' ops (a retried push builds its changes again).
+    pub thin_changes_built: Counter,
     /// Sync message bytes received.
     pub sync_bytes_received: Counter,
     /// Sync message bytes sent.
@@ -189,6 +193,8 @@ impl Metrics {
             writes: Counter::default(),
             reads: Counter::default(),
             sync_requests: Counter::default(),
+            thin_pushes: Counter::default(),
+            thin_changes_built: Counter::default(),
             sync_bytes_received: Counter::default(),
             sync_bytes_sent: Counter::default(),
             decode_errors: Family::default(),
@@ -272,6 +278,16 @@ impl Metrics {
             "sync_requests",
             "Sync requests served",
             m.sync_requests.clone(),
+        );
+        registry.register(
+            "thin_pushes",
+            "Thin replicas' pushes served",
+            m.thin_pushes.clone(),
+        );
+        registry.register(
+            "thin_changes_built",
+            "Changes built from thin replicas' ops",
+            m.thin_changes_built.clone(),
         );
         registry.register(
             "sync_received_bytes",

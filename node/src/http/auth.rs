@@ -6,7 +6,7 @@
 //! |---|---|
 //! | `/healthz`, `/readyz` | nothing (load balancers probe them) |
 //! | `GET /v1/docs/{id}` | `read`, and a prefix covering `id` |
-//! | `PUT`/`PATCH`/`DELETE /v1/docs/{id}`, `POST /v1/sync/{id}` | `write`, and a prefix covering `id` (a sync can carry changes) |
+//! | `PUT`/`PATCH`/`DELETE /v1/docs/{id}`, `POST /v1/sync/{id}`, `POST /v1/ops/{id}` | `write`, and a prefix covering `id` (a sync or push can carry changes) |
 //! | `GET /v1/docs`, `GET /v1/watch` | `read`; a `prefix` inside the token's prefixes |
 //! | `GET /v1/status`, `/metrics` | `admin` reaching every document (they describe them all) |
 //! | `/v1/admin/...` | `admin` reaching every document (they copy or act on the whole node) |
@@ -100,7 +100,7 @@ pub(super) async fn authorize(
                 Err(denied) => Err(denied),
             }
         }
-        Some("/v1/sync/{*id}") => match need_role(token, Role::Write) {
+        Some("/v1/sync/{*id}" | "/v1/ops/{*id}") => match need_role(token, Role::Write) {
             Ok(()) => document_scope(token, &mut parts, &state).await,
             Err(denied) => Err(denied),
         },

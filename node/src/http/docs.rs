@@ -591,3 +591,29 @@ pub async fn sync(
     )
         .into_response())
 }
+
+/// `POST /v1/ops/{id}`: a thin replica's writes since the heads it read (`verge_core::thin`),
+/// made here at those heads. Answers the heads that hold them, and the state when the replica
+/// does not already show it.
+pub async fn push(
+    State(state): State<Arc<AppState>>,
+    path: IdPath,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let id = doc_id(&state, path)?;
+    let bytes = body_bytes(&state, body)?;
+    let json: Json_ = serde_json::from_slice(&bytes).map_err(|e| {
+        state.metrics.decode_error("push");
+        ApiError::invalid_json(format!("request body: {e}"))
+    })?;
+    let push = verge_core::thin::Push::from_json(&json).map_err(|e| {
+        state.metrics.decode_error("push");
+        match e {
+            verge_core::thin::WireError::TooLarge(m) => ApiError::too_large(m),
+            verge_core::thin::WireError::Op(e) => ApiError::invalid_op(e.to_string()),
+            other => ApiError::new(StatusCode::BAD_REQUEST, "invalid_push", other.to_string()),
+        }
+    })?;
+    let answer = state.docs.push(&id, push).await?;
+    Ok(Json(answer.to_json()).into_response())
+}

@@ -92,6 +92,7 @@ impl From<DocError> for ApiError {
             DocError::ChangesCarried { .. } => {
                 Self::new(StatusCode::CONFLICT, "changes_carried", message)
             }
+            DocError::NotLive(_) => Self::new(StatusCode::CONFLICT, "document_not_live", message),
             DocError::CatchingUp(_) => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "catching_up", message)
             }

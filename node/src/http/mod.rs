@@ -89,6 +89,8 @@ pub fn router(state: Arc<AppState>, stop: tokio::sync::watch::Receiver<bool>) ->
                 .patch(docs::patch)
                 .delete(docs::delete),
         )
+        .route("/v1/ops/", any(docs::empty_id))
+        .route("/v1/ops/{*id}", post(docs::push))
         .layer(DefaultBodyLimit::max(REQUEST_BODY_BYTES_MAX));
     let sync = Router::new()
         .route("/v1/sync/{*id}", post(docs::sync))
