@@ -289,6 +289,7 @@ pub fn build(doc: &mut Automerge, push: &Push) -> Result<(), BuildError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use automerge::ReadDoc;
