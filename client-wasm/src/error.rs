@@ -47,6 +47,22 @@ pub enum ClientError {
     /// The exchange did not converge within the round-trip budget. Retrying is safe.
     #[error("sync did not converge after {0} round trips")]
     SyncIncomplete(u32),
+    /// A thin replica does not write to a deleted or expired document (a full replica or a
+    /// `PUT` starts it again).
+    #[error(
+        "document {0} is deleted or expired: a thin replica does not start it again; write it with a full replica or PUT"
+    )]
+    NotLive(String),
+    /// A thin replica holds as many unsynced writes as one push carries: sync first.
+    #[error(
+        "{ops} ops in {batches} writes wait for a sync, as many as one sync carries: sync first"
+    )]
+    TooManyUnsynced {
+        /// Unsynced ops.
+        ops: usize,
+        /// Unsynced writes (batches).
+        batches: usize,
+    },
     /// `sync_receive` was called without a `sync_begin`.
     #[error("no sync in progress")]
     NoSyncInProgress,
@@ -67,6 +83,8 @@ impl ClientError {
             ClientError::Node { code, .. } => code,
             ClientError::SyncIncomplete(_) => "sync_incomplete",
             ClientError::NoSyncInProgress => "no_sync_in_progress",
+            ClientError::NotLive(_) => "document_not_live",
+            ClientError::TooManyUnsynced { .. } => "too_many_unsynced",
         }
     }
 

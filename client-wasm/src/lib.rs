@@ -24,9 +24,11 @@
 pub mod decoded;
 pub mod error;
 pub mod replica;
+pub mod thin;
 #[cfg(target_arch = "wasm32")]
 mod wasm;
 
 pub use error::ClientError;
 pub use replica::{MAX_ROUND_TRIPS, Replica, SyncStats, Transport};
+pub use thin::ThinReplica;
 pub use verge_core::{DocId, Op, Path, PathSegment};

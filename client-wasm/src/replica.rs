@@ -139,13 +139,13 @@ pub struct Replica {
 /// Where a replica's fresh actor ids come from: the host's randomness, or, in a deterministic
 /// simulation, a seed.
 #[derive(Debug, Clone)]
-enum Actors {
+pub(crate) enum Actors {
     Random,
     Seeded(u64),
 }
 
 impl Actors {
-    fn next(&mut self) -> ActorId {
+    pub(crate) fn next(&mut self) -> ActorId {
         match self {
             Actors::Random => ActorId::random(),
             Actors::Seeded(state) => {
@@ -766,7 +766,7 @@ impl Replica {
 
 /// Writes queued for one Automerge change.
 #[derive(Debug)]
-struct Batch {
+pub(crate) struct Batch {
     ops: Vec<Op>,
     /// The time of the last write in it.
     at_ms: i64,
@@ -779,7 +779,7 @@ impl Batch {
     /// does: it deletes nothing and writes no object or array (whose contents a later write
     /// in the same change would treat as its own, creating containers there in its change
     /// rather than as the shared creations every replica makes alike).
-    fn joinable(op: &Op) -> bool {
+    pub(crate) fn joinable(op: &Op) -> bool {
         match op {
             Op::Inc { .. } | Op::Splice { .. } => true,
             Op::Set { value, .. } | Op::Insert { value, .. } | Op::Push { value, .. } => {
@@ -791,21 +791,27 @@ impl Batch {
 
     /// Adds `op`, folding an increment into one of the same counter just before it.
     fn push(&mut self, op: Op) {
-        if let (
-            Some(Op::Inc {
-                path: last,
-                by: sum,
-            }),
-            Op::Inc { path, by },
-        ) = (self.ops.last_mut(), &op)
-            && last == path
-            && let Some(total) = sum.checked_add(*by)
-        {
-            *sum = total;
-            return;
-        }
-        self.ops.push(op);
+        join(&mut self.ops, op);
     }
+}
+
+/// Appends `op` to the ops of one change, folding an increment into one of the same counter
+/// just before it.
+pub(crate) fn join(ops: &mut Vec<Op>, op: Op) {
+    if let (
+        Some(Op::Inc {
+            path: last,
+            by: sum,
+        }),
+        Op::Inc { path, by },
+    ) = (ops.last_mut(), &op)
+        && last == path
+        && let Some(total) = sum.checked_add(*by)
+    {
+        *sum = total;
+        return;
+    }
+    ops.push(op);
 }
 
 /// A message that carries `changes` and announces `heads` both as our heads and as our
@@ -837,7 +843,7 @@ fn split(bytes: &[u8], n: usize) -> Option<(&[u8], &[u8])> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::json;
 
@@ -1004,7 +1010,7 @@ mod tests {
     }
 
     /// A random op for the replica test: valid or not, over a few keys.
-    fn arb_op() -> impl proptest::strategy::Strategy<Value = Json> {
+    pub(crate) fn arb_op() -> impl proptest::strategy::Strategy<Value = Json> {
         use proptest::prelude::*;
         let key = prop::sample::select(vec!["a", "b", "l", "t", "n"]);
         let value = prop_oneof![
@@ -1079,7 +1085,7 @@ mod tests {
 
     /// A stand-in for the node's sync route: `server` answers `body` from a fresh sync state,
     /// exactly as `POST /v1/sync` does.
-    fn answer(server: &mut Automerge, body: &[u8]) -> Vec<u8> {
+    pub(crate) fn answer(server: &mut Automerge, body: &[u8]) -> Vec<u8> {
         let mut state = State::new();
         let msg = Message::decode(body).expect("decodes");
         server

@@ -130,7 +130,7 @@ enum Parent {
 
 /// The state of a document's user keys and lifecycle, as [`crate::document::to_json`] and
 /// [`Lifecycle::of`] would read them.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Shadow {
     root: BTreeMap<String, Node>,
     lifecycle: Lifecycle,

@@ -133,33 +133,7 @@ impl Push {
     /// The push as JSON: `{"base": [hex], "groups": [{"actor": hex, "batches": [{"at": ms,
     /// "ops": [...]}]}]}`.
     pub fn to_json(&self) -> Json {
-        let groups = self
-            .groups
-            .iter()
-            .map(|g| {
-                let batches = g
-                    .batches
-                    .iter()
-                    .map(|b| {
-                        let mut batch = Map::new();
-                        batch.insert("at".into(), Json::from(b.at_ms));
-                        batch.insert(
-                            "ops".into(),
-                            Json::Array(b.ops.iter().map(Op::to_json).collect()),
-                        );
-                        Json::Object(batch)
-                    })
-                    .collect();
-                let mut group = Map::new();
-                group.insert("actor".into(), Json::String(g.actor.to_hex_string()));
-                group.insert("batches".into(), Json::Array(batches));
-                Json::Object(group)
-            })
-            .collect();
-        let mut out = Map::new();
-        out.insert("base".into(), Json::from(heads_to_hex(&self.base)));
-        out.insert("groups".into(), Json::Array(groups));
-        Json::Object(out)
+        push_json(&self.base, &self.groups)
     }
 
     /// Reads [`Push::to_json`]'s form, within this module's bounds.
@@ -221,6 +195,38 @@ impl Push {
         }
         Ok(Push { base, groups: out })
     }
+}
+
+/// [`Push::to_json`] of a push made of these parts, without assembling one. Empty groups are
+/// left out.
+pub fn push_json(base: &[ChangeHash], groups: &[Group]) -> Json {
+    let groups = groups
+        .iter()
+        .filter(|g| !g.batches.is_empty())
+        .map(|g| {
+            let batches = g
+                .batches
+                .iter()
+                .map(|b| {
+                    let mut batch = Map::new();
+                    batch.insert("at".into(), Json::from(b.at_ms));
+                    batch.insert(
+                        "ops".into(),
+                        Json::Array(b.ops.iter().map(Op::to_json).collect()),
+                    );
+                    Json::Object(batch)
+                })
+                .collect();
+            let mut group = Map::new();
+            group.insert("actor".into(), Json::String(g.actor.to_hex_string()));
+            group.insert("batches".into(), Json::Array(batches));
+            Json::Object(group)
+        })
+        .collect();
+    let mut out = Map::new();
+    out.insert("base".into(), Json::from(heads_to_hex(base)));
+    out.insert("groups".into(), Json::Array(groups));
+    Json::Object(out)
 }
 
 impl Answer {
