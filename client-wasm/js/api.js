@@ -3,10 +3,12 @@
 // the Wasm module its own way and hands the bindings to `bind`.
 
 let Replica = null;
+let ThinReplica = null;
 
 /** Called once by the runtime entry with the wasm-bindgen exports. */
 export function bind(bindings) {
   Replica = bindings.Replica;
+  ThinReplica = bindings.ThinReplica;
 }
 
 /** An error from Verge, with a stable machine-readable `code` (see docs/client.md). */
@@ -167,6 +169,14 @@ class Connection {
     });
   }
 
+  /** A thin replica's push (`POST /v1/ops/{id}`, JSON). */
+  async push(id, body) {
+    return this.request("POST", `/v1/ops/${id}`, {
+      body,
+      headers: { "content-type": "application/json" },
+    });
+  }
+
   /** Sends a request; the answer's bytes, or a VergeError with the node's code. */
   async request(method, path, { body, headers = {} } = {}) {
     const all = { ...headers };
@@ -221,10 +231,18 @@ export class VergeDoc {
   // then the same op is applied here) and read again after a sync, a replace or a delete:
   // reads are lookups in plain JavaScript objects. `null` until the first read.
   #state = null;
+  // A thin replica (`{ thin: true }`): the node makes the changes (docs/client.md).
+  #thin;
 
-  constructor(replica, connection) {
+  constructor(replica, connection, thin = false) {
     this.#replica = replica;
     this.#connection = connection;
+    this.#thin = thin;
+  }
+
+  /** Whether this is a thin replica (the node makes its changes; see docs/client.md). */
+  get thin() {
+    return this.#thin;
   }
 
   /** The document id. */
@@ -345,8 +363,18 @@ export class VergeDoc {
     return this.#apply(ops);
   }
 
+  #notThin(what) {
+    if (this.#thin) {
+      throw new VergeError(
+        "not_supported",
+        `a thin replica cannot ${what}: use a full replica or the HTTP API (Verge.write, PUT, DELETE)`,
+      );
+    }
+  }
+
   /** Makes the document equal to `doc`, changing only what differs (like HTTP PUT). */
   replace(doc) {
+    this.#notThin("replace the document");
     this.#state = null;
     try {
       return this.#replica.replace(JSON.stringify(doc), Date.now());
@@ -357,6 +385,7 @@ export class VergeDoc {
 
   /** Deletes the document: a tombstone that syncs; a later write revives it. */
   remove() {
+    this.#notThin("delete the document");
     this.#state = null;
     try {
       return this.#replica.remove(Date.now());
@@ -434,6 +463,7 @@ export class VergeDoc {
   }
 
   async #exchange() {
+    if (this.#thin) return this.#exchangeThin();
     let body;
     try {
       body = this.#replica.syncBegin();
@@ -449,6 +479,19 @@ export class VergeDoc {
       // Part of the node's changes may have been applied before the failure.
       this.#state = null;
       this.#replica.syncAbort();
+      rethrow(e);
+    }
+  }
+
+  async #exchangeThin() {
+    let body = this.#replica.pushBegin();
+    try {
+      while (body !== undefined) {
+        const reply = await this.#connection.push(this.id, body);
+        body = this.#replica.pushReceive(reply);
+      }
+    } catch (e) {
+      this.#replica.pushAbort();
       rethrow(e);
     }
   }
@@ -493,7 +536,7 @@ export class Verge {
    * is `not_yet_replicated`.
    */
   static async open(connection, id, options = {}) {
-    const doc = Verge.create(connection, id);
+    const doc = Verge.create(connection, id, { thin: options.thin });
     if (options.after !== undefined && options.after.length > 0) {
       const after = headsList(options.after, "after");
       const waitMs = options.waitMs ?? 2000;
@@ -538,15 +581,27 @@ export class Verge {
     return JSON.parse(new TextDecoder().decode(bytes)).heads;
   }
 
-  /** A replica of `id` that has not talked to the node yet (no I/O); `sync()` pulls. */
-  static create(connection, id) {
-    const replica = newReplica(() => new Replica(id));
-    return new VergeDoc(replica, connection ? new Connection(connection) : null);
+  /**
+   * A replica of `id` that has not talked to the node yet (no I/O); `sync()` pulls.
+   *
+   * `{ thin: true }` makes a thin replica: it keeps the state and its writes, and the node
+   * makes the Automerge changes, so writes and syncs cost microseconds instead of Automerge's
+   * work in Wasm. It cannot `replace()` or `remove()` the document, nor write to a deleted one
+   * (docs/client.md).
+   */
+  static create(connection, id, options = {}) {
+    const thin = options.thin === true;
+    const replica = newReplica(() => (thin ? new ThinReplica(id) : new Replica(id)));
+    return new VergeDoc(replica, connection ? new Connection(connection) : null, thin);
   }
 
-  /** Loads bytes from `doc.save()`; syncs in one round trip like the replica that saved them. */
+  /**
+   * Loads bytes from `doc.save()` (of a full or a thin replica); syncs in one round trip like
+   * the replica that saved them.
+   */
   static load(bytes, connection) {
-    const replica = newReplica(() => Replica.load(bytes));
-    return new VergeDoc(replica, connection ? new Connection(connection) : null);
+    const thin = ThinReplica !== null && ThinReplica.isSave(bytes);
+    const replica = newReplica(() => (thin ? ThinReplica.load(bytes) : Replica.load(bytes)));
+    return new VergeDoc(replica, connection ? new Connection(connection) : null, thin);
   }
 }

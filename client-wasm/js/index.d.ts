@@ -64,6 +64,11 @@ export class VergeDoc {
   readonly hasUnsyncedChanges: boolean;
   readonly lastSync: SyncResult | null;
   /**
+   * Whether this is a thin replica (`{ thin: true }`): the node makes its Automerge changes,
+   * and `heads()` names the last state read from the node.
+   */
+  readonly thin: boolean;
+  /**
    * The value at `path`, `undefined` when absent: a lookup in plain JavaScript objects, also
    * right after a write. Objects and arrays are frozen.
    */
@@ -78,9 +83,9 @@ export class VergeDoc {
   splice(path: Path, index: number, deleteCount?: number, text?: string): boolean;
   /** Several ops as one change. */
   apply(ops: Op[]): boolean;
-  /** Makes the document equal to `doc`, changing only what differs. */
+  /** Makes the document equal to `doc`, changing only what differs (not on a thin replica). */
   replace(doc: { [key: string]: Json }): boolean;
-  /** Deletes the document (a tombstone that syncs). */
+  /** Deletes the document (a tombstone that syncs; not on a thin replica). */
   remove(): boolean;
   save(): Uint8Array;
   sync(): Promise<SyncResult>;
@@ -88,8 +93,18 @@ export class VergeDoc {
   free(): void;
 }
 
+/** Options of `Verge.create`. */
+export interface CreateOptions {
+  /**
+   * A thin replica: it keeps the state and its writes, and the node makes the changes, so a
+   * write and a sync cost microseconds. It cannot replace or delete the document, nor write to
+   * a deleted one (`document_not_live`).
+   */
+  thin?: boolean;
+}
+
 /** Options of `Verge.open`. */
-export interface OpenOptions {
+export interface OpenOptions extends CreateOptions {
   /** Heads to wait for first (from a write or a replica, possibly at another node). */
   after?: string[];
   /** How long the node waits for `after`, in ms (default 2000, at most 30000). */
@@ -121,7 +136,7 @@ export class Verge {
     options?: WriteOptions,
   ): Promise<string[]>;
   /** A replica that has not talked to the node yet (no I/O). */
-  static create(connection: Connection | null, id: string): VergeDoc;
+  static create(connection: Connection | null, id: string, options?: CreateOptions): VergeDoc;
   /** Loads bytes from `save()`. */
   static load(bytes: Uint8Array, connection?: Connection | null): VergeDoc;
 }

@@ -10,6 +10,7 @@ use wasm_bindgen::prelude::*;
 
 use crate::error::ClientError;
 use crate::replica::Replica;
+use crate::thin::ThinReplica;
 use verge_core::{DocId, PathSegment};
 
 /// A JavaScript `Error` whose `code` property carries [`ClientError::code`].
@@ -170,6 +171,125 @@ impl WasmReplica {
     #[wasm_bindgen(js_name = syncAbort)]
     pub fn sync_abort(&mut self) {
         self.inner.sync_abort();
+    }
+
+    /// `[roundTrips, bytesSent, bytesReceived, changed (0/1)]` of the last completed sync.
+    #[wasm_bindgen(js_name = lastSync)]
+    pub fn last_sync(&self) -> Vec<f64> {
+        let s = self.inner.last_sync();
+        vec![
+            f64::from(s.round_trips),
+            s.bytes_sent as f64,
+            s.bytes_received as f64,
+            if s.changed { 1.0 } else { 0.0 },
+        ]
+    }
+}
+
+/// A thin replica of one document (see the Rust [`ThinReplica`]): the state and the writes,
+/// with the node making the changes.
+#[wasm_bindgen(js_name = ThinReplica)]
+pub struct WasmThinReplica {
+    inner: ThinReplica,
+}
+
+#[wasm_bindgen(js_class = ThinReplica)]
+impl WasmThinReplica {
+    /// An empty thin replica of `id`.
+    #[wasm_bindgen(constructor)]
+    pub fn new(id: &str) -> Result<WasmThinReplica, JsValue> {
+        let id = DocId::new(id).map_err(|e| js_error(e.into()))?;
+        Ok(Self {
+            inner: ThinReplica::new(id),
+        })
+    }
+
+    /// Loads bytes from a thin replica's `save()`.
+    pub fn load(bytes: &[u8]) -> Result<WasmThinReplica, JsValue> {
+        Ok(Self {
+            inner: ThinReplica::load(bytes).map_err(js_error)?,
+        })
+    }
+
+    /// Whether `bytes` are a thin replica's `save()`.
+    #[wasm_bindgen(js_name = isSave)]
+    pub fn is_save(bytes: &[u8]) -> bool {
+        ThinReplica::is_save(bytes)
+    }
+
+    /// The document id.
+    #[wasm_bindgen(getter)]
+    pub fn id(&self) -> String {
+        self.inner.id().as_str().to_owned()
+    }
+
+    /// Applies a JSON array of ops (or one op) as one write; returns whether it changed.
+    pub fn apply(&mut self, ops: &str, now_ms: f64) -> Result<bool, JsValue> {
+        self.inner.apply_json(ops, ms(now_ms)).map_err(js_error)
+    }
+
+    /// The JSON text of the value at a JSON path, or `undefined` when absent.
+    pub fn get(&self, path: &str) -> Result<Option<String>, JsValue> {
+        let path = parse_path(path).map_err(js_error)?;
+        Ok(self.inner.get(&path).map(|v| v.to_string()))
+    }
+
+    /// The JSON text of the whole document.
+    #[wasm_bindgen(js_name = toJSONText)]
+    pub fn to_json_text(&self) -> String {
+        self.inner.to_json().to_string()
+    }
+
+    /// The heads of the last state read from the node, as hex strings.
+    pub fn heads(&self) -> Vec<String> {
+        verge_core::heads_to_hex(self.inner.heads())
+    }
+
+    /// Whether the document carries a tombstone.
+    #[wasm_bindgen(getter)]
+    pub fn deleted(&self) -> bool {
+        self.inner.lifecycle().deleted
+    }
+
+    /// Whether writes wait for a sync.
+    #[wasm_bindgen(js_name = hasUnsyncedChanges)]
+    pub fn has_unsynced_changes(&self) -> bool {
+        self.inner.has_unsynced_changes()
+    }
+
+    /// The replica's bytes for a cache.
+    pub fn save(&mut self) -> Vec<u8> {
+        self.inner.save()
+    }
+
+    /// Starts a sync: the JSON body of `POST /v1/ops/{id}`.
+    #[wasm_bindgen(js_name = pushBegin)]
+    pub fn push_begin(&mut self) -> String {
+        self.inner.push_begin()
+    }
+
+    /// Consumes an answer: the next request body, or `undefined` when done.
+    #[wasm_bindgen(js_name = pushReceive)]
+    pub fn push_receive(&mut self, reply: &[u8]) -> Result<Option<String>, JsValue> {
+        self.inner.push_receive(reply).map_err(js_error)
+    }
+
+    /// Abandons the sync in progress; the next one sends the same writes again.
+    #[wasm_bindgen(js_name = pushAbort)]
+    pub fn push_abort(&mut self) {
+        self.inner.push_abort();
+    }
+
+    /// After `document_replaced`: drops the writes made on the old document.
+    #[wasm_bindgen(js_name = startOver)]
+    pub fn start_over(&mut self) {
+        self.inner.start_over();
+    }
+
+    /// After `document_compacted`: makes the unsynced writes again on the current state.
+    #[wasm_bindgen(js_name = startOverKeepingWrites)]
+    pub fn start_over_keeping_writes(&mut self) {
+        self.inner.start_over_keeping_writes();
     }
 
     /// `[roundTrips, bytesSent, bytesReceived, changed (0/1)]` of the last completed sync.

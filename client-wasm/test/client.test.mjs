@@ -463,3 +463,89 @@ test("what a replica shows agrees with its Automerge document after every op and
   assert.deepEqual(clients[0].heads(), clients[1].heads());
   assert.deepEqual((await nodeGet(node.url, id)).doc, clients[0].toJSON());
 });
+
+test("a thin replica writes locally, syncs in one round trip and sees others' writes", async () => {
+  const id = "t/thin";
+  const thin = await Verge.open(conn, id, { thin: true });
+  assert.equal(thin.thin, true);
+  assert.deepEqual(thin.toJSON(), {});
+  for (let j = 0; j < 20; j++) thin.inc(["items", `sku-${j}`], 1);
+  thin.set("owner", "ann");
+  assert.equal(thin.get(["items", "sku-3"]), 1);
+  assert.ok(thin.hasUnsyncedChanges);
+  const stats = await thin.sync();
+  assert.equal(stats.roundTrips, 1);
+  assert.equal(stats.changed, false, "the node holds just what the replica shows");
+  assert.equal(thin.hasUnsyncedChanges, false);
+  const remote = await nodeGet(node.url, id);
+  assert.deepEqual(remote.doc, thin.toJSON());
+  assert.deepEqual(remote.heads, thin.heads());
+
+  // A full replica and an HTTP write change it; the thin one gets their state on its next sync.
+  const full = await Verge.open(conn, id);
+  full.inc(["items", "sku-3"], 10);
+  await full.sync();
+  await nodePatch(node.url, id, [{ op: "push", path: ["log"], value: "http" }]);
+  thin.inc(["items", "sku-3"], 100);
+  const merged = await thin.sync();
+  assert.equal(merged.changed, true);
+  assert.equal(thin.get(["items", "sku-3"]), 111);
+  assert.deepEqual(thin.get("log"), ["http"]);
+  assert.deepEqual((await nodeGet(node.url, id)).doc, thin.toJSON());
+
+  // What the full replica or the node would refuse, the thin one refuses at once.
+  assert.throws(() => thin.inc("owner", 1), (e) => e instanceof VergeError && e.code === "op_not_applicable");
+  assert.throws(() => thin.remove(), (e) => e.code === "not_supported");
+  assert.throws(() => thin.replace({}), (e) => e.code === "not_supported");
+});
+
+test("a thin replica's push whose answer was lost counts once, from the save too", async () => {
+  const id = "t/thin-lost";
+  const doc = await Verge.open(conn, id, { thin: true });
+  doc.inc("n", 1);
+  await doc.sync();
+  const lossy = Verge.load(doc.save(), {
+    url: node.url,
+    fetch: async (...args) => {
+      await fetch(...args);
+      throw new Error("connection reset");
+    },
+  });
+  assert.equal(lossy.thin, true);
+  lossy.inc("n", 10);
+  await assert.rejects(lossy.sync(), (e) => e instanceof VergeError && e.code === "network");
+  assert.equal((await nodeGet(node.url, id)).doc.n, 11);
+  lossy.inc("n", 100);
+  // Two copies of one save both sync: the lost push's write still counts once.
+  const saved = lossy.save();
+  const first = Verge.load(saved, conn);
+  const second = Verge.load(saved, conn);
+  await first.sync();
+  await second.sync();
+  await first.sync();
+  assert.equal((await nodeGet(node.url, id)).doc.n, 111);
+  assert.equal(first.get("n"), 111);
+  assert.equal(second.get("n"), 111);
+});
+
+test("a thin replica against a node with tokens: writes in the prefix, refusals with codes", async () => {
+  const writer = apiToken("thin-writer", "write", ["cart/"]);
+  const reader = apiToken("thin-reader", "read", [""]);
+  const secured = await startNode({ config: `[auth]\nmode = "tokens"\n${writer.entry}${reader.entry}` });
+  try {
+    const url = secured.url;
+    const doc = await Verge.open({ url, token: writer.token }, "cart/thin", { thin: true });
+    doc.inc("n", 3);
+    await doc.sync();
+    const outside = Verge.create({ url, token: writer.token }, "user/thin", { thin: true });
+    outside.inc("n", 1);
+    await assert.rejects(outside.sync(), (e) => e.code === "forbidden" && e.status === 403);
+    const readOnly = Verge.load(doc.save(), { url, token: reader.token });
+    readOnly.inc("n", 1);
+    await assert.rejects(readOnly.sync(), (e) => e.code === "forbidden");
+    assert.equal(readOnly.get("n"), 4);
+    assert.ok(readOnly.hasUnsyncedChanges, "a refused push keeps its writes");
+  } finally {
+    await secured.stop();
+  }
+});
