@@ -55,6 +55,35 @@ function local(history) {
   doc.heads();
   return { set, inc, get, getAfterWrite: Number(afterWriteNs) / n / 1000, toJSON };
 }
+/**
+ * The same on a thin replica, which holds no history: the state and the unsynced writes. A
+ * thin replica carries at most 10,000 unsynced ops, so each figure is taken on a fresh one.
+ */
+function thinLocal() {
+  const fresh = () => {
+    const doc = Verge.create(null, "bench/thin", { thin: true });
+    for (let i = 0; i < 50; i++) doc.set(["items", `sku-${i}`], { qty: i, name: `item ${i}` });
+    doc.get([]);
+    return doc;
+  };
+  let doc = fresh();
+  const set = perOp(4000, (i) => doc.set(["items", `sku-${i % 50}`, "qty"], i));
+  doc = fresh();
+  const inc = perOp(4000, () => doc.inc(["hits"], 1));
+  const get = perOp(200_000, () => doc.get(["items", "sku-7", "qty"]));
+  doc = fresh();
+  let afterWriteNs = 0n;
+  const n = 4000;
+  for (let i = 0; i < n; i++) {
+    doc.set(["items", "sku-7", "qty"], i);
+    const t = process.hrtime.bigint();
+    doc.get(["items", "sku-7", "qty"]);
+    afterWriteNs += process.hrtime.bigint() - t;
+  }
+  const toJSON = perOp(20_000, () => doc.toJSON());
+  return { set, inc, get, getAfterWrite: Number(afterWriteNs) / n / 1000, toJSON };
+}
+const thin = thinLocal();
 const small = local(100);
 const long = local(100_000);
 const setUs = small.set;
@@ -111,6 +140,10 @@ try {
   await cart.sync();
   var edgeSmall = await edge("bench/edge", cart.save());
   var edgeLong = await edge("bench/long", reader.save());
+  const thinCart = await Verge.open(conn, "bench/edge", { thin: true });
+  var edgeThin = await edge("bench/edge", thinCart.save());
+  const thinLong = await Verge.open(conn, "bench/long", { thin: true });
+  var edgeThinLong = await edge("bench/long", thinLong.save());
 } finally {
   await node.stop();
 }
@@ -123,8 +156,10 @@ console.log(`local get (cached path):         ${getUs.toFixed(3)} µs`);
 console.log(`local get right after a write:   ${getAfterWriteUs.toFixed(2)} µs`);
 console.log(`local toJSON (50 items):         ${small.toJSON.toFixed(1)} µs`);
 console.log(`  with 100,000 changes of history: set ${long.set.toFixed(1)} µs, inc ${long.inc.toFixed(1)} µs, get ${long.get.toFixed(3)} µs, get after a write ${long.getAfterWrite.toFixed(2)} µs, toJSON ${long.toJSON.toFixed(1)} µs`);
+console.log(`thin replica: set ${thin.set.toFixed(2)} µs, inc ${thin.inc.toFixed(2)} µs, get ${thin.get.toFixed(3)} µs, get after a write ${thin.getAfterWrite.toFixed(2)} µs, toJSON ${thin.toJSON.toFixed(1)} µs (no history: the same on any document)`);
 console.log(`1,000 local ops, then sync:      ${batchSync.roundTrips} round trip, ${batchSync.bytesSent} B sent`);
 console.log(`edge request CPU (load, 20 ops, sync): p50 ${edgeSmall.p50.toFixed(2)} ms, p99 ${edgeSmall.p99.toFixed(2)} ms; on the ${history}-change document: p50 ${edgeLong.p50.toFixed(2)} ms, p99 ${edgeLong.p99.toFixed(2)} ms`);
+console.log(`  with a thin replica: p50 ${edgeThin.p50.toFixed(2)} ms, p99 ${edgeThin.p99.toFixed(2)} ms; on the ${history}-change document: p50 ${edgeThinLong.p50.toFixed(2)} ms, p99 ${edgeThinLong.p99.toFixed(2)} ms (the node makes the changes)`);
 console.log(`instantiate (compile+init):      ${median.toFixed(1)} ms (median of 5)`);
 console.log(`package wasm:                    ${kb(wasmBytes.length)} raw, ${kb(gzipSync(wasmBytes, { level: 9 }).length)} gzip`);
 console.log(`open (${history} changes):       ${open.roundTrips} round trip, ${open.bytesSent} B sent, ${open.bytesReceived} B received`);

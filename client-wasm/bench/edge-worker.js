@@ -1,7 +1,8 @@
 // The edge request of the benchmark (bench/edge.mjs), as a worker running in workerd: load the
 // document's replica from the save() the isolate cached on its last request, make 20
-// increments, sync once with the node, cache save() for the next request. `?mode=live` keeps
-// the replica itself between requests instead; `?mode=floor` only fetches the node's status.
+// increments, sync once with the node, cache save() for the next request. `?mode=thin` does the
+// same with a thin replica (the node makes the changes); `?mode=live` keeps the replica itself
+// between requests instead; `?mode=floor` only fetches the node's status.
 import { Verge } from "../dist/workerd.js";
 
 const live = new Map();
@@ -29,7 +30,8 @@ export default {
     }
     const conn = { url: env.VERGE_URL };
     const cached = cache.get(id);
-    const doc = cached ? Verge.load(cached, conn) : Verge.create(conn, id);
+    const thin = mode === "thin";
+    const doc = cached ? Verge.load(cached, conn) : Verge.create(conn, id, { thin });
     try {
       for (let j = 0; j < 20; j++) doc.inc(["items", `sku-${j}`], 1);
       const { roundTrips } = await doc.sync();

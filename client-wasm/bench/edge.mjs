@@ -6,6 +6,8 @@
 // parsing, the worker's JavaScript and Wasm, and its fetch to the node. Requests run one at a
 // time. Documents: one with 100 changes of history before the measured requests, one with
 // 100,000 (HISTORY), written through the node's PATCH API and compacted by it as configured.
+// The same request with a thin replica (`{ thin: true }`) runs beside it; for that one the node
+// makes the changes, so the node's CPU per request (its process, all threads) is printed too.
 //   npm run build && node bench/edge.mjs
 import { readFileSync, readdirSync } from "node:fs";
 import { startNode } from "../test/node-server.mjs";
@@ -76,19 +78,32 @@ try {
   const results = [];
   const measure = async (label, url) => {
     const cpu = [];
+    const nodeCpu = [];
     let more = 0; // requests that took more than one round trip (a compaction between them)
     for (let i = 0; i < REQUESTS; i++) {
       const before = cpuNs(pid);
+      const nodeBefore = cpuNs(node.pid);
       const res = await mf.dispatchFetch(url);
       const body = await res.json();
       const used = (cpuNs(pid) - before) / 1e6;
+      const nodeUsed = (cpuNs(node.pid) - nodeBefore) / 1e6;
       if (res.status !== 200 || !(body.roundTrips >= 1)) throw new Error(JSON.stringify(body));
       if (body.roundTrips > 1) more++;
-      if (i >= 10) cpu.push(used); // the first requests warm the isolate and its cache
+      if (i >= 10) {
+        // The first requests warm the isolate and its cache.
+        cpu.push(used);
+        nodeCpu.push(nodeUsed);
+      }
     }
-    cpu.sort((a, b) => a - b);
-    const at = (q) => cpu[Math.min(cpu.length - 1, Math.floor(cpu.length * q))];
-    results.push(`${label}: p50 ${at(0.5).toFixed(2)} ms, p90 ${at(0.9).toFixed(2)} ms, p99 ${at(0.99).toFixed(2)} ms` + (more ? ` (${more} requests of more than one round trip)` : ""));
+    const at = (xs, q) => {
+      const sorted = [...xs].sort((a, b) => a - b);
+      return sorted[Math.min(sorted.length - 1, Math.floor(sorted.length * q))].toFixed(2);
+    };
+    results.push(
+      `${label}: p50 ${at(cpu, 0.5)} ms, p90 ${at(cpu, 0.9)} ms, p99 ${at(cpu, 0.99)} ms` +
+        ` (node: p50 ${at(nodeCpu, 0.5)} ms)` +
+        (more ? ` (${more} requests of more than one round trip)` : ""),
+    );
   };
   await measure("floor (the harness and one fetch to the node)", "http://edge.example/floor?mode=floor");
   for (const n of [100, HISTORY]) {
@@ -96,6 +111,8 @@ try {
     await history(node.url, id, n);
     const label = `${n.toLocaleString("en")} changes of history before`;
     await measure(`edge request, ${label}`, `http://edge.example/${id}`);
+    await history(node.url, `${id}-thin`, n);
+    await measure(`  the same with a thin replica`, `http://edge.example/${id}-thin?mode=thin`);
     await history(node.url, `${id}-live`, n);
     await measure(`  the same with the replica kept in the isolate`, `http://edge.example/${id}-live?mode=live`);
   }

@@ -376,9 +376,25 @@ impl Replica {
             out.extend_from_slice(&h.0);
         }
         let log = Json::Array(self.unacked.iter().map(Op::to_json).collect()).to_string();
-        out.push(u8::from(self.log_complete));
+        // Flags: the log is complete; the copy was dropped (its writes are to be made again
+        // on the node's copy); writes set aside for that follow the log.
+        let replaying = !self.replay_pending.is_empty();
+        out.push(
+            u8::from(self.log_complete)
+                | (u8::from(self.dropped_copy) << 1)
+                | (u8::from(replaying) << 2),
+        );
         out.extend_from_slice(&(log.len() as u32).to_be_bytes());
         out.extend_from_slice(log.as_bytes());
+        if replaying {
+            let replay = serde_json::json!({
+                "at": self.last_write_ms,
+                "ops": self.replay_pending.iter().map(Op::to_json).collect::<Vec<_>>(),
+            })
+            .to_string();
+            out.extend_from_slice(&(replay.len() as u32).to_be_bytes());
+            out.extend_from_slice(replay.as_bytes());
+        }
         out.extend_from_slice(&doc);
         // Loading these bytes again in this isolate takes a copy, and the first copy writes on
         // as this actor; this replica writes as a fresh one from now on (`decoded`).
@@ -397,6 +413,16 @@ impl Replica {
     /// lately ([`crate::decoded`]), otherwise a parse. It writes as the actor the saver handed
     /// over (on the first load of a copy) or a fresh one.
     pub fn load(bytes: &[u8]) -> Result<Self, ClientError> {
+        Self::load_with(bytes, Actors::Random)
+    }
+
+    /// Like [`Replica::load`], with fresh actors drawn from `seed` (deterministic tests and the
+    /// simulator).
+    pub fn load_seeded(bytes: &[u8], seed: u64) -> Result<Self, ClientError> {
+        Self::load_with(bytes, Actors::Seeded(seed))
+    }
+
+    fn load_with(bytes: &[u8], mut actors: Actors) -> Result<Self, ClientError> {
         let bad = |m: &str| ClientError::InvalidSave(m.to_owned());
         let (rest, with_log) = match bytes.strip_prefix(SAVE_MAGIC.as_slice()) {
             Some(rest) => (rest, true),
@@ -423,6 +449,7 @@ impl Replica {
             rest = r;
         }
         let (mut unacked, mut log_complete) = (Vec::new(), true);
+        let (mut dropped_copy, mut replay_pending, mut last_write_ms) = (false, Vec::new(), 0);
         if with_log {
             let (flag, r) = split(rest, 1).ok_or_else(|| bad("truncated log"))?;
             let (len, r) = split(r, 4).ok_or_else(|| bad("truncated log"))?;
@@ -437,19 +464,40 @@ impl Replica {
                 .map(Op::parse)
                 .collect::<Result<_, _>>()
                 .map_err(|_| bad("malformed log"))?;
-            log_complete = flag[0] == 1;
+            log_complete = flag[0] & 1 == 1;
+            dropped_copy = flag[0] & 2 == 2;
             rest = r;
+            if flag[0] & 4 == 4 {
+                let (len, r) = split(rest, 4).ok_or_else(|| bad("truncated replay"))?;
+                let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+                let (replay, r) = split(r, len).ok_or_else(|| bad("truncated replay"))?;
+                let replay: Json =
+                    serde_json::from_slice(replay).map_err(|_| bad("malformed replay"))?;
+                last_write_ms = replay
+                    .get("at")
+                    .and_then(Json::as_i64)
+                    .ok_or_else(|| bad("malformed replay"))?;
+                replay_pending = replay
+                    .get("ops")
+                    .and_then(Json::as_array)
+                    .ok_or_else(|| bad("malformed replay"))?
+                    .iter()
+                    .map(Op::parse)
+                    .collect::<Result<_, _>>()
+                    .map_err(|_| bad("malformed replay"))?;
+                rest = r;
+            }
         }
         let (doc, shadow) = match decoded::recall(rest) {
             Some((mut doc, shadow, handed_over)) => {
                 if handed_over.is_none() {
-                    let actor = lineage::writer_actor(&ActorId::random(), Lineage::of(&doc));
+                    let actor = lineage::writer_actor(&actors.next(), Lineage::of(&doc));
                     doc.set_actor(actor);
                 }
                 (doc, shadow)
             }
             None => {
-                let doc = load_document(rest, ActorId::random())
+                let doc = load_document(rest, actors.next())
                     .map_err(|e| ClientError::InvalidSave(e.to_string()))?;
                 let shadow = Shadow::of(&doc);
                 (doc, shadow)
@@ -465,14 +513,14 @@ impl Replica {
             unacked,
             in_flight: 0,
             log_complete,
-            replay_pending: Vec::new(),
-            last_write_ms: 0,
+            replay_pending,
+            last_write_ms,
             doc,
             shared,
             session: None,
             last_sync: SyncStats::default(),
-            actors: Actors::Random,
-            dropped_copy: false,
+            actors,
+            dropped_copy,
         })
     }
 
@@ -1157,6 +1205,32 @@ pub(crate) mod tests {
         assert_eq!(a.heads().expect("heads"), b.heads().expect("heads"));
         assert_eq!(a.to_json(), json!({"n": 7}));
         assert_eq!(b.to_json(), json!({"n": 7}));
+    }
+
+    #[test]
+    fn a_save_keeps_writes_waiting_to_be_made_again() {
+        let mut server = new_document(ActorId::random());
+        let mut transport = |_: &DocId, body: &[u8]| -> Result<Vec<u8>, ClientError> {
+            Ok(answer(&mut server, body))
+        };
+        let mut r = Replica::open(id(), &mut transport).expect("opens");
+        r.apply(ops(json!([{"op": "inc", "path": ["n"], "by": 1}])), 1)
+            .expect("applies");
+        r.sync(&mut transport).expect("syncs");
+        r.apply(ops(json!([{"op": "inc", "path": ["n"], "by": 10}])), 2)
+            .expect("applies");
+        // As after `document_compacted`, then a dropped copy written on before any sync.
+        r.start_over_keeping_writes();
+        r.apply(ops(json!([{"op": "inc", "path": ["n"], "by": 100}])), 3)
+            .expect("applies");
+        let mut loaded = Replica::load_seeded(&r.save().expect("saves"), 7).expect("loads");
+        let stats = loaded.sync(&mut transport).expect("syncs");
+        assert_eq!(
+            stats.replayed, 2,
+            "both writes are made again on the node's copy"
+        );
+        assert_eq!(verge_core::document::to_json(&server), json!({"n": 111}));
+        assert_eq!(loaded.to_json(), json!({"n": 111}));
     }
 
     #[test]

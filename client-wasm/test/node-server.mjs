@@ -82,7 +82,7 @@ async function spawnNode(bin, args, dataDir) {
     await new Promise((r) => setTimeout(r, 20));
   }
   const url = `http://${readFileSync(addrFile, "utf8").trim()}`;
-  return { url, dir: dataDir, stderr: () => stderr, stop };
+  return { url, pid: child.pid, dir: dataDir, stderr: () => stderr, stop };
 }
 
 /** A UDP port on 127.0.0.1 that was free a moment ago (for a node's fixed gossip address). */

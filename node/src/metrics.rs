@@ -30,6 +30,8 @@ pub struct Metrics {
     pub thin_pushes: Counter,
     /// Changes built from thin replicas' ops (a retried push builds its changes again).
     pub thin_changes_built: Counter,
+    /// Thin pushes whose changes did not apply (answered `catching_up`).
+    pub thin_not_applied: Counter,
     /// Sync message bytes received.
     pub sync_bytes_received: Counter,
     /// Sync message bytes sent.
@@ -195,6 +197,7 @@ impl Metrics {
             sync_requests: Counter::default(),
             thin_pushes: Counter::default(),
             thin_changes_built: Counter::default(),
+            thin_not_applied: Counter::default(),
             sync_bytes_received: Counter::default(),
             sync_bytes_sent: Counter::default(),
             decode_errors: Family::default(),
@@ -288,6 +291,11 @@ impl Metrics {
             "thin_changes_built",
             "Changes built from thin replicas' ops",
             m.thin_changes_built.clone(),
+        );
+        registry.register(
+            "thin_not_applied",
+            "Thin pushes whose changes did not apply",
+            m.thin_not_applied.clone(),
         );
         registry.register(
             "sync_received_bytes",

@@ -185,6 +185,20 @@ impl NodeApi {
         self.send_built(request).await
     }
 
+    /// `POST /v1/ops/{id}` with a thin replica's push (JSON): the node's answer.
+    pub async fn push(&self, id: &str, body: String) -> Result<Answer, ApiError> {
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(format!("/v1/ops/{id}"))
+            .header(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )
+            .body(Bytes::from(body))
+            .map_err(|e| HttpError::Protocol(e.to_string()))?;
+        self.send_built(request).await
+    }
+
     /// The heads of the node's whole copy of document `id`, whatever its state (live, expired,
     /// deleted or a purged stub; empty when the node holds nothing), sorted, in hex. Read by
     /// syncing an empty Automerge document with it, which changes nothing on the node; `None`

@@ -199,6 +199,7 @@ pub fn run(config: &RunConfig) -> Result<Report, SimError> {
                 let rc = ReplicaClient {
                     client: clients + i * config.workload.replicas_per_node + k,
                     node: i,
+                    nodes: config.nodes,
                     seed: config.seed,
                     until,
                 };

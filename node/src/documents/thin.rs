@@ -24,13 +24,15 @@ impl Documents {
             let slot = guard.as_ref().expect("load fills the slot");
             at_base(&slot.doc, &push.base)?
         };
-        let mut fork = match at_current {
-            Some(fork) => fork,
+        let (mut fork, retained) = match at_current {
+            Some(fork) => (fork, false),
             // Writes made on an earlier generation: built there, and carried onto the current
             // one by the sync path, as a full replica's would be.
-            None => self
-                .retained_at(id, &push.base)?
-                .ok_or_else(|| DocError::CatchingUp(id.clone()))?,
+            None => (
+                self.retained_at(id, &push.base)?
+                    .ok_or_else(|| DocError::CatchingUp(id.clone()))?,
+                true,
+            ),
         };
         thin::build(&mut fork, &push).map_err(|e| match e {
             BuildError::NotApplicable { error, .. } => DocError::Apply(error),
@@ -39,8 +41,17 @@ impl Documents {
         })?;
         let built = fork.get_heads();
         let made = fork.get_changes(&push.base);
+        let mut carried = false;
         if !made.is_empty() {
             self.metrics.thin_changes_built.inc_by(made.len() as u64);
+            // Changes of an earlier generation go with that generation's whole history, as a
+            // full replica's copy does after the node's reset: the current generation lacks
+            // their deps, and the sync path carries them from it.
+            let sent = if retained {
+                fork.get_changes(&[])
+            } else {
+                made
+            };
             let message = Message {
                 heads: built.clone(),
                 need: Vec::new(),
@@ -48,7 +59,7 @@ impl Documents {
                     last_sync: push.base.clone(),
                     bloom: BloomFilter::default(),
                 }],
-                changes: made
+                changes: sent
                     .iter()
                     .map(|c| c.raw_bytes().to_vec())
                     .collect::<Vec<_>>()
@@ -60,14 +71,21 @@ impl Documents {
                 .exchange(id, &mut SyncState::new(), Some(message), Origin::Client)
                 .await
             {
+                Ok(_) => {}
                 // Carried onto the current generation, durably: answered like any other push.
-                Ok(_) | Err(DocError::ChangesCarried { .. }) => {}
+                Err(DocError::ChangesCarried { .. }) => carried = true,
                 Err(e) => return Err(e),
             }
         }
         let entry = self.entry(id);
         let guard = self.load(&entry)?;
         let slot = guard.as_ref().expect("load fills the slot");
+        if !carried && !slot.doc.get_missing_deps(&built).is_empty() {
+            // The changes did not apply (their history is not all here after all): nothing is
+            // acknowledged, and the same push later makes the same changes.
+            self.metrics.thin_not_applied.inc();
+            return Err(DocError::CatchingUp(id.clone()));
+        }
         let heads = slot.doc.get_heads();
         let state = (heads != built).then(|| Shadow::of(&slot.doc));
         Ok(Answer { heads, state })
