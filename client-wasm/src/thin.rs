@@ -381,13 +381,9 @@ impl ThinReplica {
             replay.splice(0..0, writes.iter().cloned());
         }
         if !replay.is_empty() {
-            let group = Group {
-                actor: self.actor.clone(),
-                batches: replay,
-            };
             json.insert(
                 "replay".into(),
-                push_json(&[], &[group])["groups"][0]["batches"].clone(),
+                Json::Array(replay.iter().map(Batch::to_json).collect()),
             );
         }
         let mut out = SAVE_MAGIC.to_vec();
@@ -436,16 +432,23 @@ impl ThinReplica {
         let push = verge_core::thin::Push::from_json(&json).map_err(|e| bad(e.to_string()))?;
         let replay = match json.get("replay") {
             None => Vec::new(),
-            Some(batches) => {
-                let wrapped = serde_json::json!({"base": [], "groups": [{"actor": "00", "batches": batches}]});
-                verge_core::thin::Push::from_json(&wrapped)
-                    .map_err(|e| bad(e.to_string()))?
-                    .groups
-                    .pop()
-                    .map(|g| g.batches)
-                    .unwrap_or_default()
+            Some(Json::Array(batches)) if batches.len() <= THIN_BATCHES_MAX => batches
+                .iter()
+                .enumerate()
+                .map(|(b, batch)| Batch::from_json(batch, &format!("replay[{b}]")))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad(e.to_string()))?,
+            Some(_) => {
+                return Err(bad(format!(
+                    "\"replay\" is not an array of at most {THIN_BATCHES_MAX} writes"
+                )));
             }
         };
+        if replay.iter().map(|b| b.ops.len()).sum::<usize>() > THIN_OPS_MAX {
+            return Err(bad(format!(
+                "\"replay\" holds more than {THIN_OPS_MAX} ops"
+            )));
+        }
         let key: [u8; 32] = Sha256::digest(bytes).into();
         let handed = HANDED.with(|handed| {
             let mut handed = handed.borrow_mut();

@@ -120,6 +120,31 @@ pub enum BuildError {
     },
 }
 
+impl Batch {
+    /// The batch as JSON: `{"at": ms, "ops": [...]}`.
+    pub fn to_json(&self) -> Json {
+        let mut batch = Map::new();
+        batch.insert("at".into(), Json::from(self.at_ms));
+        batch.insert(
+            "ops".into(),
+            Json::Array(self.ops.iter().map(Op::to_json).collect()),
+        );
+        Json::Object(batch)
+    }
+
+    /// Reads [`Batch::to_json`]'s form; `at` names the batch in errors. Its ops are bounded by
+    /// [`crate::limits::OPS_PER_WRITE_MAX`]; a list of batches is the caller's to bound.
+    pub fn from_json(json: &Json, at: &str) -> Result<Batch, WireError> {
+        let at_ms = json
+            .get("at")
+            .and_then(Json::as_i64)
+            .ok_or_else(|| WireError::Malformed(format!("{at}.at is not an integer")))?;
+        let ops =
+            Op::parse_list(json.get("ops").unwrap_or(&Json::Null)).map_err(|e| e.within(at))?;
+        Ok(Batch { at_ms, ops })
+    }
+}
+
 impl Push {
     /// All ops in the push.
     pub fn op_count(&self) -> usize {
@@ -177,16 +202,12 @@ impl Push {
             }
             let mut parsed = Vec::with_capacity(batches.len());
             for (b, batch) in batches.iter().enumerate() {
-                let at_ms = batch.get("at").and_then(Json::as_i64).ok_or_else(|| {
-                    WireError::Malformed(format!("groups[{g}].batches[{b}].at is not an integer"))
-                })?;
-                let ops = Op::parse_list(batch.get("ops").unwrap_or(&Json::Null))
-                    .map_err(|e| e.within(&format!("groups[{g}].batches[{b}]")))?;
-                ops_seen += ops.len();
+                let batch = Batch::from_json(batch, &format!("groups[{g}].batches[{b}]"))?;
+                ops_seen += batch.ops.len();
                 if ops_seen > THIN_OPS_MAX {
                     return Err(WireError::TooLarge(format!("more than {THIN_OPS_MAX} ops")));
                 }
-                parsed.push(Batch { at_ms, ops });
+                parsed.push(batch);
             }
             out.push(Group {
                 actor,
@@ -204,19 +225,7 @@ pub fn push_json(base: &[ChangeHash], groups: &[Group]) -> Json {
         .iter()
         .filter(|g| !g.batches.is_empty())
         .map(|g| {
-            let batches = g
-                .batches
-                .iter()
-                .map(|b| {
-                    let mut batch = Map::new();
-                    batch.insert("at".into(), Json::from(b.at_ms));
-                    batch.insert(
-                        "ops".into(),
-                        Json::Array(b.ops.iter().map(Op::to_json).collect()),
-                    );
-                    Json::Object(batch)
-                })
-                .collect();
+            let batches = g.batches.iter().map(Batch::to_json).collect();
             let mut group = Map::new();
             group.insert("actor".into(), Json::String(g.actor.to_hex_string()));
             group.insert("batches".into(), Json::Array(batches));
