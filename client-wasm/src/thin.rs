@@ -214,11 +214,23 @@ impl ThinReplica {
 
     /// Starts a sync: the body of `POST /v1/ops/{id}`, JSON.
     pub fn push_begin(&mut self) -> String {
-        if !self.replay.is_empty() {
+        let body = if self.replay.is_empty() {
+            self.begin_push()
+        } else {
             // The node's state first: the set-aside writes are made again on it.
             self.pending = Some(Pending::Fetch(std::mem::take(&mut self.replay)));
-            return push_json(&[], &[]).to_string();
-        }
+            push_json(&[], &[]).to_string()
+        };
+        self.last_sync = SyncStats {
+            round_trips: 1,
+            bytes_sent: body.len(),
+            ..SyncStats::default()
+        };
+        body
+    }
+
+    /// The push of every batch since the base, which from now on never change.
+    fn begin_push(&mut self) -> String {
         self.pending = Some(Pending::Push(
             self.groups.iter().map(|g| g.batches.len()).collect(),
         ));
@@ -226,13 +238,7 @@ impl ThinReplica {
         if let Some(last) = self.groups.last() {
             self.frozen = last.batches.len();
         }
-        let body = push_json(&self.base, &self.groups).to_string();
-        self.last_sync = SyncStats {
-            round_trips: 1,
-            bytes_sent: body.len(),
-            ..SyncStats::default()
-        };
-        body
+        push_json(&self.base, &self.groups).to_string()
     }
 
     /// Consumes the node's answer. Returns the next request body when the sync goes on (after
@@ -262,12 +268,8 @@ impl ThinReplica {
                 Ok(None)
             }
             Pending::Fetch(writes) => {
-                self.last_sync = SyncStats {
-                    round_trips: 1,
-                    bytes_received,
-                    changed: true,
-                    ..SyncStats::default()
-                };
+                self.last_sync.bytes_received += bytes_received;
+                self.last_sync.changed = true;
                 self.base = answer.heads;
                 self.shadow = answer.state.unwrap_or_default();
                 let unsent: Vec<Batch> = self.take_batches();
@@ -284,13 +286,9 @@ impl ThinReplica {
                 if !self.has_unsynced_changes() {
                     return Ok(None);
                 }
-                let stats = self.last_sync;
-                let body = self.push_begin();
-                self.last_sync.round_trips += stats.round_trips;
-                self.last_sync.bytes_received += stats.bytes_received;
-                self.last_sync.changed = true;
-                self.last_sync.replayed = stats.replayed;
-                self.last_sync.replay_refused = stats.replay_refused;
+                let body = self.begin_push();
+                self.last_sync.round_trips += 1;
+                self.last_sync.bytes_sent += body.len();
                 Ok(Some(body))
             }
         }
