@@ -118,6 +118,12 @@ fn what_does_not_fit_is_refused_with_a_code() {
         ),
     );
     r.assert_error(400, "invalid_op", "unknown op");
+    let r = node.req(
+        "POST",
+        &format!("/v1/ops/{id}"),
+        br#"{"base": [], "groups": [{"actor": "01", "batches": [{"at": 1, "ops": [{"op": "set", "path": ["k"], "value": 18446744073709551616}]}]}]}"#,
+    );
+    r.assert_error(400, "invalid_json", "an integer beyond 64 bits");
     let many: Vec<Value> = (0..17)
         .map(|_| json!({"actor": ACTOR, "batches": []}))
         .collect();

@@ -601,11 +601,8 @@ pub async fn push(
     body: Body,
 ) -> Result<Response, ApiError> {
     let id = doc_id(&state, path)?;
-    let bytes = body_bytes(&state, body)?;
-    let json: Json_ = serde_json::from_slice(&bytes).map_err(|e| {
-        state.metrics.decode_error("push");
-        ApiError::invalid_json(format!("request body: {e}"))
-    })?;
+    // As PUT and PATCH read theirs: an integer beyond 64 bits is refused, not rounded.
+    let (json, _) = json_body(&state, body)?;
     let push = verge_core::thin::Push::from_json(&json).map_err(|e| {
         state.metrics.decode_error("push");
         match e {
