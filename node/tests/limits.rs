@@ -114,11 +114,16 @@ fn connections_beyond_the_limit_are_refused_then_admitted_again() {
         "limits-conn",
         "[limits]\napi_connections_max = 3\nheader_timeout_s = 120\n",
     );
-    let idle: Vec<TcpStream> = (0..3)
-        .map(|_| TcpStream::connect(node.addr).unwrap())
-        .collect();
-    // The server accepts them in its own time (under load, later than the client's connect).
-    let r = refused_once_full(&node);
+    // The server accepts connections in its own time (under load, well after the client's
+    // connect), so each idle one is seen counted before the next is opened: the gauge counts
+    // the idle ones plus the `/metrics` request's own connection.
+    let mut idle: Vec<TcpStream> = Vec::new();
+    for held in 1..=2 {
+        idle.push(TcpStream::connect(node.addr).unwrap());
+        wait_for_open_connections(&node, held + 1, &idle);
+    }
+    idle.push(TcpStream::connect(node.addr).unwrap());
+    let r = refused_once_full(&node, &idle);
     r.assert_error(503, "too_many_connections", "a fourth connection");
     assert_eq!(r.header("retry-after"), Some("1"));
     // Probes still answer beyond the limit: a load balancer must not take the node for dead.
@@ -168,17 +173,68 @@ fn connections_beyond_the_limit_are_refused_then_admitted_again() {
     }
 }
 
-/// `GET /v1/docs/a` until the node, whose slots are being filled, refuses it.
-fn refused_once_full(node: &Node) -> Resp {
+/// `GET /v1/docs/a` until the node, whose last slot is being filled by `idle`, refuses it.
+fn refused_once_full(node: &Node, idle: &[TcpStream]) -> Resp {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let r = http(node.addr, "GET", "/v1/docs/a", b"", &[], REQUEST_TIMEOUT).unwrap();
         if r.status != 404 {
             return r;
         }
-        assert!(Instant::now() < deadline, "the node never filled up");
+        assert!(
+            Instant::now() < deadline,
+            "the node never filled up: {}",
+            describe_connections(node, idle)
+        );
         thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Polls `verge_api_connections` until it reads `open` (each poll's own connection included).
+fn wait_for_open_connections(node: &Node, open: usize, idle: &[TcpStream]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let seen = metric_value(&node.get("/metrics").text(), "verge_api_connections");
+        if seen == Some(open as f64) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected {open} open connections, the node counts {seen:?}: {}",
+            describe_connections(node, idle)
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// What a failure needs to tell why connections were not held: the node's counts, and
+/// whether the server closed any of the idle ones.
+fn describe_connections(node: &Node, idle: &[TcpStream]) -> String {
+    let states: Vec<String> = idle
+        .iter()
+        .map(|s| {
+            let _ = s.set_nonblocking(true);
+            let mut byte = [0u8; 1];
+            let state = match s.peek(&mut byte) {
+                Ok(0) => "closed by the node".to_string(),
+                Ok(_) => "the node sent bytes".to_string(),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => "open".to_string(),
+                Err(e) => format!("error {e}"),
+            };
+            let _ = s.set_nonblocking(false);
+            state
+        })
+        .collect();
+    let metrics = node.get("/metrics").text();
+    let counts: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("verge_api_"))
+        .collect();
+    format!(
+        "idle connections {states:?}; {}\n--- node log ---\n{}",
+        counts.join("; "),
+        common::read_log(&node.log_path)
+    )
 }
 
 /// A node whose timeouts are short enough for a test to watch them.
@@ -221,7 +277,11 @@ fn sockets_that_send_nothing_are_closed_and_probes_answer_meanwhile() {
         .map(|_| TcpStream::connect(node.addr).unwrap())
         .collect();
     // Every slot is taken: an API request is refused, the probes answer.
-    refused_once_full(&node).assert_error(503, "too_many_connections", "beyond 40 silent sockets");
+    refused_once_full(&node, &silent).assert_error(
+        503,
+        "too_many_connections",
+        "beyond 40 silent sockets",
+    );
     for probe in ["/healthz", "/readyz"] {
         let r = http(node.addr, "GET", probe, b"", &[], REQUEST_TIMEOUT).unwrap();
         assert_eq!(r.status, 200, "{probe} while full: {}", r.describe());
