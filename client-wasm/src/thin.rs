@@ -21,6 +21,7 @@ use automerge::{ActorId, ChangeHash};
 use serde_json::{Map, Value as Json};
 use sha2::{Digest, Sha256};
 use verge_core::limits::OPS_PER_WRITE_MAX;
+use verge_core::lineage::Lineage;
 use verge_core::shadow::Shadow;
 use verge_core::thin::{
     Answer, Batch, Group, THIN_BATCHES_MAX, THIN_GROUPS_MAX, THIN_OPS_MAX, push_json,
@@ -59,6 +60,8 @@ pub struct ThinReplica {
     actor: ActorId,
     /// Heads of the state the writes were made on.
     base: Vec<ChangeHash>,
+    /// The history `base` is in, as the node named it (`None` before the first answer).
+    lineage: Option<Lineage>,
     /// The state at `base` with the writes made on it.
     shadow: Shadow,
     /// The writes since `base`, in order: groups handed over by earlier savers, then this
@@ -93,6 +96,7 @@ impl ThinReplica {
             actor: actors.next(),
             actors,
             base: Vec::new(),
+            lineage: None,
             shadow: Shadow::default(),
             groups: Vec::new(),
             frozen: 0,
@@ -219,7 +223,7 @@ impl ThinReplica {
         } else {
             // The node's state first: the set-aside writes are made again on it.
             self.pending = Some(Pending::Fetch(std::mem::take(&mut self.replay)));
-            push_json(&[], &[]).to_string()
+            push_json(&[], None, &[]).to_string()
         };
         self.last_sync = SyncStats {
             round_trips: 1,
@@ -238,7 +242,7 @@ impl ThinReplica {
         if let Some(last) = self.groups.last() {
             self.frozen = last.batches.len();
         }
-        push_json(&self.base, &self.groups).to_string()
+        push_json(&self.base, self.lineage, &self.groups).to_string()
     }
 
     /// Consumes the node's answer. Returns the next request body when the sync goes on (after
@@ -258,6 +262,7 @@ impl ThinReplica {
                 self.frozen = 0;
                 self.last_sync.bytes_received += bytes_received;
                 self.base = answer.heads;
+                self.lineage = Some(answer.lineage);
                 if let Some(state) = answer.state {
                     // Someone else wrote: the node's state, with the writes made since the push.
                     self.shadow = state;
@@ -271,6 +276,7 @@ impl ThinReplica {
                 self.last_sync.bytes_received += bytes_received;
                 self.last_sync.changed = true;
                 self.base = answer.heads;
+                self.lineage = Some(answer.lineage);
                 self.shadow = answer.state.unwrap_or_default();
                 let unsent: Vec<Batch> = self.take_batches();
                 for batch in writes.into_iter().chain(unsent) {
@@ -340,6 +346,7 @@ impl ThinReplica {
         writes.extend(self.take_batches());
         self.replay = writes;
         self.base.clear();
+        self.lineage = None;
         self.actor = self.actors.next();
     }
 
@@ -351,6 +358,7 @@ impl ThinReplica {
         self.take_batches();
         self.replay.clear();
         self.base.clear();
+        self.lineage = None;
         self.shadow = Shadow::default();
         self.actor = self.actors.next();
     }
@@ -368,7 +376,7 @@ impl ThinReplica {
         let mut json = Map::new();
         json.insert("id".into(), Json::String(self.id.as_str().to_owned()));
         json.insert("state".into(), self.shadow.to_wire());
-        let mut writes = push_json(&self.base, &self.groups);
+        let mut writes = push_json(&self.base, self.lineage, &self.groups);
         if let Json::Object(push) = &mut writes {
             json.append(push);
         }
@@ -463,6 +471,7 @@ impl ThinReplica {
             actors,
             actor,
             base: push.base,
+            lineage: push.lineage,
             shadow,
             groups: push.groups,
             frozen,
@@ -535,7 +544,14 @@ mod tests {
         node.apply_changes(fork.get_changes(&push.base)).unwrap();
         let heads = node.get_heads();
         let state = (heads != built).then(|| Shadow::of(&*node));
-        Answer { heads, state }.to_json().to_string().into_bytes()
+        Answer {
+            heads,
+            lineage: Lineage::of(node),
+            state,
+        }
+        .to_json()
+        .to_string()
+        .into_bytes()
     }
 
     fn id() -> DocId {
@@ -624,6 +640,32 @@ mod tests {
         }
         assert_eq!(verge_core::to_json(&node)["n"], json!(1111));
         assert_eq!(verge_core::to_json(&node)["m"], json!(1));
+    }
+
+    /// The node tells a base it no longer holds from one it has not received yet by the
+    /// lineage a push names: the one its last answer named, kept across a save, and none after
+    /// a start over (which reads the state afresh).
+    #[test]
+    fn a_push_names_the_lineage_of_its_base() {
+        let mut node = Automerge::new();
+        let mut a = ThinReplica::new_seeded(id(), 6);
+        let first: Json = serde_json::from_str(&a.push_begin()).unwrap();
+        assert!(first.get("lineage").is_none(), "{first}");
+        a.push_abort();
+        a.apply(ops(json!([{"op": "inc", "path": ["n"], "by": 1}])), 1)
+            .unwrap();
+        sync(&mut a, &mut node);
+        let named = json!({"incarnation": 0, "generation": 0});
+        let push: Json = serde_json::from_str(&a.push_begin()).unwrap();
+        assert_eq!(push["lineage"], named);
+        a.push_abort();
+        let mut loaded = ThinReplica::load_seeded(&a.save(), 7).unwrap();
+        let push: Json = serde_json::from_str(&loaded.push_begin()).unwrap();
+        assert_eq!(push["lineage"], named);
+        loaded.push_abort();
+        loaded.start_over_keeping_writes();
+        let push: Json = serde_json::from_str(&loaded.push_begin()).unwrap();
+        assert!(push.get("lineage").is_none(), "{push}");
     }
 
     #[test]

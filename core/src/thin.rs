@@ -66,6 +66,11 @@ pub struct Group {
 pub struct Push {
     /// The heads of the state the writes were made on; empty for a replica that never read.
     pub base: Vec<ChangeHash>,
+    /// The history `base` is in, as the node's answer named it; `None` when unknown. A node
+    /// that holds `base` nowhere tells by it whether the replica is behind (its generation was
+    /// compacted away, or the document replaced: the replica starts over) or ahead (the node
+    /// has not caught up yet: a retry or another node will do).
+    pub lineage: Option<Lineage>,
     /// The writes, in order.
     pub groups: Vec<Group>,
 }
@@ -75,6 +80,8 @@ pub struct Push {
 pub struct Answer {
     /// The document's heads, which hold the pushed writes: the replica's next base.
     pub heads: Vec<ChangeHash>,
+    /// The history `heads` are in: the replica's next [`Push::lineage`].
+    pub lineage: Lineage,
     /// The state at `heads`, present unless it is exactly the base with the pushed writes made
     /// on it (which the replica already shows).
     pub state: Option<Shadow>,
@@ -155,16 +162,21 @@ impl Push {
             .sum()
     }
 
-    /// The push as JSON: `{"base": [hex], "groups": [{"actor": hex, "batches": [{"at": ms,
-    /// "ops": [...]}]}]}`.
+    /// The push as JSON: `{"base": [hex], "lineage": {"incarnation": n, "generation": n},
+    /// "groups": [{"actor": hex, "batches": [{"at": ms, "ops": [...]}]}]}` (`lineage` absent
+    /// when unknown).
     pub fn to_json(&self) -> Json {
-        push_json(&self.base, &self.groups)
+        push_json(&self.base, self.lineage, &self.groups)
     }
 
     /// Reads [`Push::to_json`]'s form, within this module's bounds.
     pub fn from_json(json: &Json) -> Result<Push, WireError> {
         let malformed = |m: &str| WireError::Malformed(m.to_owned());
         let base = heads(json.get("base"), "base")?;
+        let lineage = match json.get("lineage") {
+            None | Some(Json::Null) => None,
+            Some(l) => Some(lineage_from_json(l, "lineage")?),
+        };
         let Some(Json::Array(groups)) = json.get("groups") else {
             return Err(malformed("\"groups\" is missing or not an array"));
         };
@@ -214,13 +226,17 @@ impl Push {
                 batches: parsed,
             });
         }
-        Ok(Push { base, groups: out })
+        Ok(Push {
+            base,
+            lineage,
+            groups: out,
+        })
     }
 }
 
 /// [`Push::to_json`] of a push made of these parts, without assembling one. Empty groups are
 /// left out.
-pub fn push_json(base: &[ChangeHash], groups: &[Group]) -> Json {
+pub fn push_json(base: &[ChangeHash], lineage: Option<Lineage>, groups: &[Group]) -> Json {
     let groups = groups
         .iter()
         .filter(|g| !g.batches.is_empty())
@@ -234,16 +250,41 @@ pub fn push_json(base: &[ChangeHash], groups: &[Group]) -> Json {
         .collect();
     let mut out = Map::new();
     out.insert("base".into(), Json::from(heads_to_hex(base)));
+    if let Some(lineage) = lineage {
+        out.insert("lineage".into(), lineage_json(lineage));
+    }
     out.insert("groups".into(), Json::Array(groups));
     Json::Object(out)
 }
 
+fn lineage_json(lineage: Lineage) -> Json {
+    let mut out = Map::new();
+    out.insert("incarnation".into(), Json::from(lineage.incarnation));
+    out.insert("generation".into(), Json::from(lineage.generation));
+    Json::Object(out)
+}
+
+fn lineage_from_json(json: &Json, field: &str) -> Result<Lineage, WireError> {
+    let number = |key: &str| {
+        json.get(key).and_then(Json::as_u64).ok_or_else(|| {
+            WireError::Malformed(format!(
+                "\"{field}\".{key} is missing or not a whole number"
+            ))
+        })
+    };
+    Ok(Lineage {
+        incarnation: number("incarnation")?,
+        generation: number("generation")?,
+    })
+}
+
 impl Answer {
-    /// The answer as JSON: `{"heads": [hex], "state": ...}` (`state` in [`Shadow::to_wire`]'s
-    /// form, absent when not needed).
+    /// The answer as JSON: `{"heads": [hex], "lineage": {...}, "state": ...}` (`state` in
+    /// [`Shadow::to_wire`]'s form, absent when not needed).
     pub fn to_json(&self) -> Json {
         let mut out = Map::new();
         out.insert("heads".into(), Json::from(heads_to_hex(&self.heads)));
+        out.insert("lineage".into(), lineage_json(self.lineage));
         if let Some(state) = &self.state {
             out.insert("state".into(), state.to_wire());
         }
@@ -253,11 +294,16 @@ impl Answer {
     /// Reads [`Answer::to_json`]'s form.
     pub fn from_json(json: &Json) -> Result<Answer, WireError> {
         let heads = heads(json.get("heads"), "heads")?;
+        let lineage = lineage_from_json(json.get("lineage").unwrap_or(&Json::Null), "lineage")?;
         let state = match json.get("state") {
             None | Some(Json::Null) => None,
             Some(state) => Some(Shadow::from_wire(state).map_err(WireError::Malformed)?),
         };
-        Ok(Answer { heads, state })
+        Ok(Answer {
+            heads,
+            lineage,
+            state,
+        })
     }
 }
 
@@ -317,6 +363,7 @@ mod tests {
     fn push(base: Vec<ChangeHash>, actor: u8, batches: Vec<(i64, Json)>) -> Push {
         Push {
             base,
+            lineage: None,
             groups: vec![Group {
                 actor: ActorId::from([actor; 16]),
                 batches: batches
@@ -440,11 +487,38 @@ mod tests {
             )],
         );
         assert_eq!(Push::from_json(&p.to_json()).unwrap(), p);
+        let lineage = Lineage {
+            incarnation: 2,
+            generation: u64::MAX,
+        };
+        let with_lineage = Push {
+            lineage: Some(lineage),
+            ..p.clone()
+        };
+        assert_eq!(
+            Push::from_json(&with_lineage.to_json()).unwrap(),
+            with_lineage
+        );
         let a = Answer {
             heads: base_doc.get_heads(),
+            lineage,
             state: Some(Shadow::of(&base_doc)),
         };
         assert_eq!(Answer::from_json(&a.to_json()).unwrap(), a);
+        for bad in [
+            json!({"generation": 1}),
+            json!({"incarnation": -1, "generation": 1}),
+            json!([0, 1]),
+        ] {
+            let mut j = p.to_json();
+            j["lineage"] = bad.clone();
+            assert!(
+                matches!(Push::from_json(&j), Err(WireError::Malformed(_))),
+                "{bad}"
+            );
+        }
+        // An answer names its lineage.
+        assert!(Answer::from_json(&json!({"heads": []})).is_err());
 
         let mut many = p.to_json();
         many["groups"] = Json::Array(vec![many["groups"][0].clone(); THIN_GROUPS_MAX + 1]);
@@ -465,7 +539,12 @@ mod tests {
             Err(WireError::Malformed(_))
         ));
         assert!(
-            Answer::from_json(&json!({"heads": [], "state": {"root": {"k": {"q": 1}}}})).is_err()
+            Answer::from_json(&json!({
+                "heads": [],
+                "lineage": {"incarnation": 0, "generation": 0},
+                "state": {"root": {"k": {"q": 1}}}
+            }))
+            .is_err()
         );
     }
 

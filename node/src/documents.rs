@@ -290,6 +290,33 @@ struct Slot {
     left: Option<(u64, Arc<Vec<u8>>)>,
 }
 
+/// What [`Documents::exchange`] did with a message.
+struct Exchanged {
+    /// The next message for the other side, if any.
+    reply: Option<Message>,
+    /// Bytes of the changes the message added here.
+    applied: usize,
+    /// Whether the document held what the caller named in [`Holds`]: when it did not hold
+    /// `before`, the message was not received.
+    held: bool,
+}
+
+/// Changes a caller of [`Documents::exchange`] needs the document to hold.
+struct Holds<'a> {
+    /// Before the message is received: the history its changes were made on.
+    before: &'a [ChangeHash],
+    /// After: the message's own heads.
+    after: &'a [ChangeHash],
+}
+
+/// Whether `doc` holds every change in `hashes`. Not `get_missing_deps`, which also names the
+/// deps of changes waiting in Automerge's queue.
+fn holds_all(doc: &Automerge, hashes: &[ChangeHash]) -> bool {
+    hashes
+        .iter()
+        .all(|h| doc.get_change_meta_by_hash(h).is_some())
+}
+
 /// A document's place in memory. `slot` is `None` until first loaded.
 struct Entry {
     id: DocId,
@@ -963,8 +990,8 @@ impl Documents {
         }
         let message = Message::decode(body).map_err(InvalidSync::from)?;
         let mut state = SyncState::new();
-        let (reply, applied) = self
-            .exchange(id, &mut state, Some(message), Origin::Client)
+        let Exchanged { reply, applied, .. } = self
+            .exchange(id, &mut state, Some(message), Origin::Client, None)
             .await?;
         // When we hold every head the client announced, our answer's `have` has `last_sync` =
         // those heads, and a peer only looks for its own changes *after* `last_sync` that are
@@ -998,18 +1025,24 @@ impl Documents {
         state: &mut SyncState,
         incoming: Option<Message>,
     ) -> Result<Option<Message>, DocError> {
-        Ok(self.exchange(id, state, incoming, Origin::Peer).await?.0)
+        Ok(self
+            .exchange(id, state, incoming, Origin::Peer, None)
+            .await?
+            .reply)
     }
 
     /// Receives `incoming` (if any) into the document, persists the changes it added, and
-    /// generates the next message. Returns that message and the bytes of new changes.
+    /// generates the next message. `holds` names what the caller needs the document to hold
+    /// (a thin push's base before, its changes after), judged under the same lock as the
+    /// receipt: a later look could find the history folded into a new generation meanwhile.
     async fn exchange(
         &self,
         id: &DocId,
         state: &mut SyncState,
         incoming: Option<Message>,
         origin: Origin,
-    ) -> Result<(Option<Message>, usize), DocError> {
+        holds: Option<Holds<'_>>,
+    ) -> Result<Exchanged, DocError> {
         let incoming_bytes: usize = incoming
             .as_ref()
             .map_or(0, |m| m.changes.iter().map(<[u8]>::len).sum());
@@ -1024,10 +1057,21 @@ impl Documents {
         } else {
             None
         };
-        let (reply, pending, applied, carried_for_client) = {
+        let (reply, pending, applied, carried_for_client, held) = {
             let mut guard = self.lock_for_change(&entry)?;
             let slot = guard.as_mut().expect("load fills the slot");
             check_growth(id, &slot.meta, incoming_bytes)?;
+            if let Some(holds) = &holds
+                && !holds_all(&slot.doc, holds.before)
+            {
+                // Not received at all: changes whose deps are missing would wait in
+                // Automerge's queue, and their deps would read as missing ever after.
+                return Ok(Exchanged {
+                    reply: None,
+                    applied: 0,
+                    held: false,
+                });
+            }
             let before = slot.doc.get_heads();
             let local = Local::of(&slot.doc);
             // A client's copy of an earlier generation: its changes, which may not apply here
@@ -1074,6 +1118,9 @@ impl Documents {
                 state.shared_heads.clear();
             }
             let applied = changes.iter().map(Vec::len).sum();
+            let held = holds
+                .as_ref()
+                .is_none_or(|h| carried_for_client.is_some() || holds_all(&slot.doc, h.after));
             let pending = match (changes.is_empty(), queue_slot) {
                 (false, Some(queue_slot)) => {
                     let lifecycle = Lifecycle::of(&slot.doc);
@@ -1097,6 +1144,7 @@ impl Documents {
                 pending.map(|p| (p, origin)),
                 applied,
                 carried_for_client,
+                held,
             )
         };
         if let Some((pending, origin)) = pending {
@@ -1113,7 +1161,11 @@ impl Documents {
         // A message malformed in a way Automerge only notices when answering it; the changes
         // it carried (if any) are valid and already durable.
         let reply = reply.map_err(|e| InvalidSync::Answer(Box::new(e)))?;
-        Ok((reply, applied))
+        Ok(Exchanged {
+            reply,
+            applied,
+            held,
+        })
     }
 
     /// After received changes were applied to `slot`'s document (whose heads were `before` and

@@ -220,3 +220,160 @@ fn a_push_retried_on_another_node_counts_once_everywhere() {
         assert_eq!(doc, json!({"n": 0, "hits": 5}), "on {}", node.node_id);
     }
 }
+
+/// A node alone with the smallest generations allowed (a push of 20 writes starts the next
+/// one), keeping `retain` of those its documents left.
+fn compacting_node(name: &str, retain: u64) -> (Node, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("verge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[compaction]\nafter_changes = 16\nafter_bytes = 1048576\nretain_generations = {retain}\n"
+        ),
+    )
+    .unwrap();
+    let node = Node::start_with(name, vec!["--config".into(), config.display().to_string()]);
+    (node, dir)
+}
+
+/// A push of `writes` increments of `n` from `base`, each its own batch (so its own change).
+fn increments(
+    actor: &str,
+    base: &[String],
+    lineage: Option<&Value>,
+    first_at: usize,
+    writes: usize,
+) -> Value {
+    let batches: Vec<Value> = (0..writes)
+        .map(|w| json!({"at": (first_at + w) as i64, "ops": [{"op": "inc", "path": ["n"], "by": 1}]}))
+        .collect();
+    let mut body = json!({"base": base, "groups": [{"actor": actor, "batches": batches}]});
+    if let Some(lineage) = lineage {
+        body["lineage"] = lineage.clone();
+    }
+    body
+}
+
+/// A node alone starts its generations itself, so whatever base a thin replica read from it
+/// is here while it retains the generation: in the current one, or in one it left, even the one
+/// it left a moment ago and has not written down yet, or left between building the push's
+/// changes and taking them. Every push lands, and every write counts once across the
+/// generations the pushes straddle.
+#[test]
+fn pushes_across_generations_on_a_node_alone_all_land_once() {
+    // The pushes start fewer generations than the node retains, so that however they
+    // interleave, no base falls out of what it retains.
+    let (node, _config) = compacting_node("thin-gen", 64);
+    let id = "thin-generations";
+    const REPLICAS: usize = 3;
+    const PUSHES: usize = 15;
+    const WRITES: usize = 20;
+    std::thread::scope(|s| {
+        for r in 0..REPLICAS {
+            let node = &node;
+            s.spawn(move || {
+                let actor = format!("{:032x}", 0xa0 + r);
+                let mut base: Vec<String> = Vec::new();
+                let mut lineage: Option<Value> = None;
+                for p in 0..PUSHES {
+                    let body = increments(&actor, &base, lineage.as_ref(), p * WRITES, WRITES);
+                    let answer = push(node, id, &body);
+                    assert_eq!(
+                        answer.status,
+                        200,
+                        "replica {r}, push {p}: {}\n{}",
+                        answer.text(),
+                        common::tail(&node.output(), 40)
+                    );
+                    let answer = answer.json();
+                    base = heads(&answer);
+                    lineage = Some(answer["lineage"].clone());
+                }
+            });
+        }
+    });
+    let doc = node.get_doc(id).ok_json("read");
+    assert_eq!(
+        doc["doc"]["n"],
+        json!(REPLICAS * PUSHES * WRITES),
+        "every write once: {doc}"
+    );
+    // The pushes did straddle generations: about one started a push, and fewer than the node
+    // retains.
+    let generation = doc["generation"].as_u64().unwrap();
+    assert!(
+        (REPLICAS * PUSHES / 2) as u64 <= generation && generation < 64,
+        "{generation} generations started: {doc}"
+    );
+}
+
+/// A base the node holds nowhere is answered by the history the replica says it is in: an
+/// earlier generation the node no longer retains gets `document_compacted` (the replica makes
+/// its writes again on the current state), an earlier incarnation `document_replaced`, and a
+/// later one, or none named, `catching_up`.
+#[test]
+fn a_base_held_nowhere_is_answered_by_its_lineage() {
+    let (node, _config) = compacting_node("thin-lineage", 1);
+    let id = "thin-lineage";
+    let actor = "0a".repeat(16);
+    let first = push(&node, id, &increments(&actor, &[], None, 0, 1)).ok_json("first push");
+    let (old_base, old_lineage) = (heads(&first), first["lineage"].clone());
+    assert_eq!(
+        old_lineage,
+        json!({"incarnation": 0, "generation": 0}),
+        "{first}"
+    );
+    // Three generations on: the first one is no longer retained.
+    let mut answer = first.clone();
+    for p in 0..3 {
+        answer = push(
+            &node,
+            id,
+            &increments(
+                &actor,
+                &heads(&answer),
+                Some(&answer["lineage"]),
+                1 + p * 20,
+                20,
+            ),
+        )
+        .ok_json("push");
+    }
+    let now = answer["lineage"]["generation"].as_u64().unwrap();
+    assert!(now >= 2, "{answer}");
+
+    let stale = increments(&"0b".repeat(16), &old_base, Some(&old_lineage), 100, 1);
+    push(&node, id, &stale).assert_error(
+        409,
+        "document_compacted",
+        "a generation no longer retained",
+    );
+    let mut unnamed = stale.clone();
+    unnamed.as_object_mut().unwrap().remove("lineage");
+    push(&node, id, &unnamed).assert_error(503, "catching_up", "no lineage named");
+    let mut ahead = stale.clone();
+    ahead["lineage"]["generation"] = json!(now + 5);
+    push(&node, id, &ahead).assert_error(503, "catching_up", "a later generation");
+    let metrics = node.get("/metrics").text();
+    assert_eq!(
+        metric_value(&metrics, "verge_stale_not_carried_total"),
+        Some(1.0)
+    );
+
+    // Deleted and written again: the document's next incarnation.
+    node.delete_doc(id).ok_json("DELETE");
+    node.put_doc(id, &json!({"n": 0})).ok_json("PUT");
+    let current = heads(&push(&node, id, &json!({"base": [], "groups": []})).ok_json("read"));
+    let mut old_incarnation = increments(&actor, &heads(&answer), Some(&answer["lineage"]), 200, 1);
+    old_incarnation["lineage"]["generation"] = json!(now + 100);
+    push(&node, id, &old_incarnation).assert_error(
+        409,
+        "document_replaced",
+        "an earlier incarnation",
+    );
+    // Nothing of the refused pushes landed.
+    let doc = node.get_doc(id).ok_json("read");
+    assert_eq!(doc["doc"], json!({"n": 0}), "{doc}");
+    assert_eq!(common::heads_of(&doc, "read"), current);
+}

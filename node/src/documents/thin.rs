@@ -3,13 +3,22 @@
 //! same checks, carrying and durability), so that nothing downstream tells them apart.
 
 use automerge::sync::{BloomFilter, Have, Message, MessageVersion, State as SyncState};
-use automerge::{Automerge, ChangeHash, ReadDoc};
+use std::sync::Arc;
+
+use automerge::{Automerge, ChangeHash};
 use verge_core::DocId;
 use verge_core::document::load_document;
+use verge_core::lineage::Lineage;
 use verge_core::shadow::Shadow;
 use verge_core::thin::{self, Answer, BuildError, Push};
 
-use super::{DocError, Documents, Origin};
+use super::{DocError, Documents, Holds, Origin, holds_all};
+
+/// Times a push is made again when the document moved to a new generation between the
+/// push's build and its receipt (the build then waits in Automerge's queue for deps the new
+/// generation folded away). A node alone starts a generation at most every
+/// `[compaction] after_changes` changes, so a second try finds the base among those it left.
+const PUSH_ATTEMPTS: usize = 3;
 
 impl Documents {
     /// Makes a thin replica's writes at its base and answers the heads that hold them, with
@@ -18,30 +27,57 @@ impl Documents {
     /// count once.
     pub async fn push(&self, id: &DocId, push: Push) -> Result<Answer, DocError> {
         self.metrics.thin_pushes.inc();
-        let at_current = {
+        let mut attempt = 1;
+        loop {
+            match self.push_once(id, &push).await? {
+                Some(answer) => return Ok(answer),
+                None if attempt < PUSH_ATTEMPTS && self.base_moved(id, &push.base)? => {
+                    attempt += 1;
+                }
+                None => {
+                    // Their history is not all here after all: nothing is acknowledged, and
+                    // the same push later makes the same changes.
+                    self.metrics.thin_not_applied.inc();
+                    return Err(DocError::CatchingUp(id.clone()));
+                }
+            }
+        }
+    }
+
+    /// One try of [`Documents::push`]: `None` when the changes it built did not apply.
+    async fn push_once(&self, id: &DocId, push: &Push) -> Result<Option<Answer>, DocError> {
+        let (at_current, left, current) = {
             let entry = self.entry(id);
             let guard = self.load(&entry)?;
             let slot = guard.as_ref().expect("load fills the slot");
-            at_base(&slot.doc, &push.base)?
+            (
+                at_base(&slot.doc, &push.base)?,
+                slot.left.clone(),
+                Lineage::of(&slot.doc),
+            )
         };
         let (mut fork, retained) = match at_current {
             Some(fork) => (fork, false),
             // Writes made on an earlier generation: built there, and carried onto the current
             // one by the sync path, as a full replica's would be.
-            None => (
-                self.retained_at(id, &push.base)?
-                    .ok_or_else(|| DocError::CatchingUp(id.clone()))?,
-                true,
-            ),
+            None => match self.retained_at(id, &push.base, left)? {
+                Some(fork) => (fork, true),
+                None => {
+                    let error = not_held(id, push.lineage, current);
+                    if matches!(error, DocError::Compacted { .. }) {
+                        self.metrics.stale_not_carried.inc();
+                    }
+                    return Err(error);
+                }
+            },
         };
-        thin::build(&mut fork, &push).map_err(|e| match e {
+        thin::build(&mut fork, push).map_err(|e| match e {
             BuildError::NotApplicable { error, .. } => DocError::Apply(error),
             BuildError::NotLive { .. } => DocError::NotLive(id.clone()),
             _ => DocError::Internal("an unknown thin build error"),
         })?;
         let built = fork.get_heads();
         let made = fork.get_changes(&push.base);
-        let mut carried = false;
         if !made.is_empty() {
             self.metrics.thin_changes_built.inc_by(made.len() as u64);
             // Changes of an earlier generation go with that generation's whole history, as a
@@ -67,33 +103,67 @@ impl Documents {
                 flags: None,
                 version: MessageVersion::V1,
             };
+            // Made at the base, which a message of only the new changes needs the document to
+            // still hold (it may have moved to a new generation since the fork).
+            let holds = Holds {
+                before: if retained { &[] } else { &push.base },
+                after: &built,
+            };
             match self
-                .exchange(id, &mut SyncState::new(), Some(message), Origin::Client)
+                .exchange(
+                    id,
+                    &mut SyncState::new(),
+                    Some(message),
+                    Origin::Client,
+                    Some(holds),
+                )
                 .await
             {
+                Ok(exchanged) if !exchanged.held => return Ok(None),
                 Ok(_) => {}
                 // Carried onto the current generation, durably: answered like any other push.
-                Err(DocError::ChangesCarried { .. }) => carried = true,
+                Err(DocError::ChangesCarried { .. }) => {}
                 Err(e) => return Err(e),
             }
         }
+        // The writes are durable here, though the document may have moved to a new generation
+        // since (folding them into its root): its heads hold them either way.
         let entry = self.entry(id);
         let guard = self.load(&entry)?;
         let slot = guard.as_ref().expect("load fills the slot");
-        if !carried && !slot.doc.get_missing_deps(&built).is_empty() {
-            // The changes did not apply (their history is not all here after all): nothing is
-            // acknowledged, and the same push later makes the same changes.
-            self.metrics.thin_not_applied.inc();
-            return Err(DocError::CatchingUp(id.clone()));
-        }
         let heads = slot.doc.get_heads();
         let state = (heads != built).then(|| Shadow::of(&slot.doc));
-        Ok(Answer { heads, state })
+        Ok(Some(Answer {
+            heads,
+            lineage: Lineage::of(&slot.doc),
+            state,
+        }))
     }
 
-    /// A copy of the history at `base` from a generation of the document this node retains.
-    fn retained_at(&self, id: &DocId, base: &[ChangeHash]) -> Result<Option<Automerge>, DocError> {
-        for (generation, bytes) in self.store.retained(id)?.into_iter().rev() {
+    /// Whether `base` is no longer in the document's current generation, which moved on.
+    fn base_moved(&self, id: &DocId, base: &[ChangeHash]) -> Result<bool, DocError> {
+        let entry = self.entry(id);
+        let guard = self.load(&entry)?;
+        let slot = guard.as_ref().expect("load fills the slot");
+        Ok(!holds_all(&slot.doc, base))
+    }
+
+    /// A copy of the history at `base` from a generation of the document this node retains,
+    /// or from `left`, the one it left last, whose retention may not be written down yet.
+    fn retained_at(
+        &self,
+        id: &DocId,
+        base: &[ChangeHash],
+        left: Option<(u64, Arc<Vec<u8>>)>,
+    ) -> Result<Option<Automerge>, DocError> {
+        let mut retained = self.store.retained(id)?;
+        if let Some((generation, bytes)) = left
+            && !retained.iter().any(|(g, _)| *g == generation)
+        {
+            retained.push((generation, bytes.as_ref().clone()));
+            retained.sort_by_key(|(g, _)| *g);
+        }
+        for (generation, bytes) in retained.into_iter().rev() {
             let doc = load_document(&bytes, self.actor()).map_err(|e| {
                 tracing::warn!(doc = %id, generation, error = %e, "a retained generation does not load");
                 DocError::Internal("a retained generation does not load")
@@ -106,9 +176,25 @@ impl Documents {
     }
 }
 
+/// Why a push's base is nowhere here, told by the history the replica says it is in
+/// (`lineage`) against the document's (`current`): an earlier generation this node no longer
+/// retains (the replica makes its writes again on the current state), an earlier incarnation
+/// (the document was replaced: the replica starts over), or, when the replica is ahead or does
+/// not say, one this node has not received yet.
+fn not_held(id: &DocId, lineage: Option<Lineage>, current: Lineage) -> DocError {
+    match lineage {
+        Some(l) if l < current && l.incarnation == current.incarnation => DocError::Compacted {
+            id: id.clone(),
+            generation: current.generation,
+        },
+        Some(l) if l < current => DocError::Replaced(id.clone()),
+        _ => DocError::CatchingUp(id.clone()),
+    }
+}
+
 /// A copy of `doc` holding exactly the history up to `base`, when `doc` holds all of it.
 fn at_base(doc: &Automerge, base: &[ChangeHash]) -> Result<Option<Automerge>, DocError> {
-    if !doc.get_missing_deps(base).is_empty() {
+    if !holds_all(doc, base) {
         return Ok(None);
     }
     let mut heads = doc.get_heads();
