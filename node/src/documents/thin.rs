@@ -63,7 +63,8 @@ impl Documents {
             None => match self.retained_at(id, &push.base, left)? {
                 Some(fork) => (fork, true),
                 None => {
-                    let error = not_held(id, push.lineage, current);
+                    let error =
+                        not_held(id, push.lineage, current, self.config.retain_generations);
                     if matches!(error, DocError::Compacted { .. }) {
                         self.metrics.stale_not_carried.inc();
                     }
@@ -177,17 +178,25 @@ impl Documents {
 }
 
 /// Why a push's base is nowhere here, told by the history the replica says it is in
-/// (`lineage`) against the document's (`current`): an earlier generation this node no longer
-/// retains (the replica makes its writes again on the current state), an earlier incarnation
-/// (the document was replaced: the replica starts over), or, when the replica is ahead or does
-/// not say, one this node has not received yet.
-fn not_held(id: &DocId, lineage: Option<Lineage>, current: Lineage) -> DocError {
+/// (`lineage`) against the document's (`current`): a generation further back than nodes retain
+/// (`retain` generations; the replica makes its writes again on the current state, as a full
+/// replica's copy is told by the same rule), an earlier incarnation (the document was replaced:
+/// the replica starts over), or else one this node has not received, or does not retain while
+/// another node may (it moved past it taking a newer generation from a peer): `catching_up`,
+/// which keeps the writes for a retry here or elsewhere. Making them again while a node may
+/// still hold them from a push whose answer was lost would count them twice.
+fn not_held(id: &DocId, lineage: Option<Lineage>, current: Lineage, retain: u64) -> DocError {
     match lineage {
-        Some(l) if l < current && l.incarnation == current.incarnation => DocError::Compacted {
-            id: id.clone(),
-            generation: current.generation,
-        },
-        Some(l) if l < current => DocError::Replaced(id.clone()),
+        Some(l)
+            if l.incarnation == current.incarnation
+                && current.generation.saturating_sub(l.generation) > retain =>
+        {
+            DocError::Compacted {
+                id: id.clone(),
+                generation: current.generation,
+            }
+        }
+        Some(l) if l.incarnation < current.incarnation => DocError::Replaced(id.clone()),
         _ => DocError::CatchingUp(id.clone()),
     }
 }
