@@ -2,9 +2,9 @@
 //! document at the heads the replica read, then taken as a full replica's changes are (the
 //! same checks, carrying and durability), so that nothing downstream tells them apart.
 
-use automerge::sync::{BloomFilter, Have, Message, MessageVersion, State as SyncState};
 use std::sync::Arc;
 
+use automerge::sync::{BloomFilter, Have, Message, MessageVersion, State as SyncState};
 use automerge::{Automerge, ChangeHash};
 use verge_core::DocId;
 use verge_core::document::load_document;
@@ -14,10 +14,10 @@ use verge_core::thin::{self, Answer, BuildError, Push};
 
 use super::{DocError, Documents, Holds, Origin, holds_all};
 
-/// Times a push is made again when the document moved to a new generation between the
-/// push's build and its receipt (the build then waits in Automerge's queue for deps the new
-/// generation folded away). A node alone starts a generation at most every
-/// `[compaction] after_changes` changes, so a second try finds the base among those it left.
+/// Times a push is made when the document moved to a new generation between the push's build
+/// and its receipt (its changes, made at a base the new generation folded away, are then not
+/// taken). A generation starts at most every `[compaction] after_changes` changes, so the
+/// next try finds the base among those the document left, and builds there.
 const PUSH_ATTEMPTS: usize = 3;
 
 impl Documents {
@@ -63,8 +63,7 @@ impl Documents {
             None => match self.retained_at(id, &push.base, left)? {
                 Some(fork) => (fork, true),
                 None => {
-                    let error =
-                        not_held(id, push.lineage, current, self.config.retain_generations);
+                    let error = not_held(id, push.lineage, current, self.config.retain_generations);
                     if matches!(error, DocError::Compacted { .. }) {
                         self.metrics.stale_not_carried.inc();
                     }
