@@ -86,8 +86,8 @@ pub struct Metrics {
     /// Client syncs whose changes of an earlier generation this node carried onto the current
     /// one (answered `changes_carried`).
     pub stale_carried: Counter,
-    /// Client syncs whose changes of an earlier generation could not be carried (generation not
-    /// retained, or a dependency missing; answered `document_compacted`).
+    /// Client syncs and thin pushes whose changes of an earlier generation could not be carried
+    /// (generation not retained, or a dependency missing; answered `document_compacted`).
     pub stale_not_carried: Counter,
     /// `GET ?after=` reads answered `504 not_yet_replicated`.
     pub not_yet_replicated: Counter,
@@ -424,7 +424,7 @@ impl Metrics {
         );
         registry.register(
             "stale_not_carried",
-            "Client syncs whose changes of an earlier generation could not be carried",
+            "Client syncs and thin pushes whose changes of an earlier generation could not be carried",
             m.stale_not_carried.clone(),
         );
         registry.register(
