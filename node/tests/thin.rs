@@ -377,3 +377,67 @@ fn a_base_held_nowhere_is_answered_by_its_lineage() {
     assert_eq!(doc["doc"], json!({"n": 0}), "{doc}");
     assert_eq!(common::heads_of(&doc, "read"), current);
 }
+
+/// A node alone retains every generation there is to retain: once it released one (here after
+/// `retain_previous_s`, long before `retain_generations` of them passed), a replica still on it
+/// is told `document_compacted` and makes its writes again, instead of waiting for a node that
+/// could carry them, which does not exist.
+#[test]
+fn a_node_alone_lets_go_of_a_replica_on_a_generation_it_released() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("verge.toml");
+    std::fs::write(
+        &config,
+        "[storage]\npurge_interval_s = 1\n\n[compaction]\nafter_changes = 16\n\
+         after_bytes = 1048576\nretain_generations = 16\nretain_previous_s = 0\n",
+    )
+    .unwrap();
+    let node = Node::start_with(
+        "thin-released",
+        vec!["--config".into(), config.display().to_string()],
+    );
+    let id = "thin-released";
+    let actor = "0c".repeat(16);
+    let first = push(&node, id, &increments(&actor, &[], None, 0, 1)).ok_json("first push");
+    // Others write on (through the API, so that nothing here depends on a base): the document
+    // moves on past the first push's generation.
+    for _ in 0..60 {
+        node.patch_doc(id, json!([{"op": "inc", "path": ["n"], "by": 1}]))
+            .ok_json("PATCH");
+    }
+    let generation = node.get_doc(id).ok_json("read")["generation"]
+        .as_u64()
+        .unwrap();
+    // Two on at least: the generation left last also stays in memory while it is written down.
+    assert!(generation >= 2, "generation {generation}");
+    wait_for(
+        std::time::Duration::from_secs(20),
+        "the node to release the generations it left",
+        || {
+            let released = metric_value(
+                &node.get("/metrics").text(),
+                "verge_retained_released_total",
+            )
+            .unwrap_or(0.0);
+            if released >= 1.0 {
+                Ok(())
+            } else {
+                Err(format!("{released} released"))
+            }
+        },
+    );
+    let stale = increments(
+        &"0d".repeat(16),
+        &heads(&first),
+        Some(&first["lineage"]),
+        100,
+        1,
+    );
+    push(&node, id, &stale).assert_error(409, "document_compacted", "a released generation");
+    let doc = node.get_doc(id).ok_json("read");
+    assert_eq!(
+        doc["doc"]["n"],
+        json!(61),
+        "the refused push wrote nothing: {doc}"
+    );
+}

@@ -63,7 +63,13 @@ impl Documents {
             None => match self.retained_at(id, &push.base, left)? {
                 Some(fork) => (fork, true),
                 None => {
-                    let error = not_held(id, push.lineage, current, self.config.retain_generations);
+                    let error = not_held(
+                        id,
+                        push.lineage,
+                        current,
+                        self.config.retain_generations,
+                        self.alone(),
+                    );
                     if matches!(error, DocError::Compacted { .. }) {
                         self.metrics.stale_not_carried.inc();
                     }
@@ -177,18 +183,28 @@ impl Documents {
 }
 
 /// Why a push's base is nowhere here, told by the history the replica says it is in
-/// (`lineage`) against the document's (`current`): a generation further back than nodes retain
-/// (`retain` generations; the replica makes its writes again on the current state, as a full
-/// replica's copy is told by the same rule), an earlier incarnation (the document was replaced:
-/// the replica starts over), or else one this node has not received, or does not retain while
-/// another node may (it moved past it taking a newer generation from a peer): `catching_up`,
-/// which keeps the writes for a retry here or elsewhere. Making them again while a node may
-/// still hold them from a push whose answer was lost would count them twice.
-fn not_held(id: &DocId, lineage: Option<Lineage>, current: Lineage, retain: u64) -> DocError {
+/// (`lineage`) against the document's (`current`):
+/// - an earlier generation of the same incarnation that no node retains: further back than
+///   nodes retain (`retain` generations; the rule a full replica's copy is held to), or any
+///   earlier one on a node `alone` (every generation was left here, so none is retained
+///   elsewhere). The replica makes its writes again on the current state.
+/// - an earlier incarnation: the document was replaced, the replica starts over.
+/// - else `catching_up`, which keeps the writes for a retry here or elsewhere: this node may not
+///   have received the base's generation yet, or may have moved past it taking a newer one from
+///   a peer that still retains it. Making the writes again while a node may hold them from a
+///   push whose answer was lost would count them twice.
+fn not_held(
+    id: &DocId,
+    lineage: Option<Lineage>,
+    current: Lineage,
+    retain: u64,
+    alone: bool,
+) -> DocError {
     match lineage {
         Some(l)
             if l.incarnation == current.incarnation
-                && current.generation.saturating_sub(l.generation) > retain =>
+                && l.generation < current.generation
+                && (alone || current.generation - l.generation > retain) =>
         {
             DocError::Compacted {
                 id: id.clone(),
