@@ -436,6 +436,29 @@ impl Documents {
         let _ = self.membership.set(Arc::downgrade(membership));
     }
 
+    /// Whether generation `older` is further back from `current` than nodes retain: no node
+    /// can carry a client's changes of it any more. The one rule for full and thin replicas.
+    fn beyond_retention(&self, current: u64, older: u64) -> bool {
+        current.saturating_sub(older) > self.config.retain_generations
+    }
+
+    /// The generations of `id` this node retains, oldest first, with `left`, the one it left
+    /// last (`Slot::left`), whose retention may not be committed yet.
+    fn retained_with(
+        &self,
+        id: &DocId,
+        left: Option<&(u64, Arc<Vec<u8>>)>,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let mut retained = self.store.retained(id)?;
+        if let Some((generation, bytes)) = left
+            && !retained.iter().any(|(g, _)| g == generation)
+        {
+            retained.push((*generation, bytes.as_ref().clone()));
+            retained.sort_by_key(|(g, _)| *g);
+        }
+        Ok(retained)
+    }
+
     fn alone(&self) -> bool {
         self.membership
             .get()
@@ -1344,7 +1367,7 @@ impl Documents {
             seen.insert(c.hash()) && slot.doc.get_change_meta_by_hash(&c.hash()).is_none()
         });
         let current = Lineage::of(&slot.doc);
-        if current.generation.saturating_sub(older.generation) > self.config.retain_generations {
+        if self.beyond_retention(current.generation, older.generation) {
             return Err(format!(
                 "generation {} is further back than this node retains",
                 older.generation
@@ -1353,17 +1376,9 @@ impl Documents {
         let root = generation::root_of(&slot.doc)
             .and_then(|(hash, _)| automerge::ReadDoc::get_change_by_hash(&slot.doc, &hash))
             .ok_or("the current generation's root is missing")?;
-        let mut retained = self
-            .store
-            .retained(&entry.id)
+        let retained = self
+            .retained_with(&entry.id, slot.left.as_ref())
             .map_err(|e| format!("reading the retained generations: {e}"))?;
-        // The generation left last may not be committed yet.
-        if let Some((generation, bytes)) = &slot.left
-            && !retained.iter().any(|(g, _)| g == generation)
-        {
-            retained.push((*generation, bytes.as_ref().clone()));
-            retained.sort_by_key(|(g, _)| *g);
-        }
         let retained = retained
             .into_iter()
             .filter(|(generation, _)| *generation >= older.generation)

@@ -63,13 +63,7 @@ impl Documents {
             None => match self.retained_at(id, &push.base, left)? {
                 Some(fork) => (fork, true),
                 None => {
-                    let error = not_held(
-                        id,
-                        push.lineage,
-                        current,
-                        self.config.retain_generations,
-                        self.alone(),
-                    );
+                    let error = self.not_held(id, push.lineage, current);
                     if matches!(error, DocError::Compacted { .. }) {
                         self.metrics.stale_not_carried.inc();
                     }
@@ -162,14 +156,7 @@ impl Documents {
         base: &[ChangeHash],
         left: Option<(u64, Arc<Vec<u8>>)>,
     ) -> Result<Option<Automerge>, DocError> {
-        let mut retained = self.store.retained(id)?;
-        if let Some((generation, bytes)) = left
-            && !retained.iter().any(|(g, _)| *g == generation)
-        {
-            retained.push((generation, bytes.as_ref().clone()));
-            retained.sort_by_key(|(g, _)| *g);
-        }
-        for (generation, bytes) in retained.into_iter().rev() {
+        for (generation, bytes) in self.retained_with(id, left.as_ref())?.into_iter().rev() {
             let doc = load_document(&bytes, self.actor()).map_err(|e| {
                 tracing::warn!(doc = %id, generation, error = %e, "a retained generation does not load");
                 DocError::Internal("a retained generation does not load")
@@ -180,39 +167,34 @@ impl Documents {
         }
         Ok(None)
     }
-}
 
-/// Why a push's base is nowhere here, told by the history the replica says it is in
-/// (`lineage`) against the document's (`current`):
-/// - an earlier generation of the same incarnation that no node retains: further back than
-///   nodes retain (`retain` generations; the rule a full replica's copy is held to), or any
-///   earlier one on a node `alone` (every generation was left here, so none is retained
-///   elsewhere). The replica makes its writes again on the current state.
-/// - an earlier incarnation: the document was replaced, the replica starts over.
-/// - else `catching_up`, which keeps the writes for a retry here or elsewhere: this node may not
-///   have received the base's generation yet, or may have moved past it taking a newer one from
-///   a peer that still retains it. Making the writes again while a node may hold them from a
-///   push whose answer was lost would count them twice.
-fn not_held(
-    id: &DocId,
-    lineage: Option<Lineage>,
-    current: Lineage,
-    retain: u64,
-    alone: bool,
-) -> DocError {
-    match lineage {
-        Some(l)
-            if l.incarnation == current.incarnation
-                && l.generation < current.generation
-                && (alone || current.generation - l.generation > retain) =>
-        {
-            DocError::Compacted {
-                id: id.clone(),
-                generation: current.generation,
+    /// Why a push's base is nowhere here, told by the history the replica says it is in
+    /// (`lineage`) against the document's (`current`):
+    /// - an earlier generation of the same incarnation that no node retains: further back than
+    ///   nodes retain (the rule a full replica's copy is held to), or any earlier one on a node
+    ///   alone (every generation was left here, so none is retained elsewhere). The replica
+    ///   makes its writes again on the current state.
+    /// - an earlier incarnation: the document was replaced, the replica starts over.
+    /// - else `catching_up`, which keeps the writes for a retry here or elsewhere: this node
+    ///   may not have received the base's generation yet, or may have moved past it taking a
+    ///   newer one from a peer that still retains it. Making the writes again while a node may
+    ///   hold them from a push whose answer was lost would count them twice.
+    fn not_held(&self, id: &DocId, lineage: Option<Lineage>, current: Lineage) -> DocError {
+        match lineage {
+            Some(l)
+                if l.incarnation == current.incarnation
+                    && l.generation < current.generation
+                    && (self.alone()
+                        || self.beyond_retention(current.generation, l.generation)) =>
+            {
+                DocError::Compacted {
+                    id: id.clone(),
+                    generation: current.generation,
+                }
             }
+            Some(l) if l.incarnation < current.incarnation => DocError::Replaced(id.clone()),
+            _ => DocError::CatchingUp(id.clone()),
         }
-        Some(l) if l.incarnation < current.incarnation => DocError::Replaced(id.clone()),
-        _ => DocError::CatchingUp(id.clone()),
     }
 }
 
