@@ -32,6 +32,9 @@ pub struct Metrics {
     pub thin_changes_built: Counter,
     /// Thin pushes whose changes did not apply (answered `catching_up`).
     pub thin_not_applied: Counter,
+    /// Thin pushes made again because the document moved to a new generation while they were
+    /// made (built a second time on the generation it left).
+    pub thin_rebuilt: Counter,
     /// Sync message bytes received.
     pub sync_bytes_received: Counter,
     /// Sync message bytes sent.
@@ -198,6 +201,7 @@ impl Metrics {
             thin_pushes: Counter::default(),
             thin_changes_built: Counter::default(),
             thin_not_applied: Counter::default(),
+            thin_rebuilt: Counter::default(),
             sync_bytes_received: Counter::default(),
             sync_bytes_sent: Counter::default(),
             decode_errors: Family::default(),
@@ -296,6 +300,11 @@ impl Metrics {
             "thin_not_applied",
             "Thin pushes whose changes did not apply",
             m.thin_not_applied.clone(),
+        );
+        registry.register(
+            "thin_rebuilt",
+            "Thin pushes made again after the document moved to a new generation meanwhile",
+            m.thin_rebuilt.clone(),
         );
         registry.register(
             "sync_received_bytes",

@@ -386,8 +386,9 @@ pub fn run(config: &RunConfig) -> Result<Report, SimError> {
 
 /// What compaction did over the run: the highest generation any document reached, and per
 /// node, from its metrics, the generations it started and adopted, the changes it carried, the
-/// stale syncs it refused, the newer generations it could not take, and the client syncs of an
-/// older generation whose changes it carried or sent back to be made again.
+/// stale syncs it refused, the newer generations it could not take, the client syncs of an
+/// older generation whose changes it carried or sent back to be made again, and the thin pushes
+/// a compaction overtook (made again on the generation left, or not taken).
 fn compaction_counters(
     cluster: &mut Cluster<'_>,
     state: &check::FinalState,
@@ -409,6 +410,8 @@ fn compaction_counters(
             ("verge_compaction_stragglers_total", "stragglers"),
             ("verge_stale_carried_total", "client_carried"),
             ("verge_stale_not_carried_total", "client_replayed"),
+            ("verge_thin_rebuilt_total", "thin_rebuilt"),
+            ("verge_thin_not_applied_total", "thin_not_applied"),
         ],
     )?;
     Ok(format!("compaction: highest generation {highest}; {lines}"))

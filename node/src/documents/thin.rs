@@ -32,6 +32,7 @@ impl Documents {
             match self.push_once(id, &push).await? {
                 Some(answer) => return Ok(answer),
                 None if attempt < PUSH_ATTEMPTS && self.base_moved(id, &push.base)? => {
+                    self.metrics.thin_rebuilt.inc();
                     attempt += 1;
                 }
                 None => {
