@@ -123,7 +123,7 @@ fn connections_beyond_the_limit_are_refused_then_admitted_again() {
         wait_for_open_connections(&node, held + 1, &idle);
     }
     idle.push(TcpStream::connect(node.addr).unwrap());
-    let r = refused_once_full(&node, &idle);
+    let r = refused_once_full(&node, &mut idle);
     r.assert_error(503, "too_many_connections", "a fourth connection");
     assert_eq!(r.header("retry-after"), Some("1"));
     // Probes still answer beyond the limit: a load balancer must not take the node for dead.
@@ -173,13 +173,28 @@ fn connections_beyond_the_limit_are_refused_then_admitted_again() {
     }
 }
 
-/// `GET /v1/docs/a` until the node, whose last slot is being filled by `idle`, refuses it.
-fn refused_once_full(node: &Node, idle: &[TcpStream]) -> Resp {
-    let deadline = Instant::now() + Duration::from_secs(10);
+/// `GET /v1/docs/a` until the node, whose last slot is being filled by `idle`, refuses it
+/// while every idle socket is held.
+///
+/// The server notices a closed connection some time after the client closed it, so an idle
+/// socket opened right after another request (the start-up readiness poll, a `/metrics` poll,
+/// a `GET` here) may find that request's connection still counted and be refused itself. A
+/// refused socket that sends nothing is closed after the node's 1 s refusal timeout: a refusal
+/// counts once the idle sockets are still open past that, and a closed one is opened again.
+fn refused_once_full(node: &Node, idle: &mut [TcpStream]) -> Resp {
+    let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let r = http(node.addr, "GET", "/v1/docs/a", b"", &[], REQUEST_TIMEOUT).unwrap();
         if r.status != 404 {
-            return r;
+            thread::sleep(REFUSED_CLOSE_WITHIN);
+            if idle.iter().all(|s| socket_state(s) == "open") {
+                return r;
+            }
+        }
+        for stream in idle.iter_mut() {
+            if socket_state(stream) != "open" {
+                *stream = TcpStream::connect(node.addr).unwrap();
+            }
         }
         assert!(
             Instant::now() < deadline,
@@ -210,21 +225,7 @@ fn wait_for_open_connections(node: &Node, open: usize, idle: &[TcpStream]) {
 /// What a failure needs to tell why connections were not held: the node's counts, and
 /// whether the server closed any of the idle ones.
 fn describe_connections(node: &Node, idle: &[TcpStream]) -> String {
-    let states: Vec<String> = idle
-        .iter()
-        .map(|s| {
-            let _ = s.set_nonblocking(true);
-            let mut byte = [0u8; 1];
-            let state = match s.peek(&mut byte) {
-                Ok(0) => "closed by the node".to_string(),
-                Ok(_) => "the node sent bytes".to_string(),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => "open".to_string(),
-                Err(e) => format!("error {e}"),
-            };
-            let _ = s.set_nonblocking(false);
-            state
-        })
-        .collect();
+    let states: Vec<String> = idle.iter().map(socket_state).collect();
     let metrics = node.get("/metrics").text();
     let counts: Vec<&str> = metrics
         .lines()
@@ -235,6 +236,24 @@ fn describe_connections(node: &Node, idle: &[TcpStream]) -> String {
         counts.join("; "),
         common::read_log(&node.log_path)
     )
+}
+
+/// How long after a refusal the node has closed a refused socket that sends nothing: its 1 s
+/// refusal timeout, with room for a loaded machine.
+const REFUSED_CLOSE_WITHIN: Duration = Duration::from_millis(2500);
+
+/// Whether the server still holds `s` open, without reading from it.
+fn socket_state(s: &TcpStream) -> String {
+    let _ = s.set_nonblocking(true);
+    let mut byte = [0u8; 1];
+    let state = match s.peek(&mut byte) {
+        Ok(0) => "closed by the node".to_string(),
+        Ok(_) => "the node sent bytes".to_string(),
+        Err(e) if e.kind() == ErrorKind::WouldBlock => "open".to_string(),
+        Err(e) => format!("error {e}"),
+    };
+    let _ = s.set_nonblocking(false);
+    state
 }
 
 /// A node whose timeouts are short enough for a test to watch them.
@@ -270,14 +289,15 @@ fn wait_closed(stream: &mut TcpStream, within: Duration) -> Result<Vec<u8>, Stri
 
 #[test]
 fn sockets_that_send_nothing_are_closed_and_probes_answer_meanwhile() {
-    // The header timeout must outlast filling the node and probing it (under load, seconds).
-    let config = "[limits]\nheader_timeout_s = 5\napi_connections_max = 40\n";
+    // The header timeout must outlast filling the node (with the wait that confirms it full)
+    // and probing it, under load: seconds.
+    let config = "[limits]\nheader_timeout_s = 10\napi_connections_max = 40\n";
     let (node, _dir) = start_with_config("limits-silent", config);
     let mut silent: Vec<TcpStream> = (0..40)
         .map(|_| TcpStream::connect(node.addr).unwrap())
         .collect();
     // Every slot is taken: an API request is refused, the probes answer.
-    refused_once_full(&node, &silent).assert_error(
+    refused_once_full(&node, &mut silent).assert_error(
         503,
         "too_many_connections",
         "beyond 40 silent sockets",
@@ -288,7 +308,7 @@ fn sockets_that_send_nothing_are_closed_and_probes_answer_meanwhile() {
     }
     // Each silent socket is closed once the header timeout passes.
     for (i, stream) in silent.iter_mut().enumerate() {
-        wait_closed(stream, CLOSE_WITHIN + Duration::from_secs(5))
+        wait_closed(stream, CLOSE_WITHIN + Duration::from_secs(10))
             .unwrap_or_else(|e| panic!("silent socket {i}: {e}"));
     }
     node.get("/readyz");
